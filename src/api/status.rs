@@ -1,0 +1,91 @@
+//! The one mapping from domain errors to gRPC statuses.
+//!
+//! Client-visible kinds carry the error's own message (which names the
+//! field). Outages and internal errors get an opaque message; their cause
+//! chain goes to the log, never to the client.
+
+use tonic::{Code, Status};
+
+use crate::error::{Classified, ErrorKind};
+
+/// Converts any classified domain error into the status the client sees.
+pub fn to_status<E: Classified>(error: &E) -> Status {
+    let kind = error.kind();
+    let code = code_of(kind);
+    if kind.is_client_visible() {
+        return Status::new(code, error.to_string());
+    }
+    let mut chain = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        chain.push_str(": ");
+        chain.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    tracing::error!(error = %chain, ?kind, "request failed");
+    let message = match kind {
+        ErrorKind::Unavailable => "a backing service is unavailable; retry later",
+        _ => "internal error",
+    };
+    Status::new(code, message)
+}
+
+/// The gRPC code of each error kind. Exhaustive: a new kind must be placed.
+pub fn code_of(kind: ErrorKind) -> Code {
+    match kind {
+        ErrorKind::InvalidArgument => Code::InvalidArgument,
+        ErrorKind::NotFound => Code::NotFound,
+        ErrorKind::AlreadyExists => Code::AlreadyExists,
+        ErrorKind::FailedPrecondition => Code::FailedPrecondition,
+        ErrorKind::Unauthenticated => Code::Unauthenticated,
+        ErrorKind::PermissionDenied => Code::PermissionDenied,
+        ErrorKind::ResourceExhausted => Code::ResourceExhausted,
+        ErrorKind::DeadlineExceeded => Code::DeadlineExceeded,
+        ErrorKind::Unavailable => Code::Unavailable,
+        ErrorKind::Internal => Code::Internal,
+    }
+}
+
+/// The answer of an RPC whose implementation has not landed yet.
+pub fn not_implemented(rpc: &str) -> Status {
+    Status::unimplemented(format!(
+        "{rpc} is not implemented in this version of the gateway"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    enum Sample {
+        #[error("field `max_tokens`: must be at least 1")]
+        Bad,
+        #[error("query failed")]
+        Down(#[source] std::io::Error),
+    }
+
+    impl Classified for Sample {
+        fn kind(&self) -> ErrorKind {
+            match self {
+                Sample::Bad => ErrorKind::InvalidArgument,
+                Sample::Down(_) => ErrorKind::Unavailable,
+            }
+        }
+    }
+
+    #[test]
+    fn client_errors_keep_their_message() {
+        let status = to_status(&Sample::Bad);
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert!(status.message().contains("max_tokens"));
+    }
+
+    #[test]
+    fn outages_hide_their_cause() {
+        let cause = std::io::Error::other("connection refused to db.internal:5432");
+        let status = to_status(&Sample::Down(cause));
+        assert_eq!(status.code(), Code::Unavailable);
+        assert!(!status.message().contains("db.internal"));
+    }
+}

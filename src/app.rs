@@ -1,0 +1,202 @@
+//! Wiring: [`App::build`] turns [`Settings`] into a ready server (database
+//! open and migrated, port bound), and [`App::run_until`] serves until a
+//! shutdown signal, then drains in-flight requests within the grace period.
+//!
+//! This is the only place that knows every component; components know only
+//! the narrow handles they are given here.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+
+use crate::api::pb::v1::billing_server::BillingServer;
+use crate::api::pb::v1::inference_server::InferenceServer;
+use crate::api::pb::v1::tenant_admin_server::TenantAdminServer;
+use crate::api::{self, BillingApi, InferenceApi, TenantAdminApi};
+use crate::config::Settings;
+use crate::store::{Db, StoreError};
+
+/// Largest header block a client may send. Keys are short; anything bigger
+/// is abuse and is refused by the HTTP/2 layer before any handler runs.
+const MAX_HEADER_LIST_BYTES: u32 = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("cannot listen on {addr} (setting `listen`): {source}; {hint}")]
+    Bind {
+        addr: SocketAddr,
+        hint: &'static str,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("the gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// The descriptor set is built into the binary, so this is a build defect.
+    #[error("cannot build the reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// A gateway ready to serve.
+pub struct App {
+    settings: Arc<Settings>,
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    db: Db,
+}
+
+impl App {
+    /// Opens and migrates the database, then binds the listen address.
+    pub async fn build(settings: Settings) -> Result<App, StartupError> {
+        let db = Db::connect(&settings).await?;
+        let report = db.migrate().await?;
+        tracing::info!(
+            database = db.display_url(),
+            applied = report.applied_now,
+            total = report.total,
+            "database ready"
+        );
+        let listener = TcpListener::bind(settings.listen)
+            .await
+            .map_err(|source| StartupError::Bind {
+                addr: settings.listen,
+                hint: match source.kind() {
+                    std::io::ErrorKind::AddrInUse => {
+                        "another process holds this port; stop it or choose another with --listen / ASCEND_LISTEN (port 0 picks a free one)"
+                    }
+                    std::io::ErrorKind::PermissionDenied => {
+                        "ports below 1024 need privileges; choose a higher port with --listen"
+                    }
+                    _ => "check that the address belongs to this machine",
+                },
+                source,
+            })?;
+        let local_addr = listener.local_addr().map_err(|source| StartupError::Bind {
+            addr: settings.listen,
+            hint: "the socket has no local address",
+            source,
+        })?;
+        Ok(App {
+            settings: Arc::new(settings),
+            listener,
+            local_addr,
+            db,
+        })
+    }
+
+    /// The address actually bound (differs from the setting when it asked
+    /// for port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting, reports
+    /// NOT_SERVING on health, and waits up to `shutdown_grace` for in-flight
+    /// requests before closing.
+    pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
+        let App {
+            settings,
+            listener,
+            local_addr,
+            db,
+        } = self;
+        let (health_reporter, health_service) = tonic_health::server::health_reporter();
+        for name in api::SERVICE_NAMES.iter().chain(std::iter::once(&"")) {
+            health_reporter
+                .set_service_status(*name, ServingStatus::Serving)
+                .await;
+        }
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(api::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(api::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()?;
+
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        let server = Server::builder()
+            .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(InferenceServer::new(InferenceApi::default()))
+            .add_service(TenantAdminServer::new(TenantAdminApi::default()))
+            .add_service(BillingServer::new(BillingApi::default()))
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = stop_rx.await;
+            });
+        tokio::pin!(server);
+        tracing::info!(address = %local_addr, "gateway listening");
+
+        tokio::select! {
+            result = &mut server => {
+                db.close().await;
+                return result.map_err(ServeError::from);
+            }
+            () = shutdown => {}
+        }
+
+        let grace = settings.shutdown_grace;
+        tracing::info!(?grace, "shutting down: draining in-flight requests");
+        for name in api::SERVICE_NAMES.iter().chain(std::iter::once(&"")) {
+            health_reporter
+                .set_service_status(*name, ServingStatus::NotServing)
+                .await;
+        }
+        let _ = stop_tx.send(());
+        match tokio::time::timeout(grace, &mut server).await {
+            Ok(result) => result?,
+            Err(_) => tracing::warn!(
+                ?grace,
+                "grace period over with requests still running; closing their connections"
+            ),
+        }
+        db.close().await;
+        tracing::info!("gateway stopped");
+        Ok(())
+    }
+}
+
+/// Completes on SIGINT (Ctrl-C) or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("received SIGINT"),
+        () = terminate => tracing::info!("received SIGTERM"),
+    }
+}

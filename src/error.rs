@@ -1,0 +1,47 @@
+//! Error kinds shared by every module, as clients see them.
+//!
+//! Each module has its own `thiserror` enum and says, through [`Classified`],
+//! which [`ErrorKind`] each variant is. The single translation of a kind into
+//! a gRPC status lives in `api::status`; nothing here knows about gRPC.
+
+use std::time::Duration;
+
+/// How a failure is reported to a client. Exhaustive on purpose: adding a kind
+/// forces the one mapping to gRPC codes to be revisited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The client sent something wrong; the message names the field.
+    InvalidArgument,
+    NotFound,
+    AlreadyExists,
+    /// The request is valid but the system is not in a state to apply it.
+    FailedPrecondition,
+    Unauthenticated,
+    PermissionDenied,
+    /// A limit, quota or queue is full; retrying later may succeed.
+    ResourceExhausted,
+    DeadlineExceeded,
+    /// A dependency (database, Redis) is down. The client sees an opaque
+    /// message; the cause chain goes to the log.
+    Unavailable,
+    /// A bug or an unexpected state. Opaque to the client, logged in full.
+    Internal,
+}
+
+impl ErrorKind {
+    /// Whether the error's own message may be shown to the client. Outage and
+    /// internal errors may carry hostnames, SQL or paths, so they never are.
+    pub fn is_client_visible(self) -> bool {
+        !matches!(self, ErrorKind::Unavailable | ErrorKind::Internal)
+    }
+}
+
+/// Implemented by every module error that can reach a client.
+pub trait Classified: std::error::Error {
+    fn kind(&self) -> ErrorKind;
+
+    /// How long a client should wait before retrying, when that is known.
+    fn retry_after(&self) -> Option<Duration> {
+        None
+    }
+}

@@ -1,0 +1,14 @@
+//! Ascend Gateway: a multi-tenant gRPC inference gateway for LLMs served on
+//! (emulated) Huawei Ascend NPUs, with per-tenant limits and per-million-token
+//! billing.
+//!
+//! The binaries (`ascend-gateway`, `ascendctl`) are thin shells over this
+//! library. `ARCHITECTURE.md` has the bird's-eye view and the code map; the
+//! one entry point that wires everything is [`app::App::build`].
+
+pub mod api;
+pub mod app;
+pub mod config;
+pub mod error;
+pub mod store;
+pub mod telemetry;

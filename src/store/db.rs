@@ -1,0 +1,181 @@
+//! The connection pool and migrations for either backend.
+
+use std::time::Duration;
+
+use secrecy::ExposeSecret;
+use sqlx::any::{AnyPoolOptions, install_default_drivers};
+use sqlx::migrate::Migrator;
+use sqlx::{AnyConnection, AnyPool, Connection, Executor};
+
+use super::StoreError;
+use crate::config::{Settings, redact_url};
+
+static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("migrations/postgres");
+static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("migrations/sqlite");
+
+/// Which database engine a [`Db`] talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Postgres,
+    Sqlite,
+}
+
+/// A pool of connections to the gateway's database. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Db {
+    pool: AnyPool,
+    backend: Backend,
+    display_url: String,
+}
+
+impl Db {
+    /// Opens the configured database: `database.url` if set, else the
+    /// embedded SQLite file under `data_dir` (created if missing). Fails fast
+    /// (within `database.connect_timeout`) if it cannot be reached.
+    pub async fn connect(settings: &Settings) -> Result<Db, StoreError> {
+        let url = match &settings.database.url {
+            Some(url) => url.expose_secret().to_owned(),
+            None => {
+                let dir = &settings.data_dir;
+                std::fs::create_dir_all(dir).map_err(|source| StoreError::DataDir {
+                    path: dir.clone(),
+                    source,
+                })?;
+                format!(
+                    "sqlite://{}?mode=rwc",
+                    dir.join("ascend-gateway.db").display()
+                )
+            }
+        };
+        Self::connect_url(
+            &url,
+            settings.database.max_connections,
+            settings.database.connect_timeout,
+        )
+        .await
+    }
+
+    /// Opens a database by URL (`postgres://…` or `sqlite://…`).
+    pub async fn connect_url(
+        url: &str,
+        max_connections: u32,
+        connect_timeout: Duration,
+    ) -> Result<Db, StoreError> {
+        install_default_drivers();
+        let backend = if url.starts_with("sqlite:") {
+            Backend::Sqlite
+        } else {
+            Backend::Postgres
+        };
+        let display_url = redact_url(url);
+        let connect_error = |source| StoreError::Connect {
+            url: display_url.clone(),
+            hint: match backend {
+                Backend::Postgres => {
+                    "check that PostgreSQL is running and that host, port, user and database in the URL are right"
+                }
+                Backend::Sqlite => "check that the directory exists and is writable",
+            },
+            source,
+        };
+        // One direct connection first: a pool only reports "timed out", while
+        // this says what actually failed (refused, unknown database, ...).
+        let probe = tokio::time::timeout(connect_timeout, AnyConnection::connect(url))
+            .await
+            .map_err(|_| connect_error(sqlx::Error::PoolTimedOut))?
+            .map_err(connect_error)?;
+        probe.close().await.map_err(connect_error)?;
+        let pool = AnyPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(connect_timeout)
+            .after_connect(move |conn, _meta| {
+                Box::pin(async move {
+                    if backend == Backend::Sqlite {
+                        // WAL lets readers run beside the one writer; the busy
+                        // timeout makes writers queue instead of failing.
+                        conn.execute("PRAGMA journal_mode = WAL").await?;
+                        conn.execute("PRAGMA busy_timeout = 5000").await?;
+                        conn.execute("PRAGMA foreign_keys = ON").await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect(url)
+            .await
+            .map_err(connect_error)?;
+        Ok(Db {
+            pool,
+            backend,
+            display_url,
+        })
+    }
+
+    /// Applies every pending migration of this backend. Safe to run from
+    /// several gateways at once: the migrator takes a lock.
+    pub async fn migrate(&self) -> Result<MigrationReport, StoreError> {
+        let migrator = match self.backend {
+            Backend::Postgres => &POSTGRES_MIGRATIONS,
+            Backend::Sqlite => &SQLITE_MIGRATIONS,
+        };
+        let before = self.applied_versions().await?;
+        migrator.run(&self.pool).await?;
+        let after = self.applied_versions().await?;
+        Ok(MigrationReport {
+            applied_now: after.saturating_sub(before),
+            total: after,
+        })
+    }
+
+    async fn applied_versions(&self) -> Result<usize, StoreError> {
+        // The migrations table does not exist before the first run.
+        let exists: Option<(i64,)> = sqlx::query_as(match self.backend {
+            Backend::Postgres => {
+                "SELECT 1::BIGINT FROM information_schema.tables WHERE table_name = '_sqlx_migrations'"
+            }
+            Backend::Sqlite => {
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'"
+            }
+        })
+        .fetch_optional(&self.pool)
+        .await?;
+        if exists.is_none() {
+            return Ok(0);
+        }
+        let (count,): (i64,) =
+            sqlx::query_as("SELECT COUNT(*) FROM _sqlx_migrations WHERE success = TRUE")
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(usize::try_from(count).unwrap_or(0))
+    }
+
+    /// A round trip to the database, for readiness checks.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// The URL with any password hidden, for logs.
+    pub fn display_url(&self) -> &str {
+        &self.display_url
+    }
+
+    /// Waits for connections in use to be returned, then closes them.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+/// What [`Db::migrate`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MigrationReport {
+    pub applied_now: usize,
+    pub total: usize,
+}
