@@ -374,3 +374,155 @@ fn serialize_redacted_url<S: serde::Serializer>(
         None => serializer.serialize_none(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env_of(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
+        move |name| {
+            pairs
+                .iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| (*v).to_owned())
+        }
+    }
+
+    fn load(
+        toml: Option<&str>,
+        flags: &FlagOverrides,
+        env: &'static [(&'static str, &'static str)],
+    ) -> Result<Settings, ConfigError> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("gateway.toml");
+        if let Some(text) = toml {
+            std::fs::write(&path, text).expect("write config");
+        }
+        Settings::load_with_env(toml.map(|_| path.as_path()), flags, env_of(env))
+    }
+
+    #[test]
+    fn defaults_are_valid_and_embedded() {
+        let settings = load(None, &FlagOverrides::default(), &[]).expect("defaults load");
+        assert_eq!(settings.listen.to_string(), "127.0.0.1:50051");
+        assert!(
+            settings.database.url.is_none(),
+            "embedded SQLite by default"
+        );
+    }
+
+    #[test]
+    fn layers_override_in_order_file_env_flags() {
+        let file = "listen = \"127.0.0.1:7000\"\n[database]\nurl = \"sqlite://from-file.db\"\n";
+        let from_file = load(Some(file), &FlagOverrides::default(), &[]).expect("load");
+        assert_eq!(from_file.listen.port(), 7000);
+
+        let env = &[
+            ("ASCEND_LISTEN", "127.0.0.1:7001"),
+            ("DATABASE_URL", "postgres://plain@h/db"),
+            ("ASCEND_DATABASE_URL", "postgres://ascend@h/db"),
+        ];
+        let from_env = load(Some(file), &FlagOverrides::default(), env).expect("load");
+        assert_eq!(from_env.listen.port(), 7001);
+        let url = from_env.database.url.as_ref().expect("url");
+        assert_eq!(
+            url.expose_secret(),
+            "postgres://ascend@h/db",
+            "ASCEND_ name wins"
+        );
+
+        let flags = FlagOverrides {
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], 7002))),
+            database_url: Some("postgres://flag@h/db".to_owned()),
+            ..FlagOverrides::default()
+        };
+        let from_flags = load(Some(file), &flags, env).expect("load");
+        assert_eq!(from_flags.listen.port(), 7002);
+        let url = from_flags.database.url.as_ref().expect("url");
+        assert_eq!(url.expose_secret(), "postgres://flag@h/db");
+    }
+
+    #[test]
+    fn cann_toolkit_variables_are_not_settings() {
+        let env = &[
+            (
+                "ASCEND_HOME_PATH",
+                "/usr/local/Ascend/ascend-toolkit/latest",
+            ),
+            ("ASCEND_OPP_PATH", "/usr/local/Ascend/opp"),
+            ("ASCEND_AICPU_PATH", "/usr/local/Ascend"),
+        ];
+        load(None, &FlagOverrides::default(), env).expect("CANN variables are ignored");
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = load(
+            Some("[database]\nurll = \"x\"\n"),
+            &FlagOverrides::default(),
+            &[],
+        )
+        .expect_err("unknown key");
+        assert!(err.to_string().contains("urll"), "{err}");
+    }
+
+    #[test]
+    fn bad_env_value_names_setting_and_variable() {
+        let err = load(
+            None,
+            &FlagOverrides::default(),
+            &[("ASCEND_LISTEN", "nope")],
+        )
+        .expect_err("bad address");
+        let message = err.to_string();
+        assert!(message.contains("`listen`"), "{message}");
+        assert!(message.contains("ASCEND_LISTEN"), "{message}");
+    }
+
+    #[test]
+    fn unsupported_database_scheme_is_refused_without_leaking_password() {
+        let err = load(
+            None,
+            &FlagOverrides::default(),
+            &[("DATABASE_URL", "mysql://root:hunter2@h/db")],
+        )
+        .expect_err("mysql is not supported");
+        let message = err.to_string();
+        assert!(message.contains("database.url"), "{message}");
+        assert!(!message.contains("hunter2"), "{message}");
+    }
+
+    #[test]
+    fn missing_config_file_is_an_error_not_a_default() {
+        let flags = FlagOverrides::default();
+        let err =
+            Settings::load_with_env(Some(Path::new("/nonexistent/gw.toml")), &flags, |_| None)
+                .expect_err("missing file");
+        assert!(matches!(err, ConfigError::Unreadable { .. }));
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let settings = load(
+            None,
+            &FlagOverrides::default(),
+            &[("DATABASE_URL", "postgres://u:hunter2@h/db")],
+        )
+        .expect("load");
+        assert!(!format!("{settings:?}").contains("hunter2"));
+        let shown = toml::to_string(&settings).expect("serialize");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("postgres://u:***@h/db"), "{shown}");
+    }
+
+    #[test]
+    fn redact_url_hides_only_the_password() {
+        assert_eq!(
+            redact_url("postgres://u:p@h:5432/db?x=1"),
+            "postgres://u:***@h:5432/db?x=1"
+        );
+        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redact_url("redis://:p@h:6379"), "redis://:***@h:6379");
+        assert_eq!(redact_url("sqlite://data/a.db"), "sqlite://data/a.db");
+    }
+}

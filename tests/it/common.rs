@@ -1,0 +1,138 @@
+//! Test harness: a gateway started in-process on 127.0.0.1:0 with its own
+//! data directory, and a fresh PostgreSQL database per test.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use ascend_gateway::app::{App, ServeError};
+use ascend_gateway::config::Settings;
+use secrecy::SecretString;
+use sqlx::{AnyConnection, Connection, Executor};
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+
+/// A running gateway, stopped when [`TestGateway::stop`] is called or the
+/// test's runtime ends.
+pub struct TestGateway {
+    pub addr: SocketAddr,
+    pub channel: Channel,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), ServeError>>,
+    _data_dir: TempDir,
+}
+
+/// Settings for a test gateway: port 0, a temporary data directory, quiet.
+pub fn test_settings(data_dir: &TempDir) -> Settings {
+    Settings {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        data_dir: data_dir.path().to_owned(),
+        shutdown_grace: Duration::from_secs(5),
+        ..Settings::default()
+    }
+}
+
+impl TestGateway {
+    /// A gateway on the embedded SQLite default.
+    pub async fn start() -> TestGateway {
+        let data_dir = tempfile::tempdir().expect("temp dir");
+        let settings = test_settings(&data_dir);
+        Self::start_with(settings, data_dir).await
+    }
+
+    pub async fn start_with(settings: Settings, data_dir: TempDir) -> TestGateway {
+        let app = App::build(settings).await.expect("gateway builds");
+        let addr = app.local_addr();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(app.run_until(async {
+            let _ = stopped.await;
+        }));
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect to the test gateway");
+        TestGateway {
+            addr,
+            channel,
+            stop: Some(stop),
+            task,
+            _data_dir: data_dir,
+        }
+    }
+
+    /// Signals a graceful shutdown and waits for the server to finish.
+    pub async fn stop(mut self) -> Result<(), ServeError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        (&mut self.task).await.expect("server task")
+    }
+}
+
+/// A PostgreSQL database created for one test and dropped after it.
+pub struct PgTestDb {
+    pub url: String,
+    name: String,
+    admin_url: String,
+}
+
+/// The server that test databases are created on.
+fn pg_admin_url() -> String {
+    std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+impl PgTestDb {
+    pub async fn create() -> PgTestDb {
+        sqlx::any::install_default_drivers();
+        let admin_url = pg_admin_url();
+        let name = format!("agw_test_{}", uuid::Uuid::new_v4().simple());
+        let mut conn = AnyConnection::connect(&admin_url)
+            .await
+            .unwrap_or_else(|e| {
+                panic!("PostgreSQL must run for these tests (TEST_DATABASE_URL={admin_url}): {e}")
+            });
+        conn.execute(format!("CREATE DATABASE {name}").as_str())
+            .await
+            .expect("create test database");
+        conn.close().await.ok();
+        let base = admin_url
+            .rsplit_once('/')
+            .map(|(base, _)| base.to_owned())
+            .unwrap_or(admin_url.clone());
+        PgTestDb {
+            url: format!("{base}/{name}"),
+            name,
+            admin_url,
+        }
+    }
+
+    pub fn secret_url(&self) -> SecretString {
+        SecretString::from(self.url.clone())
+    }
+}
+
+impl Drop for PgTestDb {
+    fn drop(&mut self) {
+        let admin_url = self.admin_url.clone();
+        let name = self.name.clone();
+        // Drop runs inside the test's runtime, which cannot block; a thread
+        // with its own small runtime does the cleanup.
+        let cleanup = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("cleanup runtime");
+            runtime.block_on(async move {
+                if let Ok(mut conn) = AnyConnection::connect(&admin_url).await {
+                    let _ = conn
+                        .execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
+                        .await;
+                }
+            });
+        });
+        let _ = cleanup.join();
+    }
+}

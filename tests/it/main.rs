@@ -1,0 +1,10 @@
+//! Integration tests: the real server over real gRPC, the storage layer on
+//! real SQLite and PostgreSQL, and the real binaries as subprocesses. One
+//! test binary (modules below) keeps link time down on small machines.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+mod common;
+mod server;
+mod startup;
+mod store;

@@ -1,0 +1,95 @@
+//! The real `ascend-gateway` binary refusing bad start-up conditions: one
+//! line on stderr naming the setting, and the documented exit code.
+
+use std::process::{Command, Output};
+
+fn gateway(args: &[&str], data_dir: &std::path::Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ascend-gateway"))
+        .args(args)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .env_remove("DATABASE_URL")
+        .env_remove("ASCEND_DATABASE_URL")
+        .output()
+        .expect("run ascend-gateway")
+}
+
+fn one_error_line(output: &Output) -> String {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "exactly one error line in: {stderr}");
+    errors[0].to_owned()
+}
+
+#[test]
+fn unknown_config_key_is_a_usage_error_naming_the_key() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("gateway.toml");
+    std::fs::write(&file, "listen = \"127.0.0.1:0\"\nlisten_port = 5\n").expect("write");
+    let output = gateway(
+        &["serve", "--config", file.to_str().expect("utf8")],
+        dir.path(),
+    );
+    assert_eq!(output.status.code(), Some(2));
+    let line = one_error_line(&output);
+    assert!(line.contains("listen_port"), "{line}");
+}
+
+#[test]
+fn malformed_config_file_is_a_usage_error() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("gateway.toml");
+    std::fs::write(&file, "[database\nurl = ").expect("write");
+    let output = gateway(
+        &["serve", "--config", file.to_str().expect("utf8")],
+        dir.path(),
+    );
+    assert_eq!(output.status.code(), Some(2));
+    one_error_line(&output);
+}
+
+#[test]
+fn unreachable_database_names_the_setting() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    // Port 1 on loopback: nothing listens there, so the connection is refused.
+    let output = gateway(
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--database-url",
+            "postgres://postgres@127.0.0.1:1/test",
+        ],
+        dir.path(),
+    );
+    assert_eq!(output.status.code(), Some(1));
+    let line = one_error_line(&output);
+    assert!(line.contains("database.url"), "{line}");
+    assert!(line.contains("refused"), "{line}");
+}
+
+#[test]
+fn port_in_use_names_the_setting_and_the_fix() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let output = gateway(&["serve", "--listen", &addr], dir.path());
+    assert_eq!(output.status.code(), Some(1));
+    let line = one_error_line(&output);
+    assert!(line.contains("`listen`"), "{line}");
+    assert!(line.contains("--listen"), "{line}");
+}
+
+#[test]
+fn migrate_command_applies_the_embedded_schema() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let output = gateway(&["migrate"], dir.path());
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("applied now"), "{stdout}");
+    assert!(dir.path().join("ascend-gateway.db").exists());
+}
