@@ -13,12 +13,17 @@ use tokio::net::TcpListener;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
+use crate::api::auth_layer::AuthLayer;
 use crate::api::pb::v1::billing_server::BillingServer;
 use crate::api::pb::v1::inference_server::InferenceServer;
 use crate::api::pb::v1::tenant_admin_server::TenantAdminServer;
 use crate::api::{self, BillingApi, InferenceApi, TenantAdminApi};
+use crate::auth::{AdminCredential, Authenticator, KeyCache, LastUsedRecorder};
 use crate::config::Settings;
 use crate::store::{Db, StoreError};
+use crate::tenancy::TenancyService;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// Largest header block a client may send. Keys are short; anything bigger
 /// is abuse and is refused by the HTTP/2 layer before any handler runs.
@@ -51,11 +56,29 @@ pub struct App {
     listener: TcpListener,
     local_addr: SocketAddr,
     db: Db,
+    tenancy: TenancyService,
+    authenticator: Arc<Authenticator>,
+    last_used: Arc<LastUsedRecorder>,
 }
 
 impl App {
     /// Opens and migrates the database, then binds the listen address.
-    pub async fn build(settings: Settings) -> Result<App, StartupError> {
+    pub async fn build(mut settings: Settings) -> Result<App, StartupError> {
+        // The admin token is hashed now and the plaintext dropped: from here
+        // on the process holds only its SHA-256.
+        let admin = match (
+            settings.auth.admin_token.take(),
+            &settings.auth.admin_token_sha256,
+        ) {
+            (Some(token), _) => Some(AdminCredential::from_token(&token)),
+            (None, Some(hex)) => AdminCredential::from_sha256_hex(hex),
+            (None, None) => None,
+        };
+        if admin.is_none() {
+            tracing::warn!(
+                "no admin token configured (auth.admin_token / ASCEND_ADMIN_TOKEN): TenantAdmin RPCs will be refused"
+            );
+        }
         let db = Db::connect(&settings).await?;
         let report = db.migrate().await?;
         tracing::info!(
@@ -84,11 +107,27 @@ impl App {
             hint: "the socket has no local address",
             source,
         })?;
+        let cache = Arc::new(KeyCache::new(
+            settings.auth.cache_ttl,
+            settings.auth.cache_capacity,
+        ));
+        let mut tenancy = TenancyService::new(db.clone(), &settings.tenancy.default_price_plan);
+        tenancy.add_listener(cache.clone());
+        let last_used = Arc::new(LastUsedRecorder::default());
+        let authenticator = Arc::new(Authenticator::new(
+            tenancy.clone(),
+            cache,
+            admin,
+            last_used.clone(),
+        ));
         Ok(App {
             settings: Arc::new(settings),
             listener,
             local_addr,
             db,
+            tenancy,
+            authenticator,
+            last_used,
         })
     }
 
@@ -111,7 +150,18 @@ impl App {
             listener,
             local_addr,
             db,
+            tenancy,
+            authenticator,
+            last_used,
         } = self;
+        let tasks = TaskTracker::new();
+        let stop_tasks = CancellationToken::new();
+        {
+            let (last_used, tenancy, stop) =
+                (last_used.clone(), tenancy.clone(), stop_tasks.clone());
+            let interval = settings.auth.last_used_flush;
+            tasks.spawn(async move { last_used.run(tenancy, interval, stop).await });
+        }
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         for name in api::SERVICE_NAMES.iter().chain(std::iter::once(&"")) {
             health_reporter
@@ -132,11 +182,12 @@ impl App {
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         let server = Server::builder()
             .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
+            .layer(AuthLayer::new(authenticator))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(InferenceServer::new(InferenceApi::default()))
-            .add_service(TenantAdminServer::new(TenantAdminApi::default()))
+            .add_service(TenantAdminServer::new(TenantAdminApi::new(tenancy)))
             .add_service(BillingServer::new(BillingApi::default()))
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = stop_rx.await;
@@ -146,6 +197,9 @@ impl App {
 
         tokio::select! {
             result = &mut server => {
+                stop_tasks.cancel();
+                tasks.close();
+                tasks.wait().await;
                 db.close().await;
                 return result.map_err(ServeError::from);
             }
@@ -167,6 +221,10 @@ impl App {
                 "grace period over with requests still running; closing their connections"
             ),
         }
+        // Background tasks finish their last flush before the pool closes.
+        stop_tasks.cancel();
+        tasks.close();
+        tasks.wait().await;
         db.close().await;
         tracing::info!("gateway stopped");
         Ok(())

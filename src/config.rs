@@ -36,6 +36,10 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ),
     ("ASCEND_REDIS_URL", "redis.url"),
     ("REDIS_URL", "redis.url"),
+    ("ASCEND_ADMIN_TOKEN", "auth.admin_token"),
+    ("ASCEND_ADMIN_TOKEN_SHA256", "auth.admin_token_sha256"),
+    ("ASCEND_AUTH_CACHE_TTL", "auth.cache_ttl"),
+    ("ASCEND_DEFAULT_PRICE_PLAN", "tenancy.default_price_plan"),
     ("ASCEND_LOG_FORMAT", "log.format"),
     ("ASCEND_LOG", "log.filter"),
 ];
@@ -55,7 +59,59 @@ pub struct Settings {
     pub shutdown_grace: Duration,
     pub database: DatabaseSettings,
     pub redis: RedisSettings,
+    pub auth: AuthSettings,
+    pub tenancy: TenancySettings,
     pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthSettings {
+    /// The operator's bootstrap admin token (at least 24 characters). Read
+    /// once at start and kept only as its SHA-256. Unset (and no
+    /// `admin_token_sha256`): admin RPCs are refused.
+    #[serde(serialize_with = "serialize_redacted")]
+    pub admin_token: Option<SecretString>,
+    /// Alternatively, the token's SHA-256 in hex, so the token itself never
+    /// reaches the server's configuration.
+    pub admin_token_sha256: Option<String>,
+    /// How long a key lookup is cached. Bounds how long another node keeps
+    /// accepting a key revoked, or a tenant suspended, elsewhere; the node
+    /// that made the change applies it at once. 0 disables the cache.
+    #[serde(with = "humantime_serde")]
+    pub cache_ttl: Duration,
+    /// Most keys cached at once.
+    pub cache_capacity: usize,
+    /// How often key last-use times are written to the database.
+    #[serde(with = "humantime_serde")]
+    pub last_used_flush: Duration,
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        AuthSettings {
+            admin_token: None,
+            admin_token_sha256: None,
+            cache_ttl: Duration::from_secs(5),
+            cache_capacity: 100_000,
+            last_used_flush: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TenancySettings {
+    /// Price plan of tenants created without one.
+    pub default_price_plan: String,
+}
+
+impl Default for TenancySettings {
+    fn default() -> Self {
+        TenancySettings {
+            default_price_plan: "standard".to_owned(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -105,6 +161,8 @@ impl Default for Settings {
             shutdown_grace: Duration::from_secs(30),
             database: DatabaseSettings::default(),
             redis: RedisSettings::default(),
+            auth: AuthSettings::default(),
+            tenancy: TenancySettings::default(),
             log: LogSettings::default(),
         }
     }
@@ -236,6 +294,39 @@ impl Settings {
                 });
             }
         }
+        if let Some(token) = &self.auth.admin_token
+            && token.expose_secret().len() < crate::auth::MIN_ADMIN_TOKEN_LEN
+        {
+            return Err(ConfigError::Invalid {
+                key: "auth.admin_token",
+                problem: format!(
+                    "at least {} characters; generate one with `openssl rand -hex 32`",
+                    crate::auth::MIN_ADMIN_TOKEN_LEN
+                ),
+            });
+        }
+        if let Some(hex) = &self.auth.admin_token_sha256
+            && crate::auth::AdminCredential::from_sha256_hex(hex).is_none()
+        {
+            return Err(ConfigError::Invalid {
+                key: "auth.admin_token_sha256",
+                problem: "64 hex digits, e.g. the output of `printf %s TOKEN | sha256sum`"
+                    .to_owned(),
+            });
+        }
+        if self.auth.admin_token.is_some() && self.auth.admin_token_sha256.is_some() {
+            return Err(ConfigError::Invalid {
+                key: "auth.admin_token",
+                problem: "set either auth.admin_token or auth.admin_token_sha256, not both"
+                    .to_owned(),
+            });
+        }
+        if self.auth.last_used_flush.is_zero() {
+            return Err(ConfigError::Invalid {
+                key: "auth.last_used_flush",
+                problem: "must be positive, e.g. \"30s\"".to_owned(),
+            });
+        }
         if self.database.max_connections == 0 {
             return Err(ConfigError::Invalid {
                 key: "database.max_connections",
@@ -362,6 +453,16 @@ pub fn redact_url(url: &str) -> String {
             )
         }
         None => url.to_owned(),
+    }
+}
+
+fn serialize_redacted<S: serde::Serializer>(
+    secret: &Option<SecretString>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match secret {
+        Some(_) => serializer.serialize_some("***"),
+        None => serializer.serialize_none(),
     }
 }
 

@@ -8,7 +8,9 @@
 
 pub mod api;
 pub mod app;
+pub mod auth;
 pub mod config;
 pub mod error;
 pub mod store;
 pub mod telemetry;
+pub mod tenancy;

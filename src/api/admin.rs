@@ -1,103 +1,333 @@
-//! The `TenantAdmin` service: tenants, API keys, the audit log.
+//! The `TenantAdmin` service: tenants, API keys, the audit log. The auth
+//! layer has already required the admin token for every RPC here.
 
+use std::time::Duration;
+
+use secrecy::ExposeSecret;
 use tonic::{Request, Response, Status};
 
+use super::convert::{micros, opt_timestamp, principal, timestamp};
 use super::pb::v1::tenant_admin_server::TenantAdmin;
 use super::pb::v1::{
-    ApiKey, CreateApiKeyRequest, CreateApiKeyResponse, CreateTenantRequest, DeleteTenantRequest,
-    GetTenantRequest, ListApiKeysRequest, ListApiKeysResponse, ListAuditEventsRequest,
-    ListAuditEventsResponse, ListTenantsRequest, ListTenantsResponse, ResumeTenantRequest,
-    RevokeApiKeyRequest, RotateApiKeyRequest, SuspendTenantRequest, Tenant, UpdateTenantRequest,
+    self as pb, ApiKey, CreateApiKeyRequest, CreateApiKeyResponse, CreateTenantRequest,
+    DeleteTenantRequest, GetTenantRequest, ListApiKeysRequest, ListApiKeysResponse,
+    ListAuditEventsRequest, ListAuditEventsResponse, ListTenantsRequest, ListTenantsResponse,
+    ResumeTenantRequest, RevokeApiKeyRequest, RotateApiKeyRequest, SuspendTenantRequest,
+    UpdateTenantRequest,
 };
-use super::status::not_implemented;
+use super::status::to_status;
+use crate::tenancy::{
+    ApiKeyRecord, AuditEvent, IssuedKey, Limits, NewApiKey, NewTenant, PageRequest, TenancyService,
+    Tenant, TenantPatch, TenantStatus,
+};
+
+/// Overlap of a rotation when the request does not say.
+const DEFAULT_ROTATION_OVERLAP: Duration = Duration::from_secs(24 * 3600);
 
 /// Handlers of `ascend.gateway.v1.TenantAdmin`.
-#[derive(Debug, Clone, Default)]
-pub struct TenantAdminApi {}
+#[derive(Clone)]
+pub struct TenantAdminApi {
+    tenancy: TenancyService,
+}
+
+impl TenantAdminApi {
+    pub fn new(tenancy: TenancyService) -> TenantAdminApi {
+        TenantAdminApi { tenancy }
+    }
+}
+
+fn status_to_pb(status: TenantStatus) -> pb::TenantStatus {
+    match status {
+        TenantStatus::Active => pb::TenantStatus::Active,
+        TenantStatus::Suspended => pb::TenantStatus::Suspended,
+        TenantStatus::Deleted => pb::TenantStatus::Deleted,
+    }
+}
+
+fn limits_from_pb(limits: Option<pb::TenantLimits>) -> Limits {
+    let limits = limits.unwrap_or_default();
+    Limits {
+        requests_per_second: limits.requests_per_second,
+        burst: limits.burst,
+        tokens_per_minute: limits.tokens_per_minute,
+        max_concurrent_requests: limits.max_concurrent_requests,
+        monthly_token_quota: limits.monthly_token_quota,
+    }
+}
+
+fn tenant_to_pb(t: Tenant) -> pb::Tenant {
+    pb::Tenant {
+        status: status_to_pb(t.status).into(),
+        limits: Some(pb::TenantLimits {
+            requests_per_second: t.limits.requests_per_second,
+            burst: t.limits.burst,
+            tokens_per_minute: t.limits.tokens_per_minute,
+            max_concurrent_requests: t.limits.max_concurrent_requests,
+            monthly_token_quota: t.limits.monthly_token_quota,
+        }),
+        created_at: Some(timestamp(t.created_at_us)),
+        updated_at: Some(timestamp(t.updated_at_us)),
+        id: t.id,
+        slug: t.slug,
+        display_name: t.display_name,
+        price_plan: t.price_plan,
+        scheduling_weight: t.scheduling_weight,
+    }
+}
+
+fn key_to_pb(k: ApiKeyRecord) -> ApiKey {
+    ApiKey {
+        scopes: k.scopes.iter().map(|s| s.as_str().to_owned()).collect(),
+        created_at: Some(timestamp(k.created_at_us)),
+        expires_at: opt_timestamp(k.expires_at_us),
+        revoked_at: opt_timestamp(k.revoked_at_us),
+        last_used_at: opt_timestamp(k.last_used_at_us),
+        previous_secret_expires_at: opt_timestamp(k.previous_expires_at_us),
+        key_id: k.key_id,
+        tenant_id: k.tenant_id,
+        name: k.name,
+    }
+}
+
+fn issued_to_pb(issued: IssuedKey) -> CreateApiKeyResponse {
+    CreateApiKeyResponse {
+        secret: issued.full_key.expose_secret().to_owned(),
+        key: Some(key_to_pb(issued.record)),
+    }
+}
+
+fn audit_to_pb(e: AuditEvent) -> pb::AuditEvent {
+    pb::AuditEvent {
+        id: e.id,
+        actor: e.actor,
+        action: e.action,
+        target: e.target,
+        before_json: e.before_json,
+        after_json: e.after_json,
+        at: Some(timestamp(e.at_us)),
+    }
+}
 
 #[tonic::async_trait]
 impl TenantAdmin for TenantAdminApi {
     async fn create_tenant(
         &self,
-        _request: Request<CreateTenantRequest>,
-    ) -> Result<Response<Tenant>, Status> {
-        Err(not_implemented("TenantAdmin.CreateTenant"))
+        request: Request<CreateTenantRequest>,
+    ) -> Result<Response<pb::Tenant>, Status> {
+        let actor = principal(&request)?.actor();
+        let r = request.into_inner();
+        let new = NewTenant {
+            display_name: if r.display_name.is_empty() {
+                r.slug.clone()
+            } else {
+                r.display_name
+            },
+            slug: r.slug,
+            price_plan: (!r.price_plan.is_empty()).then_some(r.price_plan),
+            scheduling_weight: r.scheduling_weight,
+            limits: limits_from_pb(r.limits),
+        };
+        let tenant = self
+            .tenancy
+            .create_tenant(&actor, new)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(tenant_to_pb(tenant)))
     }
 
     async fn get_tenant(
         &self,
-        _request: Request<GetTenantRequest>,
-    ) -> Result<Response<Tenant>, Status> {
-        Err(not_implemented("TenantAdmin.GetTenant"))
+        request: Request<GetTenantRequest>,
+    ) -> Result<Response<pb::Tenant>, Status> {
+        let tenant = self
+            .tenancy
+            .get_tenant(&request.into_inner().tenant)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(tenant_to_pb(tenant)))
     }
 
     async fn list_tenants(
         &self,
-        _request: Request<ListTenantsRequest>,
+        request: Request<ListTenantsRequest>,
     ) -> Result<Response<ListTenantsResponse>, Status> {
-        Err(not_implemented("TenantAdmin.ListTenants"))
+        let r = request.into_inner();
+        let status = match pb::TenantStatus::try_from(r.status) {
+            Ok(pb::TenantStatus::Unspecified) => None,
+            Ok(pb::TenantStatus::Active) => Some(TenantStatus::Active),
+            Ok(pb::TenantStatus::Suspended) => Some(TenantStatus::Suspended),
+            Ok(pb::TenantStatus::Deleted) => Some(TenantStatus::Deleted),
+            Err(_) => return Err(Status::invalid_argument("invalid `status`: unknown value")),
+        };
+        let page =
+            PageRequest::parse("tenants", r.page_size, &r.page_token).map_err(|e| to_status(&e))?;
+        let page = self
+            .tenancy
+            .list_tenants(status, page)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(ListTenantsResponse {
+            tenants: page.items.into_iter().map(tenant_to_pb).collect(),
+            next_page_token: page.next_token.unwrap_or_default(),
+        }))
     }
 
     async fn update_tenant(
         &self,
-        _request: Request<UpdateTenantRequest>,
-    ) -> Result<Response<Tenant>, Status> {
-        Err(not_implemented("TenantAdmin.UpdateTenant"))
+        request: Request<UpdateTenantRequest>,
+    ) -> Result<Response<pb::Tenant>, Status> {
+        let actor = principal(&request)?.actor();
+        let r = request.into_inner();
+        let patch = TenantPatch {
+            display_name: r.display_name,
+            price_plan: r.price_plan,
+            scheduling_weight: r.scheduling_weight,
+            limits: r.limits.map(|l| limits_from_pb(Some(l))),
+            clear_limits: r.clear_limits,
+        };
+        let tenant = self
+            .tenancy
+            .update_tenant(&actor, &r.tenant, patch)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(tenant_to_pb(tenant)))
     }
 
     async fn suspend_tenant(
         &self,
-        _request: Request<SuspendTenantRequest>,
-    ) -> Result<Response<Tenant>, Status> {
-        Err(not_implemented("TenantAdmin.SuspendTenant"))
+        request: Request<SuspendTenantRequest>,
+    ) -> Result<Response<pb::Tenant>, Status> {
+        let actor = principal(&request)?.actor();
+        let r = request.into_inner();
+        let tenant = self
+            .tenancy
+            .set_status(&actor, &r.tenant, TenantStatus::Suspended, &r.reason)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(tenant_to_pb(tenant)))
     }
 
     async fn resume_tenant(
         &self,
-        _request: Request<ResumeTenantRequest>,
-    ) -> Result<Response<Tenant>, Status> {
-        Err(not_implemented("TenantAdmin.ResumeTenant"))
+        request: Request<ResumeTenantRequest>,
+    ) -> Result<Response<pb::Tenant>, Status> {
+        let actor = principal(&request)?.actor();
+        let r = request.into_inner();
+        let tenant = self
+            .tenancy
+            .set_status(&actor, &r.tenant, TenantStatus::Active, "")
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(tenant_to_pb(tenant)))
     }
 
     async fn delete_tenant(
         &self,
-        _request: Request<DeleteTenantRequest>,
-    ) -> Result<Response<Tenant>, Status> {
-        Err(not_implemented("TenantAdmin.DeleteTenant"))
+        request: Request<DeleteTenantRequest>,
+    ) -> Result<Response<pb::Tenant>, Status> {
+        let actor = principal(&request)?.actor();
+        let r = request.into_inner();
+        let tenant = self
+            .tenancy
+            .set_status(&actor, &r.tenant, TenantStatus::Deleted, "")
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(tenant_to_pb(tenant)))
     }
 
     async fn create_api_key(
         &self,
-        _request: Request<CreateApiKeyRequest>,
+        request: Request<CreateApiKeyRequest>,
     ) -> Result<Response<CreateApiKeyResponse>, Status> {
-        Err(not_implemented("TenantAdmin.CreateApiKey"))
+        let actor = principal(&request)?.actor();
+        let r = request.into_inner();
+        let expires_at_us = r
+            .expires_at
+            .as_ref()
+            .map(|ts| micros("expires_at", ts))
+            .transpose()?;
+        let new = NewApiKey {
+            name: if r.name.is_empty() {
+                "default".to_owned()
+            } else {
+                r.name
+            },
+            scopes: r.scopes,
+            expires_at_us,
+        };
+        let issued = self
+            .tenancy
+            .create_key(&actor, &r.tenant, new)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(issued_to_pb(issued)))
     }
 
     async fn list_api_keys(
         &self,
-        _request: Request<ListApiKeysRequest>,
+        request: Request<ListApiKeysRequest>,
     ) -> Result<Response<ListApiKeysResponse>, Status> {
-        Err(not_implemented("TenantAdmin.ListApiKeys"))
+        let r = request.into_inner();
+        let page =
+            PageRequest::parse("keys", r.page_size, &r.page_token).map_err(|e| to_status(&e))?;
+        let page = self
+            .tenancy
+            .list_keys(&r.tenant, r.include_revoked, page)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(ListApiKeysResponse {
+            keys: page.items.into_iter().map(key_to_pb).collect(),
+            next_page_token: page.next_token.unwrap_or_default(),
+        }))
     }
 
     async fn revoke_api_key(
         &self,
-        _request: Request<RevokeApiKeyRequest>,
+        request: Request<RevokeApiKeyRequest>,
     ) -> Result<Response<ApiKey>, Status> {
-        Err(not_implemented("TenantAdmin.RevokeApiKey"))
+        let actor = principal(&request)?.actor();
+        let key = self
+            .tenancy
+            .revoke_key(&actor, &request.into_inner().key_id)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(key_to_pb(key)))
     }
 
     async fn rotate_api_key(
         &self,
-        _request: Request<RotateApiKeyRequest>,
+        request: Request<RotateApiKeyRequest>,
     ) -> Result<Response<CreateApiKeyResponse>, Status> {
-        Err(not_implemented("TenantAdmin.RotateApiKey"))
+        let actor = principal(&request)?.actor();
+        let r = request.into_inner();
+        let overlap = r
+            .overlap_seconds
+            .map(|s| Duration::from_secs(u64::from(s)))
+            .unwrap_or(DEFAULT_ROTATION_OVERLAP);
+        let issued = self
+            .tenancy
+            .rotate_key(&actor, &r.key_id, overlap)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(issued_to_pb(issued)))
     }
 
     async fn list_audit_events(
         &self,
-        _request: Request<ListAuditEventsRequest>,
+        request: Request<ListAuditEventsRequest>,
     ) -> Result<Response<ListAuditEventsResponse>, Status> {
-        Err(not_implemented("TenantAdmin.ListAuditEvents"))
+        let r = request.into_inner();
+        let page =
+            PageRequest::parse("audit", r.page_size, &r.page_token).map_err(|e| to_status(&e))?;
+        let tenant = (!r.tenant.is_empty()).then_some(r.tenant.as_str());
+        let page = self
+            .tenancy
+            .list_audit(tenant, page)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(ListAuditEventsResponse {
+            events: page.items.into_iter().map(audit_to_pb).collect(),
+            next_page_token: page.next_token.unwrap_or_default(),
+        }))
     }
 }

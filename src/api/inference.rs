@@ -47,6 +47,7 @@ impl Inference for InferenceApi {
         &self,
         _request: Request<ListModelsRequest>,
     ) -> Result<Response<ListModelsResponse>, Status> {
-        Err(not_implemented("Inference.ListModels"))
+        // No model is served until the serving layer lands: an honest empty list.
+        Ok(Response::new(ListModelsResponse::default()))
     }
 }

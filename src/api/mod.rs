@@ -6,7 +6,9 @@
 //! converts the answer back.
 
 mod admin;
+pub mod auth_layer;
 mod billing;
+mod convert;
 mod inference;
 pub mod pb;
 pub mod status;

@@ -18,19 +18,42 @@ use tonic::transport::Channel;
 pub struct TestGateway {
     pub addr: SocketAddr,
     pub channel: Channel,
+    /// The gateway's own database, for asserting on stored rows.
+    pub db: ascend_gateway::store::Db,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), ServeError>>,
     _data_dir: TempDir,
 }
 
-/// Settings for a test gateway: port 0, a temporary data directory, quiet.
+/// The admin token every test gateway is configured with.
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef";
+
+/// Settings for a test gateway: port 0, a temporary data directory, the test
+/// admin token.
 pub fn test_settings(data_dir: &TempDir) -> Settings {
-    Settings {
+    let mut settings = Settings {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         data_dir: data_dir.path().to_owned(),
         shutdown_grace: Duration::from_secs(5),
         ..Settings::default()
-    }
+    };
+    settings.auth.admin_token = Some(SecretString::from(ADMIN_TOKEN));
+    settings
+}
+
+/// A request carrying `authorization: Bearer <token>`.
+pub fn authed<T>(message: T, token: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("ascii header"),
+    );
+    request
+}
+
+/// A request with the admin token.
+pub fn admin<T>(message: T) -> tonic::Request<T> {
+    authed(message, ADMIN_TOKEN)
 }
 
 impl TestGateway {
@@ -44,6 +67,7 @@ impl TestGateway {
     pub async fn start_with(settings: Settings, data_dir: TempDir) -> TestGateway {
         let app = App::build(settings).await.expect("gateway builds");
         let addr = app.local_addr();
+        let db = app.db().clone();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(app.run_until(async {
             let _ = stopped.await;
@@ -56,6 +80,7 @@ impl TestGateway {
         TestGateway {
             addr,
             channel,
+            db,
             stop: Some(stop),
             task,
             _data_dir: data_dir,

@@ -1,0 +1,149 @@
+//! The tower layer in front of every service: decides what each RPC path
+//! requires, authenticates the caller, and attaches the [`Principal`] to the
+//! request's extensions for handlers to read.
+//!
+//! Secure by default: every path needs a credential except the explicit
+//! [`PUBLIC_PREFIXES`]. An RPC added later cannot skip authentication by
+//! accident; at worst it asks for the admin token.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tonic::codegen::http;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use super::status::to_status;
+use crate::auth::{Authenticator, Requirement};
+use crate::tenancy::Scope;
+
+/// Paths served without credentials: health checks and reflection.
+pub const PUBLIC_PREFIXES: &[&str] = &[
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.v1.ServerReflection/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
+];
+
+/// What the RPC at `path` requires; `None` for the public ones.
+pub fn requirement_for(path: &str) -> Option<Requirement> {
+    if PUBLIC_PREFIXES
+        .iter()
+        .any(|prefix| path.starts_with(prefix))
+    {
+        return None;
+    }
+    let service = path
+        .trim_start_matches('/')
+        .split('/')
+        .next()
+        .unwrap_or_default();
+    Some(match service {
+        "ascend.gateway.v1.Inference" => Requirement::Scope(Scope::Inference),
+        "ascend.gateway.v1.Billing" => Requirement::AdminOrScope(Scope::BillingRead),
+        // TenantAdmin, and anything unknown: the operator only.
+        _ => Requirement::Admin,
+    })
+}
+
+#[derive(Clone)]
+pub struct AuthLayer {
+    authenticator: Arc<Authenticator>,
+}
+
+impl AuthLayer {
+    pub fn new(authenticator: Arc<Authenticator>) -> AuthLayer {
+        AuthLayer { authenticator }
+    }
+}
+
+impl<S> Layer<S> for AuthLayer {
+    type Service = AuthService<S>;
+
+    fn layer(&self, inner: S) -> AuthService<S> {
+        AuthService {
+            inner,
+            authenticator: self.authenticator.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct AuthService<S> {
+    inner: S,
+    authenticator: Arc<Authenticator>,
+}
+
+type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for AuthService<S>
+where
+    S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    ReqBody: Send + 'static,
+    ResBody: Default + Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<ReqBody>) -> Self::Future {
+        // The clone that was polled ready serves this request; a fresh clone
+        // stays behind for the next one.
+        let ready = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, ready);
+        let authenticator = self.authenticator.clone();
+        Box::pin(async move {
+            let Some(requirement) = requirement_for(request.uri().path()) else {
+                return inner.call(request).await;
+            };
+            let header = request
+                .headers()
+                .get(http::header::AUTHORIZATION)
+                .map(|value| value.as_bytes().to_vec());
+            match authenticator
+                .authenticate(header.as_deref(), requirement)
+                .await
+            {
+                Ok(principal) => {
+                    request.extensions_mut().insert(principal);
+                    inner.call(request).await
+                }
+                Err(error) => Ok(to_status(&error).into_http()),
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_health_and_reflection_are_public() {
+        assert_eq!(requirement_for("/grpc.health.v1.Health/Check"), None);
+        assert_eq!(
+            requirement_for("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"),
+            None
+        );
+        assert_eq!(
+            requirement_for("/ascend.gateway.v1.Inference/Generate"),
+            Some(Requirement::Scope(Scope::Inference))
+        );
+        assert_eq!(
+            requirement_for("/ascend.gateway.v1.TenantAdmin/CreateTenant"),
+            Some(Requirement::Admin)
+        );
+        assert_eq!(
+            requirement_for("/some.new.Service/Method"),
+            Some(Requirement::Admin)
+        );
+        assert_eq!(
+            requirement_for("/grpc.health.v1.HealthX/Check"),
+            Some(Requirement::Admin)
+        );
+    }
+}

@@ -1,0 +1,202 @@
+//! Turns the `authorization` value of a request into a [`Principal`], or
+//! says why not.
+
+use std::sync::Arc;
+
+use super::cache::KeyCache;
+use super::key::{self, KeyHash};
+use super::{AdminCredential, AuthError, LastUsedRecorder, Principal, TenantPrincipal};
+use crate::store::now_us;
+use crate::tenancy::{KeyForAuth, Scope, TenancyService, TenantStatus};
+
+/// What an RPC demands of its caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Requirement {
+    /// The operator's admin token.
+    Admin,
+    /// A tenant key holding this scope.
+    Scope(Scope),
+    /// The admin token, or a tenant key holding this scope.
+    AdminOrScope(Scope),
+}
+
+pub struct Authenticator {
+    tenancy: TenancyService,
+    cache: Arc<KeyCache>,
+    admin: Option<AdminCredential>,
+    last_used: Arc<LastUsedRecorder>,
+}
+
+impl Authenticator {
+    pub fn new(
+        tenancy: TenancyService,
+        cache: Arc<KeyCache>,
+        admin: Option<AdminCredential>,
+        last_used: Arc<LastUsedRecorder>,
+    ) -> Authenticator {
+        Authenticator {
+            tenancy,
+            cache,
+            admin,
+            last_used,
+        }
+    }
+
+    /// Checks the raw `authorization` header value against `requirement`.
+    pub async fn authenticate(
+        &self,
+        header: Option<&[u8]>,
+        requirement: Requirement,
+    ) -> Result<Principal, AuthError> {
+        let Some(header) = header else {
+            return Err(AuthError::Unauthenticated(
+                "missing credentials: send the metadata `authorization: Bearer <key>`".to_owned(),
+            ));
+        };
+        let token = bearer_token(header).ok_or_else(|| {
+            AuthError::Unauthenticated(
+                "malformed `authorization` metadata: expected `Bearer <key>`".to_owned(),
+            )
+        })?;
+        match key::parse(token) {
+            Some(presented) => {
+                let principal = self.tenant_key(presented.key_id, &presented.hash).await?;
+                check_tenant(&principal, requirement)?;
+                self.last_used.record(&principal.key_id);
+                Ok(Principal::Tenant(principal))
+            }
+            None => {
+                let is_admin = self
+                    .admin
+                    .as_ref()
+                    .is_some_and(|admin| admin.matches(token));
+                if !is_admin {
+                    return Err(AuthError::Unauthenticated(
+                        "invalid credentials: not a valid API key or admin token".to_owned(),
+                    ));
+                }
+                match requirement {
+                    Requirement::Admin | Requirement::AdminOrScope(_) => Ok(Principal::Admin),
+                    Requirement::Scope(scope) => Err(AuthError::PermissionDenied(format!(
+                        "the admin token cannot call this RPC; use a tenant API key with scope `{}`",
+                        scope.as_str()
+                    ))),
+                }
+            }
+        }
+    }
+
+    async fn tenant_key(
+        &self,
+        key_id: &str,
+        presented: &KeyHash,
+    ) -> Result<Arc<TenantPrincipal>, AuthError> {
+        let lookup = match self.cache.get(key_id) {
+            Some(lookup) => lookup,
+            None => {
+                let found = self.tenancy.key_for_auth(key_id).await?.map(Arc::new);
+                self.cache.put(key_id, found.clone());
+                found
+            }
+        };
+        let Some(record) = lookup else {
+            return Err(AuthError::Unauthenticated(format!(
+                "unknown API key {key_id}"
+            )));
+        };
+        let now = now_us();
+        if !secret_matches(&record, presented, now) {
+            return Err(AuthError::Unauthenticated(format!(
+                "wrong secret for API key {key_id}"
+            )));
+        }
+        if record.revoked_at_us.is_some() {
+            return Err(AuthError::Unauthenticated(format!(
+                "API key {key_id} is revoked"
+            )));
+        }
+        if record.expires_at_us.is_some_and(|at| at <= now) {
+            return Err(AuthError::Unauthenticated(format!(
+                "API key {key_id} has expired"
+            )));
+        }
+        match TenantStatus::parse(&record.tenant_status) {
+            Some(TenantStatus::Active) => {}
+            Some(TenantStatus::Suspended) => {
+                return Err(AuthError::PermissionDenied(format!(
+                    "tenant {} is suspended",
+                    record.tenant_slug
+                )));
+            }
+            Some(TenantStatus::Deleted) | None => {
+                return Err(AuthError::Unauthenticated(format!(
+                    "API key {key_id} belongs to a deleted tenant"
+                )));
+            }
+        }
+        Ok(Arc::new(TenantPrincipal {
+            tenant_id: record.tenant_id.clone(),
+            tenant_slug: record.tenant_slug.clone(),
+            key_id: record.key_id.clone(),
+            scopes: crate::tenancy::parse_scopes(&record.scopes),
+            scheduling_weight: u32::try_from(record.scheduling_weight).unwrap_or(1),
+        }))
+    }
+}
+
+fn check_tenant(principal: &TenantPrincipal, requirement: Requirement) -> Result<(), AuthError> {
+    let scope = match requirement {
+        Requirement::Admin => {
+            return Err(AuthError::PermissionDenied(
+                "this RPC needs the operator's admin token; tenant API keys cannot call it"
+                    .to_owned(),
+            ));
+        }
+        Requirement::Scope(scope) | Requirement::AdminOrScope(scope) => scope,
+    };
+    if principal.scopes.contains(&scope) {
+        Ok(())
+    } else {
+        Err(AuthError::PermissionDenied(format!(
+            "API key {} lacks the scope `{}`",
+            principal.key_id,
+            scope.as_str()
+        )))
+    }
+}
+
+/// The current secret, or the previous one while its rotation overlap lasts.
+fn secret_matches(record: &KeyForAuth, presented: &KeyHash, now: i64) -> bool {
+    let current = KeyHash::from_hex(&record.secret_hash).is_some_and(|h| h.matches(presented));
+    let previous = record
+        .previous_secret_hash
+        .as_deref()
+        .and_then(KeyHash::from_hex)
+        .is_some_and(|h| h.matches(presented))
+        && record
+            .previous_expires_at_us
+            .is_some_and(|until| now < until);
+    current | previous
+}
+
+/// The token of a `Bearer` header value (scheme case-insensitive).
+fn bearer_token(header: &[u8]) -> Option<&str> {
+    let text = std::str::from_utf8(header).ok()?;
+    let (scheme, token) = text.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_parsing() {
+        assert_eq!(bearer_token(b"Bearer abc"), Some("abc"));
+        assert_eq!(bearer_token(b"bearer  abc "), Some("abc"));
+        assert_eq!(bearer_token(b"Basic abc"), None);
+        assert_eq!(bearer_token(b"Bearer "), None);
+        assert_eq!(bearer_token(b"\xff\xfe"), None);
+    }
+}

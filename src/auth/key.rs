@@ -1,0 +1,132 @@
+//! The API key format and its hashing.
+//!
+//! A key reads `agw_<key id>_<secret>`: the key id is 16 hex digits (public,
+//! safe to log, the database lookup key) and the secret 64 hex digits (256
+//! bits from the OS random source). Only SHA-256 of the whole key is stored.
+//! A pepper would add nothing here: a 256-bit random secret cannot be guessed
+//! from its hash, which is what peppers protect low-entropy passwords from.
+//! Hashes are compared in constant time.
+
+use secrecy::{ExposeSecret, SecretString};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::tenancy::TenancyError;
+
+const PREFIX: &str = "agw_";
+const KEY_ID_BYTES: usize = 8;
+const SECRET_BYTES: usize = 32;
+/// Length of a well-formed key: prefix, id, separator, secret.
+pub const KEY_LEN: usize = PREFIX.len() + 2 * KEY_ID_BYTES + 1 + 2 * SECRET_BYTES;
+
+/// SHA-256 of a full key.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct KeyHash([u8; 32]);
+
+impl std::fmt::Debug for KeyHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KeyHash(..)")
+    }
+}
+
+impl KeyHash {
+    pub fn of(full_key: &str) -> KeyHash {
+        KeyHash(Sha256::digest(full_key.as_bytes()).into())
+    }
+
+    pub fn to_hex(self) -> String {
+        crate::tenancy::hex(&self.0)
+    }
+
+    pub fn from_hex(text: &str) -> Option<KeyHash> {
+        let bytes = crate::tenancy::unhex(text)?;
+        Some(KeyHash(bytes.try_into().ok()?))
+    }
+
+    /// Constant-time equality, so timing does not reveal how much matched.
+    pub fn matches(&self, other: &KeyHash) -> bool {
+        self.0.ct_eq(&other.0).into()
+    }
+}
+
+/// A presented key split into its public id and the hash of the whole.
+#[derive(Debug)]
+pub struct PresentedKey<'a> {
+    pub key_id: &'a str,
+    pub hash: KeyHash,
+}
+
+/// Splits and hashes a presented key; `None` if it is not of our format.
+/// Never echoes the input.
+pub fn parse(presented: &str) -> Option<PresentedKey<'_>> {
+    if presented.len() != KEY_LEN || !presented.starts_with(PREFIX) {
+        return None;
+    }
+    let rest = &presented[PREFIX.len()..];
+    let (key_id, secret) = rest.split_once('_')?;
+    let lower_hex = |s: &str| s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    if key_id.len() != 2 * KEY_ID_BYTES || !lower_hex(key_id) || !lower_hex(secret) {
+        return None;
+    }
+    Some(PresentedKey {
+        key_id,
+        hash: KeyHash::of(presented),
+    })
+}
+
+/// A fresh key id.
+pub fn new_key_id() -> Result<String, TenancyError> {
+    Ok(crate::tenancy::hex(&random::<KEY_ID_BYTES>()?))
+}
+
+/// A fresh secret under `key_id`: the full key and its hash.
+pub fn new_secret(key_id: &str) -> Result<(SecretString, KeyHash), TenancyError> {
+    let secret = crate::tenancy::hex(&random::<SECRET_BYTES>()?);
+    let full = SecretString::from(format!("{PREFIX}{key_id}_{secret}"));
+    let hash = KeyHash::of(full.expose_secret());
+    Ok((full, hash))
+}
+
+fn random<const N: usize>() -> Result<[u8; N], TenancyError> {
+    let mut bytes = [0u8; N];
+    getrandom::fill(&mut bytes).map_err(|e| TenancyError::Random(e.to_string()))?;
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_keys_parse_back_to_their_id_and_hash() {
+        let id = new_key_id().expect("id");
+        let (full, hash) = new_secret(&id).expect("secret");
+        let parsed = parse(full.expose_secret()).expect("well formed");
+        assert_eq!(parsed.key_id, id);
+        assert!(parsed.hash.matches(&hash));
+        assert_eq!(KeyHash::from_hex(&hash.to_hex()), Some(hash));
+    }
+
+    #[test]
+    fn secrets_differ_and_carry_256_bits() {
+        let id = new_key_id().expect("id");
+        let (a, _) = new_secret(&id).expect("a");
+        let (b, _) = new_secret(&id).expect("b");
+        assert_ne!(a.expose_secret(), b.expose_secret());
+        let secret_hex = a.expose_secret().rsplit('_').next().expect("secret part");
+        assert_eq!(secret_hex.len() * 4, 256);
+    }
+
+    #[test]
+    fn malformed_keys_are_refused() {
+        let id = new_key_id().expect("id");
+        let (full, _) = new_secret(&id).expect("secret");
+        let full = full.expose_secret();
+        assert!(parse("").is_none());
+        assert!(parse("Bearer x").is_none());
+        assert!(parse(&full.to_uppercase()).is_none());
+        assert!(parse(&full[..full.len() - 1]).is_none());
+        assert!(parse(&format!("{full}0")).is_none());
+        assert!(parse(&full.replacen("agw_", "xyz_", 1)).is_none());
+    }
+}

@@ -1,0 +1,40 @@
+//! The authenticated caller, attached to each request by the auth layer and
+//! read by handlers; never re-derived from headers downstream.
+
+use std::sync::Arc;
+
+use crate::tenancy::Scope;
+
+#[derive(Debug, Clone)]
+pub enum Principal {
+    /// The operator, holding the admin token.
+    Admin,
+    Tenant(Arc<TenantPrincipal>),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TenantPrincipal {
+    pub tenant_id: String,
+    pub tenant_slug: String,
+    /// Public key id; safe to log and to meter by.
+    pub key_id: String,
+    pub scopes: Vec<Scope>,
+    pub scheduling_weight: u32,
+}
+
+impl Principal {
+    /// How the audit log and logs name this caller.
+    pub fn actor(&self) -> String {
+        match self {
+            Principal::Admin => "admin".to_owned(),
+            Principal::Tenant(t) => format!("key:{}", t.key_id),
+        }
+    }
+
+    pub fn tenant(&self) -> Option<&TenantPrincipal> {
+        match self {
+            Principal::Admin => None,
+            Principal::Tenant(t) => Some(t),
+        }
+    }
+}

@@ -1,0 +1,27 @@
+//! Tenants (the customer companies), their limits, plans and API key
+//! records, and the append-only admin audit log: the domain rules and the
+//! repository that stores them.
+//!
+//! Every change goes through [`TenancyService`], which validates it, applies
+//! it and writes its audit row in one transaction. This module knows how keys
+//! are stored (hashes only) but not how requests are authenticated, and
+//! nothing of gRPC.
+
+mod error;
+mod model;
+mod page;
+mod repo;
+mod service;
+mod validate;
+
+pub use error::TenancyError;
+pub use model::{
+    ApiKeyRecord, AuditEvent, IssuedKey, Limits, NewApiKey, NewTenant, Scope, Tenant, TenantPatch,
+    TenantStatus,
+};
+pub use page::{Page, PageRequest};
+pub use repo::KeyForAuth;
+pub use service::{ChangeListener, TenancyService};
+
+pub(crate) use page::{hex_decode as unhex, hex_encode as hex};
+pub(crate) use repo::parse_scopes;

@@ -1,0 +1,148 @@
+//! Tenant, key and audit records as the domain sees them.
+
+use secrecy::SecretString;
+use serde::Serialize;
+
+/// Lifecycle of a tenant. `Deleted` is terminal and soft: rows stay for
+/// billing, keys stop working.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TenantStatus {
+    Active,
+    Suspended,
+    Deleted,
+}
+
+impl TenantStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TenantStatus::Active => "active",
+            TenantStatus::Suspended => "suspended",
+            TenantStatus::Deleted => "deleted",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<TenantStatus> {
+        match text {
+            "active" => Some(TenantStatus::Active),
+            "suspended" => Some(TenantStatus::Suspended),
+            "deleted" => Some(TenantStatus::Deleted),
+            _ => None,
+        }
+    }
+}
+
+/// Per-tenant limits; `None` means no limit of that kind.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Limits {
+    pub requests_per_second: Option<f64>,
+    pub burst: Option<u32>,
+    pub tokens_per_minute: Option<u64>,
+    pub max_concurrent_requests: Option<u32>,
+    pub monthly_token_quota: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Tenant {
+    pub id: String,
+    pub slug: String,
+    pub display_name: String,
+    pub status: TenantStatus,
+    pub status_reason: String,
+    pub price_plan: String,
+    pub scheduling_weight: u32,
+    pub limits: Limits,
+    pub created_at_us: i64,
+    pub updated_at_us: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewTenant {
+    pub slug: String,
+    pub display_name: String,
+    /// `None`: the configured default plan.
+    pub price_plan: Option<String>,
+    pub scheduling_weight: Option<u32>,
+    pub limits: Limits,
+}
+
+/// A partial update: `None` fields stay as they are.
+#[derive(Debug, Clone, Default)]
+pub struct TenantPatch {
+    pub display_name: Option<String>,
+    pub price_plan: Option<String>,
+    pub scheduling_weight: Option<u32>,
+    /// Replaces the whole set of limits when present.
+    pub limits: Option<Limits>,
+    /// Limit kinds to remove, by API field name.
+    pub clear_limits: Vec<String>,
+}
+
+/// What a key may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub enum Scope {
+    /// Call the Inference service.
+    #[serde(rename = "inference")]
+    Inference,
+    /// Read the tenant's own usage, invoices and exports.
+    #[serde(rename = "billing:read")]
+    BillingRead,
+}
+
+impl Scope {
+    pub const ALL: [Scope; 2] = [Scope::Inference, Scope::BillingRead];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Inference => "inference",
+            Scope::BillingRead => "billing:read",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Scope> {
+        Scope::ALL.into_iter().find(|s| s.as_str() == text)
+    }
+}
+
+/// A key as stored: never the secret, only its hash (which is not serialized,
+/// so audit rows and JSON output cannot carry it).
+#[derive(Debug, Clone, Serialize)]
+pub struct ApiKeyRecord {
+    pub key_id: String,
+    pub tenant_id: String,
+    pub name: String,
+    pub scopes: Vec<Scope>,
+    pub created_at_us: i64,
+    pub expires_at_us: Option<i64>,
+    pub revoked_at_us: Option<i64>,
+    pub last_used_at_us: Option<i64>,
+    pub previous_expires_at_us: Option<i64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewApiKey {
+    pub name: String,
+    /// Empty: `inference` only.
+    pub scopes: Vec<String>,
+    pub expires_at_us: Option<i64>,
+}
+
+/// A key just created or rotated: the record, and the full key, which exists
+/// here and in the response to the operator, nowhere else.
+#[derive(Debug)]
+pub struct IssuedKey {
+    pub record: ApiKeyRecord,
+    pub full_key: SecretString,
+}
+
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct AuditEvent {
+    pub id: i64,
+    pub at_us: i64,
+    pub actor: String,
+    pub action: String,
+    pub target: String,
+    pub tenant_id: Option<String>,
+    pub before_json: String,
+    pub after_json: String,
+}

@@ -1,0 +1,404 @@
+//! SQL for tenants, keys and the audit log, written once for both backends
+//! (see `store` for the conventions). Functions take a connection so the
+//! service can group them in one transaction.
+
+use sqlx::{AnyConnection, FromRow};
+
+use super::TenancyError;
+use super::model::{ApiKeyRecord, AuditEvent, Limits, Scope, Tenant, TenantStatus};
+
+#[derive(FromRow)]
+struct TenantRow {
+    id: String,
+    slug: String,
+    display_name: String,
+    status: String,
+    status_reason: String,
+    price_plan: String,
+    scheduling_weight: i64,
+    requests_per_second: Option<f64>,
+    burst: Option<i64>,
+    tokens_per_minute: Option<i64>,
+    max_concurrent_requests: Option<i64>,
+    monthly_token_quota: Option<i64>,
+    created_at_us: i64,
+    updated_at_us: i64,
+}
+
+const TENANT_COLUMNS: &str = "id, slug, display_name, status, status_reason, price_plan, \
+     scheduling_weight, requests_per_second, burst, tokens_per_minute, \
+     max_concurrent_requests, monthly_token_quota, created_at_us, updated_at_us";
+
+fn corrupt(what: &str) -> TenancyError {
+    TenancyError::from(sqlx::Error::Decode(
+        format!("unexpected value in column {what}").into(),
+    ))
+}
+
+fn to_u32(v: i64, what: &str) -> Result<u32, TenancyError> {
+    u32::try_from(v).map_err(|_| corrupt(what))
+}
+
+fn to_u64(v: i64, what: &str) -> Result<u64, TenancyError> {
+    u64::try_from(v).map_err(|_| corrupt(what))
+}
+
+fn to_i64(v: u64) -> i64 {
+    // Validation caps every stored u64 at i64::MAX.
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+impl TryFrom<TenantRow> for Tenant {
+    type Error = TenancyError;
+
+    fn try_from(row: TenantRow) -> Result<Tenant, TenancyError> {
+        Ok(Tenant {
+            status: TenantStatus::parse(&row.status).ok_or_else(|| corrupt("tenants.status"))?,
+            scheduling_weight: to_u32(row.scheduling_weight, "tenants.scheduling_weight")?,
+            limits: Limits {
+                requests_per_second: row.requests_per_second,
+                burst: row.burst.map(|v| to_u32(v, "tenants.burst")).transpose()?,
+                tokens_per_minute: row
+                    .tokens_per_minute
+                    .map(|v| to_u64(v, "tenants.tokens_per_minute"))
+                    .transpose()?,
+                max_concurrent_requests: row
+                    .max_concurrent_requests
+                    .map(|v| to_u32(v, "tenants.max_concurrent_requests"))
+                    .transpose()?,
+                monthly_token_quota: row
+                    .monthly_token_quota
+                    .map(|v| to_u64(v, "tenants.monthly_token_quota"))
+                    .transpose()?,
+            },
+            id: row.id,
+            slug: row.slug,
+            display_name: row.display_name,
+            status_reason: row.status_reason,
+            price_plan: row.price_plan,
+            created_at_us: row.created_at_us,
+            updated_at_us: row.updated_at_us,
+        })
+    }
+}
+
+/// A tenant by id or slug.
+pub async fn fetch_tenant(
+    conn: &mut AnyConnection,
+    id_or_slug: &str,
+) -> Result<Option<Tenant>, TenancyError> {
+    let sql = format!("SELECT {TENANT_COLUMNS} FROM tenants WHERE id = $1 OR slug = $1");
+    let row: Option<TenantRow> = sqlx::query_as(&sql)
+        .bind(id_or_slug)
+        .fetch_optional(&mut *conn)
+        .await?;
+    row.map(Tenant::try_from).transpose()
+}
+
+pub async fn insert_tenant(conn: &mut AnyConnection, t: &Tenant) -> Result<(), TenancyError> {
+    let sql = format!(
+        "INSERT INTO tenants ({TENANT_COLUMNS}) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
+    );
+    let result = sqlx::query(&sql)
+        .bind(&t.id)
+        .bind(&t.slug)
+        .bind(&t.display_name)
+        .bind(t.status.as_str())
+        .bind(&t.status_reason)
+        .bind(&t.price_plan)
+        .bind(i64::from(t.scheduling_weight))
+        .bind(t.limits.requests_per_second)
+        .bind(t.limits.burst.map(i64::from))
+        .bind(t.limits.tokens_per_minute.map(to_i64))
+        .bind(t.limits.max_concurrent_requests.map(i64::from))
+        .bind(t.limits.monthly_token_quota.map(to_i64))
+        .bind(t.created_at_us)
+        .bind(t.updated_at_us)
+        .execute(&mut *conn)
+        .await;
+    match result {
+        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(
+            TenancyError::AlreadyExists(format!("a tenant with slug {:?}", t.slug)),
+        ),
+        other => other.map(|_| ()).map_err(TenancyError::from),
+    }
+}
+
+/// Writes every mutable column of `t`.
+pub async fn update_tenant(conn: &mut AnyConnection, t: &Tenant) -> Result<(), TenancyError> {
+    sqlx::query(
+        "UPDATE tenants SET display_name = $2, status = $3, status_reason = $4, price_plan = $5, \
+         scheduling_weight = $6, requests_per_second = $7, burst = $8, tokens_per_minute = $9, \
+         max_concurrent_requests = $10, monthly_token_quota = $11, updated_at_us = $12 \
+         WHERE id = $1",
+    )
+    .bind(&t.id)
+    .bind(&t.display_name)
+    .bind(t.status.as_str())
+    .bind(&t.status_reason)
+    .bind(&t.price_plan)
+    .bind(i64::from(t.scheduling_weight))
+    .bind(t.limits.requests_per_second)
+    .bind(t.limits.burst.map(i64::from))
+    .bind(t.limits.tokens_per_minute.map(to_i64))
+    .bind(t.limits.max_concurrent_requests.map(i64::from))
+    .bind(t.limits.monthly_token_quota.map(to_i64))
+    .bind(t.updated_at_us)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Tenants ordered by id (ids are time-ordered UUIDv7), after `after`.
+pub async fn list_tenants(
+    conn: &mut AnyConnection,
+    status: Option<TenantStatus>,
+    after: Option<&str>,
+    limit: i64,
+) -> Result<Vec<Tenant>, TenancyError> {
+    // Without a status filter, deleted tenants are left out.
+    let sql = format!(
+        "SELECT {TENANT_COLUMNS} FROM tenants \
+         WHERE (($1 = '' AND status <> 'deleted') OR status = $1) AND id > $2 \
+         ORDER BY id LIMIT $3"
+    );
+    let rows: Vec<TenantRow> = sqlx::query_as(&sql)
+        .bind(status.map(TenantStatus::as_str).unwrap_or(""))
+        .bind(after.unwrap_or(""))
+        .bind(limit)
+        .fetch_all(&mut *conn)
+        .await?;
+    rows.into_iter().map(Tenant::try_from).collect()
+}
+
+pub async fn plan_exists(conn: &mut AnyConnection, name: &str) -> Result<bool, TenancyError> {
+    let row: Option<(String,)> = sqlx::query_as("SELECT name FROM price_plans WHERE name = $1")
+        .bind(name)
+        .fetch_optional(&mut *conn)
+        .await?;
+    Ok(row.is_some())
+}
+
+#[derive(FromRow)]
+struct KeyRow {
+    key_id: String,
+    tenant_id: String,
+    name: String,
+    scopes: String,
+    created_at_us: i64,
+    expires_at_us: Option<i64>,
+    revoked_at_us: Option<i64>,
+    last_used_at_us: Option<i64>,
+    previous_expires_at_us: Option<i64>,
+}
+
+const KEY_COLUMNS: &str = "key_id, tenant_id, name, scopes, created_at_us, expires_at_us, \
+     revoked_at_us, last_used_at_us, previous_expires_at_us";
+
+pub(crate) fn parse_scopes(text: &str) -> Vec<Scope> {
+    text.split_whitespace().filter_map(Scope::parse).collect()
+}
+
+fn join_scopes(scopes: &[Scope]) -> String {
+    scopes
+        .iter()
+        .map(|s| s.as_str())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+impl From<KeyRow> for ApiKeyRecord {
+    fn from(row: KeyRow) -> ApiKeyRecord {
+        ApiKeyRecord {
+            scopes: parse_scopes(&row.scopes),
+            key_id: row.key_id,
+            tenant_id: row.tenant_id,
+            name: row.name,
+            created_at_us: row.created_at_us,
+            expires_at_us: row.expires_at_us,
+            revoked_at_us: row.revoked_at_us,
+            last_used_at_us: row.last_used_at_us,
+            previous_expires_at_us: row.previous_expires_at_us,
+        }
+    }
+}
+
+pub async fn insert_key(
+    conn: &mut AnyConnection,
+    key: &ApiKeyRecord,
+    secret_hash: &str,
+) -> Result<(), TenancyError> {
+    sqlx::query(
+        "INSERT INTO api_keys (key_id, tenant_id, name, scopes, secret_hash, created_at_us, \
+         expires_at_us) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(&key.key_id)
+    .bind(&key.tenant_id)
+    .bind(&key.name)
+    .bind(join_scopes(&key.scopes))
+    .bind(secret_hash)
+    .bind(key.created_at_us)
+    .bind(key.expires_at_us)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+pub async fn fetch_key(
+    conn: &mut AnyConnection,
+    key_id: &str,
+) -> Result<Option<ApiKeyRecord>, TenancyError> {
+    let sql = format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE key_id = $1");
+    let row: Option<KeyRow> = sqlx::query_as(&sql)
+        .bind(key_id)
+        .fetch_optional(&mut *conn)
+        .await?;
+    Ok(row.map(ApiKeyRecord::from))
+}
+
+pub async fn revoke_key(
+    conn: &mut AnyConnection,
+    key_id: &str,
+    at_us: i64,
+) -> Result<(), TenancyError> {
+    sqlx::query(
+        "UPDATE api_keys SET revoked_at_us = $2 WHERE key_id = $1 AND revoked_at_us IS NULL",
+    )
+    .bind(key_id)
+    .bind(at_us)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Installs a new secret; the current one becomes the previous secret,
+/// accepted until `previous_expires_at_us`.
+pub async fn rotate_key(
+    conn: &mut AnyConnection,
+    key_id: &str,
+    new_hash: &str,
+    previous_expires_at_us: i64,
+) -> Result<(), TenancyError> {
+    sqlx::query(
+        "UPDATE api_keys SET previous_secret_hash = secret_hash, secret_hash = $2, \
+         previous_expires_at_us = $3 WHERE key_id = $1",
+    )
+    .bind(key_id)
+    .bind(new_hash)
+    .bind(previous_expires_at_us)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+pub async fn list_keys(
+    conn: &mut AnyConnection,
+    tenant_id: &str,
+    include_revoked: bool,
+    after: Option<&str>,
+    limit: i64,
+) -> Result<Vec<ApiKeyRecord>, TenancyError> {
+    let sql = format!(
+        "SELECT {KEY_COLUMNS} FROM api_keys WHERE tenant_id = $1 AND key_id > $2 \
+         AND ($3 = 1 OR revoked_at_us IS NULL) ORDER BY key_id LIMIT $4"
+    );
+    let rows: Vec<KeyRow> = sqlx::query_as(&sql)
+        .bind(tenant_id)
+        .bind(after.unwrap_or(""))
+        .bind(i64::from(include_revoked))
+        .bind(limit)
+        .fetch_all(&mut *conn)
+        .await?;
+    Ok(rows.into_iter().map(ApiKeyRecord::from).collect())
+}
+
+/// Everything authentication needs about a key, in one round trip.
+#[derive(Debug, Clone, FromRow)]
+pub struct KeyForAuth {
+    pub key_id: String,
+    pub tenant_id: String,
+    pub scopes: String,
+    pub secret_hash: String,
+    pub previous_secret_hash: Option<String>,
+    pub previous_expires_at_us: Option<i64>,
+    pub expires_at_us: Option<i64>,
+    pub revoked_at_us: Option<i64>,
+    pub tenant_slug: String,
+    pub tenant_status: String,
+    pub scheduling_weight: i64,
+}
+
+pub async fn key_for_auth(
+    conn: &mut AnyConnection,
+    key_id: &str,
+) -> Result<Option<KeyForAuth>, TenancyError> {
+    let row: Option<KeyForAuth> = sqlx::query_as(
+        "SELECT k.key_id, k.tenant_id, k.scopes, k.secret_hash, k.previous_secret_hash, \
+         k.previous_expires_at_us, k.expires_at_us, k.revoked_at_us, t.slug AS tenant_slug, \
+         t.status AS tenant_status, t.scheduling_weight \
+         FROM api_keys k JOIN tenants t ON t.id = k.tenant_id WHERE k.key_id = $1",
+    )
+    .bind(key_id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(row)
+}
+
+/// Records when keys were last used; never moves a time backwards.
+pub async fn touch_last_used(
+    conn: &mut AnyConnection,
+    uses: &[(String, i64)],
+) -> Result<(), TenancyError> {
+    for (key_id, at_us) in uses {
+        sqlx::query(
+            "UPDATE api_keys SET last_used_at_us = $2 WHERE key_id = $1 \
+             AND (last_used_at_us IS NULL OR last_used_at_us < $2)",
+        )
+        .bind(key_id)
+        .bind(*at_us)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
+
+pub async fn insert_audit(
+    conn: &mut AnyConnection,
+    event: &AuditEvent,
+) -> Result<(), TenancyError> {
+    sqlx::query(
+        "INSERT INTO admin_audit_log (at_us, actor, action, target, tenant_id, before_json, \
+         after_json) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(event.at_us)
+    .bind(&event.actor)
+    .bind(&event.action)
+    .bind(&event.target)
+    .bind(event.tenant_id.as_deref())
+    .bind(&event.before_json)
+    .bind(&event.after_json)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Audit events, oldest first, after id `after`.
+pub async fn list_audit(
+    conn: &mut AnyConnection,
+    tenant_id: Option<&str>,
+    after: i64,
+    limit: i64,
+) -> Result<Vec<AuditEvent>, TenancyError> {
+    let rows: Vec<AuditEvent> = sqlx::query_as(
+        "SELECT id, at_us, actor, action, target, tenant_id, before_json, after_json \
+         FROM admin_audit_log WHERE ($1 = '' OR tenant_id = $1) AND id > $2 \
+         ORDER BY id LIMIT $3",
+    )
+    .bind(tenant_id.unwrap_or(""))
+    .bind(after)
+    .bind(limit)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows)
+}

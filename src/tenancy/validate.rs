@@ -1,0 +1,197 @@
+//! Field checks for tenant and key requests. Each failure names the field as
+//! the API spells it.
+
+use super::TenancyError;
+use super::model::{Limits, Scope};
+
+pub const MAX_WEIGHT: u32 = 10_000;
+/// Guards the GCRA arithmetic downstream from absurd rates.
+pub const MAX_REQUESTS_PER_SECOND: f64 = 1_000_000.0;
+
+pub fn slug(slug: &str) -> Result<(), TenancyError> {
+    let ok_chars = slug
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if !(3..=63).contains(&slug.len()) || !ok_chars || slug.starts_with('-') || slug.ends_with('-')
+    {
+        return Err(TenancyError::invalid(
+            "slug",
+            "3 to 63 characters of a-z, 0-9 and '-', not starting or ending with '-'",
+        ));
+    }
+    Ok(())
+}
+
+pub fn display_name(field: &'static str, name: &str) -> Result<(), TenancyError> {
+    let len = name.chars().count();
+    if name.trim().is_empty() || len > 200 || name.chars().any(char::is_control) {
+        return Err(TenancyError::invalid(
+            field,
+            "1 to 200 printable characters",
+        ));
+    }
+    Ok(())
+}
+
+pub fn weight(weight: u32) -> Result<(), TenancyError> {
+    if weight == 0 || weight > MAX_WEIGHT {
+        return Err(TenancyError::invalid(
+            "scheduling_weight",
+            format!("between 1 and {MAX_WEIGHT}"),
+        ));
+    }
+    Ok(())
+}
+
+pub fn limits(limits: &Limits) -> Result<(), TenancyError> {
+    if let Some(rps) = limits.requests_per_second
+        && !(rps.is_finite() && rps > 0.0 && rps <= MAX_REQUESTS_PER_SECOND)
+    {
+        return Err(TenancyError::invalid(
+            "limits.requests_per_second",
+            format!("a positive number up to {MAX_REQUESTS_PER_SECOND}"),
+        ));
+    }
+    if limits.burst == Some(0) {
+        return Err(TenancyError::invalid("limits.burst", "at least 1"));
+    }
+    if limits.burst.is_some() && limits.requests_per_second.is_none() {
+        return Err(TenancyError::invalid(
+            "limits.burst",
+            "needs limits.requests_per_second",
+        ));
+    }
+    if limits.tokens_per_minute == Some(0) {
+        return Err(TenancyError::invalid(
+            "limits.tokens_per_minute",
+            "must be positive",
+        ));
+    }
+    if limits.max_concurrent_requests == Some(0) {
+        return Err(TenancyError::invalid(
+            "limits.max_concurrent_requests",
+            "must be positive",
+        ));
+    }
+    if limits.monthly_token_quota == Some(0) {
+        return Err(TenancyError::invalid(
+            "limits.monthly_token_quota",
+            "must be positive",
+        ));
+    }
+    let too_big = |v: Option<u64>| v.is_some_and(|v| i64::try_from(v).is_err());
+    if too_big(limits.tokens_per_minute) {
+        return Err(TenancyError::invalid(
+            "limits.tokens_per_minute",
+            "too large",
+        ));
+    }
+    if too_big(limits.monthly_token_quota) {
+        return Err(TenancyError::invalid(
+            "limits.monthly_token_quota",
+            "too large",
+        ));
+    }
+    Ok(())
+}
+
+/// Removes the named limit kinds; unknown names are an error.
+pub fn clear_limits(limits: &mut Limits, names: &[String]) -> Result<(), TenancyError> {
+    for name in names {
+        match name.strip_prefix("limits.").unwrap_or(name) {
+            "requests_per_second" => {
+                limits.requests_per_second = None;
+                limits.burst = None;
+            }
+            "burst" => limits.burst = None,
+            "tokens_per_minute" => limits.tokens_per_minute = None,
+            "max_concurrent_requests" => limits.max_concurrent_requests = None,
+            "monthly_token_quota" => limits.monthly_token_quota = None,
+            _ => {
+                return Err(TenancyError::invalid(
+                    "clear_limits",
+                    format!("unknown limit {name:?}; use a TenantLimits field name"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn scopes(scopes: &[String]) -> Result<Vec<Scope>, TenancyError> {
+    if scopes.is_empty() {
+        return Ok(vec![Scope::Inference]);
+    }
+    let mut parsed = Vec::new();
+    for text in scopes {
+        let scope = Scope::parse(text).ok_or_else(|| {
+            let known: Vec<&str> = Scope::ALL.iter().map(|s| s.as_str()).collect();
+            TenancyError::invalid(
+                "scopes",
+                format!("unknown scope {text:?}; known: {}", known.join(", ")),
+            )
+        })?;
+        if !parsed.contains(&scope) {
+            parsed.push(scope);
+        }
+    }
+    Ok(parsed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slugs() {
+        for good in ["acme", "acme-corp", "a1b2", "abc"] {
+            assert!(slug(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "ab",
+            "Acme",
+            "-acme",
+            "acme-",
+            "ac_me",
+            "ácme",
+            &"a".repeat(64),
+        ] {
+            assert!(slug(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn limits_must_be_positive_and_name_the_field() {
+        let bad = Limits {
+            requests_per_second: Some(f64::NAN),
+            ..Limits::default()
+        };
+        let err = limits(&bad).expect_err("NaN rate");
+        assert!(err.to_string().contains("limits.requests_per_second"));
+        let bad = Limits {
+            requests_per_second: Some(5.0),
+            burst: Some(0),
+            ..Limits::default()
+        };
+        assert!(
+            limits(&bad)
+                .expect_err("burst 0")
+                .to_string()
+                .contains("limits.burst")
+        );
+        let bad = Limits {
+            max_concurrent_requests: Some(0),
+            ..Limits::default()
+        };
+        assert!(limits(&bad).is_err());
+        assert!(limits(&Limits::default()).is_ok(), "no limits is valid");
+    }
+
+    #[test]
+    fn scopes_default_to_inference_and_reject_unknown() {
+        assert_eq!(scopes(&[]).expect("default"), vec![Scope::Inference]);
+        assert!(scopes(&["admin".to_owned()]).is_err());
+        let both = scopes(&["billing:read".to_owned(), "inference".to_owned()]).expect("ok");
+        assert_eq!(both.len(), 2);
+    }
+}
