@@ -4,7 +4,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
+mod ascendctl;
 mod common;
+mod secrets;
 mod server;
 mod startup;
 mod store;

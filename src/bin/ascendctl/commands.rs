@@ -1,0 +1,477 @@
+//! The command tree and what each command sends to the gateway.
+
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, bail};
+use ascend_gateway::api::pb::v1::tenant_admin_client::TenantAdminClient;
+use ascend_gateway::api::pb::v1::{
+    CreateApiKeyRequest, CreateTenantRequest, DeleteTenantRequest, GetTenantRequest,
+    ListApiKeysRequest, ListAuditEventsRequest, ListTenantsRequest, ResumeTenantRequest,
+    RevokeApiKeyRequest, RotateApiKeyRequest, SuspendTenantRequest, TenantLimits, TenantStatus,
+    UpdateTenantRequest,
+};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+
+use crate::output::{self, Output};
+use crate::settings;
+
+#[derive(Parser)]
+#[command(
+    name = "ascendctl",
+    version,
+    about = "Administer an Ascend Gateway: tenants, API keys, audit log"
+)]
+pub struct Cli {
+    /// Gateway address [default: http://127.0.0.1:50051]
+    #[arg(long, env = "ASCENDCTL_ENDPOINT", global = true)]
+    endpoint: Option<String>,
+    /// The operator's admin token
+    #[arg(
+        long,
+        env = "ASCENDCTL_ADMIN_TOKEN",
+        global = true,
+        hide_env_values = true
+    )]
+    admin_token: Option<String>,
+    /// Config file with `endpoint` and `admin_token` [default: ~/.config/ascendctl/config.toml]
+    #[arg(long, env = "ASCENDCTL_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    /// Output format
+    #[arg(long, short, value_enum, default_value_t = Output::Table, global = true)]
+    output: Output,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Ask the gateway whether it is serving (needs no token).
+    Health,
+    /// Manage tenants.
+    #[command(subcommand)]
+    Tenant(TenantCommand),
+    /// Manage API keys.
+    #[command(subcommand)]
+    Key(KeyCommand),
+    /// Show the admin audit log.
+    Audit {
+        /// Only events about this tenant (id or slug)
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Most events to show
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// Print a shell completion script.
+    Completions { shell: clap_complete::Shell },
+}
+
+#[derive(Args, Default)]
+pub struct LimitArgs {
+    /// Sustained requests per second
+    #[arg(long)]
+    rps: Option<f64>,
+    /// Requests allowed at once above the rate
+    #[arg(long)]
+    burst: Option<u32>,
+    /// Tokens per minute (prompt + max_tokens reserved at admission)
+    #[arg(long)]
+    tokens_per_minute: Option<u64>,
+    /// Concurrent requests
+    #[arg(long)]
+    max_concurrent: Option<u32>,
+    /// Monthly token quota (hard cap)
+    #[arg(long)]
+    monthly_quota: Option<u64>,
+}
+
+impl LimitArgs {
+    fn is_empty(&self) -> bool {
+        self.rps.is_none()
+            && self.burst.is_none()
+            && self.tokens_per_minute.is_none()
+            && self.max_concurrent.is_none()
+            && self.monthly_quota.is_none()
+    }
+
+    /// These limits laid over `base`.
+    fn over(&self, base: TenantLimits) -> TenantLimits {
+        TenantLimits {
+            requests_per_second: self.rps.or(base.requests_per_second),
+            burst: self.burst.or(base.burst),
+            tokens_per_minute: self.tokens_per_minute.or(base.tokens_per_minute),
+            max_concurrent_requests: self.max_concurrent.or(base.max_concurrent_requests),
+            monthly_token_quota: self.monthly_quota.or(base.monthly_token_quota),
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum StatusArg {
+    Active,
+    Suspended,
+    Deleted,
+}
+
+#[derive(Subcommand)]
+pub enum TenantCommand {
+    /// Create a tenant.
+    Create {
+        /// Unique slug: a-z, 0-9 and '-'
+        slug: String,
+        /// Display name [default: the slug]
+        #[arg(long)]
+        name: Option<String>,
+        /// Price plan [default: the gateway's default plan]
+        #[arg(long)]
+        plan: Option<String>,
+        /// Scheduling weight (share under contention)
+        #[arg(long)]
+        weight: Option<u32>,
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
+    /// List tenants (all pages).
+    List {
+        #[arg(long, value_enum)]
+        status: Option<StatusArg>,
+    },
+    /// Show one tenant.
+    Get { tenant: String },
+    /// Change a tenant's name, plan, weight or limits.
+    Update {
+        tenant: String,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        plan: Option<String>,
+        #[arg(long)]
+        weight: Option<u32>,
+        #[command(flatten)]
+        limits: LimitArgs,
+        /// Remove a limit (e.g. requests_per_second); repeatable
+        #[arg(long = "clear-limit", value_name = "LIMIT")]
+        clear_limits: Vec<String>,
+    },
+    /// Suspend a tenant: its keys are refused until it is resumed.
+    Suspend {
+        tenant: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Resume a suspended tenant.
+    Resume { tenant: String },
+    /// Delete a tenant (soft: usage stays for billing; keys stop at once).
+    Delete { tenant: String },
+}
+
+#[derive(Subcommand)]
+pub enum KeyCommand {
+    /// Create an API key; the key is printed once and never again.
+    Create {
+        tenant: String,
+        #[arg(long, default_value = "default")]
+        name: String,
+        /// inference, billing:read; repeatable [default: inference]
+        #[arg(long = "scope")]
+        scopes: Vec<String>,
+        /// Expire after this long, e.g. 90d
+        #[arg(long, value_parser = humantime::parse_duration)]
+        expires_in: Option<Duration>,
+    },
+    /// List a tenant's keys.
+    List {
+        tenant: String,
+        #[arg(long)]
+        include_revoked: bool,
+    },
+    /// Revoke a key at once.
+    Revoke { key_id: String },
+    /// Issue a new secret for a key; the old one works for the overlap.
+    Rotate {
+        key_id: String,
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "24h")]
+        overlap: Duration,
+    },
+}
+
+struct Ctx {
+    channel: Channel,
+    endpoint: String,
+    admin_token: Option<String>,
+    output: Output,
+}
+
+impl Ctx {
+    fn admin<T>(&self, message: T) -> anyhow::Result<tonic::Request<T>> {
+        let Some(token) = &self.admin_token else {
+            bail!(
+                "no admin token: pass --admin-token, set ASCENDCTL_ADMIN_TOKEN, or put admin_token in the config file"
+            );
+        };
+        let mut request = tonic::Request::new(message);
+        let value = format!("Bearer {token}")
+            .parse()
+            .context("the admin token has characters a header cannot carry")?;
+        request.metadata_mut().insert("authorization", value);
+        Ok(request)
+    }
+
+    fn client(&self) -> TenantAdminClient<Channel> {
+        TenantAdminClient::new(self.channel.clone())
+    }
+
+    fn rpc_error(&self, status: tonic::Status) -> anyhow::Error {
+        match status.code() {
+            tonic::Code::Unavailable => anyhow::anyhow!(
+                "the gateway at {} is unavailable: {}",
+                self.endpoint,
+                status.message()
+            ),
+            code => anyhow::anyhow!("{}: {}", output::code_name(code), status.message()),
+        }
+    }
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let resolved = settings::resolve(cli.endpoint, cli.admin_token, cli.config)?;
+    let channel = tonic::transport::Endpoint::from_shared(resolved.endpoint.clone())
+        .with_context(|| {
+            format!("invalid endpoint {:?}; use e.g. http://127.0.0.1:50051", resolved.endpoint)
+        })?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .with_context(|| {
+            format!(
+                "cannot reach the gateway at {}; check that it runs and that --endpoint / ASCENDCTL_ENDPOINT point at it",
+                resolved.endpoint
+            )
+        })?;
+    let ctx = Ctx {
+        channel,
+        endpoint: resolved.endpoint,
+        admin_token: resolved.admin_token,
+        output: cli.output,
+    };
+    match cli.command {
+        Command::Health => health(&ctx).await,
+        Command::Tenant(command) => tenant(&ctx, command).await,
+        Command::Key(command) => key(&ctx, command).await,
+        Command::Audit { tenant, limit } => audit(&ctx, tenant, limit).await,
+        Command::Completions { .. } => Ok(()),
+    }
+}
+
+async fn health(ctx: &Ctx) -> anyhow::Result<()> {
+    let response = HealthClient::new(ctx.channel.clone())
+        .check(HealthCheckRequest::default())
+        .await
+        .map_err(|s| ctx.rpc_error(s))?;
+    println!("{}", response.into_inner().status().as_str_name());
+    Ok(())
+}
+
+async fn tenant(ctx: &Ctx, command: TenantCommand) -> anyhow::Result<()> {
+    let mut client = ctx.client();
+    let tenant = match command {
+        TenantCommand::Create {
+            slug,
+            name,
+            plan,
+            weight,
+            limits,
+        } => {
+            client
+                .create_tenant(ctx.admin(CreateTenantRequest {
+                    slug,
+                    display_name: name.unwrap_or_default(),
+                    price_plan: plan.unwrap_or_default(),
+                    scheduling_weight: weight,
+                    limits: Some(limits.over(TenantLimits::default())),
+                })?)
+                .await
+        }
+        TenantCommand::List { status } => {
+            let status = match status {
+                None => TenantStatus::Unspecified,
+                Some(StatusArg::Active) => TenantStatus::Active,
+                Some(StatusArg::Suspended) => TenantStatus::Suspended,
+                Some(StatusArg::Deleted) => TenantStatus::Deleted,
+            };
+            let mut tenants = Vec::new();
+            let mut page_token = String::new();
+            loop {
+                let page = client
+                    .list_tenants(ctx.admin(ListTenantsRequest {
+                        page_size: 500,
+                        page_token,
+                        status: status.into(),
+                    })?)
+                    .await
+                    .map_err(|s| ctx.rpc_error(s))?
+                    .into_inner();
+                tenants.extend(page.tenants);
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = page.next_page_token;
+            }
+            return output::tenants(ctx.output, tenants);
+        }
+        TenantCommand::Get { tenant } => {
+            client
+                .get_tenant(ctx.admin(GetTenantRequest { tenant })?)
+                .await
+        }
+        TenantCommand::Update {
+            tenant,
+            name,
+            plan,
+            weight,
+            limits,
+            clear_limits,
+        } => {
+            // The API replaces limits whole; merge the flags over the current ones.
+            let new_limits = if limits.is_empty() {
+                None
+            } else {
+                let current = client
+                    .get_tenant(ctx.admin(GetTenantRequest {
+                        tenant: tenant.clone(),
+                    })?)
+                    .await
+                    .map_err(|s| ctx.rpc_error(s))?
+                    .into_inner();
+                Some(limits.over(current.limits.unwrap_or_default()))
+            };
+            client
+                .update_tenant(ctx.admin(UpdateTenantRequest {
+                    tenant,
+                    display_name: name,
+                    price_plan: plan,
+                    scheduling_weight: weight,
+                    limits: new_limits,
+                    clear_limits,
+                })?)
+                .await
+        }
+        TenantCommand::Suspend { tenant, reason } => {
+            client
+                .suspend_tenant(ctx.admin(SuspendTenantRequest { tenant, reason })?)
+                .await
+        }
+        TenantCommand::Resume { tenant } => {
+            client
+                .resume_tenant(ctx.admin(ResumeTenantRequest { tenant })?)
+                .await
+        }
+        TenantCommand::Delete { tenant } => {
+            client
+                .delete_tenant(ctx.admin(DeleteTenantRequest { tenant })?)
+                .await
+        }
+    };
+    let tenant = tenant.map_err(|s| ctx.rpc_error(s))?.into_inner();
+    output::tenants(ctx.output, vec![tenant])
+}
+
+async fn key(ctx: &Ctx, command: KeyCommand) -> anyhow::Result<()> {
+    let mut client = ctx.client();
+    match command {
+        KeyCommand::Create {
+            tenant,
+            name,
+            scopes,
+            expires_in,
+        } => {
+            let expires_at =
+                expires_in.map(|ttl| prost_types::Timestamp::from(SystemTime::now() + ttl));
+            let issued = client
+                .create_api_key(ctx.admin(CreateApiKeyRequest {
+                    tenant,
+                    name,
+                    scopes,
+                    expires_at,
+                })?)
+                .await
+                .map_err(|s| ctx.rpc_error(s))?
+                .into_inner();
+            output::issued_key(ctx.output, issued)
+        }
+        KeyCommand::List {
+            tenant,
+            include_revoked,
+        } => {
+            let mut keys = Vec::new();
+            let mut page_token = String::new();
+            loop {
+                let page = client
+                    .list_api_keys(ctx.admin(ListApiKeysRequest {
+                        tenant: tenant.clone(),
+                        include_revoked,
+                        page_size: 500,
+                        page_token,
+                    })?)
+                    .await
+                    .map_err(|s| ctx.rpc_error(s))?
+                    .into_inner();
+                keys.extend(page.keys);
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = page.next_page_token;
+            }
+            output::keys(ctx.output, keys)
+        }
+        KeyCommand::Revoke { key_id } => {
+            let key = client
+                .revoke_api_key(ctx.admin(RevokeApiKeyRequest { key_id })?)
+                .await
+                .map_err(|s| ctx.rpc_error(s))?
+                .into_inner();
+            output::keys(ctx.output, vec![key])
+        }
+        KeyCommand::Rotate { key_id, overlap } => {
+            let overlap_seconds =
+                u32::try_from(overlap.as_secs()).context("--overlap is too long")?;
+            let issued = client
+                .rotate_api_key(ctx.admin(RotateApiKeyRequest {
+                    key_id,
+                    overlap_seconds: Some(overlap_seconds),
+                })?)
+                .await
+                .map_err(|s| ctx.rpc_error(s))?
+                .into_inner();
+            output::issued_key(ctx.output, issued)
+        }
+    }
+}
+
+async fn audit(ctx: &Ctx, tenant: Option<String>, limit: u32) -> anyhow::Result<()> {
+    let mut events = Vec::new();
+    let mut page_token = String::new();
+    while events.len() < limit as usize {
+        let page = ctx
+            .client()
+            .list_audit_events(ctx.admin(ListAuditEventsRequest {
+                tenant: tenant.clone().unwrap_or_default(),
+                page_size: limit.min(1000),
+                page_token,
+            })?)
+            .await
+            .map_err(|s| ctx.rpc_error(s))?
+            .into_inner();
+        events.extend(page.events);
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    events.truncate(limit as usize);
+    output::audit(ctx.output, events)
+}

@@ -1,0 +1,54 @@
+//! Where ascendctl finds its gateway and credential: flags, then the
+//! `ASCENDCTL_*` environment, then a TOML file (`--config`,
+//! `ASCENDCTL_CONFIG`, or `$XDG_CONFIG_HOME/ascendctl/config.toml`, falling
+//! back to `~/.config/ascendctl/config.toml`).
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use serde::Deserialize;
+
+pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:50051";
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileSettings {
+    endpoint: Option<String>,
+    admin_token: Option<String>,
+}
+
+pub struct Resolved {
+    pub endpoint: String,
+    pub admin_token: Option<String>,
+}
+
+fn default_path() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".config")))?;
+    Some(base.join("ascendctl").join("config.toml"))
+}
+
+/// Combines flag/env values (already merged by clap) with the config file.
+pub fn resolve(
+    endpoint: Option<String>,
+    admin_token: Option<String>,
+    config: Option<PathBuf>,
+) -> anyhow::Result<Resolved> {
+    let explicit = config.is_some();
+    let file = match config.or_else(default_path) {
+        Some(path) if explicit || path.exists() => {
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("cannot read the config file {}", path.display()))?;
+            toml::from_str::<FileSettings>(&text)
+                .with_context(|| format!("invalid config file {}", path.display()))?
+        }
+        _ => FileSettings::default(),
+    };
+    Ok(Resolved {
+        endpoint: endpoint
+            .or(file.endpoint)
+            .unwrap_or_else(|| DEFAULT_ENDPOINT.to_owned()),
+        admin_token: admin_token.or(file.admin_token),
+    })
+}

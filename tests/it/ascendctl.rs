@@ -1,0 +1,218 @@
+//! `ascendctl` as a subprocess against a live gateway, in both output modes.
+
+use std::process::Output;
+
+use ascend_gateway::api::pb::v1::ListModelsRequest;
+use ascend_gateway::api::pb::v1::inference_client::InferenceClient;
+use tonic::Code;
+
+use crate::common::{ADMIN_TOKEN, TestGateway, authed};
+
+async fn ascendctl(gateway: &TestGateway, token: Option<&str>, args: &[&str]) -> Output {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_ascendctl"));
+    command
+        .args(args)
+        .env("ASCENDCTL_ENDPOINT", format!("http://{}", gateway.addr))
+        .env_remove("ASCENDCTL_ADMIN_TOKEN")
+        .env("XDG_CONFIG_HOME", "/nonexistent");
+    if let Some(token) = token {
+        command.env("ASCENDCTL_ADMIN_TOKEN", token);
+    }
+    command.output().await.expect("run ascendctl")
+}
+
+fn stdout(output: &Output) -> String {
+    assert!(
+        output.status.success(),
+        "ascendctl failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn json(output: &Output) -> serde_json::Value {
+    serde_json::from_str(&stdout(output)).expect("JSON output")
+}
+
+#[tokio::test]
+async fn tenant_and_key_commands_in_json_mode() {
+    let gateway = TestGateway::start().await;
+    let token = Some(ADMIN_TOKEN);
+    let created = json(
+        &ascendctl(
+            &gateway,
+            token,
+            &[
+                "-o", "json", "tenant", "create", "globex", "--rps", "5", "--burst", "10",
+            ],
+        )
+        .await,
+    );
+    assert_eq!(created["slug"], "globex");
+    assert_eq!(created["requests_per_second"], 5.0);
+    assert_eq!(created["burst"], 10);
+
+    let updated = json(
+        &ascendctl(
+            &gateway,
+            token,
+            &[
+                "-o",
+                "json",
+                "tenant",
+                "update",
+                "globex",
+                "--max-concurrent",
+                "3",
+            ],
+        )
+        .await,
+    );
+    assert_eq!(updated["max_concurrent_requests"], 3);
+    assert_eq!(updated["requests_per_second"], 5.0, "other limits kept");
+
+    let issued =
+        json(&ascendctl(&gateway, token, &["-o", "json", "key", "create", "globex"]).await);
+    let secret = issued["secret"].as_str().expect("secret").to_owned();
+    let key_id = issued["key"]["key_id"].as_str().expect("key id").to_owned();
+    InferenceClient::new(gateway.channel.clone())
+        .list_models(authed(ListModelsRequest {}, &secret))
+        .await
+        .expect("the new key works");
+
+    let keys = json(&ascendctl(&gateway, token, &["-o", "json", "key", "list", "globex"]).await);
+    assert_eq!(keys["key_id"], key_id.as_str());
+    assert!(
+        !stdout(&ascendctl(&gateway, token, &["-o", "json", "key", "list", "globex"]).await)
+            .contains(&secret)
+    );
+
+    json(&ascendctl(&gateway, token, &["-o", "json", "key", "revoke", &key_id]).await);
+    let status = InferenceClient::new(gateway.channel.clone())
+        .list_models(authed(ListModelsRequest {}, &secret))
+        .await
+        .expect_err("revoked");
+    assert_eq!(status.code(), Code::Unauthenticated);
+
+    let suspended = json(
+        &ascendctl(
+            &gateway,
+            token,
+            &["-o", "json", "tenant", "suspend", "globex"],
+        )
+        .await,
+    );
+    assert_eq!(suspended["status"], "suspended");
+    let audit = json(
+        &ascendctl(
+            &gateway,
+            token,
+            &["-o", "json", "audit", "--tenant", "globex"],
+        )
+        .await,
+    );
+    let actions: Vec<&str> = audit
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|e| e["action"].as_str().expect("action"))
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            "tenant.create",
+            "tenant.update",
+            "key.create",
+            "key.revoke",
+            "tenant.suspend"
+        ]
+    );
+    gateway.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn table_mode_shows_people_what_they_asked_for() {
+    let gateway = TestGateway::start().await;
+    let token = Some(ADMIN_TOKEN);
+    let out = stdout(
+        &ascendctl(
+            &gateway,
+            token,
+            &["tenant", "create", "initech", "--name", "Initech"],
+        )
+        .await,
+    );
+    assert!(
+        out.contains("initech") && out.contains("Initech") && out.contains("SLUG"),
+        "{out}"
+    );
+    let out = stdout(
+        &ascendctl(
+            &gateway,
+            token,
+            &["key", "create", "initech", "--name", "ci"],
+        )
+        .await,
+    );
+    assert!(
+        out.contains("agw_") && out.contains("only this once"),
+        "{out}"
+    );
+    let out = stdout(&ascendctl(&gateway, token, &["key", "list", "initech"]).await);
+    assert!(
+        out.contains("KEY ID") && out.contains("ci") && !out.contains("agw_"),
+        "{out}"
+    );
+    let out = stdout(&ascendctl(&gateway, token, &["tenant", "list"]).await);
+    assert!(out.contains("initech"), "{out}");
+    gateway.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn errors_say_what_to_check() {
+    let gateway = TestGateway::start().await;
+    let output = ascendctl(&gateway, None, &["tenant", "list"]).await;
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("ASCENDCTL_ADMIN_TOKEN"), "{stderr}");
+
+    let output = ascendctl(
+        &gateway,
+        Some("wrong-token-wrong-token-wrong"),
+        &["tenant", "list"],
+    )
+    .await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("UNAUTHENTICATED"), "{stderr}");
+    assert!(
+        !stderr.contains("wrong-token"),
+        "the token is not echoed: {stderr}"
+    );
+
+    let output = ascendctl(&gateway, Some(ADMIN_TOKEN), &["tenant", "create", "x"]).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("INVALID_ARGUMENT") && stderr.contains("slug"),
+        "{stderr}"
+    );
+
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_ascendctl"))
+        .args(["--endpoint", "http://127.0.0.1:1", "health"])
+        .output()
+        .await
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("cannot reach the gateway"), "{stderr}");
+    gateway.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn completions_are_generated() {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_ascendctl"))
+        .args(["completions", "bash"])
+        .output()
+        .await
+        .expect("run");
+    assert!(output.status.success());
+    assert!(String::from_utf8_lossy(&output.stdout).contains("ascendctl"));
+}
