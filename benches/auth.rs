@@ -4,11 +4,15 @@
 //!
 //! Run: `cargo bench --bench auth`
 
+#![allow(clippy::expect_used, clippy::unwrap_used)] // a benchmark fails loudly by design
+
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ascend_gateway::auth::{AdminCredential, Authenticator, KeyCache, LastUsedRecorder, Requirement};
+use ascend_gateway::auth::{
+    AdminCredential, Authenticator, KeyCache, LastUsedRecorder, Requirement,
+};
 use ascend_gateway::store::Db;
 use ascend_gateway::tenancy::{Limits, NewApiKey, NewTenant, Scope, TenancyService};
 use criterion::Criterion;
@@ -30,8 +34,13 @@ fn setup() -> Setup {
         .expect("runtime");
     let dir = tempfile::tempdir().expect("temp dir");
     let (authenticator, key) = runtime.block_on(async {
-        let url = format!("sqlite://{}?mode=rwc", dir.path().join("bench.db").display());
-        let db = Db::connect_url(&url, 2, Duration::from_secs(5)).await.expect("db");
+        let url = format!(
+            "sqlite://{}?mode=rwc",
+            dir.path().join("bench.db").display()
+        );
+        let db = Db::connect_url(&url, 2, Duration::from_secs(5))
+            .await
+            .expect("db");
         db.migrate().await.expect("migrate");
         let mut tenancy = TenancyService::new(db, "standard");
         let cache = Arc::new(KeyCache::new(Duration::from_secs(3600), 1000));
@@ -88,7 +97,10 @@ fn percentiles(setup: &Setup, header: &[u8], requirement: Requirement) -> (Durat
         })
         .collect();
     samples.sort_unstable();
-    (samples[samples.len() / 2], samples[samples.len() * 99 / 100])
+    (
+        samples[samples.len() / 2],
+        samples[samples.len() * 99 / 100],
+    )
 }
 
 fn main() {
@@ -98,7 +110,11 @@ fn main() {
     // Warm the cache.
     setup
         .runtime
-        .block_on(setup.authenticator.authenticate(Some(&setup.tenant_header), inference))
+        .block_on(
+            setup
+                .authenticator
+                .authenticate(Some(&setup.tenant_header), inference),
+        )
         .expect("warm");
 
     let mut criterion = Criterion::default().configure_from_args();

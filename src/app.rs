@@ -19,9 +19,11 @@ use crate::api::pb::v1::inference_server::InferenceServer;
 use crate::api::pb::v1::tenant_admin_server::TenantAdminServer;
 use crate::api::{self, BillingApi, InferenceApi, TenantAdminApi};
 use crate::auth::{AdminCredential, Authenticator, KeyCache, LastUsedRecorder};
-use crate::config::Settings;
+use crate::config::{Settings, redact_url};
+use crate::limits::{BackgroundSettlements, Limiter};
 use crate::store::{Db, StoreError};
 use crate::tenancy::TenancyService;
+use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -39,6 +41,13 @@ pub enum StartupError {
     },
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(
+        "cannot connect to Redis at {url} (setting `redis.url`; check that Redis is running and the URL is right, or unset it for in-process limits): {source}"
+    )]
+    Redis {
+        url: String,
+        source: redis::RedisError,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +68,27 @@ pub struct App {
     tenancy: TenancyService,
     authenticator: Arc<Authenticator>,
     last_used: Arc<LastUsedRecorder>,
+    limiter: Arc<Limiter>,
+    settlements: BackgroundSettlements,
+}
+
+/// Opens the shared limit store, failing fast so a wrong URL is found at
+/// start rather than at the first request.
+async fn connect_redis(
+    url: &str,
+    timeout: std::time::Duration,
+) -> Result<redis::aio::ConnectionManager, StartupError> {
+    let error = |source| StartupError::Redis {
+        url: redact_url(url),
+        source,
+    };
+    let client = redis::Client::open(url).map_err(error)?;
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(Some(timeout));
+    redis::aio::ConnectionManager::new_with_config(client, config)
+        .await
+        .map_err(error)
 }
 
 impl App {
@@ -113,6 +143,13 @@ impl App {
         ));
         let mut tenancy = TenancyService::new(db.clone(), &settings.tenancy.default_price_plan);
         tenancy.add_listener(cache.clone());
+        let redis = match &settings.redis.url {
+            Some(url) => {
+                Some(connect_redis(url.expose_secret(), settings.database.connect_timeout).await?)
+            }
+            None => None,
+        };
+        let (limiter, settlements) = Limiter::new(redis, settings.limits.clone());
         let last_used = Arc::new(LastUsedRecorder::default());
         let authenticator = Arc::new(Authenticator::new(
             tenancy.clone(),
@@ -128,6 +165,8 @@ impl App {
             tenancy,
             authenticator,
             last_used,
+            limiter,
+            settlements,
         })
     }
 
@@ -153,6 +192,8 @@ impl App {
             tenancy,
             authenticator,
             last_used,
+            limiter,
+            settlements,
         } = self;
         let tasks = TaskTracker::new();
         let stop_tasks = CancellationToken::new();
@@ -162,6 +203,11 @@ impl App {
             let interval = settings.auth.last_used_flush;
             tasks.spawn(async move { last_used.run(tenancy, interval, stop).await });
         }
+        tasks.spawn(
+            limiter
+                .clone()
+                .run_background(settlements, stop_tasks.clone()),
+        );
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         for name in api::SERVICE_NAMES.iter().chain(std::iter::once(&"")) {
             health_reporter
@@ -186,7 +232,7 @@ impl App {
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(InferenceServer::new(InferenceApi::default()))
+            .add_service(InferenceServer::new(InferenceApi::new(limiter)))
             .add_service(TenantAdminServer::new(TenantAdminApi::new(tenancy)))
             .add_service(BillingServer::new(BillingApi::default()))
             .serve_with_incoming_shutdown(incoming, async {

@@ -40,6 +40,8 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("ASCEND_ADMIN_TOKEN_SHA256", "auth.admin_token_sha256"),
     ("ASCEND_AUTH_CACHE_TTL", "auth.cache_ttl"),
     ("ASCEND_DEFAULT_PRICE_PLAN", "tenancy.default_price_plan"),
+    ("ASCEND_LIMITS_REDIS_FAILURE", "limits.redis_failure"),
+    ("ASCEND_LIMITS_REPLICAS", "limits.replicas"),
     ("ASCEND_LOG_FORMAT", "log.format"),
     ("ASCEND_LOG", "log.filter"),
 ];
@@ -61,6 +63,7 @@ pub struct Settings {
     pub redis: RedisSettings,
     pub auth: AuthSettings,
     pub tenancy: TenancySettings,
+    pub limits: crate::limits::LimitSettings,
     pub log: LogSettings,
 }
 
@@ -163,6 +166,7 @@ impl Default for Settings {
             redis: RedisSettings::default(),
             auth: AuthSettings::default(),
             tenancy: TenancySettings::default(),
+            limits: crate::limits::LimitSettings::default(),
             log: LogSettings::default(),
         }
     }
@@ -325,6 +329,18 @@ impl Settings {
             return Err(ConfigError::Invalid {
                 key: "auth.last_used_flush",
                 problem: "must be positive, e.g. \"30s\"".to_owned(),
+            });
+        }
+        if self.limits.replicas == 0 {
+            return Err(ConfigError::Invalid {
+                key: "limits.replicas",
+                problem: "at least 1".to_owned(),
+            });
+        }
+        if self.limits.lease_ttl < Duration::from_secs(1) {
+            return Err(ConfigError::Invalid {
+                key: "limits.lease_ttl",
+                problem: "at least 1s, and longer than the longest request".to_owned(),
             });
         }
         if self.database.max_connections == 0 {

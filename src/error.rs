@@ -44,4 +44,9 @@ pub trait Classified: std::error::Error {
     fn retry_after(&self) -> Option<Duration> {
         None
     }
+
+    /// For limit refusals: which limit (subject) and why (description).
+    fn quota_violation(&self) -> Option<(&'static str, String)> {
+        None
+    }
 }

@@ -11,6 +11,7 @@ pub mod app;
 pub mod auth;
 pub mod config;
 pub mod error;
+pub mod limits;
 pub mod store;
 pub mod telemetry;
 pub mod tenancy;

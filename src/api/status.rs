@@ -5,6 +5,7 @@
 //! chain goes to the log, never to the client.
 
 use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::error::{Classified, ErrorKind};
 
@@ -12,6 +13,9 @@ use crate::error::{Classified, ErrorKind};
 pub fn to_status<E: Classified>(error: &E) -> Status {
     let kind = error.kind();
     let code = code_of(kind);
+    if kind == ErrorKind::ResourceExhausted {
+        return resource_exhausted(error);
+    }
     if kind.is_client_visible() {
         return Status::new(code, error.to_string());
     }
@@ -28,6 +32,33 @@ pub fn to_status<E: Classified>(error: &E) -> Status {
         _ => "internal error",
     };
     Status::new(code, message)
+}
+
+/// RESOURCE_EXHAUSTED with `google.rpc.RetryInfo` and `google.rpc.QuotaFailure`
+/// details, and `retry-after` (whole seconds, rounded up) plus the IETF draft
+/// `ratelimit` field in the metadata.
+fn resource_exhausted<E: Classified>(error: &E) -> Status {
+    let mut details = ErrorDetails::new();
+    if let Some(wait) = error.retry_after() {
+        details.set_retry_info(Some(wait));
+    }
+    if let Some((subject, description)) = error.quota_violation() {
+        details.add_quota_failure_violation(subject, description);
+    }
+    let mut status =
+        Status::with_error_details(Code::ResourceExhausted, error.to_string(), details);
+    if let Some(wait) = error.retry_after() {
+        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        if let Ok(value) = secs.to_string().parse() {
+            status.metadata_mut().insert("retry-after", value);
+        }
+        if let Some((subject, _)) = error.quota_violation()
+            && let Ok(value) = format!("\"{subject}\";r=0;t={secs}").parse()
+        {
+            status.metadata_mut().insert("ratelimit", value);
+        }
+    }
+    status
 }
 
 /// The gRPC code of each error kind. Exhaustive: a new kind must be placed.

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use crate::tenancy::Scope;
+use crate::tenancy::{Limits, Scope};
 
 #[derive(Debug, Clone)]
 pub enum Principal {
@@ -20,6 +20,8 @@ pub struct TenantPrincipal {
     pub key_id: String,
     pub scopes: Vec<Scope>,
     pub scheduling_weight: u32,
+    /// The tenant's limits as of the key lookup (at most `auth.cache_ttl` old).
+    pub limits: Limits,
 }
 
 impl Principal {

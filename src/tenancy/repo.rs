@@ -327,6 +327,26 @@ pub struct KeyForAuth {
     pub tenant_slug: String,
     pub tenant_status: String,
     pub scheduling_weight: i64,
+    pub requests_per_second: Option<f64>,
+    pub burst: Option<i64>,
+    pub tokens_per_minute: Option<i64>,
+    pub max_concurrent_requests: Option<i64>,
+    pub monthly_token_quota: Option<i64>,
+}
+
+impl KeyForAuth {
+    /// The tenant's limits as stored (the checks keep them in range).
+    pub fn limits(&self) -> Limits {
+        let u32_of = |v: i64| u32::try_from(v).unwrap_or(u32::MAX);
+        let u64_of = |v: i64| u64::try_from(v).unwrap_or(0);
+        Limits {
+            requests_per_second: self.requests_per_second,
+            burst: self.burst.map(u32_of),
+            tokens_per_minute: self.tokens_per_minute.map(u64_of),
+            max_concurrent_requests: self.max_concurrent_requests.map(u32_of),
+            monthly_token_quota: self.monthly_token_quota.map(u64_of),
+        }
+    }
 }
 
 pub async fn key_for_auth(
@@ -336,7 +356,8 @@ pub async fn key_for_auth(
     let row: Option<KeyForAuth> = sqlx::query_as(
         "SELECT k.key_id, k.tenant_id, k.scopes, k.secret_hash, k.previous_secret_hash, \
          k.previous_expires_at_us, k.expires_at_us, k.revoked_at_us, t.slug AS tenant_slug, \
-         t.status AS tenant_status, t.scheduling_weight \
+         t.status AS tenant_status, t.scheduling_weight, t.requests_per_second, t.burst, \
+         t.tokens_per_minute, t.max_concurrent_requests, t.monthly_token_quota \
          FROM api_keys k JOIN tenants t ON t.id = k.tenant_id WHERE k.key_id = $1",
     )
     .bind(key_id)

@@ -6,6 +6,7 @@
 
 mod ascendctl;
 mod common;
+mod limits;
 mod secrets;
 mod server;
 mod startup;

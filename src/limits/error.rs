@@ -1,0 +1,72 @@
+//! Why a request was not admitted.
+
+use std::time::Duration;
+
+use crate::error::{Classified, ErrorKind};
+
+/// Which limit refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitKind {
+    Requests,
+    Concurrency,
+    TokensPerMinute,
+    MonthlyQuota,
+}
+
+impl LimitKind {
+    /// The limit's name in the API (a `TenantLimits` field).
+    pub fn field(self) -> &'static str {
+        match self {
+            LimitKind::Requests => "requests_per_second",
+            LimitKind::Concurrency => "max_concurrent_requests",
+            LimitKind::TokensPerMinute => "tokens_per_minute",
+            LimitKind::MonthlyQuota => "monthly_token_quota",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LimitError {
+    #[error("tenant limit `{}` reached; retry in {}", kind.field(), humantime::format_duration(*retry_after))]
+    Exceeded {
+        kind: LimitKind,
+        retry_after: Duration,
+    },
+    /// A single request that no amount of waiting would admit.
+    #[error("the request needs {needed} tokens but the tenant's `{}` is {limit}", kind.field())]
+    TooLarge {
+        kind: LimitKind,
+        needed: u64,
+        limit: u64,
+    },
+    /// Redis is unreachable and the policy is `fail_closed`.
+    #[error("the shared limit store is unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl Classified for LimitError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            LimitError::Exceeded { .. } | LimitError::TooLarge { .. } => {
+                ErrorKind::ResourceExhausted
+            }
+            LimitError::Unavailable(_) => ErrorKind::Unavailable,
+        }
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            LimitError::Exceeded { retry_after, .. } => Some(*retry_after),
+            _ => None,
+        }
+    }
+
+    fn quota_violation(&self) -> Option<(&'static str, String)> {
+        match self {
+            LimitError::Exceeded { kind, .. } | LimitError::TooLarge { kind, .. } => {
+                Some((kind.field(), self.to_string()))
+            }
+            LimitError::Unavailable(_) => None,
+        }
+    }
+}

@@ -1,0 +1,247 @@
+//! In-process limits: the embedded default, and the fallback when Redis is
+//! unreachable under `fail_open`.
+//!
+//! One mutex guards every tenant's state so that a request is checked
+//! against all its limits and admitted (or not) as one step: a request
+//! refused by one limit consumes nothing from the others. Rates use
+//! governor's GCRA limiters, one per tenant, rebuilt when the tenant's rate
+//! changes; idle tenants are swept so memory stays bounded. Token buckets and
+//! quota counters are plain arithmetic because they need refunds, which
+//! governor does not offer.
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use governor::clock::{Clock, DefaultClock};
+use governor::middleware::StateInformationMiddleware;
+use governor::{Quota, RateLimiter};
+
+use super::calendar;
+use super::error::{LimitError, LimitKind};
+use super::{Cost, RateState};
+use crate::tenancy::Limits;
+
+type TenantRateLimiter = RateLimiter<
+    governor::state::NotKeyed,
+    governor::state::InMemoryState,
+    DefaultClock,
+    StateInformationMiddleware,
+>;
+
+/// Tenants idle this long lose their rate and bucket state.
+const IDLE_EVICTION: Duration = Duration::from_secs(600);
+/// Sweep idle tenants once per this many admissions.
+const SWEEP_EVERY: u64 = 4096;
+
+struct Bucket {
+    level: f64,
+    at: Instant,
+}
+
+#[derive(Default)]
+struct QuotaState {
+    month: String,
+    used: u64,
+    reserved: u64,
+}
+
+#[derive(Default)]
+struct TenantState {
+    rate: Option<((u64, u32), TenantRateLimiter)>,
+    in_flight: u32,
+    bucket: Option<Bucket>,
+    quota: QuotaState,
+    last_seen: Option<Instant>,
+}
+
+#[derive(Default)]
+pub struct LocalLimits {
+    tenants: Mutex<HashMap<String, TenantState>>,
+    admissions: std::sync::atomic::AtomicU64,
+}
+
+/// What an admission reserved, to be returned or settled.
+#[derive(Debug, Clone)]
+pub struct LocalGrant {
+    pub concurrency: bool,
+    pub bucket_tokens: u64,
+    pub quota_tokens: u64,
+    pub month: String,
+    pub tokens_per_minute: u64,
+}
+
+fn emission_interval(rps: f64) -> Duration {
+    Duration::from_secs_f64(1.0 / rps)
+}
+
+fn refill(bucket: &mut Bucket, capacity: f64, now: Instant) {
+    let elapsed = now.saturating_duration_since(bucket.at).as_secs_f64();
+    bucket.level = (bucket.level + elapsed * capacity / 60.0).min(capacity);
+    bucket.at = now;
+}
+
+impl LocalLimits {
+    pub fn admit(
+        &self,
+        tenant_id: &str,
+        limits: &Limits,
+        cost: Cost,
+        now_unix_secs: i64,
+    ) -> Result<(LocalGrant, Option<RateState>), LimitError> {
+        let now = Instant::now();
+        let mut tenants = self.tenants.lock().unwrap_or_else(|e| e.into_inner());
+        let count = self
+            .admissions
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if count % SWEEP_EVERY == SWEEP_EVERY - 1 {
+            tenants.retain(|_, t| {
+                t.in_flight > 0
+                    || t.quota.reserved > 0
+                    || t.quota.used > 0
+                    || t.last_seen
+                        .is_some_and(|at| now.duration_since(at) < IDLE_EVICTION)
+            });
+        }
+        let state = tenants.entry(tenant_id.to_owned()).or_default();
+        state.last_seen = Some(now);
+
+        if let Some(max) = limits.max_concurrent_requests
+            && state.in_flight >= max
+        {
+            return Err(LimitError::Exceeded {
+                kind: LimitKind::Concurrency,
+                retry_after: Duration::from_secs(1),
+            });
+        }
+
+        let tpm = limits.tokens_per_minute.filter(|_| cost.tokens > 0);
+        if let Some(tpm) = tpm {
+            if cost.tokens > tpm {
+                return Err(LimitError::TooLarge {
+                    kind: LimitKind::TokensPerMinute,
+                    needed: cost.tokens,
+                    limit: tpm,
+                });
+            }
+            let capacity = tpm as f64;
+            let bucket = state.bucket.get_or_insert(Bucket {
+                level: capacity,
+                at: now,
+            });
+            refill(bucket, capacity, now);
+            let needed = cost.tokens as f64;
+            if bucket.level < needed {
+                let wait = (needed - bucket.level) * 60.0 / capacity;
+                return Err(LimitError::Exceeded {
+                    kind: LimitKind::TokensPerMinute,
+                    retry_after: Duration::from_secs_f64(wait),
+                });
+            }
+        }
+
+        let month = calendar::month_key(now_unix_secs);
+        let quota = limits.monthly_token_quota.filter(|_| cost.tokens > 0);
+        if quota.is_some() && state.quota.month != month {
+            state.quota = QuotaState {
+                month: month.clone(),
+                ..QuotaState::default()
+            };
+        }
+        if let Some(quota) = quota {
+            let committed = state.quota.used + state.quota.reserved;
+            if committed.saturating_add(cost.tokens) > quota {
+                let until_reset = calendar::secs_until_month_end(now_unix_secs);
+                return Err(LimitError::Exceeded {
+                    kind: LimitKind::MonthlyQuota,
+                    retry_after: Duration::from_secs(u64::try_from(until_reset).unwrap_or(1)),
+                });
+            }
+        }
+
+        // The rate check goes last: it is the only one that consumes by itself.
+        let mut rate_state = None;
+        if let Some(rps) = limits.requests_per_second {
+            let burst = limits.burst.unwrap_or(1).max(1);
+            let interval = emission_interval(rps);
+            let wanted = (
+                u64::try_from(interval.as_nanos()).unwrap_or(u64::MAX),
+                burst,
+            );
+            let rebuild = state.rate.as_ref().is_none_or(|(have, _)| *have != wanted);
+            if rebuild {
+                let burst_nz = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
+                let quota = Quota::with_period(interval)
+                    .unwrap_or_else(|| Quota::per_second(NonZeroU32::MAX))
+                    .allow_burst(burst_nz);
+                let limiter =
+                    RateLimiter::direct(quota).with_middleware::<StateInformationMiddleware>();
+                state.rate = Some((wanted, limiter));
+            }
+            if let Some((_, limiter)) = &state.rate {
+                match limiter.check() {
+                    Ok(snapshot) => {
+                        rate_state = Some(RateState {
+                            limit: burst,
+                            remaining: snapshot.remaining_burst_capacity(),
+                            window: interval * burst,
+                        });
+                    }
+                    Err(not_until) => {
+                        let wait = not_until.wait_time_from(DefaultClock::default().now());
+                        return Err(LimitError::Exceeded {
+                            kind: LimitKind::Requests,
+                            retry_after: wait,
+                        });
+                    }
+                }
+            }
+        }
+
+        let concurrency = limits.max_concurrent_requests.is_some();
+        if concurrency {
+            state.in_flight += 1;
+        }
+        if let (Some(_), Some(bucket)) = (tpm, state.bucket.as_mut()) {
+            bucket.level -= cost.tokens as f64;
+        }
+        if quota.is_some() {
+            state.quota.reserved += cost.tokens;
+        }
+        Ok((
+            LocalGrant {
+                concurrency,
+                bucket_tokens: if tpm.is_some() { cost.tokens } else { 0 },
+                quota_tokens: if quota.is_some() { cost.tokens } else { 0 },
+                month,
+                tokens_per_minute: tpm.unwrap_or(0),
+            },
+            rate_state,
+        ))
+    }
+
+    /// Returns the concurrency slot, refunds unused bucket tokens, and turns
+    /// the quota reservation into usage.
+    pub fn settle(&self, tenant_id: &str, grant: &LocalGrant, used_tokens: u64) {
+        let mut tenants = self.tenants.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(state) = tenants.get_mut(tenant_id) else {
+            return;
+        };
+        if grant.concurrency {
+            state.in_flight = state.in_flight.saturating_sub(1);
+        }
+        if grant.bucket_tokens > 0
+            && let Some(bucket) = state.bucket.as_mut()
+        {
+            let capacity = grant.tokens_per_minute as f64;
+            refill(bucket, capacity, Instant::now());
+            let unused = grant.bucket_tokens.saturating_sub(used_tokens) as f64;
+            bucket.level = (bucket.level + unused).min(capacity);
+        }
+        if grant.quota_tokens > 0 && state.quota.month == grant.month {
+            state.quota.reserved = state.quota.reserved.saturating_sub(grant.quota_tokens);
+            state.quota.used += used_tokens.min(grant.quota_tokens);
+        }
+    }
+}

@@ -1,0 +1,337 @@
+//! Per-tenant rate limits, concurrency caps, tokens-per-minute and monthly
+//! token quotas, checked after authentication and before a request reaches
+//! the serving queue.
+//!
+//! [`Limiter::admit`] checks every limit of the tenant at once and reserves
+//! what the request may use (prompt tokens + `max_tokens`); the returned
+//! [`Permit`] is settled with the tokens actually used, which refunds the
+//! rest. A permit dropped without settling (a cancelled or failed request
+//! whose handler unwound) is settled in the background as if it used its
+//! whole reservation, so nothing is refunded twice or leaked.
+//!
+//! Backends: in process ([`local`], the default) or Redis ([`redis_store`],
+//! shared by every replica) when `redis.url` is set. If Redis fails, the
+//! configured [`FailurePolicy`] applies: `fail_open` falls back to local
+//! limits divided by `limits.replicas`, `fail_closed` refuses with
+//! UNAVAILABLE; recovery is automatic on the next call that reaches Redis.
+//!
+//! Knows tenants only as ids with [`Limits`]; knows nothing of gRPC.
+
+mod calendar;
+mod error;
+pub mod local;
+pub mod redis_store;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+pub use error::{LimitError, LimitKind};
+use local::{LocalGrant, LocalLimits};
+use redis_store::{RedisGrant, RedisLimits};
+
+use crate::tenancy::Limits;
+
+/// What a request may consume: the tokens reserved against tokens-per-minute
+/// and the monthly quota (0 for calls that generate nothing).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Cost {
+    pub tokens: u64,
+}
+
+/// The request-rate state after an admission, for the IETF `ratelimit`
+/// response fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateState {
+    /// Requests allowed at once (the burst).
+    pub limit: u32,
+    pub remaining: u32,
+    /// Time for a spent burst to refill completely.
+    pub window: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailurePolicy {
+    /// Keep serving under per-node limits (the shared limit / replicas).
+    FailOpen,
+    /// Refuse with UNAVAILABLE until Redis answers again.
+    FailClosed,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitSettings {
+    /// What to do when Redis cannot be reached.
+    pub redis_failure: FailurePolicy,
+    /// Gateway replicas sharing the limits; under `fail_open` each node
+    /// enforces 1/replicas of every limit on its own.
+    pub replicas: u32,
+    /// Lifetime of a concurrency lease in Redis: how long a crashed
+    /// gateway's slots stay taken. Longer than the longest request.
+    #[serde(with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    /// Prefix of every Redis key.
+    pub redis_prefix: String,
+}
+
+impl Default for LimitSettings {
+    fn default() -> Self {
+        LimitSettings {
+            redis_failure: FailurePolicy::FailOpen,
+            replicas: 1,
+            lease_ttl: Duration::from_secs(600),
+            redis_prefix: "agw:".to_owned(),
+        }
+    }
+}
+
+/// How often a Redis outage is logged while it lasts.
+const OUTAGE_LOG_INTERVAL: Duration = Duration::from_secs(30);
+
+enum Grant {
+    Local(LocalGrant),
+    Redis(RedisGrant),
+}
+
+struct Settlement {
+    tenant_id: String,
+    grant: Grant,
+    used_tokens: u64,
+}
+
+pub struct Limiter {
+    local: LocalLimits,
+    redis: Option<RedisLimits>,
+    settings: LimitSettings,
+    outage_logged_at: Mutex<Option<Instant>>,
+    fallbacks: std::sync::atomic::AtomicU64,
+    background: mpsc::UnboundedSender<Settlement>,
+}
+
+/// An admitted request's reservations. Settle it with the tokens used.
+pub struct Permit {
+    limiter: Arc<Limiter>,
+    tenant_id: String,
+    grant: Option<Grant>,
+    rate: Option<RateState>,
+}
+
+impl Limiter {
+    /// A limiter and the receiver of background settlements, which
+    /// [`Limiter::run_background`] must drain.
+    pub fn new(
+        redis: Option<redis::aio::ConnectionManager>,
+        settings: LimitSettings,
+    ) -> (Arc<Limiter>, BackgroundSettlements) {
+        let (background, receiver) = mpsc::unbounded_channel();
+        let redis = redis.map(|connection| {
+            RedisLimits::new(
+                connection,
+                settings.redis_prefix.clone(),
+                settings.lease_ttl,
+            )
+        });
+        let limiter = Arc::new(Limiter {
+            local: LocalLimits::default(),
+            redis,
+            settings,
+            outage_logged_at: Mutex::new(None),
+            fallbacks: std::sync::atomic::AtomicU64::new(0),
+            background,
+        });
+        (limiter, BackgroundSettlements(receiver))
+    }
+
+    /// Admissions decided locally because Redis failed (fail_open).
+    pub fn fallback_count(&self) -> u64 {
+        self.fallbacks.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Checks every limit of the tenant and reserves `cost`.
+    pub async fn admit(
+        self: &Arc<Self>,
+        tenant_id: &str,
+        limits: &Limits,
+        cost: Cost,
+    ) -> Result<Permit, LimitError> {
+        let now = unix_secs();
+        let (grant, rate) = match &self.redis {
+            None => {
+                let (grant, rate) = self.local.admit(tenant_id, limits, cost, now)?;
+                (Grant::Local(grant), rate)
+            }
+            Some(redis) => {
+                let month = calendar::month_key(now);
+                let until_end = calendar::secs_until_month_end(now);
+                match redis
+                    .admit(tenant_id, limits, cost, &month, until_end)
+                    .await
+                {
+                    Ok(decision) => {
+                        let (grant, rate) = decision?;
+                        (Grant::Redis(grant), rate)
+                    }
+                    Err(error) => self.on_redis_failure(tenant_id, limits, cost, now, &error)?,
+                }
+            }
+        };
+        Ok(Permit {
+            limiter: self.clone(),
+            tenant_id: tenant_id.to_owned(),
+            grant: Some(grant),
+            rate,
+        })
+    }
+
+    fn on_redis_failure(
+        &self,
+        tenant_id: &str,
+        limits: &Limits,
+        cost: Cost,
+        now: i64,
+        error: &redis::RedisError,
+    ) -> Result<(Grant, Option<RateState>), LimitError> {
+        self.log_outage(error);
+        match self.settings.redis_failure {
+            FailurePolicy::FailClosed => Err(LimitError::Unavailable(error.to_string())),
+            FailurePolicy::FailOpen => {
+                self.fallbacks
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let per_node = per_node(limits, self.settings.replicas);
+                let (grant, rate) = self.local.admit(tenant_id, &per_node, cost, now)?;
+                Ok((Grant::Local(grant), rate))
+            }
+        }
+    }
+
+    fn log_outage(&self, error: &redis::RedisError) {
+        let mut logged = self
+            .outage_logged_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if logged.is_none_or(|at| at.elapsed() >= OUTAGE_LOG_INTERVAL) {
+            *logged = Some(Instant::now());
+            tracing::warn!(
+                error = %error,
+                policy = ?self.settings.redis_failure,
+                fallbacks = self.fallback_count(),
+                "Redis unreachable for rate limits"
+            );
+        }
+    }
+
+    async fn settle_now(&self, settlement: Settlement) {
+        match &settlement.grant {
+            Grant::Local(grant) => {
+                self.local
+                    .settle(&settlement.tenant_id, grant, settlement.used_tokens);
+            }
+            Grant::Redis(grant) => {
+                if let Some(redis) = &self.redis
+                    && let Err(error) = redis
+                        .settle(&settlement.tenant_id, grant, settlement.used_tokens)
+                        .await
+                {
+                    // The lease expires by itself; the bucket refills by
+                    // itself; only the quota reservation stays until the
+                    // month's counters expire. Logged, never retried twice.
+                    tracing::warn!(error = %error, tenant = %settlement.tenant_id, "cannot settle limits in Redis");
+                }
+            }
+        }
+    }
+
+    /// Settles permits dropped without [`Permit::settle`] until `stop`, then
+    /// settles what is still queued.
+    pub async fn run_background(
+        self: Arc<Self>,
+        mut settlements: BackgroundSettlements,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
+        loop {
+            tokio::select! {
+                received = settlements.0.recv() => match received {
+                    Some(settlement) => self.settle_now(settlement).await,
+                    None => return,
+                },
+                () = stop.cancelled() => break,
+            }
+        }
+        while let Ok(settlement) = settlements.0.try_recv() {
+            self.settle_now(settlement).await;
+        }
+    }
+}
+
+/// Receiver of settlements for permits that were dropped unsettled.
+pub struct BackgroundSettlements(mpsc::UnboundedReceiver<Settlement>);
+
+impl std::fmt::Debug for Permit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Permit")
+            .field("tenant_id", &self.tenant_id)
+            .field("rate", &self.rate)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Permit {
+    pub fn rate_state(&self) -> Option<RateState> {
+        self.rate
+    }
+
+    /// Returns the concurrency slot and refunds what was reserved but not
+    /// used. `used_tokens` beyond the reservation are not charged here.
+    pub async fn settle(mut self, used_tokens: u64) {
+        if let Some(grant) = self.grant.take() {
+            let settlement = Settlement {
+                tenant_id: std::mem::take(&mut self.tenant_id),
+                grant,
+                used_tokens,
+            };
+            self.limiter.settle_now(settlement).await;
+        }
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if let Some(grant) = self.grant.take() {
+            let used_tokens = match &grant {
+                Grant::Local(g) => g.bucket_tokens.max(g.quota_tokens),
+                Grant::Redis(g) => g.bucket_tokens.max(g.quota_tokens),
+            };
+            // If the background task is gone the process is shutting down;
+            // leases expire and local state dies with the process.
+            let _ = self.limiter.background.send(Settlement {
+                tenant_id: std::mem::take(&mut self.tenant_id),
+                grant,
+                used_tokens,
+            });
+        }
+    }
+}
+
+/// One node's share of a shared limit, for fail-open.
+fn per_node(limits: &Limits, replicas: u32) -> Limits {
+    let n = replicas.max(1);
+    let share_u32 = |v: u32| (v / n).max(1);
+    let share_u64 = |v: u64| (v / u64::from(n)).max(1);
+    Limits {
+        requests_per_second: limits.requests_per_second.map(|r| r / f64::from(n)),
+        burst: limits.burst.map(share_u32),
+        tokens_per_minute: limits.tokens_per_minute.map(share_u64),
+        max_concurrent_requests: limits.max_concurrent_requests.map(share_u32),
+        monthly_token_quota: limits.monthly_token_quota.map(share_u64),
+    }
+}
+
+fn unix_secs() -> i64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(now.as_secs()).unwrap_or(i64::MAX)
+}

@@ -1,0 +1,254 @@
+//! Limits shared by every gateway replica, kept in Redis.
+//!
+//! Each admission is one Lua script that checks every limit and applies the
+//! reservations only if all pass, atomically, with Redis's own clock (so
+//! replicas with skewed clocks agree). Concurrency slots are leases in a
+//! sorted set scored by expiry: a gateway that dies holding slots loses them
+//! when the lease runs out. Settlement is a second script. Keys carry the
+//! tenant id in a hash tag so one tenant's keys share a cluster slot.
+
+use std::time::Duration;
+
+use redis::Script;
+use redis::aio::ConnectionManager;
+
+use super::error::{LimitError, LimitKind};
+use super::{Cost, RateState};
+use crate::tenancy::Limits;
+
+const ADMIT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local maxc = tonumber(ARGV[3])
+local lease_ttl = tonumber(ARGV[5])
+local tpm = tonumber(ARGV[6])
+local tokens = tonumber(ARGV[7])
+local quota = tonumber(ARGV[8])
+
+if maxc > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', string.format('%.0f', now))
+  if redis.call('ZCARD', KEYS[2]) >= maxc then
+    return {2, 1000000, 0}
+  end
+end
+
+local level = 0
+if tpm > 0 then
+  local b = redis.call('HMGET', KEYS[3], 'level', 'at')
+  level = tonumber(b[1])
+  local at = tonumber(b[2])
+  if level == nil or at == nil then level = tpm; at = now end
+  level = math.min(tpm, level + (now - at) * tpm / 60000000)
+  if level < tokens then
+    return {3, math.ceil((tokens - level) * 60000000 / tpm), 0}
+  end
+end
+
+if quota > 0 then
+  local q = redis.call('HMGET', KEYS[4], 'used', 'reserved')
+  local used = tonumber(q[1]) or 0
+  local reserved = tonumber(q[2]) or 0
+  if used + reserved + tokens > quota then
+    return {4, 0, 0}
+  end
+end
+
+local remaining = -1
+if interval > 0 then
+  local tat = tonumber(redis.call('GET', KEYS[1])) or now
+  if tat < now then tat = now end
+  local new_tat = tat + interval
+  local allow_at = new_tat - burst * interval
+  if now < allow_at then
+    return {1, allow_at - now, 0}
+  end
+  redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1000)
+  remaining = math.floor((burst * interval - (new_tat - now)) / interval)
+end
+
+if maxc > 0 then
+  redis.call('ZADD', KEYS[2], string.format('%.0f', now + lease_ttl), ARGV[4])
+  redis.call('PEXPIRE', KEYS[2], math.ceil(lease_ttl / 1000) + 1000)
+end
+if tpm > 0 then
+  redis.call('HSET', KEYS[3], 'level', string.format('%.6f', level - tokens), 'at', string.format('%.0f', now))
+  redis.call('PEXPIRE', KEYS[3], 120000)
+end
+if quota > 0 then
+  redis.call('HINCRBY', KEYS[4], 'reserved', tokens)
+  redis.call('EXPIRE', KEYS[4], tonumber(ARGV[9]))
+end
+return {0, 0, remaining}
+";
+
+const SETTLE: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+redis.call('ZREM', KEYS[1], ARGV[1])
+local tpm = tonumber(ARGV[2])
+local refund = tonumber(ARGV[3])
+if tpm > 0 and refund > 0 then
+  local b = redis.call('HMGET', KEYS[2], 'level', 'at')
+  local level = tonumber(b[1])
+  local at = tonumber(b[2])
+  if level ~= nil and at ~= nil then
+    level = math.min(tpm, level + (now - at) * tpm / 60000000 + refund)
+    redis.call('HSET', KEYS[2], 'level', string.format('%.6f', level), 'at', string.format('%.0f', now))
+  end
+end
+local reserved = tonumber(ARGV[4])
+if reserved > 0 then
+  redis.call('HINCRBY', KEYS[3], 'reserved', -reserved)
+  redis.call('HINCRBY', KEYS[3], 'used', tonumber(ARGV[5]))
+end
+return 0
+";
+
+pub struct RedisLimits {
+    connection: ConnectionManager,
+    prefix: String,
+    lease_ttl: Duration,
+    admit: Script,
+    settle: Script,
+}
+
+/// What an admission reserved in Redis.
+#[derive(Debug, Clone)]
+pub struct RedisGrant {
+    pub lease_id: String,
+    pub concurrency: bool,
+    pub bucket_tokens: u64,
+    pub quota_tokens: u64,
+    pub month: String,
+    pub tokens_per_minute: u64,
+}
+
+impl RedisLimits {
+    pub fn new(connection: ConnectionManager, prefix: String, lease_ttl: Duration) -> RedisLimits {
+        RedisLimits {
+            connection,
+            prefix,
+            lease_ttl,
+            admit: Script::new(ADMIT),
+            settle: Script::new(SETTLE),
+        }
+    }
+
+    fn key(&self, tenant_id: &str, what: &str) -> String {
+        format!("{}{{{tenant_id}}}:{what}", self.prefix)
+    }
+
+    pub async fn admit(
+        &self,
+        tenant_id: &str,
+        limits: &Limits,
+        cost: Cost,
+        month: &str,
+        secs_until_month_end: i64,
+    ) -> Result<Result<(RedisGrant, Option<RateState>), LimitError>, redis::RedisError> {
+        let burst = limits.burst.unwrap_or(1).max(1);
+        let interval_us = limits
+            .requests_per_second
+            .map(|rps| (1_000_000.0 / rps).ceil() as u64)
+            .unwrap_or(0);
+        let max_concurrent = limits.max_concurrent_requests.unwrap_or(0);
+        let tpm = limits
+            .tokens_per_minute
+            .filter(|_| cost.tokens > 0)
+            .unwrap_or(0);
+        let quota = limits
+            .monthly_token_quota
+            .filter(|_| cost.tokens > 0)
+            .unwrap_or(0);
+        if tpm > 0 && cost.tokens > tpm {
+            return Ok(Err(LimitError::TooLarge {
+                kind: LimitKind::TokensPerMinute,
+                needed: cost.tokens,
+                limit: tpm,
+            }));
+        }
+        let lease_id = uuid::Uuid::new_v4().simple().to_string();
+        let lease_ttl_us = u64::try_from(self.lease_ttl.as_micros()).unwrap_or(u64::MAX);
+        let mut connection = self.connection.clone();
+        let (outcome, wait_us, remaining): (i64, i64, i64) = self
+            .admit
+            .key(self.key(tenant_id, "rate"))
+            .key(self.key(tenant_id, "leases"))
+            .key(self.key(tenant_id, "tpm"))
+            .key(self.key(tenant_id, &format!("quota:{month}")))
+            .arg(interval_us)
+            .arg(burst)
+            .arg(max_concurrent)
+            .arg(&lease_id)
+            .arg(lease_ttl_us)
+            .arg(tpm)
+            .arg(cost.tokens)
+            .arg(quota)
+            // Quota counters outlive their month by a week for late settlements.
+            .arg(secs_until_month_end + 7 * 86_400)
+            .invoke_async(&mut connection)
+            .await?;
+        let wait = Duration::from_micros(u64::try_from(wait_us).unwrap_or(0));
+        let refusal = |kind| {
+            Ok(Err(LimitError::Exceeded {
+                kind,
+                retry_after: wait,
+            }))
+        };
+        match outcome {
+            0 => {}
+            1 => return refusal(LimitKind::Requests),
+            2 => return refusal(LimitKind::Concurrency),
+            3 => return refusal(LimitKind::TokensPerMinute),
+            _ => {
+                return Ok(Err(LimitError::Exceeded {
+                    kind: LimitKind::MonthlyQuota,
+                    retry_after: Duration::from_secs(
+                        u64::try_from(secs_until_month_end).unwrap_or(1),
+                    ),
+                }));
+            }
+        }
+        let rate_state = limits.requests_per_second.map(|_| RateState {
+            limit: burst,
+            remaining: u32::try_from(remaining.max(0)).unwrap_or(0),
+            window: Duration::from_micros(interval_us * u64::from(burst)),
+        });
+        Ok(Ok((
+            RedisGrant {
+                lease_id,
+                concurrency: max_concurrent > 0,
+                bucket_tokens: if tpm > 0 { cost.tokens } else { 0 },
+                quota_tokens: if quota > 0 { cost.tokens } else { 0 },
+                month: month.to_owned(),
+                tokens_per_minute: tpm,
+            },
+            rate_state,
+        )))
+    }
+
+    pub async fn settle(
+        &self,
+        tenant_id: &str,
+        grant: &RedisGrant,
+        used_tokens: u64,
+    ) -> Result<(), redis::RedisError> {
+        let mut connection = self.connection.clone();
+        let () = self
+            .settle
+            .key(self.key(tenant_id, "leases"))
+            .key(self.key(tenant_id, "tpm"))
+            .key(self.key(tenant_id, &format!("quota:{}", grant.month)))
+            .arg(&grant.lease_id)
+            .arg(grant.tokens_per_minute)
+            .arg(grant.bucket_tokens.saturating_sub(used_tokens))
+            .arg(grant.quota_tokens)
+            .arg(used_tokens.min(grant.quota_tokens))
+            .invoke_async::<i64>(&mut connection)
+            .await
+            .map(|_| ())?;
+        Ok(())
+    }
+}

@@ -1,0 +1,489 @@
+//! Tenant limits against real Redis and real gateways: one combined limit
+//! across replicas, quota races, exact refunds, lease expiry after a crash,
+//! and the Redis-outage policies (on a private Redis this test starts and
+//! stops). Each test uses its own Redis key prefix.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use ascend_gateway::api::pb::v1::inference_client::InferenceClient;
+use ascend_gateway::api::pb::v1::tenant_admin_client::TenantAdminClient;
+use ascend_gateway::api::pb::v1::{
+    CreateApiKeyRequest, CreateTenantRequest, ListModelsRequest, TenantLimits,
+};
+use ascend_gateway::limits::{Cost, FailurePolicy, LimitError, LimitKind, LimitSettings, Limiter};
+use ascend_gateway::tenancy::Limits;
+use secrecy::SecretString;
+use tonic::Code;
+use tonic::transport::Channel;
+use tonic_types::StatusExt;
+
+use crate::common::{PgTestDb, TestGateway, admin, authed, test_settings};
+
+fn redis_url() -> String {
+    std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+}
+
+fn prefix() -> String {
+    format!("agwtest:{}:", uuid::Uuid::new_v4().simple())
+}
+
+async fn redis_connection(url: &str) -> redis::aio::ConnectionManager {
+    let client = redis::Client::open(url).expect("redis url");
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_millis(500)))
+        .set_response_timeout(Some(Duration::from_millis(500)))
+        .set_number_of_retries(1);
+    redis::aio::ConnectionManager::new_with_config(client, config)
+        .await
+        .expect("Redis must run for these tests (TEST_REDIS_URL)")
+}
+
+fn settings(prefix: String, policy: FailurePolicy, lease_ttl: Duration) -> LimitSettings {
+    LimitSettings {
+        redis_failure: policy,
+        replicas: 1,
+        lease_ttl,
+        redis_prefix: prefix,
+    }
+}
+
+async fn tenant_with_key(channel: &Channel, slug: &str, limits: TenantLimits) -> String {
+    let mut admin_client = TenantAdminClient::new(channel.clone());
+    admin_client
+        .create_tenant(admin(CreateTenantRequest {
+            slug: slug.to_owned(),
+            limits: Some(limits),
+            ..Default::default()
+        }))
+        .await
+        .expect("tenant");
+    admin_client
+        .create_api_key(admin(CreateApiKeyRequest {
+            tenant: slug.to_owned(),
+            ..Default::default()
+        }))
+        .await
+        .expect("key")
+        .into_inner()
+        .secret
+}
+
+#[tokio::test]
+async fn rate_limit_refusals_carry_retry_info_and_quota_failure() {
+    let gateway = TestGateway::start().await;
+    let limits = TenantLimits {
+        requests_per_second: Some(0.5),
+        burst: Some(3),
+        ..Default::default()
+    };
+    let key = tenant_with_key(&gateway.channel, "limited", limits).await;
+    let mut client = InferenceClient::new(gateway.channel.clone());
+    for expected_remaining in [2, 1, 0] {
+        let response = client
+            .list_models(authed(ListModelsRequest {}, &key))
+            .await
+            .expect("within the burst");
+        let state = response
+            .metadata()
+            .get("ratelimit")
+            .expect("ratelimit field");
+        assert!(
+            state
+                .to_str()
+                .expect("ascii")
+                .starts_with(&format!("\"requests\";r={expected_remaining};")),
+            "{state:?}"
+        );
+        assert!(response.metadata().get("ratelimit-policy").is_some());
+    }
+    let status = client
+        .list_models(authed(ListModelsRequest {}, &key))
+        .await
+        .expect_err("burst spent");
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    let retry = status.get_details_retry_info().expect("RetryInfo");
+    let wait = retry.retry_delay.expect("delay");
+    assert!(
+        wait > Duration::from_millis(1000) && wait <= Duration::from_secs(2),
+        "{wait:?}"
+    );
+    let quota = status.get_details_quota_failure().expect("QuotaFailure");
+    assert_eq!(quota.violations[0].subject, "requests_per_second");
+    assert_eq!(
+        status.metadata().get("retry-after").expect("retry-after"),
+        "2"
+    );
+    gateway.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn two_gateways_sharing_redis_enforce_one_combined_limit() {
+    const RATE: f64 = 40.0;
+    const BURST: u32 = 5;
+    let test_db = PgTestDb::create().await;
+    let prefix = prefix();
+    let mut gateways = Vec::new();
+    for _ in 0..2 {
+        let data_dir = tempfile::tempdir().expect("temp dir");
+        let mut settings = test_settings(&data_dir);
+        settings.database.url = Some(test_db.secret_url());
+        settings.redis.url = Some(SecretString::from(redis_url()));
+        settings.limits.redis_prefix = prefix.clone();
+        gateways.push(TestGateway::start_with(settings, data_dir).await);
+    }
+    let key = tenant_with_key(
+        &gateways[0].channel,
+        "shared",
+        TenantLimits {
+            requests_per_second: Some(RATE),
+            burst: Some(BURST),
+            ..Default::default()
+        },
+    )
+    .await;
+    let admitted = Arc::new(AtomicU64::new(0));
+    let refused = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let run_for = Duration::from_secs(10);
+    let mut clients = Vec::new();
+    for gateway in &gateways {
+        for _ in 0..3 {
+            let mut client = InferenceClient::new(gateway.channel.clone());
+            let (key, admitted, refused) = (key.clone(), admitted.clone(), refused.clone());
+            clients.push(tokio::spawn(async move {
+                while start.elapsed() < run_for {
+                    match client.list_models(authed(ListModelsRequest {}, &key)).await {
+                        Ok(_) => admitted.fetch_add(1, Ordering::Relaxed),
+                        Err(status) => {
+                            assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                            refused.fetch_add(1, Ordering::Relaxed)
+                        }
+                    };
+                }
+            }));
+        }
+    }
+    for client in clients {
+        client.await.expect("client");
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let admitted = admitted.load(Ordering::Relaxed) as f64;
+    let allowed = RATE * elapsed + f64::from(BURST);
+    assert!(
+        refused.load(Ordering::Relaxed) > 0,
+        "the load exceeded the limit"
+    );
+    assert!(
+        admitted <= allowed * 1.01,
+        "admitted {admitted} > allowed {allowed}"
+    );
+    assert!(
+        admitted >= RATE * elapsed * 0.9,
+        "admitted {admitted} is far below the limit"
+    );
+    for gateway in gateways {
+        gateway.stop().await.expect("clean stop");
+    }
+}
+
+async fn race_for_the_last_quota(limiter: &Arc<Limiter>, tenant: &str) {
+    let limits = Limits {
+        monthly_token_quota: Some(1000),
+        ..Limits::default()
+    };
+    let racers: Vec<_> = (0..50)
+        .map(|_| {
+            let (limiter, limits, tenant) = (limiter.clone(), limits.clone(), tenant.to_owned());
+            tokio::spawn(async move { limiter.admit(&tenant, &limits, Cost { tokens: 100 }).await })
+        })
+        .collect();
+    let mut permits = Vec::new();
+    for racer in racers {
+        match racer.await.expect("join") {
+            Ok(permit) => permits.push(permit),
+            Err(LimitError::Exceeded { kind, .. }) => assert_eq!(kind, LimitKind::MonthlyQuota),
+            Err(other) => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!(
+        permits.len(),
+        10,
+        "exactly the quota is admitted, never more"
+    );
+    for permit in permits {
+        permit.settle(100).await;
+    }
+    assert!(
+        limiter
+            .admit(tenant, &limits, Cost { tokens: 1 })
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_racers_never_overshoot_the_quota() {
+    let (local, _bg) = Limiter::new(None, LimitSettings::default());
+    race_for_the_last_quota(&local, "racer-local").await;
+    let connection = redis_connection(&redis_url()).await;
+    let (shared, _bg) = Limiter::new(
+        Some(connection),
+        settings(prefix(), FailurePolicy::FailClosed, Duration::from_secs(60)),
+    );
+    race_for_the_last_quota(&shared, "racer-redis").await;
+    assert_eq!(shared.fallback_count(), 0);
+}
+
+async fn refunds_are_exact_on(limiter: &Arc<Limiter>, tenant: &str) {
+    let limits = Limits {
+        monthly_token_quota: Some(1000),
+        tokens_per_minute: Some(6000),
+        ..Limits::default()
+    };
+    let permit = limiter
+        .admit(tenant, &limits, Cost { tokens: 1000 })
+        .await
+        .expect("whole quota");
+    permit.settle(300).await;
+    let permit = limiter
+        .admit(tenant, &limits, Cost { tokens: 700 })
+        .await
+        .expect("the 700 refunded tokens are available again");
+    let refused = limiter.admit(tenant, &limits, Cost { tokens: 1 }).await;
+    assert!(
+        matches!(
+            refused,
+            Err(LimitError::Exceeded {
+                kind: LimitKind::MonthlyQuota,
+                ..
+            })
+        ),
+        "not one token more"
+    );
+    permit.settle(700).await;
+
+    // A fresh tenant: the first part drew on the first tenant's bucket too.
+    let tenant = &format!("{tenant}-tpm");
+    let limits = Limits {
+        tokens_per_minute: Some(6000),
+        ..Limits::default()
+    };
+    let permit = limiter
+        .admit(tenant, &limits, Cost { tokens: 6000 })
+        .await
+        .expect("a full minute");
+    assert!(
+        limiter
+            .admit(tenant, &limits, Cost { tokens: 500 })
+            .await
+            .is_err()
+    );
+    permit.settle(1000).await;
+    // 5000 unused tokens came back (plus a few from the refill meanwhile).
+    let permit = limiter
+        .admit(tenant, &limits, Cost { tokens: 5000 })
+        .await
+        .expect("refunded tokens");
+    assert!(
+        limiter
+            .admit(tenant, &limits, Cost { tokens: 500 })
+            .await
+            .is_err()
+    );
+    permit.settle(5000).await;
+}
+
+#[tokio::test]
+async fn token_refunds_are_exact() {
+    let (local, _bg) = Limiter::new(None, LimitSettings::default());
+    refunds_are_exact_on(&local, "refund-local").await;
+    let connection = redis_connection(&redis_url()).await;
+    let (shared, _bg) = Limiter::new(
+        Some(connection),
+        settings(prefix(), FailurePolicy::FailClosed, Duration::from_secs(60)),
+    );
+    refunds_are_exact_on(&shared, "refund-redis").await;
+}
+
+#[tokio::test]
+async fn a_crashed_gateways_concurrency_slots_come_back_after_the_lease() {
+    let prefix = prefix();
+    let limits = Limits {
+        max_concurrent_requests: Some(2),
+        ..Limits::default()
+    };
+    let lease = Duration::from_secs(1);
+    let (crashing, _bg) = Limiter::new(
+        Some(redis_connection(&redis_url()).await),
+        settings(prefix.clone(), FailurePolicy::FailClosed, lease),
+    );
+    for _ in 0..2 {
+        let permit = crashing
+            .admit("leaky", &limits, Cost::default())
+            .await
+            .expect("slot");
+        // The gateway dies holding the slot: nothing will ever settle it.
+        std::mem::forget(permit);
+    }
+    let (survivor, _bg) = Limiter::new(
+        Some(redis_connection(&redis_url()).await),
+        settings(prefix, FailurePolicy::FailClosed, lease),
+    );
+    let refused = survivor.admit("leaky", &limits, Cost::default()).await;
+    assert!(matches!(
+        refused,
+        Err(LimitError::Exceeded {
+            kind: LimitKind::Concurrency,
+            ..
+        })
+    ));
+    tokio::time::sleep(lease + Duration::from_millis(300)).await;
+    let permit = survivor
+        .admit("leaky", &limits, Cost::default())
+        .await
+        .expect("the dead gateway's leases expired");
+    permit.settle(0).await;
+}
+
+/// A Redis server of this test's own, so stopping it disturbs no other test.
+struct PrivateRedis {
+    port: u16,
+    child: Child,
+}
+
+impl PrivateRedis {
+    fn start_on(port: u16) -> PrivateRedis {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server on PATH");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "private redis did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        PrivateRedis { port, child }
+    }
+
+    fn start() -> PrivateRedis {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        Self::start_on(port)
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn stop(mut self) -> u16 {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.port
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn redis_outage_follows_the_policy_and_limits_resume_after() {
+    let redis = PrivateRedis::start();
+    let url = redis.url();
+    let limits = Limits {
+        requests_per_second: Some(1.0),
+        burst: Some(1),
+        ..Limits::default()
+    };
+    let (open, _bg1) = Limiter::new(
+        Some(redis_connection(&url).await),
+        settings(prefix(), FailurePolicy::FailOpen, Duration::from_secs(60)),
+    );
+    let (closed, _bg2) = Limiter::new(
+        Some(redis_connection(&url).await),
+        settings(prefix(), FailurePolicy::FailClosed, Duration::from_secs(60)),
+    );
+    open.admit("t", &limits, Cost::default())
+        .await
+        .expect("via redis")
+        .settle(0)
+        .await;
+    assert_eq!(open.fallback_count(), 0);
+
+    let port = redis.stop();
+    // fail_open: served by local limits, which still hold the tenant to its rate.
+    open.admit("t", &limits, Cost::default())
+        .await
+        .expect("fail open")
+        .settle(0)
+        .await;
+    assert!(open.fallback_count() >= 1);
+    let second = open.admit("t", &limits, Cost::default()).await;
+    assert!(matches!(
+        second,
+        Err(LimitError::Exceeded {
+            kind: LimitKind::Requests,
+            ..
+        })
+    ));
+    // fail_closed: refused as unavailable.
+    let refused = closed.admit("t", &limits, Cost::default()).await;
+    assert!(
+        matches!(refused, Err(LimitError::Unavailable(_))),
+        "{refused:?}"
+    );
+
+    let _redis = PrivateRedis::start_on(port);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match closed.admit("t2", &limits, Cost::default()).await {
+            Ok(permit) => {
+                permit.settle(0).await;
+                break;
+            }
+            Err(LimitError::Unavailable(_)) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(other) => panic!("limits did not resume: {other}"),
+        }
+    }
+    // The fail-open limiter goes back to Redis by itself: an admission that
+    // does not add to the fallback count was decided by Redis.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    for attempt in 0.. {
+        let before = open.fallback_count();
+        let permit = open
+            .admit(&format!("t3-{attempt}"), &limits, Cost::default())
+            .await
+            .expect("fresh tenant within its rate");
+        permit.settle(0).await;
+        if open.fallback_count() == before {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "fail-open limiter never went back to Redis"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
