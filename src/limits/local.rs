@@ -104,7 +104,13 @@ impl LocalLimits {
                         .is_some_and(|at| now.duration_since(at) < IDLE_EVICTION)
             });
         }
-        let state = tenants.entry(tenant_id.to_owned()).or_default();
+        // Look up before inserting: the hot path allocates no key.
+        if !tenants.contains_key(tenant_id) {
+            tenants.insert(tenant_id.to_owned(), TenantState::default());
+        }
+        let Some(state) = tenants.get_mut(tenant_id) else {
+            return Err(LimitError::Unavailable("limit state vanished".to_owned()));
+        };
         state.last_seen = Some(now);
 
         if let Some(max) = limits.max_concurrent_requests
@@ -141,8 +147,12 @@ impl LocalLimits {
             }
         }
 
-        let month = calendar::month_key(now_unix_secs);
         let quota = limits.monthly_token_quota.filter(|_| cost.tokens > 0);
+        let month = if quota.is_some() {
+            calendar::month_key(now_unix_secs)
+        } else {
+            String::new()
+        };
         if quota.is_some() && state.quota.month != month {
             state.quota = QuotaState {
                 month: month.clone(),

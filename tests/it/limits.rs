@@ -487,3 +487,42 @@ async fn redis_outage_follows_the_policy_and_limits_resume_after() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+#[tokio::test]
+async fn a_limit_changed_by_an_operator_applies_at_once() {
+    let gateway = TestGateway::start().await;
+    let strict = TenantLimits {
+        requests_per_second: Some(0.1),
+        burst: Some(1),
+        ..Default::default()
+    };
+    let key = tenant_with_key(&gateway.channel, "growing", strict).await;
+    let mut client = InferenceClient::new(gateway.channel.clone());
+    client
+        .list_models(authed(ListModelsRequest {}, &key))
+        .await
+        .expect("first request");
+    let status = client
+        .list_models(authed(ListModelsRequest {}, &key))
+        .await
+        .expect_err("burst of 1 spent");
+    assert_eq!(status.code(), Code::ResourceExhausted);
+
+    TenantAdminClient::new(gateway.channel.clone())
+        .update_tenant(admin(ascend_gateway::api::pb::v1::UpdateTenantRequest {
+            tenant: "growing".to_owned(),
+            limits: Some(TenantLimits {
+                requests_per_second: Some(100.0),
+                burst: Some(100),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }))
+        .await
+        .expect("raise the limit");
+    client
+        .list_models(authed(ListModelsRequest {}, &key))
+        .await
+        .expect("the new limit applies without a restart");
+    gateway.stop().await.expect("clean stop");
+}
