@@ -21,6 +21,7 @@ use crate::api::{self, BillingApi, InferenceApi, TenantAdminApi};
 use crate::auth::{AdminCredential, Authenticator, KeyCache, LastUsedRecorder};
 use crate::config::{Settings, redact_url};
 use crate::limits::{BackgroundSettlements, Limiter};
+use crate::metering::{Metering, Spool, UsageWriter};
 use crate::store::{Db, StoreError};
 use crate::tenancy::TenancyService;
 use secrecy::ExposeSecret;
@@ -41,6 +42,8 @@ pub enum StartupError {
     },
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("cannot open the usage spool (setting `metering.spool_dir` / `data_dir`): {0}")]
+    Spool(#[from] crate::metering::MeteringError),
     #[error(
         "cannot connect to Redis at {url} (setting `redis.url`; check that Redis is running and the URL is right, or unset it for in-process limits): {source}"
     )]
@@ -70,6 +73,8 @@ pub struct App {
     last_used: Arc<LastUsedRecorder>,
     limiter: Arc<Limiter>,
     settlements: BackgroundSettlements,
+    metering: Arc<Metering>,
+    usage_writer: UsageWriter,
 }
 
 /// Opens the shared limit store, failing fast so a wrong URL is found at
@@ -150,6 +155,14 @@ impl App {
             None => None,
         };
         let (limiter, settlements) = Limiter::new(redis, settings.limits.clone());
+        let spool_dir = settings
+            .metering
+            .spool_dir
+            .clone()
+            .unwrap_or_else(|| settings.data_dir.join("spool"));
+        let spool = Spool::open(&spool_dir, settings.metering.spool.clone())?;
+        let metering = Arc::new(Metering::new(spool.clone(), &settings.metering));
+        let usage_writer = UsageWriter::new(spool, db.clone(), settings.metering.batch_size);
         let last_used = Arc::new(LastUsedRecorder::default());
         let authenticator = Arc::new(Authenticator::new(
             tenancy.clone(),
@@ -167,6 +180,8 @@ impl App {
             last_used,
             limiter,
             settlements,
+            metering,
+            usage_writer,
         })
     }
 
@@ -178,6 +193,11 @@ impl App {
 
     pub fn db(&self) -> &Db {
         &self.db
+    }
+
+    /// Where serving records usage.
+    pub fn metering(&self) -> &Arc<Metering> {
+        &self.metering
     }
 
     /// Serves until `shutdown` completes, then stops accepting, reports
@@ -194,7 +214,11 @@ impl App {
             last_used,
             limiter,
             settlements,
+            metering,
+            usage_writer,
         } = self;
+        // Serving will record usage through this handle.
+        let _metering = metering;
         let tasks = TaskTracker::new();
         let stop_tasks = CancellationToken::new();
         {
@@ -208,6 +232,11 @@ impl App {
                 .clone()
                 .run_background(settlements, stop_tasks.clone()),
         );
+        tasks.spawn(usage_writer.run(
+            settings.metering.ship_interval,
+            settings.shutdown_grace,
+            stop_tasks.clone(),
+        ));
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         for name in api::SERVICE_NAMES.iter().chain(std::iter::once(&"")) {
             health_reporter

@@ -64,6 +64,7 @@ pub struct Settings {
     pub auth: AuthSettings,
     pub tenancy: TenancySettings,
     pub limits: crate::limits::LimitSettings,
+    pub metering: crate::metering::MeteringSettings,
     pub log: LogSettings,
 }
 
@@ -167,6 +168,7 @@ impl Default for Settings {
             auth: AuthSettings::default(),
             tenancy: TenancySettings::default(),
             limits: crate::limits::LimitSettings::default(),
+            metering: crate::metering::MeteringSettings::default(),
             log: LogSettings::default(),
         }
     }
@@ -329,6 +331,18 @@ impl Settings {
             return Err(ConfigError::Invalid {
                 key: "auth.last_used_flush",
                 problem: "must be positive, e.g. \"30s\"".to_owned(),
+            });
+        }
+        if self.metering.batch_size == 0 {
+            return Err(ConfigError::Invalid {
+                key: "metering.batch_size",
+                problem: "at least 1".to_owned(),
+            });
+        }
+        if self.metering.ship_interval.is_zero() {
+            return Err(ConfigError::Invalid {
+                key: "metering.ship_interval",
+                problem: "must be positive, e.g. \"200ms\"".to_owned(),
             });
         }
         if self.limits.replicas == 0 {

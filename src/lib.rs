@@ -9,9 +9,11 @@
 pub mod api;
 pub mod app;
 pub mod auth;
+pub mod calendar;
 pub mod config;
 pub mod error;
 pub mod limits;
+pub mod metering;
 pub mod store;
 pub mod telemetry;
 pub mod tenancy;

@@ -18,9 +18,9 @@ use governor::clock::{Clock, DefaultClock};
 use governor::middleware::StateInformationMiddleware;
 use governor::{Quota, RateLimiter};
 
-use super::calendar;
 use super::error::{LimitError, LimitKind};
 use super::{Cost, RateState};
+use crate::calendar;
 use crate::tenancy::Limits;
 
 type TenantRateLimiter = RateLimiter<

@@ -17,7 +17,6 @@
 //!
 //! Knows tenants only as ids with [`Limits`]; knows nothing of gRPC.
 
-mod calendar;
 mod error;
 pub mod local;
 pub mod redis_store;
@@ -32,6 +31,7 @@ pub use error::{LimitError, LimitKind};
 use local::{LocalGrant, LocalLimits};
 use redis_store::{RedisGrant, RedisLimits};
 
+use crate::calendar;
 use crate::tenancy::Limits;
 
 /// What a request may consume: the tokens reserved against tokens-per-minute

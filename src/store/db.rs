@@ -26,6 +26,8 @@ pub struct Db {
     pool: AnyPool,
     backend: Backend,
     display_url: String,
+    /// A typed pool for the few PostgreSQL-only statements (array binds).
+    postgres: Option<sqlx::PgPool>,
 }
 
 impl Db {
@@ -103,10 +105,21 @@ impl Db {
             .connect(url)
             .await
             .map_err(connect_error)?;
+        let postgres = match backend {
+            Backend::Postgres => Some(
+                sqlx::postgres::PgPoolOptions::new()
+                    .max_connections(4)
+                    .acquire_timeout(connect_timeout)
+                    .connect_lazy(url)
+                    .map_err(connect_error)?,
+            ),
+            Backend::Sqlite => None,
+        };
         Ok(Db {
             pool,
             backend,
             display_url,
+            postgres,
         })
     }
 
@@ -158,6 +171,12 @@ impl Db {
         &self.pool
     }
 
+    /// The typed PostgreSQL pool, for statements the `Any` driver cannot
+    /// express; `None` on SQLite.
+    pub fn postgres(&self) -> Option<&sqlx::PgPool> {
+        self.postgres.as_ref()
+    }
+
     pub fn backend(&self) -> Backend {
         self.backend
     }
@@ -170,6 +189,9 @@ impl Db {
     /// Waits for connections in use to be returned, then closes them.
     pub async fn close(&self) {
         self.pool.close().await;
+        if let Some(pg) = &self.postgres {
+            pg.close().await;
+        }
     }
 }
 

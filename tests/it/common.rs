@@ -137,6 +137,31 @@ impl PgTestDb {
     pub fn secret_url(&self) -> SecretString {
         SecretString::from(self.url.clone())
     }
+
+    /// Simulates a database outage for this test's database only: refuses
+    /// new connections and ends the open ones (or lets them back in).
+    pub async fn set_reachable(&self, reachable: bool) {
+        let mut conn = AnyConnection::connect(&self.admin_url)
+            .await
+            .expect("admin connection");
+        conn.execute(
+            format!("ALTER DATABASE {} ALLOW_CONNECTIONS {reachable}", self.name).as_str(),
+        )
+        .await
+        .expect("alter database");
+        if !reachable {
+            conn.execute(
+                format!(
+                    "SELECT pg_terminate_backend(pid)::text FROM pg_stat_activity WHERE datname = '{}'",
+                    self.name
+                )
+                .as_str(),
+            )
+            .await
+            .expect("terminate connections");
+        }
+        conn.close().await.ok();
+    }
 }
 
 impl Drop for PgTestDb {

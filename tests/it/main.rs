@@ -7,6 +7,7 @@
 mod ascendctl;
 mod common;
 mod limits;
+mod metering;
 mod secrets;
 mod server;
 mod startup;

@@ -1,5 +1,6 @@
-//! Calendar months in UTC, for monthly quotas: which month a time is in and
-//! how long until it ends. Civil-from-days arithmetic, no time zone data.
+//! Calendar months in UTC, for monthly quotas, usage partitions and invoices:
+//! which month a time is in, where it starts and ends. Civil-from-days
+//! arithmetic; no time zone data, because everything here is UTC.
 
 /// (year, month 1..=12) of a day count since 1970-01-01.
 fn civil_from_days(days: i64) -> (i64, u32) {
@@ -42,6 +43,21 @@ pub fn secs_until_month_end(unix_secs: i64) -> i64 {
     days_from_civil(next_year, next_month) * 86_400 - unix_secs
 }
 
+/// Start and end (exclusive) of the month holding `unix_us`, in
+/// microseconds, with its `YYYY-MM` key and a `YYYY_MM` table suffix.
+pub fn month_bounds_us(unix_us: i64) -> (i64, i64, String) {
+    let secs = unix_us.div_euclid(1_000_000);
+    let (year, month) = civil_from_days(secs.div_euclid(86_400));
+    let (next_year, next_month) = if month == 12 {
+        (year + 1, 1)
+    } else {
+        (year, month + 1)
+    };
+    let start = days_from_civil(year, month) * 86_400 * 1_000_000;
+    let end = days_from_civil(next_year, next_month) * 86_400 * 1_000_000;
+    (start, end, format!("{year:04}_{month:02}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -58,5 +74,11 @@ mod tests {
         assert_eq!(month_key(1_709_251_200), "2024-03");
         assert_eq!(month_key(1_735_689_599), "2024-12");
         assert_eq!(month_key(1_735_689_600), "2025-01");
+        let (start, end, suffix) = month_bounds_us(t * 1_000_000);
+        assert_eq!(suffix, "2026_11");
+        assert_eq!(month_key(start / 1_000_000), "2026-11");
+        assert_eq!(month_key(start / 1_000_000 - 1), "2026-10");
+        assert_eq!(month_key(end / 1_000_000), "2026-12");
+        assert_eq!(month_key(end / 1_000_000 - 1), "2026-11");
     }
 }

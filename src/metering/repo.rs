@@ -1,0 +1,201 @@
+//! Inserting usage exactly once, with rollups, in one transaction.
+//!
+//! PostgreSQL: one statement per batch. Column arrays go in through
+//! `UNNEST`; the idempotency table takes the ids first (`ON CONFLICT DO
+//! NOTHING` returns only the new ones); only events whose id was new are
+//! inserted; the rollups are incremented from exactly the inserted rows.
+//! SQLite: the same logic row by row inside one transaction (it is local,
+//! so round trips are cheap). Either way, a batch shipped twice, or a client
+//! retry with the same request id, counts once.
+
+use std::collections::{BTreeSet, HashSet};
+
+use sqlx::PgPool;
+
+use super::{MeteringError, UsageEvent};
+use crate::calendar;
+use crate::store::{Backend, Db, now_us};
+
+fn i64_of(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// Drops repeats of the same (tenant, request id) within one batch; the
+/// first occurrence wins, as it would across batches.
+fn dedupe(events: &[UsageEvent]) -> Vec<&UsageEvent> {
+    let mut seen = HashSet::new();
+    events
+        .iter()
+        .filter(|e| seen.insert((e.tenant_id.as_str(), e.request_id.as_str())))
+        .collect()
+}
+
+/// Inserts the events not yet recorded; returns how many were new.
+pub async fn insert_batch(db: &Db, events: &[UsageEvent]) -> Result<u64, MeteringError> {
+    let events = dedupe(events);
+    if events.is_empty() {
+        return Ok(0);
+    }
+    match (db.backend(), db.postgres()) {
+        (Backend::Postgres, Some(pg)) => insert_postgres(pg, &events).await,
+        _ => insert_portable(db, &events).await,
+    }
+}
+
+/// Creates the monthly partitions the batch needs.
+async fn ensure_partitions(pg: &PgPool, events: &[&UsageEvent]) -> Result<(), MeteringError> {
+    let months: BTreeSet<(i64, i64, String)> = events
+        .iter()
+        .map(|e| calendar::month_bounds_us(e.finished_at_us))
+        .collect();
+    for (start, end, suffix) in months {
+        // Identifiers cannot be bound; `suffix` is digits and '_' only.
+        let sql = format!(
+            "CREATE TABLE IF NOT EXISTS usage_events_{suffix} PARTITION OF usage_events \
+             FOR VALUES FROM ({start}) TO ({end})"
+        );
+        if let Err(e) = sqlx::query(&sql).execute(pg).await {
+            // Two writers may race to create it; the loser sees it exists.
+            let exists: Option<(String,)> =
+                sqlx::query_as("SELECT to_regclass($1)::text WHERE to_regclass($1) IS NOT NULL")
+                    .bind(format!("usage_events_{suffix}"))
+                    .fetch_optional(pg)
+                    .await?;
+            if exists.is_none() {
+                return Err(e.into());
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn insert_postgres(pg: &PgPool, events: &[&UsageEvent]) -> Result<u64, MeteringError> {
+    ensure_partitions(pg, events).await?;
+    let col_s = |f: fn(&UsageEvent) -> &str| -> Vec<String> {
+        events.iter().map(|e| f(e).to_owned()).collect()
+    };
+    let col_i = |f: fn(&UsageEvent) -> i64| -> Vec<i64> { events.iter().map(|e| f(e)).collect() };
+    let (inserted,): (i64,) = sqlx::query_as(
+        "WITH batch AS ( \
+           SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
+             $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[], \
+             $12::bigint[], $13::bigint[], $14::text[], $15::bigint[], $16::bigint[]) \
+           AS b(tenant_id, request_id, key_id, model, device_profile, prompt_tokens, \
+             completion_tokens, queue_time_us, ttft_us, total_time_us, device_time_us, energy_mj, \
+             mean_power_mw, finish_reason, started_at_us, finished_at_us) \
+         ), new_ids AS ( \
+           INSERT INTO usage_request_ids (tenant_id, request_id) \
+           SELECT tenant_id, request_id FROM batch ON CONFLICT DO NOTHING \
+           RETURNING tenant_id, request_id \
+         ), inserted AS ( \
+           INSERT INTO usage_events (tenant_id, request_id, key_id, model, device_profile, \
+             prompt_tokens, completion_tokens, queue_time_us, ttft_us, total_time_us, \
+             device_time_us, energy_mj, mean_power_mw, finish_reason, started_at_us, \
+             finished_at_us, recorded_at_us) \
+           SELECT b.*, $17 FROM batch b JOIN new_ids n USING (tenant_id, request_id) \
+           RETURNING tenant_id, model, finished_at_us, prompt_tokens, completion_tokens, \
+             device_time_us, energy_mj \
+         ), rolled AS ( \
+           INSERT INTO usage_hourly AS h (tenant_id, model, hour_us, requests, prompt_tokens, \
+             completion_tokens, device_time_us, energy_mj) \
+           SELECT tenant_id, model, (finished_at_us / 3600000000) * 3600000000, count(*), \
+             sum(prompt_tokens), sum(completion_tokens), sum(device_time_us), sum(energy_mj) \
+           FROM inserted GROUP BY 1, 2, 3 \
+           ON CONFLICT (tenant_id, hour_us, model) DO UPDATE SET \
+             requests = h.requests + EXCLUDED.requests, \
+             prompt_tokens = h.prompt_tokens + EXCLUDED.prompt_tokens, \
+             completion_tokens = h.completion_tokens + EXCLUDED.completion_tokens, \
+             device_time_us = h.device_time_us + EXCLUDED.device_time_us, \
+             energy_mj = h.energy_mj + EXCLUDED.energy_mj \
+           RETURNING 1 \
+         ) SELECT count(*) FROM inserted",
+    )
+    .bind(col_s(|e| &e.tenant_id))
+    .bind(col_s(|e| &e.request_id))
+    .bind(col_s(|e| &e.key_id))
+    .bind(col_s(|e| &e.model))
+    .bind(col_s(|e| &e.device_profile))
+    .bind(col_i(|e| i64::from(e.prompt_tokens)))
+    .bind(col_i(|e| i64::from(e.completion_tokens)))
+    .bind(col_i(|e| i64_of(e.queue_time_us)))
+    .bind(col_i(|e| i64_of(e.ttft_us)))
+    .bind(col_i(|e| i64_of(e.total_time_us)))
+    .bind(col_i(|e| i64_of(e.device_time_us)))
+    .bind(col_i(|e| i64_of(e.energy_mj)))
+    .bind(col_i(|e| i64_of(e.mean_power_mw)))
+    .bind(col_s(|e| &e.finish_reason))
+    .bind(col_i(|e| e.started_at_us))
+    .bind(col_i(|e| e.finished_at_us))
+    .bind(now_us())
+    .fetch_one(pg)
+    .await?;
+    Ok(u64::try_from(inserted).unwrap_or(0))
+}
+
+async fn insert_portable(db: &Db, events: &[&UsageEvent]) -> Result<u64, MeteringError> {
+    let mut tx = db.pool().begin().await?;
+    let recorded_at = now_us();
+    let mut inserted = 0;
+    for e in events {
+        let claimed = sqlx::query(
+            "INSERT INTO usage_request_ids (tenant_id, request_id) VALUES ($1, $2) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(&e.tenant_id)
+        .bind(&e.request_id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if claimed == 0 {
+            continue;
+        }
+        sqlx::query(
+            "INSERT INTO usage_events (tenant_id, request_id, key_id, model, device_profile, \
+             prompt_tokens, completion_tokens, queue_time_us, ttft_us, total_time_us, \
+             device_time_us, energy_mj, mean_power_mw, finish_reason, started_at_us, \
+             finished_at_us, recorded_at_us) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
+        )
+        .bind(&e.tenant_id)
+        .bind(&e.request_id)
+        .bind(&e.key_id)
+        .bind(&e.model)
+        .bind(&e.device_profile)
+        .bind(i64::from(e.prompt_tokens))
+        .bind(i64::from(e.completion_tokens))
+        .bind(i64_of(e.queue_time_us))
+        .bind(i64_of(e.ttft_us))
+        .bind(i64_of(e.total_time_us))
+        .bind(i64_of(e.device_time_us))
+        .bind(i64_of(e.energy_mj))
+        .bind(i64_of(e.mean_power_mw))
+        .bind(&e.finish_reason)
+        .bind(e.started_at_us)
+        .bind(e.finished_at_us)
+        .bind(recorded_at)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO usage_hourly (tenant_id, model, hour_us, requests, prompt_tokens, \
+             completion_tokens, device_time_us, energy_mj) VALUES ($1, $2, $3, 1, $4, $5, $6, $7) \
+             ON CONFLICT (tenant_id, hour_us, model) DO UPDATE SET \
+             requests = usage_hourly.requests + 1, \
+             prompt_tokens = usage_hourly.prompt_tokens + excluded.prompt_tokens, \
+             completion_tokens = usage_hourly.completion_tokens + excluded.completion_tokens, \
+             device_time_us = usage_hourly.device_time_us + excluded.device_time_us, \
+             energy_mj = usage_hourly.energy_mj + excluded.energy_mj",
+        )
+        .bind(&e.tenant_id)
+        .bind(&e.model)
+        .bind(e.hour_us())
+        .bind(i64::from(e.prompt_tokens))
+        .bind(i64::from(e.completion_tokens))
+        .bind(i64_of(e.device_time_us))
+        .bind(i64_of(e.energy_mj))
+        .execute(&mut *tx)
+        .await?;
+        inserted += 1;
+    }
+    tx.commit().await?;
+    Ok(inserted)
+}

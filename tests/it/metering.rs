@@ -1,0 +1,226 @@
+//! The metering pipeline against real databases: exactly once through
+//! replays and retries, rollups equal to the events, and a database outage
+//! that loses nothing.
+
+use std::time::Duration;
+
+use ascend_gateway::metering::{
+    HOUR_US, Metering, MeteringSettings, Spool, SpoolFullPolicy, SpoolSettings, UsageEvent,
+    UsageWriter,
+};
+use ascend_gateway::store::Db;
+
+use crate::common::PgTestDb;
+
+/// 2026-11-28T00:00:00Z in microseconds.
+const BASE_US: i64 = 1_795_824_000_000_000;
+
+fn event(i: u32) -> UsageEvent {
+    let finished_at_us = BASE_US + i64::from(i % 30) * HOUR_US / 3 + i64::from(i);
+    UsageEvent {
+        request_id: format!("req-{i:06}"),
+        tenant_id: format!("tenant-{}", i % 3),
+        key_id: "0123456789abcdef".to_owned(),
+        model: if i.is_multiple_of(2) { "small" } else { "tiny" }.to_owned(),
+        device_profile: "ascend-910b".to_owned(),
+        prompt_tokens: 10 + i % 100,
+        completion_tokens: 1 + i % 50,
+        queue_time_us: 100,
+        ttft_us: 1000,
+        total_time_us: 5000,
+        device_time_us: 700 + u64::from(i),
+        energy_mj: 30 + u64::from(i % 7),
+        mean_power_mw: 350_000,
+        finish_reason: "eos".to_owned(),
+        started_at_us: finished_at_us - 5000,
+        finished_at_us,
+    }
+}
+
+async fn totals(db: &Db) -> ((i64, i64, i64, i64), (i64, i64, i64, i64)) {
+    let events: (i64, i64, i64, i64) = sqlx::query_as(
+        "SELECT COUNT(*), CAST(COALESCE(SUM(prompt_tokens), 0) AS BIGINT), \
+         CAST(COALESCE(SUM(completion_tokens), 0) AS BIGINT), \
+         CAST(COALESCE(SUM(energy_mj), 0) AS BIGINT) FROM usage_events",
+    )
+    .fetch_one(db.pool())
+    .await
+    .expect("event totals");
+    let rollups: (i64, i64, i64, i64) = sqlx::query_as(
+        "SELECT CAST(COALESCE(SUM(requests), 0) AS BIGINT), \
+         CAST(COALESCE(SUM(prompt_tokens), 0) AS BIGINT), \
+         CAST(COALESCE(SUM(completion_tokens), 0) AS BIGINT), \
+         CAST(COALESCE(SUM(energy_mj), 0) AS BIGINT) FROM usage_hourly",
+    )
+    .fetch_one(db.pool())
+    .await
+    .expect("rollup totals");
+    (events, rollups)
+}
+
+async fn exactly_once(db: Db) {
+    db.migrate().await.expect("migrate");
+    let dir = tempfile::tempdir().expect("dir");
+    let spool = Spool::open(dir.path(), SpoolSettings::default()).expect("spool");
+    let writer = UsageWriter::new(spool.clone(), db.clone(), 700);
+    let n = 2000;
+    for i in 0..n {
+        spool.append(&event(i)).await.expect("append");
+    }
+    // A client retry of request 7 under the same id: recorded once.
+    let mut retry = event(7);
+    retry.finished_at_us += 40 * 24 * HOUR_US;
+    spool.append(&retry).await.expect("append retry");
+    spool.seal().await.expect("seal");
+    let sealed = spool.sealed_segments().expect("segments");
+    let backup = dir.path().join("backup");
+    std::fs::create_dir(&backup).expect("backup dir");
+    for segment in &sealed {
+        std::fs::copy(segment, backup.join(segment.file_name().expect("name"))).expect("copy");
+    }
+
+    let first = writer.ship().await.expect("ship");
+    assert_eq!(first.events, n as usize + 1);
+    assert_eq!(first.inserted, u64::from(n), "the retry is not counted");
+    assert!(
+        spool.sealed_segments().expect("segments").is_empty(),
+        "shipped segments are deleted"
+    );
+
+    // The same segments replayed (as after a crash between commit and delete).
+    for segment in &sealed {
+        std::fs::copy(backup.join(segment.file_name().expect("name")), segment).expect("restore");
+    }
+    let replay = writer.ship().await.expect("replay");
+    assert_eq!(replay.events, n as usize + 1);
+    assert_eq!(replay.inserted, 0, "a replay counts nothing twice");
+
+    let expected_prompt: i64 = (0..n).map(|i| i64::from(event(i).prompt_tokens)).sum();
+    let expected_completion: i64 = (0..n).map(|i| i64::from(event(i).completion_tokens)).sum();
+    let expected_energy: i64 = (0..n).map(|i| event(i).energy_mj as i64).sum();
+    let (events, rollups) = totals(&db).await;
+    assert_eq!(
+        events,
+        (
+            i64::from(n),
+            expected_prompt,
+            expected_completion,
+            expected_energy
+        )
+    );
+    assert_eq!(rollups, events, "rollups equal the sum of the events");
+    spool.close();
+}
+
+#[tokio::test]
+async fn usage_is_recorded_exactly_once_on_postgres() {
+    let test_db = PgTestDb::create().await;
+    let db = Db::connect_url(&test_db.url, 4, Duration::from_secs(5))
+        .await
+        .expect("db");
+    exactly_once(db.clone()).await;
+    let partitions: Vec<(String,)> = sqlx::query_as(
+        "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+         JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = 'usage_events' ORDER BY 1",
+    )
+    .fetch_all(db.postgres().expect("pg pool"))
+    .await
+    .expect("partitions");
+    let names: Vec<&str> = partitions.iter().map(|(n,)| n.as_str()).collect();
+    assert!(names.contains(&"usage_events_2026_11"), "{names:?}");
+    db.close().await;
+}
+
+#[tokio::test]
+async fn usage_is_recorded_exactly_once_on_sqlite() {
+    let dir = tempfile::tempdir().expect("dir");
+    let url = format!("sqlite://{}?mode=rwc", dir.path().join("m.db").display());
+    let db = Db::connect_url(&url, 4, Duration::from_secs(5))
+        .await
+        .expect("db");
+    exactly_once(db).await;
+}
+
+#[tokio::test]
+async fn a_database_outage_loses_nothing_and_the_backlog_drains() {
+    let test_db = PgTestDb::create().await;
+    let db = Db::connect_url(&test_db.url, 4, Duration::from_secs(2))
+        .await
+        .expect("db");
+    db.migrate().await.expect("migrate");
+    let dir = tempfile::tempdir().expect("dir");
+    let spool = Spool::open(dir.path(), SpoolSettings::default()).expect("spool");
+    let writer = UsageWriter::new(spool.clone(), db.clone(), 500);
+    for i in 0..300 {
+        spool.append(&event(i)).await.expect("append");
+    }
+    writer.ship().await.expect("ship while up");
+
+    test_db.set_reachable(false).await;
+    // Requests keep finishing while the database is down: their usage spools.
+    for i in 300..1300 {
+        spool
+            .append(&event(i))
+            .await
+            .expect("append during the outage");
+        if i % 250 == 0 {
+            assert!(
+                writer.ship().await.is_err(),
+                "shipping fails while the database is down"
+            );
+        }
+    }
+    assert!(
+        spool
+            .stats()
+            .pending_events
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1000
+    );
+    test_db.set_reachable(true).await;
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match writer.ship().await {
+            Ok(_) if spool.sealed_segments().expect("segments").is_empty() => break,
+            _ if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            other => panic!("backlog did not drain: {other:?}"),
+        }
+    }
+    let (events, rollups) = totals(&db).await;
+    assert_eq!(events.0, 1300, "every event, none twice");
+    assert_eq!(rollups, events);
+    spool.close();
+    db.close().await;
+}
+
+#[tokio::test]
+async fn a_full_spool_rejects_new_work_under_the_reject_policy() {
+    let dir = tempfile::tempdir().expect("dir");
+    let spool = Spool::open(dir.path(), SpoolSettings::default()).expect("spool");
+    let settings = MeteringSettings {
+        spool_max_bytes: 1000,
+        on_spool_full: SpoolFullPolicy::Reject,
+        ..MeteringSettings::default()
+    };
+    let metering = Metering::new(spool.clone(), &settings);
+    assert!(metering.admitting().is_ok());
+    for i in 0..10 {
+        metering.record(&event(i)).await.expect("record");
+    }
+    assert!(
+        metering.admitting().is_err(),
+        "over the cap: new requests refused"
+    );
+    let keep = Metering::new(
+        spool.clone(),
+        &MeteringSettings {
+            on_spool_full: SpoolFullPolicy::KeepServing,
+            ..settings
+        },
+    );
+    assert!(keep.admitting().is_ok());
+    spool.close();
+}
