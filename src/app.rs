@@ -262,8 +262,11 @@ impl App {
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(InferenceServer::new(InferenceApi::new(limiter)))
-            .add_service(TenantAdminServer::new(TenantAdminApi::new(tenancy)))
-            .add_service(BillingServer::new(BillingApi::default()))
+            .add_service(TenantAdminServer::new(TenantAdminApi::new(tenancy.clone())))
+            .add_service(BillingServer::new(BillingApi::new(
+                db.clone(),
+                tenancy.clone(),
+            )))
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = stop_rx.await;
             });

@@ -14,6 +14,7 @@
 
 mod error;
 mod event;
+pub mod query;
 mod repo;
 pub mod spool;
 mod writer;
@@ -27,6 +28,7 @@ use serde::{Deserialize, Serialize};
 
 pub use error::MeteringError;
 pub use event::{HOUR_US, UsageEvent};
+pub use query::{Grouping, UsageTotals};
 pub use repo::insert_batch;
 pub use spool::{Spool, SpoolSettings, SpoolStats};
 pub use writer::{ShipReport, UsageWriter};

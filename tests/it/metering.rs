@@ -224,3 +224,124 @@ async fn a_full_spool_rejects_new_work_under_the_reject_policy() {
     assert!(keep.admitting().is_ok());
     spool.close();
 }
+
+#[tokio::test]
+async fn get_usage_answers_from_rollups_and_keeps_tenants_apart() {
+    use ascend_gateway::api::pb::v1::billing_client::BillingClient;
+    use ascend_gateway::api::pb::v1::tenant_admin_client::TenantAdminClient;
+    use ascend_gateway::api::pb::v1::{
+        CreateApiKeyRequest, CreateTenantRequest, GetUsageRequest, UsageGrouping,
+    };
+    use prost_types::Timestamp;
+    use tonic::Code;
+
+    use crate::common::{TestGateway, admin, authed};
+
+    let gateway = TestGateway::start().await;
+    let mut admin_client = TenantAdminClient::new(gateway.channel.clone());
+    let mut ids = Vec::new();
+    let mut keys = Vec::new();
+    for slug in ["usage-a", "usage-b"] {
+        let tenant = admin_client
+            .create_tenant(admin(CreateTenantRequest {
+                slug: slug.to_owned(),
+                ..Default::default()
+            }))
+            .await
+            .expect("tenant")
+            .into_inner();
+        ids.push(tenant.id);
+        keys.push(
+            admin_client
+                .create_api_key(admin(CreateApiKeyRequest {
+                    tenant: slug.to_owned(),
+                    scopes: vec!["billing:read".to_owned()],
+                    ..Default::default()
+                }))
+                .await
+                .expect("key")
+                .into_inner()
+                .secret,
+        );
+    }
+    let events: Vec<UsageEvent> = (0..60)
+        .map(|i| {
+            let mut e = event(i);
+            e.tenant_id = ids[(i % 2) as usize].clone();
+            e
+        })
+        .collect();
+    ascend_gateway::metering::insert_batch(&gateway.db, &events)
+        .await
+        .expect("insert usage");
+    let own: Vec<&UsageEvent> = events.iter().filter(|e| e.tenant_id == ids[0]).collect();
+
+    let range = |group_by: UsageGrouping, tenant: &str| GetUsageRequest {
+        tenant: tenant.to_owned(),
+        start_time: Some(Timestamp {
+            seconds: BASE_US / 1_000_000,
+            nanos: 0,
+        }),
+        end_time: Some(Timestamp {
+            seconds: BASE_US / 1_000_000 + 2 * 86_400,
+            nanos: 0,
+        }),
+        group_by: group_by.into(),
+        model: String::new(),
+    };
+    let mut billing = BillingClient::new(gateway.channel.clone());
+    let usage = billing
+        .get_usage(authed(range(UsageGrouping::Model, ""), &keys[0]))
+        .await
+        .expect("own usage")
+        .into_inner();
+    assert_eq!(usage.tenant_id, ids[0]);
+    let total = usage.total.expect("total");
+    assert_eq!(total.requests, own.len() as u64);
+    assert_eq!(
+        total.prompt_tokens,
+        own.iter().map(|e| u64::from(e.prompt_tokens)).sum::<u64>()
+    );
+    assert_eq!(
+        usage.buckets.len(),
+        1,
+        "tenant A's events are all one model"
+    );
+    assert_eq!(usage.buckets[0].requests, total.requests);
+
+    let status = billing
+        .get_usage(authed(
+            range(UsageGrouping::Unspecified, "usage-b"),
+            &keys[0],
+        ))
+        .await
+        .expect_err("A reads B");
+    assert_eq!(status.code(), Code::PermissionDenied);
+
+    let other = billing
+        .get_usage(admin(range(UsageGrouping::Hour, "usage-b")))
+        .await
+        .expect("the admin reads any tenant")
+        .into_inner();
+    assert_eq!(other.tenant_id, ids[1]);
+    assert_eq!(other.total.expect("total").requests, 30);
+    assert!(other.buckets.len() > 1);
+
+    let status = billing
+        .get_usage(admin(range(UsageGrouping::Unspecified, "")))
+        .await
+        .expect_err("the admin must name a tenant");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let mut off_hour = range(UsageGrouping::Unspecified, "");
+    off_hour.start_time = Some(Timestamp {
+        seconds: BASE_US / 1_000_000 + 5,
+        nanos: 0,
+    });
+    let status = billing
+        .get_usage(authed(off_hour, &keys[0]))
+        .await
+        .expect_err("not on an hour");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("start_time"));
+    gateway.stop().await.expect("clean stop");
+}
