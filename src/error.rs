@@ -50,3 +50,22 @@ pub trait Classified: std::error::Error {
         None
     }
 }
+
+/// An error and its causes on one line, most specific last, skipping a cause
+/// whose text its parent already repeats (sqlx and io errors often do). For
+/// the binaries' last words.
+pub fn one_line(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = String::new();
+    let mut next = Some(error);
+    while let Some(cause) = next {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+        next = cause.source();
+    }
+    line
+}

@@ -138,7 +138,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", one_line(&e));
+            eprintln!("error: {}", ascend_gateway::error::one_line(e.as_ref()));
             ExitCode::from(EXIT_FAILURE)
         }
     }
@@ -162,21 +162,4 @@ async fn migrate(settings: Settings) -> anyhow::Result<()> {
     );
     db.close().await;
     Ok(())
-}
-
-/// The error and its causes on one line, most specific last, skipping a cause
-/// whose text its parent already repeats (sqlx and io errors often do).
-fn one_line(error: &anyhow::Error) -> String {
-    let mut line = String::new();
-    for cause in error.chain() {
-        let text = cause.to_string();
-        if line.contains(&text) {
-            continue;
-        }
-        if !line.is_empty() {
-            line.push_str(": ");
-        }
-        line.push_str(&text);
-    }
-    line
 }

@@ -95,14 +95,12 @@ pub async fn fetch_tenant(
     row.map(Tenant::try_from).transpose()
 }
 
-pub async fn insert_tenant(conn: &mut AnyConnection, t: &Tenant) -> Result<(), TenancyError> {
-    let sql = format!(
-        "INSERT INTO tenants ({TENANT_COLUMNS}) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
-    );
-    let result = sqlx::query(&sql)
-        .bind(&t.id)
-        .bind(&t.slug)
+type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>;
+
+/// Binds the columns a tenant update may change, in the order both
+/// statements below list them.
+fn bind_mutable<'q>(query: AnyQuery<'q>, t: &'q Tenant) -> AnyQuery<'q> {
+    query
         .bind(&t.display_name)
         .bind(t.status.as_str())
         .bind(&t.status_reason)
@@ -113,10 +111,20 @@ pub async fn insert_tenant(conn: &mut AnyConnection, t: &Tenant) -> Result<(), T
         .bind(t.limits.tokens_per_minute.map(to_i64))
         .bind(t.limits.max_concurrent_requests.map(i64::from))
         .bind(t.limits.monthly_token_quota.map(to_i64))
-        .bind(t.created_at_us)
         .bind(t.updated_at_us)
-        .execute(&mut *conn)
-        .await;
+}
+
+pub async fn insert_tenant(conn: &mut AnyConnection, t: &Tenant) -> Result<(), TenancyError> {
+    let query = sqlx::query(
+        "INSERT INTO tenants (id, slug, created_at_us, display_name, status, status_reason, \
+         price_plan, scheduling_weight, requests_per_second, burst, tokens_per_minute, \
+         max_concurrent_requests, monthly_token_quota, updated_at_us) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+    )
+    .bind(&t.id)
+    .bind(&t.slug)
+    .bind(t.created_at_us);
+    let result = bind_mutable(query, t).execute(&mut *conn).await;
     match result {
         Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(
             TenancyError::AlreadyExists(format!("a tenant with slug {:?}", t.slug)),
@@ -127,26 +135,14 @@ pub async fn insert_tenant(conn: &mut AnyConnection, t: &Tenant) -> Result<(), T
 
 /// Writes every mutable column of `t`.
 pub async fn update_tenant(conn: &mut AnyConnection, t: &Tenant) -> Result<(), TenancyError> {
-    sqlx::query(
+    let query = sqlx::query(
         "UPDATE tenants SET display_name = $2, status = $3, status_reason = $4, price_plan = $5, \
          scheduling_weight = $6, requests_per_second = $7, burst = $8, tokens_per_minute = $9, \
          max_concurrent_requests = $10, monthly_token_quota = $11, updated_at_us = $12 \
          WHERE id = $1",
     )
-    .bind(&t.id)
-    .bind(&t.display_name)
-    .bind(t.status.as_str())
-    .bind(&t.status_reason)
-    .bind(&t.price_plan)
-    .bind(i64::from(t.scheduling_weight))
-    .bind(t.limits.requests_per_second)
-    .bind(t.limits.burst.map(i64::from))
-    .bind(t.limits.tokens_per_minute.map(to_i64))
-    .bind(t.limits.max_concurrent_requests.map(i64::from))
-    .bind(t.limits.monthly_token_quota.map(to_i64))
-    .bind(t.updated_at_us)
-    .execute(&mut *conn)
-    .await?;
+    .bind(&t.id);
+    bind_mutable(query, t).execute(&mut *conn).await?;
     Ok(())
 }
 

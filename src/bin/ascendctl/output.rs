@@ -124,6 +124,14 @@ fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One record as an object, several as an array.
+fn print_json_records<T: Serialize>(views: &[T]) -> anyhow::Result<()> {
+    match views {
+        [one] => print_json(one),
+        many => print_json(&many),
+    }
+}
+
 fn print_table(header: &[&str], rows: Vec<Vec<String>>) {
     let mut table = Table::new();
     table.load_preset(comfy_table::presets::UTF8_BORDERS_ONLY);
@@ -137,11 +145,7 @@ fn print_table(header: &[&str], rows: Vec<Vec<String>>) {
 pub fn tenants(output: Output, tenants: Vec<pb::Tenant>) -> anyhow::Result<()> {
     let views: Vec<TenantView> = tenants.into_iter().map(TenantView::from).collect();
     if output == Output::Json {
-        return if views.len() == 1 {
-            print_json(&views[0])
-        } else {
-            print_json(&views)
-        };
+        return print_json_records(&views);
     }
     let rows = views
         .into_iter()
@@ -184,11 +188,7 @@ pub fn tenants(output: Output, tenants: Vec<pb::Tenant>) -> anyhow::Result<()> {
 pub fn keys(output: Output, keys: Vec<ApiKey>) -> anyhow::Result<()> {
     let views: Vec<KeyView> = keys.into_iter().map(KeyView::from).collect();
     if output == Output::Json {
-        return if views.len() == 1 {
-            print_json(&views[0])
-        } else {
-            print_json(&views)
-        };
+        return print_json_records(&views);
     }
     let rows = views
         .into_iter()
