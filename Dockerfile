@@ -12,8 +12,9 @@ COPY --from=build /src/target/release/ascend-gateway /src/target/release/ascendc
 USER ascend
 WORKDIR /var/lib/ascend-gateway
 ENV ASCEND_LISTEN=0.0.0.0:50051 \
+    ASCEND_METRICS_LISTEN=0.0.0.0:9464 \
     ASCEND_DATA_DIR=/var/lib/ascend-gateway \
     ASCEND_LOG_FORMAT=json
-EXPOSE 50051
+EXPOSE 50051 9464
 ENTRYPOINT ["ascend-gateway"]
 CMD ["serve"]

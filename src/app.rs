@@ -40,6 +40,13 @@ pub enum StartupError {
         hint: &'static str,
         source: std::io::Error,
     },
+    #[error(
+        "cannot listen on {addr} (setting `metrics_listen`): {source}; choose another port with ASCEND_METRICS_LISTEN (port 0 picks a free one)"
+    )]
+    MetricsBind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("cannot open the usage spool (setting `metering.spool_dir` / `data_dir`): {0}")]
@@ -75,6 +82,8 @@ pub struct App {
     settlements: BackgroundSettlements,
     metering: Arc<Metering>,
     usage_writer: UsageWriter,
+    metrics_listener: TcpListener,
+    metrics_addr: SocketAddr,
 }
 
 /// Opens the shared limit store, failing fast so a wrong URL is found at
@@ -142,6 +151,14 @@ impl App {
             hint: "the socket has no local address",
             source,
         })?;
+        let metrics_error = |source| StartupError::MetricsBind {
+            addr: settings.metrics_listen,
+            source,
+        };
+        let metrics_listener = TcpListener::bind(settings.metrics_listen)
+            .await
+            .map_err(metrics_error)?;
+        let metrics_addr = metrics_listener.local_addr().map_err(metrics_error)?;
         let cache = Arc::new(KeyCache::new(
             settings.auth.cache_ttl,
             settings.auth.cache_capacity,
@@ -182,6 +199,8 @@ impl App {
             settlements,
             metering,
             usage_writer,
+            metrics_listener,
+            metrics_addr,
         })
     }
 
@@ -193,6 +212,11 @@ impl App {
 
     pub fn db(&self) -> &Db {
         &self.db
+    }
+
+    /// The address of the `/metrics` endpoint actually bound.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_addr
     }
 
     /// Where serving records usage.
@@ -216,11 +240,21 @@ impl App {
             settlements,
             metering,
             usage_writer,
+            metrics_listener,
+            metrics_addr,
         } = self;
-        // Serving will record usage through this handle.
-        let _metering = metering;
         let tasks = TaskTracker::new();
         let stop_tasks = CancellationToken::new();
+        let registry = crate::metrics::registry(crate::metrics::GatewayCollector {
+            limiter: limiter.clone(),
+            metering,
+        });
+        tasks.spawn(crate::metrics::serve(
+            metrics_listener,
+            registry,
+            stop_tasks.clone(),
+        ));
+        tracing::info!(address = %metrics_addr, "metrics on http://{metrics_addr}/metrics");
         {
             let (last_used, tenancy, stop) =
                 (last_used.clone(), tenancy.clone(), stop_tasks.clone());

@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 pub const ENV_VARS: &[(&str, &str)] = &[
     ("ASCEND_LISTEN", "listen"),
     ("ASCEND_DATA_DIR", "data_dir"),
+    ("ASCEND_METRICS_LISTEN", "metrics_listen"),
     ("ASCEND_SHUTDOWN_GRACE", "shutdown_grace"),
     ("ASCEND_DATABASE_URL", "database.url"),
     ("DATABASE_URL", "database.url"),
@@ -54,6 +55,8 @@ pub struct Settings {
     /// Address the gRPC server binds. Port 0 picks a free port; the bound
     /// address is logged.
     pub listen: SocketAddr,
+    /// Address of the HTTP admin port serving Prometheus `/metrics`.
+    pub metrics_listen: SocketAddr,
     /// Where the embedded database and other local state live.
     pub data_dir: PathBuf,
     /// How long a graceful shutdown waits for in-flight requests.
@@ -161,6 +164,7 @@ impl Default for Settings {
     fn default() -> Self {
         Settings {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
             data_dir: PathBuf::from("data"),
             shutdown_grace: Duration::from_secs(30),
             database: DatabaseSettings::default(),

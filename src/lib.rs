@@ -14,6 +14,7 @@ pub mod config;
 pub mod error;
 pub mod limits;
 pub mod metering;
+pub mod metrics;
 pub mod serving;
 pub mod store;
 pub mod telemetry;

@@ -14,6 +14,13 @@ pub enum LimitKind {
 }
 
 impl LimitKind {
+    pub const ALL: [LimitKind; 4] = [
+        LimitKind::Requests,
+        LimitKind::Concurrency,
+        LimitKind::TokensPerMinute,
+        LimitKind::MonthlyQuota,
+    ];
+
     /// The limit's name in the API (a `TenantLimits` field).
     pub fn field(self) -> &'static str {
         match self {

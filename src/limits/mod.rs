@@ -108,6 +108,8 @@ pub struct Limiter {
     settings: LimitSettings,
     outage_logged_at: Mutex<Option<Instant>>,
     fallbacks: std::sync::atomic::AtomicU64,
+    /// Refusals by limit, indexed like `LimitKind::ALL`.
+    rejections: [std::sync::atomic::AtomicU64; 4],
     background: mpsc::UnboundedSender<Settlement>,
 }
 
@@ -140,6 +142,7 @@ impl Limiter {
             settings,
             outage_logged_at: Mutex::new(None),
             fallbacks: std::sync::atomic::AtomicU64::new(0),
+            rejections: Default::default(),
             background,
         });
         (limiter, BackgroundSettlements(receiver))
@@ -150,8 +153,29 @@ impl Limiter {
         self.fallbacks.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Requests refused by limit `kind` so far.
+    pub fn rejections(&self, kind: LimitKind) -> u64 {
+        let index = LimitKind::ALL.iter().position(|k| *k == kind).unwrap_or(0);
+        self.rejections[index].load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Checks every limit of the tenant and reserves `cost`.
     pub async fn admit(
+        self: &Arc<Self>,
+        tenant_id: &str,
+        limits: &Limits,
+        cost: Cost,
+    ) -> Result<Permit, LimitError> {
+        let result = self.decide(tenant_id, limits, cost).await;
+        if let Err(LimitError::Exceeded { kind, .. } | LimitError::TooLarge { kind, .. }) = &result
+        {
+            let index = LimitKind::ALL.iter().position(|k| k == kind).unwrap_or(0);
+            self.rejections[index].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        result
+    }
+
+    async fn decide(
         self: &Arc<Self>,
         tenant_id: &str,
         limits: &Limits,

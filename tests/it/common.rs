@@ -17,6 +17,7 @@ use tonic::transport::Channel;
 /// test's runtime ends.
 pub struct TestGateway {
     pub addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
     pub channel: Channel,
     /// The gateway's own database, for asserting on stored rows.
     pub db: ascend_gateway::store::Db,
@@ -33,6 +34,7 @@ pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef";
 pub fn test_settings(data_dir: &TempDir) -> Settings {
     let mut settings = Settings {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        metrics_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         data_dir: data_dir.path().to_owned(),
         shutdown_grace: Duration::from_secs(5),
         ..Settings::default()
@@ -67,6 +69,7 @@ impl TestGateway {
     pub async fn start_with(settings: Settings, data_dir: TempDir) -> TestGateway {
         let app = App::build(settings).await.expect("gateway builds");
         let addr = app.local_addr();
+        let metrics_addr = app.metrics_addr();
         let db = app.db().clone();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(app.run_until(async {
@@ -79,6 +82,7 @@ impl TestGateway {
             .expect("connect to the test gateway");
         TestGateway {
             addr,
+            metrics_addr,
             channel,
             db,
             stop: Some(stop),

@@ -24,6 +24,7 @@ async fn keys_and_tokens_never_appear_in_logs() {
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(dir.path())
         .env("ASCEND_ADMIN_TOKEN", ADMIN_TOKEN)
+        .env("ASCEND_METRICS_LISTEN", "127.0.0.1:0")
         .env("RUST_LOG", "trace")
         .env_remove("DATABASE_URL")
         .stderr(Stdio::piped())

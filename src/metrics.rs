@@ -1,0 +1,147 @@
+//! Prometheus metrics on an HTTP admin port (`metrics_listen`, path
+//! `/metrics`), named in the style of peer inference servers under an
+//! `ascend_gateway_` prefix.
+//!
+//! Values are read from the components' own atomic counters at scrape time
+//! (a collector), so components keep no metrics registry of their own and
+//! the hot paths pay one relaxed atomic add at most.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::Router;
+use axum::http::header::CONTENT_TYPE;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::limits::{LimitKind, Limiter};
+use crate::metering::Metering;
+use crate::store::now_us;
+
+/// Reads the gateway's counters at each scrape.
+pub struct GatewayCollector {
+    pub limiter: Arc<Limiter>,
+    pub metering: Arc<Metering>,
+}
+
+impl std::fmt::Debug for GatewayCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("GatewayCollector")
+    }
+}
+
+fn gauge(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: i64) -> std::fmt::Result {
+    let metric = ConstGauge::new(value);
+    metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
+}
+
+fn counter(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: u64,
+) -> std::fmt::Result {
+    let metric = ConstCounter::new(value);
+    metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
+}
+
+impl Collector for GatewayCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let spool = self.metering.stats();
+        let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        gauge(
+            &mut encoder,
+            "ascend_gateway_usage_spool_bytes",
+            "Bytes of usage waiting in the local spool",
+            as_i64(spool.bytes.load(Ordering::Relaxed)),
+        )?;
+        gauge(
+            &mut encoder,
+            "ascend_gateway_usage_events_pending",
+            "Usage events spooled and not yet committed to the database",
+            as_i64(spool.pending_events.load(Ordering::Relaxed)),
+        )?;
+        let oldest = spool.oldest_pending_us.load(Ordering::Relaxed);
+        let age_s = if oldest == 0 {
+            0
+        } else {
+            (now_us() - oldest).max(0) / 1_000_000
+        };
+        gauge(
+            &mut encoder,
+            "ascend_gateway_usage_oldest_pending_age_seconds",
+            "Age of the oldest usage event not yet in the database",
+            age_s,
+        )?;
+        counter(
+            &mut encoder,
+            "ascend_gateway_usage_write_errors",
+            "Failed attempts to write or ship usage",
+            spool.write_errors.load(Ordering::Relaxed),
+        )?;
+        counter(
+            &mut encoder,
+            "ascend_gateway_limit_redis_fallbacks",
+            "Admissions decided by local limits because Redis was unreachable",
+            self.limiter.fallback_count(),
+        )?;
+        let rejections = ConstCounter::new(0u64);
+        let mut family = encoder.encode_descriptor(
+            "ascend_gateway_limit_rejections",
+            "Requests refused by a tenant limit, by limit",
+            None,
+            rejections.metric_type(),
+        )?;
+        for kind in LimitKind::ALL {
+            let labels = [("limit", kind.field())];
+            ConstCounter::new(self.limiter.rejections(kind))
+                .encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// A registry holding the gateway collector.
+pub fn registry(collector: GatewayCollector) -> Registry {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(collector));
+    registry
+}
+
+/// Serves `/metrics` on `listener` until `stop`.
+pub async fn serve(listener: TcpListener, registry: Registry, stop: CancellationToken) {
+    let registry = Arc::new(registry);
+    let app = Router::new().route(
+        "/metrics",
+        get(move || {
+            let registry = registry.clone();
+            async move {
+                let mut body = String::new();
+                match prometheus_client::encoding::text::encode(&mut body, &registry) {
+                    Ok(()) => (
+                        [(
+                            CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        body,
+                    )
+                        .into_response(),
+                    Err(_) => axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+                }
+            }
+        }),
+    );
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await
+    {
+        tracing::error!(error = %e, "metrics endpoint stopped");
+    }
+}
