@@ -21,7 +21,8 @@ use crate::api::{self, BillingApi, InferenceApi, TenantAdminApi};
 use crate::auth::{AdminCredential, Authenticator, KeyCache, LastUsedRecorder};
 use crate::config::{Settings, redact_url};
 use crate::limits::{BackgroundSettlements, Limiter};
-use crate::metering::{Metering, Spool, UsageWriter};
+use crate::metering::{Metering, Spool, UsageEvent, UsageWriter};
+use crate::serving::{JobUsage, ModelRegistry, Requester, UsageSink};
 use crate::store::{Db, StoreError};
 use crate::tenancy::TenancyService;
 use secrecy::ExposeSecret;
@@ -49,6 +50,8 @@ pub enum StartupError {
     },
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Serving(#[from] crate::serving::ServingError),
     #[error("cannot open the usage spool (setting `metering.spool_dir` / `data_dir`): {0}")]
     Spool(#[from] crate::metering::MeteringError),
     #[error(
@@ -84,6 +87,50 @@ pub struct App {
     usage_writer: UsageWriter,
     metrics_listener: TcpListener,
     metrics_addr: SocketAddr,
+    registry: ModelRegistry,
+}
+
+/// Turns a finished job's usage into a usage event on the spool.
+struct MeteringSink {
+    metering: Arc<Metering>,
+}
+
+impl UsageSink for MeteringSink {
+    fn record(
+        &self,
+        requester: &Requester,
+        started_at_us: i64,
+        usage: &JobUsage,
+        finish_reason: &str,
+    ) -> Result<(), String> {
+        // mJ per us is kW; times 1e6 gives mW. No device time, no power.
+        let mean_power_mw = usage
+            .energy_mj
+            .saturating_mul(1_000_000)
+            .checked_div(usage.device_time_us)
+            .unwrap_or(0);
+        let event = UsageEvent {
+            request_id: requester.request_id.clone(),
+            tenant_id: requester.tenant_id.clone(),
+            key_id: requester.key_id.clone(),
+            model: requester.model.clone(),
+            device_profile: usage.device_profile.clone(),
+            prompt_tokens: usage.prompt_tokens,
+            completion_tokens: usage.completion_tokens,
+            queue_time_us: usage.queue_time_us,
+            ttft_us: usage.ttft_us,
+            total_time_us: usage.total_time_us,
+            device_time_us: usage.device_time_us,
+            energy_mj: usage.energy_mj,
+            mean_power_mw,
+            finish_reason: finish_reason.to_owned(),
+            started_at_us,
+            finished_at_us: crate::store::now_us(),
+        };
+        self.metering
+            .record_blocking(&event)
+            .map_err(|e| e.to_string())
+    }
 }
 
 /// Opens the shared limit store, failing fast so a wrong URL is found at
@@ -180,6 +227,18 @@ impl App {
         let spool = Spool::open(&spool_dir, settings.metering.spool.clone())?;
         let metering = Arc::new(Metering::new(spool.clone(), &settings.metering));
         let usage_writer = UsageWriter::new(spool, db.clone(), settings.metering.batch_size);
+        let sink: Arc<dyn UsageSink> = Arc::new(MeteringSink {
+            metering: metering.clone(),
+        });
+        let (models, data_dir) = (settings.models.clone(), settings.data_dir.clone());
+        // Loading (or first creating) models is heavy compute: off the runtime.
+        let registry =
+            tokio::task::spawn_blocking(move || ModelRegistry::start(&models, &data_dir, sink))
+                .await
+                .map_err(|e| crate::serving::ServingError::Thread {
+                    id: "registry".to_owned(),
+                    source: std::io::Error::other(e.to_string()),
+                })??;
         let last_used = Arc::new(LastUsedRecorder::default());
         let authenticator = Arc::new(Authenticator::new(
             tenancy.clone(),
@@ -201,6 +260,7 @@ impl App {
             usage_writer,
             metrics_listener,
             metrics_addr,
+            registry,
         })
     }
 
@@ -242,16 +302,18 @@ impl App {
             usage_writer,
             metrics_listener,
             metrics_addr,
+            registry,
         } = self;
         let tasks = TaskTracker::new();
         let stop_tasks = CancellationToken::new();
-        let registry = crate::metrics::registry(crate::metrics::GatewayCollector {
+        let metering_handle = metering.clone();
+        let metrics_registry = crate::metrics::registry(crate::metrics::GatewayCollector {
             limiter: limiter.clone(),
             metering,
         });
         tasks.spawn(crate::metrics::serve(
             metrics_listener,
-            registry,
+            metrics_registry,
             stop_tasks.clone(),
         ));
         tracing::info!(address = %metrics_addr, "metrics on http://{metrics_addr}/metrics");
@@ -295,7 +357,11 @@ impl App {
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(InferenceServer::new(InferenceApi::new(limiter)))
+            .add_service(InferenceServer::new(InferenceApi::new(
+                limiter.clone(),
+                registry.clone(),
+                metering_handle,
+            )))
             .add_service(TenantAdminServer::new(TenantAdminApi::new(tenancy.clone())))
             .add_service(BillingServer::new(BillingApi::new(
                 db.clone(),
@@ -333,6 +399,10 @@ impl App {
                 "grace period over with requests still running; closing their connections"
             ),
         }
+        // Workers finish what they run (recording its usage) before the
+        // usage writer's last round.
+        let models = registry.clone();
+        let _ = tokio::task::spawn_blocking(move || models.stop()).await;
         // Background tasks finish their last flush before the pool closes.
         stop_tasks.cancel();
         tasks.close();

@@ -68,6 +68,8 @@ pub struct Settings {
     pub tenancy: TenancySettings,
     pub limits: crate::limits::LimitSettings,
     pub metering: crate::metering::MeteringSettings,
+    /// The served models (`[[models]]` tables).
+    pub models: Vec<crate::serving::ModelSettings>,
     pub log: LogSettings,
 }
 
@@ -173,6 +175,7 @@ impl Default for Settings {
             tenancy: TenancySettings::default(),
             limits: crate::limits::LimitSettings::default(),
             metering: crate::metering::MeteringSettings::default(),
+            models: vec![crate::serving::ModelSettings::default()],
             log: LogSettings::default(),
         }
     }
@@ -336,6 +339,24 @@ impl Settings {
                 key: "auth.last_used_flush",
                 problem: "must be positive, e.g. \"30s\"".to_owned(),
             });
+        }
+        let mut ids = std::collections::HashSet::new();
+        for model in &self.models {
+            if model.id.is_empty() || !ids.insert(model.id.as_str()) {
+                return Err(ConfigError::Invalid {
+                    key: "models",
+                    problem: format!("model ids must be unique and non-empty (`{}`)", model.id),
+                });
+            }
+            if model.workers == 0 || model.max_batch_size == 0 || model.max_batch_tokens == 0 {
+                return Err(ConfigError::Invalid {
+                    key: "models",
+                    problem: format!(
+                        "model `{}`: workers, max_batch_size and max_batch_tokens must be at least 1",
+                        model.id
+                    ),
+                });
+            }
         }
         if self.metering.batch_size == 0 {
             return Err(ConfigError::Invalid {

@@ -15,6 +15,8 @@ pub mod error;
 pub mod limits;
 pub mod metering;
 pub mod metrics;
+pub mod model;
+pub mod npu;
 pub mod serving;
 pub mod store;
 pub mod telemetry;

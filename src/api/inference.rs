@@ -1,44 +1,333 @@
-//! The `Inference` service: generation, token counting, model listing.
+//! The `Inference` service: validation and tokenization of requests, tenant
+//! limits, then serving; text deltas and usage back to the client.
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use tokio_stream::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
 use super::convert::principal;
 use super::pb::v1::inference_server::Inference;
 use super::pb::v1::{
-    CountTokensRequest, CountTokensResponse, GenerateRequest, GenerateResponse,
-    GenerateStreamResponse, ListModelsRequest, ListModelsResponse,
+    self as pb, CountTokensRequest, CountTokensResponse, GenerateComplete, GenerateRequest,
+    GenerateResponse, GenerateStreamResponse, ListModelsRequest, ListModelsResponse, TextDelta,
+    generate_stream_response,
 };
-use super::status::{not_implemented, to_status};
+use super::status::to_status;
+use crate::auth::TenantPrincipal;
 use crate::limits::{Cost, Limiter, Permit, RateState};
+use crate::metering::Metering;
+use crate::model::FinishReason;
+use crate::model::sampling::SamplingParams;
+use crate::model::tokenizer::{ChatMessage, Role};
+use crate::serving::{
+    Failure, Job, JobEvent, JobUsage, ModelRegistry, Priority, Requester, ServedModel, ServingError,
+};
+use crate::store::now_us;
+
+const MAX_STOP_SEQUENCES: usize = 8;
+const MAX_STOP_LEN: usize = 64;
+const MAX_REQUEST_ID_LEN: usize = 128;
 
 /// Handlers of `ascend.gateway.v1.Inference`.
 #[derive(Clone)]
 pub struct InferenceApi {
     limiter: Arc<Limiter>,
+    registry: ModelRegistry,
+    metering: Arc<Metering>,
+}
+
+type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+fn invalid(field: &str, problem: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(format!("invalid `{field}`: {problem}"))
+}
+
+/// A validated, tokenized generation request, admitted by the limits.
+struct Started {
+    request_id: String,
+    model: String,
+    events: mpsc::UnboundedReceiver<JobEvent>,
+    served: Arc<ServedModel>,
+    logprobs: bool,
+    rate: Option<RateState>,
 }
 
 impl InferenceApi {
-    pub fn new(limiter: Arc<Limiter>) -> InferenceApi {
-        InferenceApi { limiter }
+    pub fn new(
+        limiter: Arc<Limiter>,
+        registry: ModelRegistry,
+        metering: Arc<Metering>,
+    ) -> InferenceApi {
+        InferenceApi {
+            limiter,
+            registry,
+            metering,
+        }
     }
 
-    /// Applies the caller's tenant limits to this request.
-    async fn admit<T>(&self, request: &Request<T>, cost: Cost) -> Result<Permit, Status> {
-        let principal = principal(request)?;
-        let Some(tenant) = principal.tenant() else {
+    fn tenant<T>(request: &Request<T>) -> Result<Arc<TenantPrincipal>, Status> {
+        match principal(request)? {
+            crate::auth::Principal::Tenant(tenant) => Ok(tenant),
             // The auth layer lets only tenant keys reach Inference.
-            return Err(Status::permission_denied(
+            crate::auth::Principal::Admin => Err(Status::permission_denied(
                 "Inference needs a tenant API key",
-            ));
-        };
+            )),
+        }
+    }
+
+    async fn admit(&self, tenant: &TenantPrincipal, cost: Cost) -> Result<Permit, Status> {
         self.limiter
             .admit(&tenant.tenant_id, &tenant.limits, cost)
             .await
             .map_err(|e| to_status(&e))
+    }
+
+    fn model(&self, id: &str) -> Result<Arc<ServedModel>, Status> {
+        if id.is_empty() {
+            return Err(invalid(
+                "model",
+                "required; ListModels shows the served ones",
+            ));
+        }
+        self.registry.get(id).cloned().map_err(|e| to_status(&e))
+    }
+
+    /// Prompt or chat messages to token ids, with the model's tokenizer.
+    fn tokenize(
+        served: &ServedModel,
+        prompt: &str,
+        messages: &[pb::ChatMessage],
+    ) -> Result<Vec<u32>, Status> {
+        let tokens = match (prompt.is_empty(), messages.is_empty()) {
+            (false, false) => {
+                return Err(invalid("prompt", "set either prompt or messages, not both"));
+            }
+            (true, true) => {
+                return Err(invalid(
+                    "prompt",
+                    "required (or messages); it must not be empty",
+                ));
+            }
+            (false, true) => served.tokenizer.encode(prompt, true),
+            (true, false) => {
+                let mut chat = Vec::with_capacity(messages.len());
+                for (i, m) in messages.iter().enumerate() {
+                    let role: Role = m.role.parse().map_err(|_| {
+                        invalid(&format!("messages[{i}].role"), "system, user or assistant")
+                    })?;
+                    chat.push(ChatMessage {
+                        role,
+                        content: m.content.clone(),
+                    });
+                }
+                served.tokenizer.encode_chat(&chat)
+            }
+        };
+        let tokens = tokens.map_err(|e| invalid("prompt", e))?;
+        if tokens.is_empty() {
+            return Err(invalid("prompt", "encodes to no tokens"));
+        }
+        Ok(tokens)
+    }
+
+    async fn start(&self, request: Request<GenerateRequest>) -> Result<Started, Status> {
+        let received_at = Instant::now();
+        let tenant = Self::tenant(&request)?;
+        let deadline = grpc_deadline(&request, received_at);
+        let r = request.into_inner();
+        let served = self.model(&r.model)?;
+        let settings = &served.settings;
+        let prompt = Self::tokenize(&served, &r.prompt, &r.messages)?;
+        let max_tokens = r.max_tokens.unwrap_or(settings.max_output_tokens);
+        if max_tokens == 0 || max_tokens > settings.max_output_tokens {
+            return Err(invalid(
+                "max_tokens",
+                format!(
+                    "between 1 and {} for this model",
+                    settings.max_output_tokens
+                ),
+            ));
+        }
+        let context = served.model.config().max_position_embeddings;
+        if prompt.len() + max_tokens as usize > context {
+            return Err(invalid(
+                "prompt",
+                format!(
+                    "{} prompt tokens + max_tokens {max_tokens} exceed the context window of {context}",
+                    prompt.len()
+                ),
+            ));
+        }
+        let temperature = r.temperature.unwrap_or(1.0);
+        if !(temperature.is_finite() && (0.0..=2.0).contains(&temperature)) {
+            return Err(invalid("temperature", "a number in [0, 2]"));
+        }
+        let top_p = r.top_p.unwrap_or(1.0);
+        if !(top_p.is_finite() && top_p > 0.0 && top_p <= 1.0) {
+            return Err(invalid("top_p", "a number in (0, 1]"));
+        }
+        let top_k = r.top_k.unwrap_or(0) as usize;
+        if top_k > served.tokenizer.vocab_size() {
+            return Err(invalid("top_k", "at most the vocabulary size"));
+        }
+        if r.stop.len() > MAX_STOP_SEQUENCES {
+            return Err(invalid(
+                "stop",
+                format!("at most {MAX_STOP_SEQUENCES} sequences"),
+            ));
+        }
+        if r.stop
+            .iter()
+            .any(|s| s.is_empty() || s.chars().count() > MAX_STOP_LEN)
+        {
+            return Err(invalid(
+                "stop",
+                format!("each 1 to {MAX_STOP_LEN} characters"),
+            ));
+        }
+        let request_id = if r.request_id.is_empty() {
+            uuid::Uuid::now_v7().to_string()
+        } else if r.request_id.len() > MAX_REQUEST_ID_LEN
+            || !r.request_id.bytes().all(|b| b.is_ascii_graphic())
+        {
+            return Err(invalid(
+                "request_id",
+                format!("at most {MAX_REQUEST_ID_LEN} printable ASCII characters"),
+            ));
+        } else {
+            r.request_id.clone()
+        };
+        let priority = match pb::Priority::try_from(r.priority) {
+            Ok(pb::Priority::Low) => Priority::Low,
+            Ok(pb::Priority::High) => Priority::High,
+            Ok(pb::Priority::Normal | pb::Priority::Unspecified) => Priority::Normal,
+            Err(_) => return Err(invalid("priority", "unknown value")),
+        };
+        let params = SamplingParams {
+            temperature,
+            top_k,
+            top_p,
+            seed: r
+                .seed
+                .unwrap_or_else(|| uuid::Uuid::new_v4().as_u64_pair().0),
+            max_tokens: max_tokens as usize,
+            stop: r.stop.clone(),
+            logprobs: r.logprobs.then_some(0),
+            ignore_eos: false,
+        };
+        self.metering.admitting().map_err(|e| to_status(&e))?;
+        let permit = self
+            .admit(
+                &tenant,
+                Cost {
+                    tokens: prompt.len() as u64 + u64::from(max_tokens),
+                },
+            )
+            .await?;
+        let rate = permit.rate_state();
+        let (sender, events) = mpsc::unbounded_channel();
+        let job = Job {
+            requester: Requester {
+                request_id: request_id.clone(),
+                tenant_id: tenant.tenant_id.clone(),
+                key_id: tenant.key_id.clone(),
+                model: settings.id.clone(),
+                weight: tenant.scheduling_weight,
+            },
+            prompt,
+            params,
+            priority,
+            deadline,
+            received_at,
+            started_at_us: now_us(),
+            permit: Some(permit),
+            events: sender,
+        };
+        if let Err(refused) = served.submit(job, priority) {
+            let (full, mut job) = *refused;
+            if let Some(permit) = job.permit.take() {
+                permit.settle(0).await;
+            }
+            return Err(to_status(&ServingError::from(full)));
+        }
+        Ok(Started {
+            request_id,
+            model: served.settings.id.clone(),
+            events,
+            served,
+            logprobs: r.logprobs,
+            rate,
+        })
+    }
+}
+
+/// The client's deadline from the `grpc-timeout` header, a little early so
+/// the answer is DEADLINE_EXCEEDED from us rather than a cancelled stream.
+fn grpc_deadline<T>(request: &Request<T>, now: Instant) -> Option<Instant> {
+    let value = request.metadata().get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    let amount: u64 = digits.parse().ok()?;
+    let timeout = match unit {
+        "H" => Duration::from_secs(amount.saturating_mul(3600)),
+        "M" => Duration::from_secs(amount.saturating_mul(60)),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    };
+    Some(now + timeout.saturating_sub(Duration::from_millis(5)))
+}
+
+fn usage_to_pb(usage: &JobUsage) -> pb::Usage {
+    pb::Usage {
+        prompt_tokens: usage.prompt_tokens,
+        completion_tokens: usage.completion_tokens,
+        total_tokens: usage.prompt_tokens + usage.completion_tokens,
+        device_time_us: usage.device_time_us,
+        energy_mj: usage.energy_mj,
+        cost: None,
+    }
+}
+
+fn timings_to_pb(usage: &JobUsage) -> pb::Timings {
+    pb::Timings {
+        queue_time_us: usage.queue_time_us,
+        time_to_first_token_us: usage.ttft_us,
+        total_time_us: usage.total_time_us,
+    }
+}
+
+fn finish_to_pb(reason: FinishReason) -> pb::FinishReason {
+    match reason {
+        FinishReason::Eos => pb::FinishReason::Eos,
+        FinishReason::Stop => pb::FinishReason::Stop,
+        FinishReason::Length => pb::FinishReason::Length,
+    }
+}
+
+fn failure_to_status(failure: &Failure) -> Status {
+    match failure {
+        Failure::DeadlineExceeded => {
+            Status::deadline_exceeded("the request's deadline passed before it finished")
+        }
+        Failure::Cancelled => Status::cancelled("the request was cancelled"),
+        Failure::Internal(message) => {
+            tracing::error!(error = %message, "generation failed");
+            Status::internal("generation failed")
+        }
+    }
+}
+
+fn logprob_to_pb(served: &ServedModel, token: u32, logprob: f32) -> pb::TokenLogprob {
+    pb::TokenLogprob {
+        token_id: token,
+        token: served.tokenizer.decode(&[token], false).unwrap_or_default(),
+        logprob,
     }
 }
 
@@ -47,9 +336,8 @@ impl InferenceApi {
 fn with_rate_headers<T>(mut response: Response<T>, rate: Option<RateState>) -> Response<T> {
     if let Some(rate) = rate {
         let window = rate.window.as_secs().max(1);
-        let refill = rate.window.as_secs_f64()
-            * f64::from(rate.limit - rate.remaining.min(rate.limit))
-            / f64::from(rate.limit.max(1));
+        let spent = f64::from(rate.limit - rate.remaining.min(rate.limit));
+        let refill = rate.window.as_secs_f64() * spent / f64::from(rate.limit.max(1));
         let policy = format!("\"requests\";q={};w={window}", rate.limit);
         let state = format!(
             "\"requests\";r={};t={}",
@@ -67,45 +355,135 @@ fn with_rate_headers<T>(mut response: Response<T>, rate: Option<RateState>) -> R
     response
 }
 
-type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
-
 #[tonic::async_trait]
 impl Inference for InferenceApi {
     async fn generate(
         &self,
-        _request: Request<GenerateRequest>,
+        request: Request<GenerateRequest>,
     ) -> Result<Response<GenerateResponse>, Status> {
-        Err(not_implemented("Inference.Generate"))
+        let mut started = self.start(request).await?;
+        let mut text = String::new();
+        let mut logprobs = Vec::new();
+        while let Some(event) = started.events.recv().await {
+            match event {
+                JobEvent::Delta {
+                    text: delta,
+                    logprob,
+                } => {
+                    text.push_str(&delta);
+                    if started.logprobs
+                        && let Some((token, lp)) = logprob
+                    {
+                        logprobs.push(logprob_to_pb(&started.served, token, lp.logprob));
+                    }
+                }
+                JobEvent::Finished { reason, usage } => {
+                    let response = GenerateResponse {
+                        request_id: started.request_id,
+                        model: started.model,
+                        text,
+                        finish_reason: finish_to_pb(reason).into(),
+                        usage: Some(usage_to_pb(&usage)),
+                        timings: Some(timings_to_pb(&usage)),
+                        logprobs,
+                    };
+                    return Ok(with_rate_headers(Response::new(response), started.rate));
+                }
+                JobEvent::Failed { failure, .. } => return Err(failure_to_status(&failure)),
+            }
+        }
+        Err(Status::internal(
+            "the worker ended the request without an answer",
+        ))
     }
 
     type GenerateStreamStream = ResponseStream<GenerateStreamResponse>;
 
     async fn generate_stream(
         &self,
-        _request: Request<GenerateRequest>,
+        request: Request<GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
-        Err(not_implemented("Inference.GenerateStream"))
+        let started = self.start(request).await?;
+        let request_id = started.request_id.clone();
+        let served = started.served.clone();
+        let want_logprobs = started.logprobs;
+        let rate = started.rate;
+        let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(started.events).map(
+            move |event| {
+                let event = match event {
+                    JobEvent::Delta { text, logprob } => {
+                        let logprobs = match (want_logprobs, logprob) {
+                            (true, Some((token, lp))) => {
+                                vec![logprob_to_pb(&served, token, lp.logprob)]
+                            }
+                            _ => Vec::new(),
+                        };
+                        generate_stream_response::Event::Delta(TextDelta { text, logprobs })
+                    }
+                    JobEvent::Finished { reason, usage } => {
+                        generate_stream_response::Event::Complete(GenerateComplete {
+                            finish_reason: finish_to_pb(reason).into(),
+                            usage: Some(usage_to_pb(&usage)),
+                            timings: Some(timings_to_pb(&usage)),
+                        })
+                    }
+                    JobEvent::Failed { failure, .. } => return Err(failure_to_status(&failure)),
+                };
+                Ok(GenerateStreamResponse {
+                    request_id: request_id.clone(),
+                    event: Some(event),
+                })
+            },
+        );
+        Ok(with_rate_headers(Response::new(Box::pin(stream)), rate))
     }
 
     async fn count_tokens(
         &self,
         request: Request<CountTokensRequest>,
     ) -> Result<Response<CountTokensResponse>, Status> {
-        let permit = self.admit(&request, Cost::default()).await?;
+        let tenant = Self::tenant(&request)?;
+        let r = request.into_inner();
+        let served = self.model(&r.model)?;
+        let tokens = Self::tokenize(&served, &r.prompt, &r.messages)?;
+        let permit = self.admit(&tenant, Cost::default()).await?;
+        let rate = permit.rate_state();
         permit.settle(0).await;
-        Err(not_implemented("Inference.CountTokens"))
+        let response = CountTokensResponse {
+            token_count: u32::try_from(tokens.len()).unwrap_or(u32::MAX),
+            token_ids: if r.return_token_ids {
+                tokens
+            } else {
+                Vec::new()
+            },
+        };
+        Ok(with_rate_headers(Response::new(response), rate))
     }
 
     async fn list_models(
         &self,
         request: Request<ListModelsRequest>,
     ) -> Result<Response<ListModelsResponse>, Status> {
-        let permit = self.admit(&request, Cost::default()).await?;
+        let tenant = Self::tenant(&request)?;
+        let permit = self.admit(&tenant, Cost::default()).await?;
         let rate = permit.rate_state();
         permit.settle(0).await;
-        // No model is served until the serving layer lands: an honest empty list.
+        let models = self
+            .registry
+            .iter()
+            .map(|served| pb::ModelInfo {
+                id: served.settings.id.clone(),
+                description: served.settings.description.clone(),
+                context_length: u32::try_from(served.model.config().max_position_embeddings)
+                    .unwrap_or(u32::MAX),
+                max_output_tokens: served.settings.max_output_tokens,
+                device_profile: served.device_profile.clone(),
+                workers: u32::try_from(served.settings.workers).unwrap_or(u32::MAX),
+                served_as: None,
+            })
+            .collect();
         Ok(with_rate_headers(
-            Response::new(ListModelsResponse::default()),
+            Response::new(ListModelsResponse { models }),
             rate,
         ))
     }

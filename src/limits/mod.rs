@@ -321,6 +321,20 @@ impl Permit {
     }
 }
 
+impl Permit {
+    /// Settles from a thread outside the async runtime: the settlement is
+    /// handed to the background task with the exact tokens used.
+    pub fn settle_in_background(mut self, used_tokens: u64) {
+        if let Some(grant) = self.grant.take() {
+            let _ = self.limiter.background.send(Settlement {
+                tenant_id: std::mem::take(&mut self.tenant_id),
+                grant,
+                used_tokens,
+            });
+        }
+    }
+}
+
 impl Drop for Permit {
     fn drop(&mut self) {
         if let Some(grant) = self.grant.take() {

@@ -103,6 +103,11 @@ impl Metering {
         self.spool.append(event).await
     }
 
+    /// As [`Metering::record`], for threads outside the async runtime.
+    pub fn record_blocking(&self, event: &UsageEvent) -> Result<(), MeteringError> {
+        self.spool.append_blocking(event)
+    }
+
     pub fn stats(&self) -> &SpoolStats {
         self.spool.stats()
     }

@@ -192,6 +192,17 @@ impl Spool {
             .map_err(|e| self.failed(e))
     }
 
+    /// As [`Spool::append`], for threads outside the async runtime (the
+    /// serving workers): blocks until the event is durable.
+    pub fn append_blocking(&self, event: &UsageEvent) -> Result<(), MeteringError> {
+        let payload = serde_json::to_vec(event)?;
+        let (ack, done) = oneshot::channel();
+        self.send(Command::Append(payload, event.finished_at_us, ack))?;
+        done.blocking_recv()
+            .map_err(|_| MeteringError::Stopped)?
+            .map_err(|e| self.failed(e))
+    }
+
     /// Closes the segment being written (if it holds anything) so that it
     /// can be shipped.
     pub async fn seal(&self) -> Result<(), MeteringError> {

@@ -26,6 +26,36 @@ pub struct TestGateway {
     _data_dir: TempDir,
 }
 
+/// A `tiny` model directory, created once per test run and shared.
+pub fn tiny_model_dir() -> std::path::PathBuf {
+    static DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::Builder::new()
+            .prefix("agw-tiny-model")
+            .tempdir()
+            .expect("temp dir")
+            .keep();
+        ascend_gateway::model::init::init_model_dir(ascend_gateway::model::Preset::Tiny, 7, &dir)
+            .expect("model init --preset tiny");
+        dir
+    })
+    .clone()
+}
+
+/// The model every test gateway serves: `tiny` on an emulated 910B.
+pub fn tiny_model() -> ascend_gateway::serving::ModelSettings {
+    ascend_gateway::serving::ModelSettings {
+        id: "tiny".to_owned(),
+        dir: Some(tiny_model_dir()),
+        init_preset: None,
+        max_output_tokens: 64,
+        kv_max_blocks: Some(512),
+        max_batch_size: 8,
+        max_batch_tokens: 256,
+        ..Default::default()
+    }
+}
+
 /// The admin token every test gateway is configured with.
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef";
 
@@ -40,6 +70,7 @@ pub fn test_settings(data_dir: &TempDir) -> Settings {
         ..Settings::default()
     };
     settings.auth.admin_token = Some(SecretString::from(ADMIN_TOKEN));
+    settings.models = vec![tiny_model()];
     settings
 }
 

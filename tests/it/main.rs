@@ -6,6 +6,7 @@
 
 mod ascendctl;
 mod common;
+mod generate;
 mod limits;
 mod metering;
 mod secrets;

@@ -20,8 +20,19 @@ use crate::common::{ADMIN_TOKEN, admin, authed};
 #[tokio::test]
 async fn keys_and_tokens_never_appear_in_logs() {
     let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[models]]\nid = \"tiny\"\ndir = {:?}\nmax_output_tokens = 16\nkv_max_blocks = 128\n",
+            crate::common::tiny_model_dir()
+        ),
+    )
+    .expect("config");
     let mut child = Command::new(env!("CARGO_BIN_EXE_ascend-gateway"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
         .arg(dir.path())
         .env("ASCEND_ADMIN_TOKEN", ADMIN_TOKEN)
         .env("ASCEND_METRICS_LISTEN", "127.0.0.1:0")

@@ -3,10 +3,9 @@
 
 use ascend_gateway::api::SERVICE_NAMES;
 use ascend_gateway::api::pb::v1::billing_client::BillingClient;
-use ascend_gateway::api::pb::v1::inference_client::InferenceClient;
 use ascend_gateway::api::pb::v1::tenant_admin_client::TenantAdminClient;
 use ascend_gateway::api::pb::v1::{
-    CreateApiKeyRequest, CreateTenantRequest, ExportRequest, GenerateRequest,
+    CreateApiKeyRequest, CreateTenantRequest, ExportRequest, ListInvoicesRequest,
 };
 use tokio_stream::StreamExt;
 use tonic::Code;
@@ -143,6 +142,7 @@ async fn rpcs_not_built_yet_answer_unimplemented_with_their_name() {
     let key = admin_client
         .create_api_key(admin(CreateApiKeyRequest {
             tenant: "early".to_owned(),
+            scopes: vec!["billing:read".to_owned()],
             ..Default::default()
         }))
         .await
@@ -150,13 +150,13 @@ async fn rpcs_not_built_yet_answer_unimplemented_with_their_name() {
         .into_inner()
         .secret;
 
-    let status = InferenceClient::new(gateway.channel.clone())
-        .generate(authed(GenerateRequest::default(), &key))
+    let status = BillingClient::new(gateway.channel.clone())
+        .list_invoices(authed(ListInvoicesRequest::default(), &key))
         .await
-        .expect_err("Generate is not built yet");
+        .expect_err("ListInvoices is not built yet");
     assert_eq!(status.code(), Code::Unimplemented);
     assert!(
-        status.message().contains("Inference.Generate"),
+        status.message().contains("Billing.ListInvoices"),
         "{status:?}"
     );
 

@@ -1,0 +1,155 @@
+//! "Served-as" shape: a model entry runs a small executable model but declares the full-size
+//! shape it stands for (e.g. a 175B-parameter MoE on 8 tensor-parallel devices), and the step
+//! costs are scaled to that shape.
+//!
+//! Owns the scaling rule. It must not know kernels, the forward pass or who consumes the
+//! numbers (pacing, metering).
+//!
+//! # Scaling rule
+//!
+//! Per token, both the flops and the weight bytes of a transformer grow with its *active*
+//! parameters (for MoE: attention + shared experts + `num_experts_per_tok` routed experts +
+//! embeddings). With `r = active_served / active_executed`, `n` devices in tensor parallel and
+//! a parallel efficiency `e` in (0, 1] (communication and imbalance):
+//!
+//! - device time: `t_served = t_executed x r / (n x e)`: each device does `1/n` of the work,
+//!   slowed by `1/e`;
+//! - energy: `E_served = E_executed x r / e`: the same total work summed over the `n` devices,
+//!   and the `n` devices' idle power over `t_served` is the executed idle energy times `r / e`.
+//!
+//! Every component (launch overheads, attention over the KV cache) scales by the same factor;
+//! this is a first-order model: a deeper model has proportionally more launches, and attention
+//! cost is small next to the matmuls at the context lengths served here. Each sequence's share
+//! is scaled by the same factors, so shares still sum to the step totals.
+
+use serde::{Deserialize, Serialize};
+
+use super::config::ModelConfig;
+use super::error::{Result, config_err};
+use super::transformer::StepOutput;
+use crate::npu::DeviceProfile;
+
+/// The shape a served model stands for.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServedAs {
+    /// Display name, e.g. `deepseek-v4-175b`.
+    pub name: String,
+    /// Total parameters (weights resident in HBM across the devices).
+    pub total_params: u64,
+    /// Parameters active per token.
+    pub active_params: u64,
+    /// Devices in tensor parallel.
+    pub devices: u32,
+    /// Parallel efficiency in (0, 1].
+    pub tp_efficiency: f64,
+}
+
+/// Multipliers of [`ServedAs::factors`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ScaleFactors {
+    /// Device-time multiplier.
+    pub time: f64,
+    /// Energy multiplier.
+    pub energy: f64,
+}
+
+impl ServedAs {
+    /// Checks the fields; errors name them (prefixed `served_as.`).
+    pub fn validate(&self) -> Result<()> {
+        if self.active_params == 0 || self.active_params > self.total_params {
+            return Err(config_err(
+                "served_as.active_params",
+                "must be > 0 and <= total_params",
+            ));
+        }
+        if self.devices == 0 {
+            return Err(config_err("served_as.devices", "must be > 0"));
+        }
+        if !(self.tp_efficiency > 0.0 && self.tp_efficiency <= 1.0) {
+            return Err(config_err("served_as.tp_efficiency", "must be in (0, 1]"));
+        }
+        Ok(())
+    }
+
+    /// Whether the weights (`bytes_per_param` each) fit in the devices' HBM.
+    pub fn fits(&self, profile: &DeviceProfile, bytes_per_param: f64) -> bool {
+        let need = self.total_params as f64 * bytes_per_param / f64::from(self.devices);
+        need <= profile.memory.hbm_gib * (1u64 << 30) as f64
+    }
+
+    /// Multipliers relative to the executed model.
+    pub fn factors(&self, executed: &ModelConfig) -> ScaleFactors {
+        let r = self.active_params as f64 / executed.active_param_count().max(1) as f64;
+        ScaleFactors {
+            time: r / (f64::from(self.devices) * self.tp_efficiency),
+            energy: r / self.tp_efficiency,
+        }
+    }
+
+    /// A step's costs as the served shape would incur them (logits untouched).
+    pub fn scale(&self, executed: &ModelConfig, step: &mut StepOutput) {
+        let f = self.factors(executed);
+        step.device_us *= f.time;
+        step.energy_j *= f.energy;
+        for s in &mut step.per_seq {
+            s.device_us *= f.time;
+            s.energy_j *= f.energy;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::config::Preset;
+    use crate::model::transformer::SeqCost;
+
+    #[test]
+    fn scaling_follows_the_documented_rule() {
+        let c = Preset::Small.config(4096);
+        let s = ServedAs {
+            name: "deepseek-v4-175b".into(),
+            total_params: 175_000_000_000,
+            active_params: 22_000_000_000,
+            devices: 8,
+            tp_efficiency: 0.8,
+        };
+        s.validate().unwrap();
+        let r = 22e9 / c.active_param_count() as f64;
+        let f = s.factors(&c);
+        assert!((f.time - r / 6.4).abs() < 1e-9 * f.time);
+        assert!((f.energy - r / 0.8).abs() < 1e-9 * f.energy);
+        let mut step = StepOutput {
+            logits: vec![],
+            device_us: 100.0,
+            energy_j: 2.0,
+            cpu_us: 1.0,
+            launches: 1,
+            per_seq: vec![
+                SeqCost {
+                    seq: 1,
+                    tokens: 3,
+                    device_us: 75.0,
+                    energy_j: 1.5,
+                },
+                SeqCost {
+                    seq: 2,
+                    tokens: 1,
+                    device_us: 25.0,
+                    energy_j: 0.5,
+                },
+            ],
+        };
+        s.scale(&c, &mut step);
+        let sum: f64 = step.per_seq.iter().map(|x| x.device_us).sum();
+        assert!((sum - step.device_us).abs() < 1e-6 * sum);
+        assert!(s.fits(&DeviceProfile::builtin("ascend-910b").unwrap(), 2.0));
+        let bad = ServedAs { devices: 0, ..s };
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("served_as.devices")
+        );
+    }
+}

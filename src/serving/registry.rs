@@ -1,0 +1,255 @@
+//! The served models: each loaded once from its directory (created with
+//! `model init` on first start when so configured), shared by its workers.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use super::queue::{Priority, QueueFull, QueueLimits};
+use super::worker::{Worker, WorkerConfig};
+use super::{Job, ModelSettings, Shared, UsageSink};
+use crate::error::{Classified, ErrorKind};
+use crate::model::kv_cache::{KvPool, KvPoolOptions};
+use crate::model::tokenizer::Tokenizer;
+use crate::model::transformer::{LoadOptions, Model};
+use crate::model::{ModelError, Preset};
+use crate::npu::{Device, DeviceProfile};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServingError {
+    #[error("model `{id}` (setting `models`): {source}")]
+    Model { id: String, source: ModelError },
+    #[error("model `{id}`: device profile `{profile}`: {message}")]
+    Device {
+        id: String,
+        profile: String,
+        message: String,
+    },
+    #[error("model `{id}`: directory {dir} has no config.json and no `init_preset` to create it")]
+    MissingDir { id: String, dir: PathBuf },
+    #[error("model `{id}`: cannot start a worker thread: {source}")]
+    Thread { id: String, source: std::io::Error },
+    #[error("unknown model `{0}`; ListModels shows the served ones")]
+    UnknownModel(String),
+    #[error(transparent)]
+    QueueFull(#[from] QueueFull),
+}
+
+impl Classified for ServingError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            ServingError::UnknownModel(_) => ErrorKind::NotFound,
+            ServingError::QueueFull(_) => ErrorKind::ResourceExhausted,
+            _ => ErrorKind::Internal,
+        }
+    }
+
+    fn retry_after(&self) -> Option<std::time::Duration> {
+        matches!(self, ServingError::QueueFull(_)).then(|| std::time::Duration::from_secs(1))
+    }
+
+    fn quota_violation(&self) -> Option<(&'static str, String)> {
+        matches!(self, ServingError::QueueFull(_)).then(|| ("model_queue", self.to_string()))
+    }
+}
+
+/// One model being served by its pool of workers.
+pub struct ServedModel {
+    pub settings: ModelSettings,
+    pub model: Arc<Model>,
+    pub tokenizer: Arc<Tokenizer>,
+    pub device_profile: String,
+    shared: Arc<Shared>,
+    threads: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>,
+}
+
+fn profile(settings: &ModelSettings) -> Result<DeviceProfile, ServingError> {
+    let name = &settings.device_profile;
+    let result = if Path::new(name).extension().is_some_and(|e| e == "toml") {
+        DeviceProfile::from_file(name)
+    } else {
+        DeviceProfile::builtin(name)
+    };
+    result.map_err(|e| ServingError::Device {
+        id: settings.id.clone(),
+        profile: name.clone(),
+        message: e.to_string(),
+    })
+}
+
+impl ServedModel {
+    /// Loads the model (creating its directory first if configured to) and
+    /// starts its workers.
+    pub fn start(
+        settings: ModelSettings,
+        data_dir: &Path,
+        usage: Arc<dyn UsageSink>,
+    ) -> Result<ServedModel, ServingError> {
+        let id = settings.id.clone();
+        let model_error = |source| ServingError::Model {
+            id: id.clone(),
+            source,
+        };
+        let dir = settings
+            .dir
+            .clone()
+            .unwrap_or_else(|| data_dir.join("models").join(&settings.id));
+        if !dir.join("config.json").exists() {
+            let Some(preset) = &settings.init_preset else {
+                return Err(ServingError::MissingDir { id, dir });
+            };
+            let preset: Preset = preset.parse().map_err(model_error)?;
+            tracing::info!(model = %id, dir = %dir.display(), ?preset, "creating the model directory");
+            crate::model::init::init_model_dir(preset, settings.init_seed, &dir)
+                .map_err(model_error)?;
+        }
+        let model = Arc::new(Model::load(&dir, &LoadOptions::default()).map_err(model_error)?);
+        let tokenizer = Arc::new(Tokenizer::from_dir(&dir).map_err(model_error)?);
+        let profile = profile(&settings)?;
+        let shared = Arc::new(Shared::new(QueueLimits {
+            max_requests: settings.max_queue_requests,
+            max_tokens: settings.max_queue_tokens,
+            aging_step: settings.aging_step,
+        }));
+        let mut threads = Vec::new();
+        for n in 0..settings.workers.max(1) {
+            let device = Device::new(profile.clone()).map_err(|e| ServingError::Device {
+                id: id.clone(),
+                profile: settings.device_profile.clone(),
+                message: e.to_string(),
+            })?;
+            let kv_options = KvPoolOptions {
+                max_blocks: settings.kv_max_blocks,
+                ..KvPoolOptions::default()
+            };
+            let kv = KvPool::for_device(
+                model.config(),
+                device.profile(),
+                model.weights().device_bytes(),
+                &kv_options,
+            )
+            .map_err(model_error)?;
+            shared.kv_free.store(kv.free_blocks(), Ordering::Relaxed);
+            let worker = Worker {
+                model: model.clone(),
+                tokenizer: tokenizer.clone(),
+                device,
+                kv,
+                config: WorkerConfig {
+                    max_batch_size: settings.max_batch_size.max(1),
+                    max_batch_tokens: settings.max_batch_tokens.max(1),
+                    pace: settings.pace,
+                },
+                shared: shared.clone(),
+                usage: usage.clone(),
+            };
+            let thread = std::thread::Builder::new()
+                .name(format!("npu-{id}-{n}"))
+                .spawn(move || worker.run())
+                .map_err(|source| ServingError::Thread {
+                    id: id.clone(),
+                    source,
+                })?;
+            threads.push(thread);
+        }
+        Ok(ServedModel {
+            device_profile: profile.name.clone(),
+            settings,
+            model,
+            tokenizer,
+            shared,
+            threads: std::sync::Mutex::new(threads),
+        })
+    }
+
+    /// Queues a job, or refuses it at once when the queue is full.
+    pub fn submit(&self, job: Job, priority: Priority) -> Result<(), Box<(QueueFull, Job)>> {
+        let cost = job.prompt.len() as u64 + job.params.max_tokens as u64;
+        let weight = job.requester.weight;
+        let tenant = job.requester.tenant_id.clone();
+        let deadline = Some(
+            job.deadline
+                .unwrap_or(job.received_at + self.settings.max_queue_time)
+                .min(job.received_at + self.settings.max_queue_time),
+        );
+        let mut queue = self.shared.queue.lock().unwrap_or_else(|e| e.into_inner());
+        queue
+            .push(
+                &tenant,
+                weight,
+                priority,
+                cost,
+                deadline,
+                Instant::now(),
+                job,
+            )
+            .map_err(Box::new)?;
+        drop(queue);
+        self.shared.work.notify_one();
+        Ok(())
+    }
+
+    /// Requests waiting and their tokens.
+    pub fn queue_depth(&self) -> (usize, u64) {
+        let queue = self.shared.queue.lock().unwrap_or_else(|e| e.into_inner());
+        (queue.len(), queue.queued_tokens())
+    }
+
+    /// Free KV blocks as last reported by the workers.
+    pub fn kv_free_blocks(&self) -> usize {
+        self.shared.kv_free.load(Ordering::Relaxed)
+    }
+
+    pub fn preemptions(&self) -> u64 {
+        self.shared.preemptions.load(Ordering::Relaxed)
+    }
+
+    /// Stops the workers once their running jobs end; blocks.
+    pub fn stop(&self) {
+        self.shared.stopping.store(true, Ordering::Release);
+        self.shared.work.notify_all();
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        for thread in threads {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Every served model by id.
+#[derive(Default, Clone)]
+pub struct ModelRegistry {
+    models: BTreeMap<String, Arc<ServedModel>>,
+}
+
+impl ModelRegistry {
+    pub fn start(
+        settings: &[ModelSettings],
+        data_dir: &Path,
+        usage: Arc<dyn UsageSink>,
+    ) -> Result<ModelRegistry, ServingError> {
+        let mut models = BTreeMap::new();
+        for model in settings {
+            let served = ServedModel::start(model.clone(), data_dir, usage.clone())?;
+            models.insert(model.id.clone(), Arc::new(served));
+        }
+        Ok(ModelRegistry { models })
+    }
+
+    pub fn get(&self, id: &str) -> Result<&Arc<ServedModel>, ServingError> {
+        self.models
+            .get(id)
+            .ok_or_else(|| ServingError::UnknownModel(id.to_owned()))
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<ServedModel>> {
+        self.models.values()
+    }
+
+    pub fn stop(&self) {
+        for model in self.models.values() {
+            model.stop();
+        }
+    }
+}

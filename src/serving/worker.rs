@@ -1,0 +1,322 @@
+//! One worker: an emulated device running the model with continuous
+//! (iteration-level) batching, on a dedicated OS thread.
+//!
+//! Each iteration: drop sequences whose client went away or whose deadline
+//! passed; admit new requests from the model's fair queue while the sequence
+//! cap allows; build a step within the token budget, running decodes first,
+//! then prefill chunks; run it; feed each finished chunk's logits to its
+//! generation; send text deltas; end finished sequences. When the KV pool is
+//! short, the newest sequence of the lowest priority is preempted by
+//! recompute: its blocks are freed and it waits, ahead of the queue, to be
+//! prefilled again with its prompt and the tokens it already produced.
+//! Usage is made durable (blocking on the spool) before a job's last event.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::job::{Failure, Job, JobEvent, JobUsage};
+use super::{Pace, Shared, UsageSink};
+use crate::model::generation::Generation;
+use crate::model::kv_cache::{KvPool, SeqId};
+use crate::model::tokenizer::Tokenizer;
+use crate::model::transformer::{Model, SeqChunk};
+use crate::model::{FinishReason, ModelError};
+use crate::npu::Device;
+
+pub(crate) struct WorkerConfig {
+    pub max_batch_size: usize,
+    pub max_batch_tokens: usize,
+    pub pace: Pace,
+}
+
+struct Running {
+    job: Job,
+    seq: SeqId,
+    generation: Generation,
+    /// Tokens still to feed: the prompt (or its rest), then the last sampled token.
+    pending: Vec<u32>,
+    admitted_at: Instant,
+    first_token_at: Option<Instant>,
+    device_us: f64,
+    energy_j: f64,
+}
+
+pub(crate) struct Worker {
+    pub model: Arc<Model>,
+    pub tokenizer: Arc<Tokenizer>,
+    pub device: Device,
+    pub kv: KvPool,
+    pub config: WorkerConfig,
+    pub shared: Arc<Shared>,
+    pub usage: Arc<dyn UsageSink>,
+}
+
+impl Worker {
+    pub fn run(mut self) {
+        let mut running: Vec<Running> = Vec::new();
+        let mut preempted: VecDeque<Running> = VecDeque::new();
+        let mut next_seq: SeqId = 0;
+        loop {
+            self.drop_gone(&mut running);
+            self.admit(&mut running, &mut preempted, &mut next_seq);
+            if running.is_empty() {
+                if self.shared.stopping() {
+                    return;
+                }
+                self.shared.wait_for_work(Duration::from_millis(50));
+                continue;
+            }
+            self.shared.set_running(running.len());
+            self.step(&mut running, &mut preempted);
+            self.shared.set_kv_free(self.kv.free_blocks());
+        }
+    }
+
+    /// Ends sequences whose client disconnected or whose deadline passed.
+    fn drop_gone(&mut self, running: &mut Vec<Running>) {
+        let now = Instant::now();
+        let mut i = 0;
+        while i < running.len() {
+            let r = &running[i];
+            let failure = if r.job.events.is_closed() {
+                Some(Failure::Cancelled)
+            } else if r.job.deadline.is_some_and(|d| d <= now) {
+                Some(Failure::DeadlineExceeded)
+            } else {
+                None
+            };
+            match failure {
+                Some(failure) => {
+                    let r = running.swap_remove(i);
+                    self.kv.free(r.seq);
+                    self.end(r, Err(failure));
+                }
+                None => i += 1,
+            }
+        }
+    }
+
+    fn admit(
+        &mut self,
+        running: &mut Vec<Running>,
+        preempted: &mut VecDeque<Running>,
+        next_seq: &mut SeqId,
+    ) {
+        while running.len() < self.config.max_batch_size {
+            if let Some(r) = preempted.pop_front() {
+                running.push(r);
+                continue;
+            }
+            let (job, expired) = self.shared.pop(Instant::now());
+            for job in expired {
+                self.fail_unstarted(job, Failure::DeadlineExceeded);
+            }
+            let Some(job) = job else { break };
+            if job.events.is_closed() {
+                self.fail_unstarted(job, Failure::Cancelled);
+                continue;
+            }
+            let generation = match Generation::new(job.params.clone(), self.tokenizer.eos_id()) {
+                Ok(g) => g,
+                Err(e) => {
+                    self.fail_unstarted(job, Failure::Internal(e.to_string()));
+                    continue;
+                }
+            };
+            *next_seq += 1;
+            running.push(Running {
+                pending: job.prompt.clone(),
+                seq: *next_seq,
+                generation,
+                admitted_at: Instant::now(),
+                first_token_at: None,
+                device_us: 0.0,
+                energy_j: 0.0,
+                job,
+            });
+        }
+    }
+
+    fn step(&mut self, running: &mut Vec<Running>, preempted: &mut VecDeque<Running>) {
+        // Decodes first (one token each), then prefill chunks in the budget.
+        let mut order: Vec<usize> = (0..running.len()).collect();
+        order.sort_by_key(|&i| (running[i].pending.len() > 1, running[i].admitted_at));
+        let mut budget = self.config.max_batch_tokens;
+        let mut chosen: Vec<(usize, usize)> = Vec::new();
+        for i in order {
+            if budget == 0 {
+                break;
+            }
+            let take = running[i].pending.len().min(budget);
+            budget -= take;
+            chosen.push((i, take));
+        }
+        let batch: Vec<SeqChunk<'_>> = chosen
+            .iter()
+            .map(|&(i, take)| SeqChunk {
+                seq: running[i].seq,
+                tokens: &running[i].pending[..take],
+            })
+            .collect();
+        let started = Instant::now();
+        let output = match self.model.step(&mut self.device, &mut self.kv, &batch) {
+            Ok(output) => output,
+            Err(ModelError::OutOfBlocks { .. }) => {
+                drop(batch);
+                self.preempt(running, preempted);
+                return;
+            }
+            Err(e) => {
+                drop(batch);
+                tracing::error!(error = %e, "model step failed; failing its batch");
+                let failed: Vec<usize> = chosen.iter().map(|&(i, _)| i).collect();
+                for i in failed.into_iter().rev() {
+                    let r = running.swap_remove(i);
+                    self.kv.free(r.seq);
+                    self.end(r, Err(Failure::Internal(e.to_string())));
+                }
+                return;
+            }
+        };
+        if self.config.pace == Pace::Device {
+            let device = Duration::from_secs_f64(output.device_us / 1e6);
+            if let Some(rest) = device.checked_sub(started.elapsed()) {
+                std::thread::sleep(rest);
+            }
+        }
+        let mut finished = Vec::new();
+        for ((&(i, take), logits), share) in chosen.iter().zip(&output.logits).zip(&output.per_seq)
+        {
+            let r = &mut running[i];
+            r.device_us += share.device_us;
+            r.energy_j += share.energy_j;
+            r.pending.drain(..take);
+            if !r.pending.is_empty() {
+                continue; // a prefill chunk; its logits are not needed yet
+            }
+            match r.generation.push_logits(&self.tokenizer, logits) {
+                Ok(event) => {
+                    r.first_token_at.get_or_insert_with(Instant::now);
+                    let logprob = event.logprob.map(|lp| (event.token, lp));
+                    let _ = r.job.events.send(JobEvent::Delta {
+                        text: event.delta,
+                        logprob,
+                    });
+                    match event.finish {
+                        Some(reason) => finished.push((i, Ok(reason))),
+                        None => r.pending.push(event.token),
+                    }
+                }
+                Err(e) => finished.push((i, Err(Failure::Internal(e.to_string())))),
+            }
+        }
+        finished.sort_by_key(|(i, _)| std::cmp::Reverse(*i));
+        for (i, outcome) in finished {
+            let r = running.swap_remove(i);
+            self.kv.free(r.seq);
+            self.end(r, outcome);
+        }
+    }
+
+    /// Frees the newest sequence of the lowest priority and parks it to be
+    /// prefilled again (prompt + its tokens so far) when blocks allow.
+    fn preempt(&mut self, running: &mut Vec<Running>, preempted: &mut VecDeque<Running>) {
+        let victim = (0..running.len()).min_by_key(|&i| {
+            let r = &running[i];
+            (r.job.priority, std::cmp::Reverse(r.admitted_at))
+        });
+        let Some(victim) = victim else { return };
+        let mut r = running.swap_remove(victim);
+        self.kv.free(r.seq);
+        self.shared.count_preemption();
+        if running.is_empty() {
+            // Alone and still too big for the whole pool: it can never run.
+            self.end(
+                r,
+                Err(Failure::Internal(
+                    "the request does not fit in this device's KV cache".to_owned(),
+                )),
+            );
+            return;
+        }
+        let mut replay = r.job.prompt.clone();
+        replay.extend_from_slice(r.generation.tokens());
+        r.pending = replay;
+        preempted.push_back(r);
+    }
+
+    fn usage_of(&self, r: &Running, now: Instant) -> JobUsage {
+        let received = r.job.received_at;
+        JobUsage {
+            prompt_tokens: u32::try_from(r.job.prompt.len()).unwrap_or(u32::MAX),
+            completion_tokens: u32::try_from(r.generation.tokens().len()).unwrap_or(u32::MAX),
+            queue_time_us: micros(r.admitted_at.saturating_duration_since(received)),
+            ttft_us: r
+                .first_token_at
+                .map_or(0, |t| micros(t.saturating_duration_since(received))),
+            total_time_us: micros(now.saturating_duration_since(received)),
+            device_time_us: r.device_us.round() as u64,
+            energy_mj: (r.energy_j * 1000.0).round() as u64,
+            device_profile: self.device.profile().name.clone(),
+        }
+    }
+
+    /// Records usage durably, settles limits, then sends the last event.
+    fn end(&self, mut r: Running, outcome: Result<FinishReason, Failure>) {
+        let usage = self.usage_of(&r, Instant::now());
+        let reason = match &outcome {
+            Ok(FinishReason::Eos) => "eos",
+            Ok(FinishReason::Stop) => "stop",
+            Ok(FinishReason::Length) => "length",
+            Err(Failure::Cancelled) => "cancelled",
+            Err(Failure::DeadlineExceeded) => "deadline_exceeded",
+            Err(Failure::Internal(_)) => "error",
+        };
+        if let Err(e) = self
+            .usage
+            .record(&r.job.requester, r.job.started_at_us, &usage, reason)
+        {
+            tracing::error!(error = %e, request_id = %r.job.requester.request_id, "usage not recorded");
+        }
+        if let Some(permit) = r.job.permit.take() {
+            permit.settle_in_background(
+                u64::from(usage.prompt_tokens) + u64::from(usage.completion_tokens),
+            );
+        }
+        let event = match outcome {
+            Ok(reason) => JobEvent::Finished { reason, usage },
+            Err(failure) => JobEvent::Failed { failure, usage },
+        };
+        let _ = r.job.events.send(event);
+    }
+
+    /// A job that never ran: nothing was computed, but it was admitted, so
+    /// it still gets its (zero) usage record.
+    fn fail_unstarted(&self, job: Job, failure: Failure) {
+        let r = Running {
+            pending: Vec::new(),
+            seq: 0,
+            generation: match Generation::new(job.params.clone(), None) {
+                Ok(g) => g,
+                Err(_) => {
+                    let _ = job.events.send(JobEvent::Failed {
+                        failure,
+                        usage: JobUsage::default(),
+                    });
+                    return;
+                }
+            },
+            admitted_at: Instant::now(),
+            first_token_at: None,
+            device_us: 0.0,
+            energy_j: 0.0,
+            job,
+        };
+        self.end(r, Err(failure));
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}

@@ -1,0 +1,277 @@
+//! Generation end to end over real gRPC: the tiny model on emulated NPU
+//! workers, limits, and usage metered exactly once.
+
+use std::time::Duration;
+
+use ascend_gateway::api::pb::v1::inference_client::InferenceClient;
+use ascend_gateway::api::pb::v1::tenant_admin_client::TenantAdminClient;
+use ascend_gateway::api::pb::v1::{
+    ChatMessage, CountTokensRequest, CreateApiKeyRequest, CreateTenantRequest, GenerateRequest,
+    ListModelsRequest, generate_stream_response,
+};
+use tokio_stream::StreamExt;
+use tonic::Code;
+
+use crate::common::{TestGateway, admin, authed};
+
+async fn tenant_key(gateway: &TestGateway, slug: &str) -> String {
+    let mut client = TenantAdminClient::new(gateway.channel.clone());
+    client
+        .create_tenant(admin(CreateTenantRequest {
+            slug: slug.to_owned(),
+            ..Default::default()
+        }))
+        .await
+        .expect("tenant");
+    client
+        .create_api_key(admin(CreateApiKeyRequest {
+            tenant: slug.to_owned(),
+            ..Default::default()
+        }))
+        .await
+        .expect("key")
+        .into_inner()
+        .secret
+}
+
+fn request(prompt: &str, seed: u64) -> GenerateRequest {
+    GenerateRequest {
+        model: "tiny".to_owned(),
+        prompt: prompt.to_owned(),
+        max_tokens: Some(12),
+        temperature: Some(0.8),
+        seed: Some(seed),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn generate_and_stream_agree_and_report_usage() {
+    let gateway = TestGateway::start().await;
+    let key = tenant_key(&gateway, "writer").await;
+    let mut client = InferenceClient::new(gateway.channel.clone());
+
+    let models = client
+        .list_models(authed(ListModelsRequest {}, &key))
+        .await
+        .expect("models")
+        .into_inner()
+        .models;
+    assert_eq!(models.len(), 1);
+    assert_eq!(models[0].id, "tiny");
+    assert_eq!(models[0].device_profile, "ascend-910b");
+
+    let prompt = "The quick brown fox jumps over the lazy dog.";
+    let counted = client
+        .count_tokens(authed(
+            CountTokensRequest {
+                model: "tiny".to_owned(),
+                prompt: prompt.to_owned(),
+                ..Default::default()
+            },
+            &key,
+        ))
+        .await
+        .expect("count")
+        .into_inner()
+        .token_count;
+
+    let unary = client
+        .generate(authed(request(prompt, 42), &key))
+        .await
+        .expect("generate")
+        .into_inner();
+    let usage = unary.usage.expect("usage");
+    assert_eq!(
+        usage.prompt_tokens, counted,
+        "billed prompt tokens are the tokenizer's count"
+    );
+    assert!(usage.completion_tokens >= 1 && usage.completion_tokens <= 12);
+    assert!(usage.device_time_us > 0 && usage.energy_mj > 0, "{usage:?}");
+    assert_ne!(unary.finish_reason, 0);
+
+    let mut stream = client
+        .generate_stream(authed(request(prompt, 42), &key))
+        .await
+        .expect("stream")
+        .into_inner();
+    let mut streamed = String::new();
+    let mut complete = None;
+    while let Some(message) = stream.next().await {
+        match message.expect("message").event.expect("event") {
+            generate_stream_response::Event::Delta(delta) => streamed.push_str(&delta.text),
+            generate_stream_response::Event::Complete(done) => complete = Some(done),
+        }
+    }
+    let complete = complete.expect("a final message");
+    assert_eq!(
+        streamed, unary.text,
+        "same seed, same text, streamed or not"
+    );
+    assert_eq!(
+        complete.usage.expect("usage").completion_tokens,
+        usage.completion_tokens
+    );
+
+    let chat = client
+        .generate(authed(
+            GenerateRequest {
+                model: "tiny".to_owned(),
+                messages: vec![ChatMessage {
+                    role: "user".to_owned(),
+                    content: "Hello there".to_owned(),
+                }],
+                max_tokens: Some(4),
+                ..Default::default()
+            },
+            &key,
+        ))
+        .await
+        .expect("chat");
+    assert!(chat.into_inner().usage.expect("usage").prompt_tokens > 2);
+    gateway.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn bad_requests_are_refused_naming_the_field() {
+    let gateway = TestGateway::start().await;
+    let key = tenant_key(&gateway, "careless").await;
+    let mut client = InferenceClient::new(gateway.channel.clone());
+    let base = || request("hello", 1);
+    let cases: Vec<(GenerateRequest, Code, &str)> = vec![
+        (
+            GenerateRequest {
+                model: "gpt-9".to_owned(),
+                ..base()
+            },
+            Code::NotFound,
+            "gpt-9",
+        ),
+        (
+            GenerateRequest {
+                max_tokens: Some(0),
+                ..base()
+            },
+            Code::InvalidArgument,
+            "max_tokens",
+        ),
+        (
+            GenerateRequest {
+                max_tokens: Some(100_000),
+                ..base()
+            },
+            Code::InvalidArgument,
+            "max_tokens",
+        ),
+        (
+            GenerateRequest {
+                temperature: Some(f32::NAN),
+                ..base()
+            },
+            Code::InvalidArgument,
+            "temperature",
+        ),
+        (
+            GenerateRequest {
+                temperature: Some(-1.0),
+                ..base()
+            },
+            Code::InvalidArgument,
+            "temperature",
+        ),
+        (
+            GenerateRequest {
+                top_p: Some(0.0),
+                ..base()
+            },
+            Code::InvalidArgument,
+            "top_p",
+        ),
+        (
+            GenerateRequest {
+                prompt: String::new(),
+                ..base()
+            },
+            Code::InvalidArgument,
+            "prompt",
+        ),
+        (
+            GenerateRequest {
+                stop: (0..9).map(|i| i.to_string()).collect(),
+                ..base()
+            },
+            Code::InvalidArgument,
+            "stop",
+        ),
+        (
+            GenerateRequest {
+                prompt: "word ".repeat(5000),
+                ..base()
+            },
+            Code::InvalidArgument,
+            "context window",
+        ),
+        (
+            GenerateRequest {
+                request_id: "has spaces".to_owned(),
+                ..base()
+            },
+            Code::InvalidArgument,
+            "request_id",
+        ),
+    ];
+    for (request, code, needle) in cases {
+        let status = client
+            .generate(authed(request, &key))
+            .await
+            .expect_err("refused");
+        assert_eq!(status.code(), code, "{needle}: {status:?}");
+        assert!(
+            status.message().contains(needle),
+            "{needle}: {}",
+            status.message()
+        );
+    }
+    gateway.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn usage_is_metered_once_per_request_id() {
+    let gateway = TestGateway::start().await;
+    let key = tenant_key(&gateway, "metered").await;
+    let mut client = InferenceClient::new(gateway.channel.clone());
+    let mut retried = request("count me once", 3);
+    retried.request_id = "client-retry-1".to_owned();
+    let first = client
+        .generate(authed(retried.clone(), &key))
+        .await
+        .expect("first")
+        .into_inner();
+    client
+        .generate(authed(retried, &key))
+        .await
+        .expect("the retry is served too");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let row: (i64, i64, i64) = loop {
+        let row: Option<(i64, i64, i64)> = sqlx::query_as(
+            "SELECT COUNT(*), MAX(prompt_tokens), MAX(completion_tokens) FROM usage_events \
+             WHERE request_id = 'client-retry-1' HAVING COUNT(*) > 0",
+        )
+        .fetch_optional(gateway.db.pool())
+        .await
+        .expect("query");
+        if let Some(row) = row {
+            break row;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "usage never reached the database"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let usage = first.usage.expect("usage");
+    assert_eq!(row.0, 1, "one usage row for one request id");
+    assert_eq!(row.1, i64::from(usage.prompt_tokens));
+    assert_eq!(row.2, i64::from(usage.completion_tokens));
+    gateway.stop().await.expect("clean stop");
+}
