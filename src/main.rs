@@ -36,6 +36,55 @@ enum Command {
     Migrate(CommonArgs),
     /// Print the effective configuration (secrets hidden), then exit.
     Config(ServeArgs),
+    /// Create or run a model directory locally (no server).
+    #[command(subcommand)]
+    Model(ModelCommand),
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum FormatArg {
+    Bf16,
+    F16,
+    Int8,
+    Fp8,
+}
+
+#[derive(Subcommand)]
+enum ModelCommand {
+    /// Write a complete model directory (config.json, model.safetensors,
+    /// tokenizer.json) with seeded random weights and a trained BPE vocabulary.
+    Init {
+        #[arg(long, value_parser = ["tiny", "small"], default_value = "small")]
+        preset: String,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Storage format of the linear weights
+        #[arg(long, value_enum, default_value = "bf16")]
+        format: FormatArg,
+    },
+    /// Generate from a prompt on one emulated device and print the text, the
+    /// usage and the per-operator profile.
+    Generate {
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long, default_value_t = 32)]
+        max_tokens: usize,
+        /// 0 is greedy
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Device profile: a builtin name or a TOML file
+        #[arg(long, default_value = "ascend-910b")]
+        device: String,
+        /// Also write a Chrome trace (opens in Perfetto)
+        #[arg(long, value_name = "FILE")]
+        trace: Option<PathBuf>,
+    },
 }
 
 #[derive(Args)]
@@ -100,6 +149,15 @@ fn main() -> ExitCode {
             (args.common.config_file(), args.overrides())
         }
         Command::Migrate(args) => (args.config_file(), args.overrides()),
+        Command::Model(command) => {
+            return match model_command(command) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {}", ascend_gateway::error::one_line(e.as_ref()));
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            };
+        }
     };
     let settings = match Settings::load(file.as_deref(), &flags) {
         Ok(settings) => settings,
@@ -132,7 +190,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(_) => serve(settings).await,
             Command::Migrate(_) => migrate(settings).await,
-            Command::Config(_) => Ok(()),
+            Command::Config(_) | Command::Model(_) => Ok(()),
         }
     });
     match result {
@@ -162,4 +220,106 @@ async fn migrate(settings: Settings) -> anyhow::Result<()> {
     );
     db.close().await;
     Ok(())
+}
+
+fn model_command(command: &ModelCommand) -> anyhow::Result<()> {
+    use ascend_gateway::model::init::{InitOptions, init_model_dir_with};
+    use ascend_gateway::model::kv_cache::{KvPool, KvPoolOptions};
+    use ascend_gateway::model::sampling::SamplingParams;
+    use ascend_gateway::model::tokenizer::Tokenizer;
+    use ascend_gateway::model::transformer::{LoadOptions, Model};
+    use ascend_gateway::model::{GenerateRequest, Preset, generate};
+    use ascend_gateway::npu::{Device, DeviceProfile, WeightFormat};
+
+    match command {
+        ModelCommand::Init {
+            preset,
+            seed,
+            out,
+            format,
+        } => {
+            let preset: Preset = preset.parse()?;
+            let weight_format = match format {
+                FormatArg::Bf16 => WeightFormat::Bf16,
+                FormatArg::F16 => WeightFormat::F16,
+                FormatArg::Int8 => WeightFormat::Int8,
+                FormatArg::Fp8 => WeightFormat::Fp8E4m3,
+            };
+            let options = InitOptions {
+                weight_format,
+                ..InitOptions::default()
+            };
+            init_model_dir_with(preset, *seed, out, &options)?;
+            println!("model directory written to {}", out.display());
+            Ok(())
+        }
+        ModelCommand::Generate {
+            dir,
+            prompt,
+            max_tokens,
+            temperature,
+            seed,
+            device,
+            trace,
+        } => {
+            let model = Model::load(dir, &LoadOptions::default())?;
+            let tokenizer = Tokenizer::from_dir(dir)?;
+            let profile = if device.ends_with(".toml") {
+                DeviceProfile::from_file(device)?
+            } else {
+                DeviceProfile::builtin(device)?
+            };
+            let mut kv = KvPool::for_device(
+                model.config(),
+                &profile,
+                model.weights().device_bytes(),
+                &KvPoolOptions {
+                    max_blocks: Some(4096),
+                    ..KvPoolOptions::default()
+                },
+            )?;
+            let mut dev = Device::new(profile)?;
+            let request = GenerateRequest {
+                prompt: tokenizer.encode(prompt, true)?,
+                params: SamplingParams {
+                    temperature: *temperature,
+                    seed: *seed,
+                    max_tokens: *max_tokens,
+                    ..SamplingParams::default()
+                },
+            };
+            let prompt_tokens = request.prompt.len();
+            let started = std::time::Instant::now();
+            let results = generate(&model, &mut dev, &mut kv, &tokenizer, &[request])?;
+            let wall = started.elapsed();
+            let result = results
+                .into_iter()
+                .next()
+                .context("the model returned no result")?;
+            println!("{}", result.text);
+            println!();
+            println!(
+                "{} prompt + {} completion tokens, finish {:?}; emulated {} device time {:.1} us, energy {:.3} J; CPU wall {:.1} ms ({:.1} tokens/s)",
+                prompt_tokens,
+                result.tokens.len(),
+                result.finish,
+                dev.profile().name,
+                result.device_us,
+                result.energy_j,
+                wall.as_secs_f64() * 1e3,
+                result.tokens.len() as f64 / wall.as_secs_f64()
+            );
+            println!();
+            println!("{}", dev.profiler().table());
+            if let Some(path) = trace {
+                std::fs::write(path, dev.profiler().chrome_trace_json())
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+                println!(
+                    "Chrome trace written to {} (open it in Perfetto)",
+                    path.display()
+                );
+            }
+            Ok(())
+        }
+    }
 }
