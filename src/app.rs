@@ -279,6 +279,11 @@ impl App {
         self.metrics_addr
     }
 
+    /// The served models.
+    pub fn models(&self) -> &ModelRegistry {
+        &self.registry
+    }
+
     /// Where serving records usage.
     pub fn metering(&self) -> &Arc<Metering> {
         &self.metering

@@ -144,6 +144,7 @@ impl ServedModel {
                 },
                 shared: shared.clone(),
                 usage: usage.clone(),
+                stalled: false,
             };
             let thread = std::thread::Builder::new()
                 .name(format!("npu-{id}-{n}"))

@@ -50,6 +50,9 @@ pub(crate) struct Worker {
     pub config: WorkerConfig,
     pub shared: Arc<Shared>,
     pub usage: Arc<dyn UsageSink>,
+    /// The last step ran out of KV blocks: admit nothing until a step
+    /// succeeds, so preemption makes progress instead of thrashing.
+    pub stalled: bool,
 }
 
 impl Worker {
@@ -97,16 +100,39 @@ impl Worker {
         }
     }
 
+    /// Whether a sequence of `tokens` can start now: its blocks plus one
+    /// block of decode headroom per running sequence must be free, so that
+    /// admitting it does not force an immediate preemption.
+    fn fits(&self, tokens: usize, running: usize) -> bool {
+        let block = self.kv.block_size().max(1);
+        tokens.div_ceil(block) + running < self.kv.free_blocks()
+    }
+
     fn admit(
         &mut self,
         running: &mut Vec<Running>,
         preempted: &mut VecDeque<Running>,
         next_seq: &mut SeqId,
     ) {
+        if self.stalled && !running.is_empty() {
+            return;
+        }
         while running.len() < self.config.max_batch_size {
-            if let Some(r) = preempted.pop_front() {
-                running.push(r);
+            if let Some(front) = preempted.front() {
+                // Preempted sequences go first, when their blocks are free
+                // again; nothing new starts ahead of them.
+                if !(running.is_empty() || self.fits(front.pending.len(), running.len())) {
+                    break;
+                }
+                if let Some(mut r) = preempted.pop_front() {
+                    // Newest again: if blocks run short, it yields first.
+                    r.admitted_at = Instant::now();
+                    running.push(r);
+                }
                 continue;
+            }
+            if !running.is_empty() && !self.fits(1, running.len()) {
+                break;
             }
             let (job, expired) = self.shared.pop(Instant::now());
             for job in expired {
@@ -162,16 +188,25 @@ impl Worker {
         let started = Instant::now();
         let output = match self.model.step(&mut self.device, &mut self.kv, &batch) {
             Ok(output) => output,
-            Err(ModelError::OutOfBlocks { .. }) => {
+            Err(ModelError::OutOfBlocks { needed, free, .. }) => {
+                tracing::debug!(
+                    needed,
+                    free,
+                    running = running.len(),
+                    "KV pool short: preempting"
+                );
                 drop(batch);
+                self.stalled = true;
                 self.preempt(running, preempted);
                 return;
             }
             Err(e) => {
                 drop(batch);
                 tracing::error!(error = %e, "model step failed; failing its batch");
-                let failed: Vec<usize> = chosen.iter().map(|&(i, _)| i).collect();
-                for i in failed.into_iter().rev() {
+                let mut failed: Vec<usize> = chosen.iter().map(|&(i, _)| i).collect();
+                // Highest index first, so each swap_remove leaves the rest in place.
+                failed.sort_unstable_by(|a, b| b.cmp(a));
+                for i in failed {
                     let r = running.swap_remove(i);
                     self.kv.free(r.seq);
                     self.end(r, Err(Failure::Internal(e.to_string())));
@@ -179,6 +214,7 @@ impl Worker {
                 return;
             }
         };
+        self.stalled = false;
         if self.config.pace == Pace::Device {
             let device = Duration::from_secs_f64(output.device_us / 1e6);
             if let Some(rest) = device.checked_sub(started.elapsed()) {

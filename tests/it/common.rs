@@ -21,6 +21,8 @@ pub struct TestGateway {
     pub channel: Channel,
     /// The gateway's own database, for asserting on stored rows.
     pub db: ascend_gateway::store::Db,
+    /// The served models, for asserting on queues and KV pools.
+    pub models: ascend_gateway::serving::ModelRegistry,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), ServeError>>,
     _data_dir: TempDir,
@@ -102,6 +104,7 @@ impl TestGateway {
         let addr = app.local_addr();
         let metrics_addr = app.metrics_addr();
         let db = app.db().clone();
+        let models = app.models().clone();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(app.run_until(async {
             let _ = stopped.await;
@@ -116,6 +119,7 @@ impl TestGateway {
             metrics_addr,
             channel,
             db,
+            models,
             stop: Some(stop),
             task,
             _data_dir: data_dir,

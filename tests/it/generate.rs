@@ -275,3 +275,114 @@ async fn usage_is_metered_once_per_request_id() {
     assert_eq!(row.2, i64::from(usage.completion_tokens));
     gateway.stop().await.expect("clean stop");
 }
+
+async fn solo_then_together(
+    gateway: &TestGateway,
+    key: &str,
+    prompts: &[String],
+) -> (Vec<String>, Vec<String>) {
+    let mut client = InferenceClient::new(gateway.channel.clone());
+    let mut solo = Vec::new();
+    for (i, prompt) in prompts.iter().enumerate() {
+        let mut r = request(prompt, 100 + i as u64);
+        r.max_tokens = Some(24);
+        solo.push(
+            client
+                .generate(authed(r, key))
+                .await
+                .expect("solo")
+                .into_inner()
+                .text,
+        );
+    }
+    let together = futures_join_all(prompts.iter().enumerate().map(|(i, prompt)| {
+        let mut client = InferenceClient::new(gateway.channel.clone());
+        let mut r = request(prompt, 100 + i as u64);
+        r.max_tokens = Some(24);
+        let key = key.to_owned();
+        async move {
+            client
+                .generate(authed(r, &key))
+                .await
+                .expect("batched")
+                .into_inner()
+                .text
+        }
+    }))
+    .await;
+    (solo, together)
+}
+
+async fn futures_join_all<F: std::future::Future<Output = String> + Send + 'static>(
+    futures: impl Iterator<Item = F>,
+) -> Vec<String> {
+    let handles: Vec<_> = futures.map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for handle in handles {
+        out.push(handle.await.expect("join"));
+    }
+    out
+}
+
+fn prompts() -> Vec<String> {
+    [
+        "Once upon a time",
+        "The gateway serves many tenants",
+        "Ascend NPUs have cube and vector cores",
+        "Hello",
+        "Billing is per million tokens and must be exact to the unit",
+        "Continuous batching",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_output_equals_solo_output() {
+    let gateway = TestGateway::start().await;
+    let key = tenant_key(&gateway, "batched").await;
+    let (solo, together) = solo_then_together(&gateway, &key, &prompts()).await;
+    assert_eq!(
+        solo, together,
+        "each request's text is the same alone or batched"
+    );
+    gateway.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tiny_kv_pool_preempts_and_still_completes_every_request_exactly() {
+    let data_dir = tempfile::tempdir().expect("temp dir");
+    let mut settings = crate::common::test_settings(&data_dir);
+    // 6 blocks of 16 tokens: far less than six requests need at once.
+    settings.models[0].kv_max_blocks = Some(6);
+    let gateway = TestGateway::start_with(settings, data_dir).await;
+    let key = tenant_key(&gateway, "squeezed").await;
+    let (solo, together) = solo_then_together(&gateway, &key, &prompts()).await;
+    assert_eq!(
+        solo, together,
+        "recompute after preemption continues exactly"
+    );
+    let model = gateway.models.get("tiny").expect("tiny");
+    assert!(
+        model.preemptions() > 0,
+        "the pool was too small not to preempt"
+    );
+    gateway.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn an_expired_deadline_answers_deadline_exceeded_and_is_metered() {
+    let gateway = TestGateway::start().await;
+    let key = tenant_key(&gateway, "hurried").await;
+    let mut client = InferenceClient::new(gateway.channel.clone());
+    let mut r = authed(request("no time", 9), &key);
+    r.get_mut().request_id = "hurried-1".to_owned();
+    r.set_timeout(Duration::from_millis(1));
+    let status = client.generate(r).await.expect_err("no time to run");
+    assert!(
+        matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{status:?}"
+    );
+    gateway.stop().await.expect("clean stop");
+}
