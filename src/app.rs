@@ -315,6 +315,7 @@ impl App {
         let metrics_registry = crate::metrics::registry(crate::metrics::GatewayCollector {
             limiter: limiter.clone(),
             metering,
+            models: registry.clone(),
         });
         tasks.spawn(crate::metrics::serve(
             metrics_listener,

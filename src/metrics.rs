@@ -23,12 +23,31 @@ use tokio_util::sync::CancellationToken;
 
 use crate::limits::{LimitKind, Limiter};
 use crate::metering::Metering;
+use crate::serving::{ModelRegistry, ServedModel};
 use crate::store::now_us;
 
 /// Reads the gateway's counters at each scrape.
 pub struct GatewayCollector {
     pub limiter: Arc<Limiter>,
     pub metering: Arc<Metering>,
+    pub models: ModelRegistry,
+}
+
+/// One gauge family with a `model` label.
+fn per_model(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    models: &ModelRegistry,
+    value: impl Fn(&ServedModel) -> i64,
+) -> std::fmt::Result {
+    let kind = ConstGauge::new(0i64);
+    let mut family = encoder.encode_descriptor(name, help, None, kind.metric_type())?;
+    for model in models.iter() {
+        let labels = [("model", model.settings.id.as_str())];
+        ConstGauge::new(value(model)).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
 }
 
 impl std::fmt::Debug for GatewayCollector {
@@ -104,6 +123,42 @@ impl Collector for GatewayCollector {
             ConstCounter::new(self.limiter.rejections(kind))
                 .encode(family.encode_family(&labels)?)?;
         }
+        let count = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        per_model(
+            &mut encoder,
+            "ascend_gateway_queue_requests",
+            "Requests waiting in the model's queue",
+            &self.models,
+            |m| count(m.queue_depth().0 as u64),
+        )?;
+        per_model(
+            &mut encoder,
+            "ascend_gateway_queue_tokens",
+            "Tokens (prompt + max_tokens) of the requests waiting in the model's queue",
+            &self.models,
+            |m| count(m.queue_depth().1),
+        )?;
+        per_model(
+            &mut encoder,
+            "ascend_gateway_running_sequences",
+            "Sequences in the workers' batches",
+            &self.models,
+            |m| count(m.running() as u64),
+        )?;
+        per_model(
+            &mut encoder,
+            "ascend_gateway_kv_blocks_free",
+            "Free KV cache blocks, as last reported by the workers",
+            &self.models,
+            |m| count(m.kv_free_blocks() as u64),
+        )?;
+        per_model(
+            &mut encoder,
+            "ascend_gateway_preemptions",
+            "Sequences preempted because KV blocks ran out (a running total)",
+            &self.models,
+            |m| count(m.preemptions()),
+        )?;
         Ok(())
     }
 }

@@ -203,6 +203,11 @@ impl ServedModel {
         self.shared.kv_free.load(Ordering::Relaxed)
     }
 
+    /// Sequences in the workers' batches.
+    pub fn running(&self) -> usize {
+        self.shared.running.load(Ordering::Relaxed)
+    }
+
     pub fn preemptions(&self) -> u64 {
         self.shared.preemptions.load(Ordering::Relaxed)
     }

@@ -64,6 +64,7 @@ impl Worker {
             self.drop_gone(&mut running);
             self.admit(&mut running, &mut preempted, &mut next_seq);
             if running.is_empty() {
+                self.shared.set_running(0);
                 if self.shared.stopping() {
                     return;
                 }
