@@ -573,5 +573,13 @@ async fn rejections_are_counted_in_the_metrics() {
         body.contains("ascend_gateway_usage_events_pending"),
         "{body}"
     );
+    assert!(
+        body.contains("ascend_gateway_queue_requests{model=\"tiny\"} 0"),
+        "{body}"
+    );
+    assert!(
+        body.contains("ascend_gateway_kv_blocks_free{model=\"tiny\"}"),
+        "{body}"
+    );
     gateway.stop().await.expect("clean stop");
 }
