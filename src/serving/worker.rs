@@ -65,6 +65,7 @@ impl Worker {
             self.admit(&mut running, &mut preempted, &mut next_seq);
             if running.is_empty() {
                 self.shared.set_running(0);
+                self.shared.set_kv_free(self.kv.free_blocks());
                 if self.shared.stopping() {
                     return;
                 }

@@ -386,3 +386,59 @@ async fn an_expired_deadline_answers_deadline_exceeded_and_is_metered() {
     );
     gateway.stop().await.expect("clean stop");
 }
+
+#[tokio::test]
+async fn a_dropped_stream_frees_its_slot_and_blocks_and_is_metered() {
+    let gateway = TestGateway::start().await;
+    let key = tenant_key(&gateway, "impatient").await;
+    let model = gateway.models.get("tiny").expect("tiny").clone();
+    let free_before = model.kv_free_blocks();
+    let mut client = InferenceClient::new(gateway.channel.clone());
+    let mut r = request(&"a long prompt to chew on ".repeat(20), 5);
+    r.max_tokens = Some(64);
+    r.request_id = "dropped-1".to_owned();
+    let mut stream = client
+        .generate_stream(authed(r, &key))
+        .await
+        .expect("stream")
+        .into_inner();
+    let _first = stream.next().await.expect("a first message").expect("ok");
+    drop(stream);
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let (reason, completion): (String, i64) = loop {
+        let row: Option<(String, i64)> = sqlx::query_as(
+            "SELECT finish_reason, completion_tokens FROM usage_events WHERE request_id = 'dropped-1'",
+        )
+        .fetch_optional(gateway.db.pool())
+        .await
+        .expect("query");
+        if let Some(row) = row {
+            break row;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no usage for the dropped stream"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        ["cancelled", "eos", "length", "stop"].contains(&reason.as_str()),
+        "{reason}"
+    );
+    if reason == "cancelled" {
+        assert!(completion < 64, "usage covers only the tokens produced");
+    }
+    // The worker reports its gauges when it next goes idle.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while model.running() != 0 || model.kv_free_blocks() != free_before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "slot or KV blocks not returned: running {}, free {} of {free_before}",
+            model.running(),
+            model.kv_free_blocks()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    gateway.stop().await.expect("clean stop");
+}
