@@ -442,3 +442,69 @@ async fn a_dropped_stream_frees_its_slot_and_blocks_and_is_metered() {
     }
     gateway.stop().await.expect("clean stop");
 }
+
+/// Tenant A floods the queue with 200 requests; tenant B then sends 10. The
+/// bound stated and checked: B's 10 finish while A completes at most 40 more
+/// (fair queuing interleaves B with A's queue instead of behind it; a FIFO
+/// would make B wait for all of A's backlog, well over 100 requests here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_tenant_does_not_starve_a_quiet_one() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let gateway = TestGateway::start().await;
+    let flood_key = tenant_key(&gateway, "flooder").await;
+    let quiet_key = tenant_key(&gateway, "quiet").await;
+    let a_done = Arc::new(AtomicUsize::new(0));
+    let small = |seed: u64| {
+        let mut r = request("flood", seed);
+        r.max_tokens = Some(4);
+        r
+    };
+    let mut flood = Vec::new();
+    for i in 0..200 {
+        let mut client = InferenceClient::new(gateway.channel.clone());
+        let (key, done, r) = (flood_key.clone(), a_done.clone(), small(i));
+        flood.push(tokio::spawn(async move {
+            client
+                .generate(authed(r, &key))
+                .await
+                .expect("flood request");
+            done.fetch_add(1, Ordering::SeqCst);
+        }));
+    }
+    // Let the flood reach the queue first.
+    let wait_until = std::time::Instant::now() + Duration::from_secs(30);
+    while gateway.models.get("tiny").expect("tiny").queue_depth().0 < 100 {
+        assert!(
+            std::time::Instant::now() < wait_until,
+            "the flood never queued up"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let a_before = a_done.load(Ordering::SeqCst);
+    let mut quiet = Vec::new();
+    for i in 0..10 {
+        let mut client = InferenceClient::new(gateway.channel.clone());
+        let (key, r) = (quiet_key.clone(), small(1000 + i));
+        quiet.push(tokio::spawn(async move {
+            client
+                .generate(authed(r, &key))
+                .await
+                .expect("quiet request");
+        }));
+    }
+    for q in quiet {
+        q.await.expect("join");
+    }
+    let a_during = a_done.load(Ordering::SeqCst) - a_before;
+    eprintln!("flooder completions while the quiet tenant waited: {a_during}");
+    assert!(
+        a_during <= 40,
+        "the flooder completed {a_during} requests while the quiet tenant's 10 waited"
+    );
+    for f in flood {
+        f.await.expect("join");
+    }
+    gateway.stop().await.expect("clean stop");
+}
