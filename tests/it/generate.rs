@@ -508,3 +508,43 @@ async fn a_flooding_tenant_does_not_starve_a_quiet_one() {
     }
     gateway.stop().await.expect("clean stop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_refuses_at_once_with_resource_exhausted() {
+    let data_dir = tempfile::tempdir().expect("temp dir");
+    let mut settings = crate::common::test_settings(&data_dir);
+    settings.models[0].max_queue_requests = 2;
+    settings.models[0].max_batch_size = 1;
+    let gateway = TestGateway::start_with(settings, data_dir).await;
+    let key = tenant_key(&gateway, "crowded").await;
+    let calls: Vec<_> = (0..50)
+        .map(|i| {
+            let mut client = InferenceClient::new(gateway.channel.clone());
+            let key = key.clone();
+            tokio::spawn(async move {
+                let mut r = request("crowd", i);
+                r.max_tokens = Some(8);
+                client.generate(authed(r, &key)).await
+            })
+        })
+        .collect();
+    let (mut served, mut refused) = (0, 0);
+    for call in calls {
+        match call.await.expect("join") {
+            Ok(_) => served += 1,
+            Err(status) => {
+                assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                assert!(status.message().contains("queue"), "{status:?}");
+                refused += 1;
+            }
+        }
+    }
+    assert!(
+        refused > 0,
+        "50 requests at once cannot all fit a queue of 2"
+    );
+    assert!(served > 0);
+    let model = gateway.models.get("tiny").expect("tiny");
+    assert_eq!(model.queue_depth().0, 0, "nothing is left behind");
+    gateway.stop().await.expect("clean stop");
+}
