@@ -479,7 +479,12 @@ impl Inference for InferenceApi {
                 max_output_tokens: served.settings.max_output_tokens,
                 device_profile: served.device_profile.clone(),
                 workers: u32::try_from(served.settings.workers).unwrap_or(u32::MAX),
-                served_as: None,
+                served_as: served.settings.served_as.as_ref().map(|s| pb::ServedAs {
+                    name: s.name.clone(),
+                    parameters: s.total_params,
+                    devices: s.devices,
+                    device_profile: served.device_profile.clone(),
+                }),
             })
             .collect();
         Ok(with_rate_headers(

@@ -81,6 +81,10 @@ pub struct ModelSettings {
     /// Cap on KV blocks per worker (host memory of the emulation); unset:
     /// sized from the device's HBM.
     pub kv_max_blocks: Option<usize>,
+    /// The full-size shape this small executable model stands for: device
+    /// time and energy (hence pacing and metering) are charged for it, by
+    /// the scaling rule of `model::served_as`. Unset: the executed shape.
+    pub served_as: Option<crate::model::served_as::ServedAs>,
 }
 
 impl Default for ModelSettings {
@@ -103,6 +107,7 @@ impl Default for ModelSettings {
             aging_step: Duration::from_secs(10),
             pace: Pace::Cpu,
             kv_max_blocks: Some(4096),
+            served_as: None,
         }
     }
 }

@@ -106,6 +106,9 @@ impl ServedModel {
                 .map_err(model_error)?;
         }
         let model = Arc::new(Model::load(&dir, &LoadOptions::default()).map_err(model_error)?);
+        if let Some(served_as) = &settings.served_as {
+            served_as.validate().map_err(model_error)?;
+        }
         let tokenizer = Arc::new(Tokenizer::from_dir(&dir).map_err(model_error)?);
         let profile = profile(&settings)?;
         let shared = Arc::new(Shared::new(QueueLimits {
@@ -141,6 +144,7 @@ impl ServedModel {
                     max_batch_size: settings.max_batch_size.max(1),
                     max_batch_tokens: settings.max_batch_tokens.max(1),
                     pace: settings.pace,
+                    served_as: settings.served_as.clone(),
                 },
                 shared: shared.clone(),
                 usage: usage.clone(),

@@ -28,6 +28,7 @@ pub(crate) struct WorkerConfig {
     pub max_batch_size: usize,
     pub max_batch_tokens: usize,
     pub pace: Pace,
+    pub served_as: Option<crate::model::served_as::ServedAs>,
 }
 
 struct Running {
@@ -188,7 +189,7 @@ impl Worker {
             })
             .collect();
         let started = Instant::now();
-        let output = match self.model.step(&mut self.device, &mut self.kv, &batch) {
+        let mut output = match self.model.step(&mut self.device, &mut self.kv, &batch) {
             Ok(output) => output,
             Err(ModelError::OutOfBlocks { needed, free, .. }) => {
                 tracing::debug!(
@@ -217,6 +218,9 @@ impl Worker {
             }
         };
         self.stalled = false;
+        if let Some(served_as) = &self.config.served_as {
+            served_as.scale(self.model.config(), &mut output);
+        }
         if self.config.pace == Pace::Device {
             let device = Duration::from_secs_f64(output.device_us / 1e6);
             if let Some(rest) = device.checked_sub(started.elapsed()) {

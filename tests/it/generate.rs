@@ -548,3 +548,66 @@ async fn a_full_queue_refuses_at_once_with_resource_exhausted() {
     assert_eq!(model.queue_depth().0, 0, "nothing is left behind");
     gateway.stop().await.expect("clean stop");
 }
+
+#[tokio::test]
+async fn a_served_as_shape_is_charged_for_its_full_size() {
+    let data_dir = tempfile::tempdir().expect("temp dir");
+    let mut settings = crate::common::test_settings(&data_dir);
+    let mut big = crate::common::tiny_model();
+    big.id = "tiny-as-175b".to_owned();
+    big.served_as = Some(ascend_gateway::model::served_as::ServedAs {
+        name: "deepseek-v4-175b".to_owned(),
+        total_params: 175_000_000_000,
+        active_params: 175_000_000_000,
+        devices: 8,
+        tp_efficiency: 0.9,
+    });
+    settings.models.push(big);
+    let gateway = TestGateway::start_with(settings, data_dir).await;
+    let key = tenant_key(&gateway, "shaped").await;
+    let mut client = InferenceClient::new(gateway.channel.clone());
+    let models = client
+        .list_models(authed(ListModelsRequest {}, &key))
+        .await
+        .expect("models")
+        .into_inner()
+        .models;
+    let shaped = models
+        .iter()
+        .find(|m| m.id == "tiny-as-175b")
+        .expect("listed");
+    let served_as = shaped.served_as.as_ref().expect("served_as");
+    assert_eq!(
+        (served_as.parameters, served_as.devices),
+        (175_000_000_000, 8)
+    );
+
+    let mut usage = Vec::new();
+    for model in ["tiny", "tiny-as-175b"] {
+        let r = GenerateRequest {
+            model: model.to_owned(),
+            ..request("same work", 11)
+        };
+        usage.push(
+            client
+                .generate(authed(r, &key))
+                .await
+                .expect("generate")
+                .into_inner()
+                .usage
+                .expect("usage"),
+        );
+    }
+    assert_eq!(
+        usage[0].completion_tokens, usage[1].completion_tokens,
+        "same numerics"
+    );
+    assert!(
+        usage[1].device_time_us > 100 * usage[0].device_time_us,
+        "the 175B shape is charged far more device time: {} vs {}",
+        usage[1].device_time_us,
+        usage[0].device_time_us
+    );
+    assert!(usage[1].energy_mj > usage[0].energy_mj);
+    gateway.stop().await.expect("clean stop");
+}
