@@ -32,11 +32,4 @@ impl Principal {
             Principal::Tenant(t) => format!("key:{}", t.key_id),
         }
     }
-
-    pub fn tenant(&self) -> Option<&TenantPrincipal> {
-        match self {
-            Principal::Admin => None,
-            Principal::Tenant(t) => Some(t),
-        }
-    }
 }

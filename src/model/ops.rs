@@ -25,12 +25,10 @@ use std::time::Instant;
 use rayon::prelude::*;
 
 use super::error::{Result, input_err};
-use crate::npu::cost::{CubeWork, VectorWork, Workload};
+use crate::npu::cost::Workload;
 use crate::npu::device::ACT_BYTES;
-use crate::npu::kernels::attention::{self, KEY_BLOCK};
+use crate::npu::kernels::attention;
 use crate::npu::kernels::matmul;
-use crate::npu::profile::CubePrecision;
-use crate::npu::tiling::vector_tiling;
 use crate::npu::{AttnShape, Device, LinearWeight, PagedKvCache};
 
 /// Rows per matmul tile: every npu matmul call this module makes has exactly this many rows.
@@ -147,61 +145,10 @@ pub(crate) fn grouped_linear(
     for p in parts {
         y.extend_from_slice(&p?);
     }
-    if let Some(wl) = grouped_workload(dev, offsets, weights) {
+    if let Some(wl) = dev.grouped_linear_workload(offsets, weights) {
         record(dev, &wl, start);
     }
     Ok(y)
-}
-
-/// The npu's grouped-matmul cost: per-group linear workloads whose cube blocks queue on the same
-/// cores (waves = ceil(total blocks / cores)), vector work and bytes added up.
-fn grouped_workload(
-    dev: &Device,
-    offsets: &[usize],
-    weights: &[&LinearWeight],
-) -> Option<Workload> {
-    let cores = dev.profile().compute.cube_cores as usize;
-    let mut total: Option<Workload> = None;
-    for (g, w) in weights.iter().enumerate() {
-        let rows = offsets[g + 1] - offsets[g];
-        if rows == 0 {
-            continue;
-        }
-        let wl = dev.linear_workload(rows, w);
-        total = Some(match total {
-            None => wl,
-            Some(mut acc) => {
-                acc.flops += wl.flops;
-                acc.bytes_read += wl.bytes_read;
-                acc.bytes_written += wl.bytes_written;
-                acc.workspace_bytes = acc.workspace_bytes.max(wl.workspace_bytes);
-                if let (Some(a), Some(b)) = (acc.cube.as_mut(), wl.cube) {
-                    a.flops_executed += b.flops_executed;
-                    a.total_tiles += b.total_tiles;
-                    a.tiles_per_core = a.total_tiles.div_ceil(cores);
-                    a.cores_used = a.total_tiles.min(cores);
-                    a.flops_per_core =
-                        a.flops_executed / a.total_tiles as f64 * a.tiles_per_core as f64;
-                    a.stage_bytes = a.stage_bytes.max(b.stage_bytes);
-                }
-                if let Some(b) = wl.vector {
-                    match acc.vector.as_mut() {
-                        Some(a) => {
-                            a.ops += b.ops;
-                            a.total_tiles += b.total_tiles;
-                            a.tiles_per_core += b.tiles_per_core;
-                        }
-                        None => acc.vector = Some(b),
-                    }
-                }
-                acc
-            }
-        });
-    }
-    total.map(|mut wl| {
-        wl.op = "grouped_matmul";
-        wl
-    })
 }
 
 /// Attention of query tokens over the paged cache (their own K/V already written): token `i`
@@ -256,44 +203,6 @@ pub(crate) fn attention(
     Ok(y)
 }
 
-/// The attention cost of the npu's flash kernels (cube: `Q·Kᵀ` and `P·V` in fp16; vector: online
-/// softmax, ~6 ops per score; tasks spread over the cube cores).
-fn attention_workload(
-    dev: &Device,
-    op: &'static str,
-    pairs: f64,
-    tasks: usize,
-    shape: AttnShape,
-    read: u64,
-    written: u64,
-) -> Workload {
-    let hq = shape.num_q_heads as f64;
-    let flops = 2.0 * pairs * hq * (shape.qk_dim + shape.v_dim) as f64;
-    let cores = dev.profile().compute.cube_cores as usize;
-    let tiles_per_core = tasks.div_ceil(cores).max(1);
-    let per_task = flops / tasks.max(1) as f64;
-    let cube = CubeWork {
-        precision: CubePrecision::F16,
-        flops_per_core: per_task * tiles_per_core as f64,
-        flops_executed: flops,
-        cores_used: tasks.min(cores),
-        tiles_per_core,
-        total_tiles: tasks,
-        stage_bytes: (128 * (shape.qk_dim + shape.v_dim)) * ACT_BYTES as usize,
-    };
-    let scores = pairs * hq;
-    let vt = vector_tiling(dev.profile(), scores.max(1.0) as usize, KEY_BLOCK, 12, 4);
-    Workload {
-        op,
-        flops,
-        cube: Some(cube),
-        vector: Some(VectorWork::from_tiling(6.0 * scores, &vt)),
-        bytes_read: read,
-        bytes_written: written,
-        workspace_bytes: (tasks * 128 * shape.v_dim * 4) as u64,
-    }
-}
-
 /// Fused causal prefill over fresh chunks of `lens` tokens: K (with V as its prefix) read once.
 fn prefill_workload(dev: &Device, shape: AttnShape, lens: &[usize], kv_bytes: usize) -> Workload {
     let pairs: f64 = lens.iter().map(|&l| (l * (l + 1) / 2) as f64).sum();
@@ -302,7 +211,7 @@ fn prefill_workload(dev: &Device, shape: AttnShape, lens: &[usize], kv_bytes: us
     let read =
         ACT_BYTES * (tokens * shape.num_q_heads * shape.qk_dim) as u64 + (tokens * kv_bytes) as u64;
     let written = ACT_BYTES * (tokens * shape.num_q_heads * shape.v_dim) as u64;
-    attention_workload(dev, "prefill_attention", pairs, tasks, shape, read, written)
+    dev.attention_workload("prefill_attention", pairs, tasks, shape, read, written)
 }
 
 /// Paged decode (flash-decoding: each query's context split in 512-token chunks).
@@ -313,8 +222,7 @@ fn decode_workload(dev: &Device, shape: AttnShape, ctx: &[usize], kv_bytes: usiz
     let read =
         (total * kv_bytes) as u64 + ACT_BYTES * (b * shape.num_q_heads * shape.qk_dim) as u64;
     let written = ACT_BYTES * (b * shape.num_q_heads * shape.v_dim) as u64;
-    attention_workload(
-        dev,
+    dev.attention_workload(
         "decode_attention",
         total as f64,
         tasks,

@@ -185,6 +185,58 @@ impl Device {
         Ok(y)
     }
 
+    /// The cost of one grouped-matmul launch: per-group linear workloads
+    /// whose cube blocks queue on the same cores (waves = ceil(total blocks
+    /// / cores)), with vector work and bytes added up. `None` when every
+    /// group is empty.
+    pub fn grouped_linear_workload(
+        &self,
+        offsets: &[usize],
+        weights: &[&LinearWeight],
+    ) -> Option<Workload> {
+        let cores = self.profile.compute.cube_cores as usize;
+        let mut total: Option<Workload> = None;
+        for (e, w) in weights.iter().enumerate() {
+            let rows = offsets[e + 1] - offsets[e];
+            if rows == 0 {
+                continue;
+            }
+            let wl = self.linear_workload(rows, w);
+            let Some(mut acc) = total.take() else {
+                total = Some(wl);
+                continue;
+            };
+            acc.flops += wl.flops;
+            acc.bytes_read += wl.bytes_read;
+            acc.bytes_written += wl.bytes_written;
+            acc.workspace_bytes = acc.workspace_bytes.max(wl.workspace_bytes);
+            if let (Some(a), Some(b)) = (acc.cube.as_mut(), wl.cube) {
+                a.flops_executed += b.flops_executed;
+                a.total_tiles += b.total_tiles;
+                a.tiles_per_core = a.total_tiles.div_ceil(cores);
+                a.cores_used = a.total_tiles.min(cores);
+                a.flops_per_core =
+                    a.flops_executed / a.total_tiles as f64 * a.tiles_per_core as f64;
+                a.stage_bytes = a.stage_bytes.max(b.stage_bytes);
+            }
+            if let Some(b) = wl.vector {
+                match acc.vector.as_mut() {
+                    Some(a) => {
+                        a.ops += b.ops;
+                        a.total_tiles += b.total_tiles;
+                        a.tiles_per_core += b.tiles_per_core;
+                    }
+                    None => acc.vector = Some(b),
+                }
+            }
+            total = Some(acc);
+        }
+        total.map(|mut wl| {
+            wl.op = "grouped_matmul";
+            wl
+        })
+    }
+
     /// Grouped matmul over experts (one launch; see [`matmul::grouped_linear`]).
     pub fn grouped_linear(
         &mut self,
@@ -194,48 +246,7 @@ impl Device {
     ) -> Result<Vec<f32>> {
         let start = Instant::now();
         let y = matmul::grouped_linear(x, offsets, weights)?;
-        // One launch: per-expert blocks are queued to the same cores, so tiles add up.
-        let mut total: Option<Workload> = None;
-        for (e, w) in weights.iter().enumerate() {
-            let rows = offsets[e + 1] - offsets[e];
-            if rows == 0 {
-                continue;
-            }
-            let wl = self.linear_workload(rows, w);
-            total = Some(match total {
-                None => wl,
-                Some(mut acc) => {
-                    acc.flops += wl.flops;
-                    acc.bytes_read += wl.bytes_read;
-                    acc.bytes_written += wl.bytes_written;
-                    acc.workspace_bytes = acc.workspace_bytes.max(wl.workspace_bytes);
-                    if let (Some(a), Some(b)) = (acc.cube.as_mut(), wl.cube) {
-                        // Blocks of all experts share the cores: waves = ceil(sum blocks / cores).
-                        let cores = self.profile.compute.cube_cores as usize;
-                        a.flops_executed += b.flops_executed;
-                        a.total_tiles += b.total_tiles;
-                        a.tiles_per_core = a.total_tiles.div_ceil(cores);
-                        a.cores_used = a.total_tiles.min(cores);
-                        a.flops_per_core =
-                            a.flops_executed / a.total_tiles as f64 * a.tiles_per_core as f64;
-                        a.stage_bytes = a.stage_bytes.max(b.stage_bytes);
-                    }
-                    if let Some(b) = wl.vector {
-                        match acc.vector.as_mut() {
-                            Some(a) => {
-                                a.ops += b.ops;
-                                a.total_tiles += b.total_tiles;
-                                a.tiles_per_core += b.tiles_per_core;
-                            }
-                            None => acc.vector = Some(b),
-                        }
-                    }
-                    acc
-                }
-            });
-        }
-        if let Some(mut wl) = total {
-            wl.op = "grouped_matmul";
+        if let Some(wl) = self.grouped_linear_workload(offsets, weights) {
             self.record(&wl, start);
         }
         Ok(y)
@@ -356,7 +367,10 @@ impl Device {
         Ok(())
     }
 
-    fn attention_workload(
+    /// The cost of a flash attention launch over `pairs` (query, key)
+    /// scores split in `tasks` cube tasks: cube `Q·Kᵀ` and `P·V` in fp16,
+    /// online softmax on the vector cores, with the given HBM traffic.
+    pub fn attention_workload(
         &self,
         op: &'static str,
         pairs: f64,
