@@ -24,6 +24,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // INVALID_ARGUMENT, naming the field, for a request that does not decode.
+        .codec_path("crate::api::codec::StrictCodec")
         .compile_fds(descriptors)?;
     Ok(())
 }

@@ -14,7 +14,8 @@ use axum::http::header::CONTENT_TYPE;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
@@ -23,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::limits::{LimitKind, Limiter};
 use crate::metering::Metering;
+use crate::serving::stats::{Histogram, Outcome, ServingStats};
 use crate::serving::{ModelRegistry, ServedModel};
 use crate::store::now_us;
 
@@ -46,6 +48,49 @@ fn per_model(
     for model in models.iter() {
         let labels = [("model", model.settings.id.as_str())];
         ConstGauge::new(value(model)).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+/// Picks one histogram out of a model's stats.
+type HistogramOf = fn(&ServingStats) -> &Histogram;
+
+/// One histogram family with a `model` label.
+fn per_model_histogram(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    models: &ModelRegistry,
+    histogram: impl Fn(&ServingStats) -> &Histogram,
+) -> std::fmt::Result {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Histogram)?;
+    for model in models.iter() {
+        let labels = [("model", model.settings.id.as_str())];
+        let snapshot = histogram(model.stats()).snapshot();
+        family
+            .encode_family(&labels)?
+            .encode_histogram::<NoLabelSet>(
+                snapshot.sum,
+                snapshot.count,
+                &snapshot.buckets,
+                None,
+            )?;
+    }
+    Ok(())
+}
+
+/// One counter family with a `model` label.
+fn per_model_counter(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    models: &ModelRegistry,
+    value: impl Fn(&ServingStats) -> u64,
+) -> std::fmt::Result {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for model in models.iter() {
+        let labels = [("model", model.settings.id.as_str())];
+        ConstCounter::new(value(model.stats())).encode(family.encode_family(&labels)?)?;
     }
     Ok(())
 }
@@ -159,6 +204,91 @@ impl Collector for GatewayCollector {
             &self.models,
             |m| count(m.preemptions()),
         )?;
+        self.encode_serving(&mut encoder)
+    }
+}
+
+impl GatewayCollector {
+    /// Latency and batch histograms and token counters, per model.
+    fn encode_serving(&self, encoder: &mut DescriptorEncoder) -> std::fmt::Result {
+        let models = &self.models;
+        let histograms: [(&str, &str, HistogramOf); 7] = [
+            (
+                "ascend_gateway_time_to_first_token_seconds",
+                "From receipt of a request to its first generated token",
+                |s| &s.time_to_first_token,
+            ),
+            (
+                "ascend_gateway_inter_token_latency_seconds",
+                "Between consecutive generated tokens of one request",
+                |s| &s.inter_token_latency,
+            ),
+            (
+                "ascend_gateway_e2e_request_latency_seconds",
+                "From receipt of a request to its last message",
+                |s| &s.end_to_end,
+            ),
+            (
+                "ascend_gateway_request_queue_time_seconds",
+                "From receipt of a request to its admission into a batch",
+                |s| &s.queue_time,
+            ),
+            (
+                "ascend_gateway_step_duration_seconds",
+                "Wall time of one batched model step, pacing included",
+                |s| &s.step_duration,
+            ),
+            (
+                "ascend_gateway_step_sequences",
+                "Sequences in one batched step (the running batch size)",
+                |s| &s.step_sequences,
+            ),
+            (
+                "ascend_gateway_step_tokens",
+                "Tokens processed in one batched step (prefill chunks and decodes)",
+                |s| &s.step_tokens,
+            ),
+        ];
+        for (name, help, histogram) in histograms {
+            per_model_histogram(encoder, name, help, models, histogram)?;
+        }
+        per_model_counter(
+            encoder,
+            "ascend_gateway_prompt_tokens",
+            "Prompt tokens of requests that left serving",
+            models,
+            |s| s.prompt_tokens.load(Ordering::Relaxed),
+        )?;
+        per_model_counter(
+            encoder,
+            "ascend_gateway_generation_tokens",
+            "Tokens generated",
+            models,
+            |s| s.generation_tokens.load(Ordering::Relaxed),
+        )?;
+        per_model_counter(
+            encoder,
+            "ascend_gateway_queue_full_rejections",
+            "Requests refused because the model's queue was full",
+            models,
+            |s| s.queue_full_rejections.load(Ordering::Relaxed),
+        )?;
+        let mut family = encoder.encode_descriptor(
+            "ascend_gateway_requests_finished",
+            "Requests that left serving, by finish reason",
+            None,
+            MetricType::Counter,
+        )?;
+        for model in models.iter() {
+            for outcome in Outcome::ALL {
+                let labels = [
+                    ("model", model.settings.id.as_str()),
+                    ("reason", outcome.as_str()),
+                ];
+                ConstCounter::new(model.stats().finished(outcome))
+                    .encode(family.encode_family(&labels)?)?;
+            }
+        }
         Ok(())
     }
 }

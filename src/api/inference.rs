@@ -217,7 +217,7 @@ impl InferenceApi {
             max_tokens: max_tokens as usize,
             stop: r.stop.clone(),
             logprobs: r.logprobs.then_some(0),
-            ignore_eos: false,
+            ignore_eos: r.ignore_eos,
         };
         self.metering.admitting().map_err(|e| to_status(&e))?;
         let permit = self
@@ -262,6 +262,48 @@ impl InferenceApi {
             logprobs: r.logprobs,
             rate,
         })
+    }
+
+    /// Runs a unary generation to its end (the caller bounds it by the
+    /// deadline).
+    async fn generate_unary(
+        &self,
+        request: Request<GenerateRequest>,
+    ) -> Result<Response<GenerateResponse>, Status> {
+        let mut started = self.start(request).await?;
+        let mut text = String::new();
+        let mut logprobs = Vec::new();
+        while let Some(event) = started.events.recv().await {
+            match event {
+                JobEvent::Delta {
+                    text: delta,
+                    logprob,
+                } => {
+                    text.push_str(&delta);
+                    if started.logprobs
+                        && let Some((token, lp)) = logprob
+                    {
+                        logprobs.push(logprob_to_pb(&started.served, token, lp.logprob));
+                    }
+                }
+                JobEvent::Finished { reason, usage } => {
+                    let response = GenerateResponse {
+                        request_id: started.request_id,
+                        model: started.model,
+                        text,
+                        finish_reason: finish_to_pb(reason).into(),
+                        usage: Some(usage_to_pb(&usage)),
+                        timings: Some(timings_to_pb(&usage)),
+                        logprobs,
+                    };
+                    return Ok(with_rate_headers(Response::new(response), started.rate));
+                }
+                JobEvent::Failed { failure, .. } => return Err(failure_to_status(&failure)),
+            }
+        }
+        Err(Status::internal(
+            "the worker ended the request without an answer",
+        ))
     }
 }
 
@@ -361,40 +403,17 @@ impl Inference for InferenceApi {
         &self,
         request: Request<GenerateRequest>,
     ) -> Result<Response<GenerateResponse>, Status> {
-        let mut started = self.start(request).await?;
-        let mut text = String::new();
-        let mut logprobs = Vec::new();
-        while let Some(event) = started.events.recv().await {
-            match event {
-                JobEvent::Delta {
-                    text: delta,
-                    logprob,
-                } => {
-                    text.push_str(&delta);
-                    if started.logprobs
-                        && let Some((token, lp)) = logprob
-                    {
-                        logprobs.push(logprob_to_pb(&started.served, token, lp.logprob));
-                    }
-                }
-                JobEvent::Finished { reason, usage } => {
-                    let response = GenerateResponse {
-                        request_id: started.request_id,
-                        model: started.model,
-                        text,
-                        finish_reason: finish_to_pb(reason).into(),
-                        usage: Some(usage_to_pb(&usage)),
-                        timings: Some(timings_to_pb(&usage)),
-                        logprobs,
-                    };
-                    return Ok(with_rate_headers(Response::new(response), started.rate));
-                }
-                JobEvent::Failed { failure, .. } => return Err(failure_to_status(&failure)),
-            }
+        // tonic itself answers CANCELLED when the client's grpc-timeout
+        // passes before the handler returns; ending a little earlier here
+        // makes the answer DEADLINE_EXCEEDED even when a step runs long.
+        let deadline = grpc_deadline(&request, Instant::now());
+        let answer = self.generate_unary(request);
+        match deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline.into(), answer)
+                .await
+                .unwrap_or_else(|_| Err(failure_to_status(&Failure::DeadlineExceeded))),
+            None => answer.await,
         }
-        Err(Status::internal(
-            "the worker ended the request without an answer",
-        ))
     }
 
     type GenerateStreamStream = ResponseStream<GenerateStreamResponse>;

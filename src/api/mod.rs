@@ -8,6 +8,7 @@
 mod admin;
 pub mod auth_layer;
 mod billing;
+pub mod codec;
 mod convert;
 mod inference;
 pub mod pb;

@@ -14,6 +14,7 @@
 pub mod job;
 pub mod queue;
 mod registry;
+pub mod stats;
 mod worker;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -48,6 +49,18 @@ pub trait UsageSink: Send + Sync {
     ) -> Result<(), String>;
 }
 
+/// How a worker forms its batches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Batching {
+    /// Iteration-level: sequences join and leave the batch at every step.
+    Continuous,
+    /// A batch is formed from what is queued when the worker is idle and
+    /// runs until its last sequence ends; kept as the baseline that the
+    /// serving benchmark compares continuous batching against.
+    Static,
+}
+
 /// One served model, as configured.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -78,6 +91,7 @@ pub struct ModelSettings {
     #[serde(with = "humantime_serde")]
     pub aging_step: Duration,
     pub pace: Pace,
+    pub batching: Batching,
     /// Cap on KV blocks per worker (host memory of the emulation); unset:
     /// sized from the device's HBM.
     pub kv_max_blocks: Option<usize>,
@@ -106,6 +120,7 @@ impl Default for ModelSettings {
             max_queue_time: Duration::from_secs(60),
             aging_step: Duration::from_secs(10),
             pace: Pace::Cpu,
+            batching: Batching::Continuous,
             kv_max_blocks: Some(4096),
             served_as: None,
         }
@@ -120,6 +135,7 @@ pub(crate) struct Shared {
     running: AtomicUsize,
     kv_free: AtomicUsize,
     preemptions: AtomicU64,
+    stats: stats::ServingStats,
 }
 
 impl Shared {
@@ -131,6 +147,7 @@ impl Shared {
             running: AtomicUsize::new(0),
             kv_free: AtomicUsize::new(0),
             preemptions: AtomicU64::new(0),
+            stats: stats::ServingStats::default(),
         }
     }
 

@@ -144,6 +144,7 @@ impl ServedModel {
                     max_batch_size: settings.max_batch_size.max(1),
                     max_batch_tokens: settings.max_batch_tokens.max(1),
                     pace: settings.pace,
+                    batching: settings.batching,
                     served_as: settings.served_as.clone(),
                 },
                 shared: shared.clone(),
@@ -190,7 +191,13 @@ impl ServedModel {
                 Instant::now(),
                 job,
             )
-            .map_err(Box::new)?;
+            .map_err(|refused| {
+                self.shared
+                    .stats
+                    .queue_full_rejections
+                    .fetch_add(1, Ordering::Relaxed);
+                Box::new(refused)
+            })?;
         drop(queue);
         self.shared.work.notify_one();
         Ok(())
@@ -214,6 +221,11 @@ impl ServedModel {
 
     pub fn preemptions(&self) -> u64 {
         self.shared.preemptions.load(Ordering::Relaxed)
+    }
+
+    /// Latency histograms and counters of this model's workers.
+    pub fn stats(&self) -> &super::stats::ServingStats {
+        &self.shared.stats
     }
 
     /// Stops the workers once their running jobs end; blocks.

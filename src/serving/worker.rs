@@ -13,10 +13,12 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use super::job::{Failure, Job, JobEvent, JobUsage};
-use super::{Pace, Shared, UsageSink};
+use super::stats::Outcome;
+use super::{Batching, Pace, Shared, UsageSink};
 use crate::model::generation::Generation;
 use crate::model::kv_cache::{KvPool, SeqId};
 use crate::model::tokenizer::Tokenizer;
@@ -28,6 +30,7 @@ pub(crate) struct WorkerConfig {
     pub max_batch_size: usize,
     pub max_batch_tokens: usize,
     pub pace: Pace,
+    pub batching: Batching,
     pub served_as: Option<crate::model::served_as::ServedAs>,
 }
 
@@ -39,6 +42,7 @@ struct Running {
     pending: Vec<u32>,
     admitted_at: Instant,
     first_token_at: Option<Instant>,
+    last_token_at: Option<Instant>,
     device_us: f64,
     energy_j: f64,
 }
@@ -85,10 +89,12 @@ impl Worker {
         let mut i = 0;
         while i < running.len() {
             let r = &running[i];
-            let failure = if r.job.events.is_closed() {
-                Some(Failure::Cancelled)
-            } else if r.job.deadline.is_some_and(|d| d <= now) {
+            // Deadline first: a unary handler that gave up at its deadline
+            // has also closed the channel, and the usage should say why.
+            let failure = if r.job.deadline.is_some_and(|d| d <= now) {
                 Some(Failure::DeadlineExceeded)
+            } else if r.job.events.is_closed() {
+                Some(Failure::Cancelled)
             } else {
                 None
             };
@@ -118,6 +124,10 @@ impl Worker {
         next_seq: &mut SeqId,
     ) {
         if self.stalled && !running.is_empty() {
+            return;
+        }
+        if self.config.batching == Batching::Static && !running.is_empty() {
+            // Static batching: a batch is formed once and runs to completion.
             return;
         }
         while running.len() < self.config.max_batch_size {
@@ -154,12 +164,17 @@ impl Worker {
                 }
             };
             *next_seq += 1;
+            let admitted_at = Instant::now();
+            self.shared.stats.queue_time.observe(micros(
+                admitted_at.saturating_duration_since(job.received_at),
+            ));
             running.push(Running {
                 pending: job.prompt.clone(),
                 seq: *next_seq,
                 generation,
-                admitted_at: Instant::now(),
+                admitted_at,
                 first_token_at: None,
+                last_token_at: None,
                 device_us: 0.0,
                 energy_j: 0.0,
                 job,
@@ -227,6 +242,12 @@ impl Worker {
                 std::thread::sleep(rest);
             }
         }
+        let stats = &self.shared.stats;
+        stats.step_duration.observe(micros(started.elapsed()));
+        stats.step_sequences.observe(chosen.len() as u64);
+        stats
+            .step_tokens
+            .observe(chosen.iter().map(|&(_, take)| take as u64).sum());
         let mut finished = Vec::new();
         for ((&(i, take), logits), share) in chosen.iter().zip(&output.logits).zip(&output.per_seq)
         {
@@ -239,7 +260,18 @@ impl Worker {
             }
             match r.generation.push_logits(&self.tokenizer, logits) {
                 Ok(event) => {
-                    r.first_token_at.get_or_insert_with(Instant::now);
+                    let now = Instant::now();
+                    match r.last_token_at {
+                        None => stats
+                            .time_to_first_token
+                            .observe(micros(now.saturating_duration_since(r.job.received_at))),
+                        Some(last) => stats
+                            .inter_token_latency
+                            .observe(micros(now.saturating_duration_since(last))),
+                    }
+                    stats.generation_tokens.fetch_add(1, Ordering::Relaxed);
+                    r.first_token_at.get_or_insert(now);
+                    r.last_token_at = Some(now);
                     let logprob = event.logprob.map(|lp| (event.token, lp));
                     let _ = r.job.events.send(JobEvent::Delta {
                         text: event.delta,
@@ -308,17 +340,25 @@ impl Worker {
     fn end(&self, mut r: Running, outcome: Result<FinishReason, Failure>) {
         let usage = self.usage_of(&r, Instant::now());
         let reason = match &outcome {
-            Ok(FinishReason::Eos) => "eos",
-            Ok(FinishReason::Stop) => "stop",
-            Ok(FinishReason::Length) => "length",
-            Err(Failure::Cancelled) => "cancelled",
-            Err(Failure::DeadlineExceeded) => "deadline_exceeded",
-            Err(Failure::Internal(_)) => "error",
+            Ok(FinishReason::Eos) => Outcome::Eos,
+            Ok(FinishReason::Stop) => Outcome::Stop,
+            Ok(FinishReason::Length) => Outcome::Length,
+            Err(Failure::Cancelled) => Outcome::Cancelled,
+            Err(Failure::DeadlineExceeded) => Outcome::DeadlineExceeded,
+            Err(Failure::Internal(_)) => Outcome::Error,
         };
-        if let Err(e) = self
-            .usage
-            .record(&r.job.requester, r.job.started_at_us, &usage, reason)
-        {
+        let stats = &self.shared.stats;
+        stats.count_finished(reason);
+        stats.end_to_end.observe(usage.total_time_us);
+        stats
+            .prompt_tokens
+            .fetch_add(u64::from(usage.prompt_tokens), Ordering::Relaxed);
+        if let Err(e) = self.usage.record(
+            &r.job.requester,
+            r.job.started_at_us,
+            &usage,
+            reason.as_str(),
+        ) {
             tracing::error!(error = %e, request_id = %r.job.requester.request_id, "usage not recorded");
         }
         if let Some(permit) = r.job.permit.take() {
@@ -351,6 +391,7 @@ impl Worker {
             },
             admitted_at: Instant::now(),
             first_token_at: None,
+            last_token_at: None,
             device_us: 0.0,
             energy_j: 0.0,
             job,

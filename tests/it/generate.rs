@@ -380,9 +380,71 @@ async fn an_expired_deadline_answers_deadline_exceeded_and_is_metered() {
     r.get_mut().request_id = "hurried-1".to_owned();
     r.set_timeout(Duration::from_millis(1));
     let status = client.generate(r).await.expect_err("no time to run");
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    // Admission is local and immediate in this gateway, so the job was
+    // queued before its deadline passed: it is metered, with that reason.
+    let (reason, completion) = usage_row(&gateway, "hurried-1").await;
+    assert_eq!(reason, "deadline_exceeded");
+    assert!(completion < 9, "usage covers only the tokens produced");
+    gateway.stop().await.expect("clean stop");
+}
+
+/// The finish reason and completion tokens of one request's usage row,
+/// waiting up to 20 s for the writer to ship it.
+async fn usage_row(gateway: &TestGateway, request_id: &str) -> (String, i64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let row: Option<(String, i64)> = sqlx::query_as(
+            "SELECT finish_reason, completion_tokens FROM usage_events WHERE request_id = $1",
+        )
+        .bind(request_id)
+        .fetch_optional(gateway.db.pool())
+        .await
+        .expect("query");
+        if let Some(row) = row {
+            return row;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no usage row for {request_id}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `GenerateRequest` with `prompt` as raw bytes, to send what a conforming
+/// client never would.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawGenerateRequest {
+    #[prost(string, tag = "1")]
+    model: String,
+    #[prost(bytes = "vec", tag = "2")]
+    prompt: Vec<u8>,
+}
+
+#[tokio::test]
+async fn a_prompt_that_is_not_utf8_is_invalid_argument_naming_it() {
+    let gateway = TestGateway::start().await;
+    let key = tenant_key(&gateway, "garbled").await;
+    let mut grpc = tonic::client::Grpc::new(gateway.channel.clone());
+    grpc.ready().await.expect("ready");
+    let request = RawGenerateRequest {
+        model: "tiny".to_owned(),
+        prompt: vec![b'h', b'i', 0xff, 0xfe],
+    };
+    let codec = tonic_prost::ProstCodec::<RawGenerateRequest, RawGenerateRequest>::default();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+        "/ascend.gateway.v1.Inference/Generate",
+    );
+    let status = grpc
+        .unary(authed(request, &key), path, codec)
+        .await
+        .expect_err("not UTF-8");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     assert!(
-        matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
-        "{status:?}"
+        status.message().contains("GenerateRequest.prompt"),
+        "names the field: {}",
+        status.message()
     );
     gateway.stop().await.expect("clean stop");
 }
@@ -405,23 +467,7 @@ async fn a_dropped_stream_frees_its_slot_and_blocks_and_is_metered() {
     let _first = stream.next().await.expect("a first message").expect("ok");
     drop(stream);
 
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let (reason, completion): (String, i64) = loop {
-        let row: Option<(String, i64)> = sqlx::query_as(
-            "SELECT finish_reason, completion_tokens FROM usage_events WHERE request_id = 'dropped-1'",
-        )
-        .fetch_optional(gateway.db.pool())
-        .await
-        .expect("query");
-        if let Some(row) = row {
-            break row;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no usage for the dropped stream"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let (reason, completion) = usage_row(&gateway, "dropped-1").await;
     assert!(
         ["cancelled", "eos", "length", "stop"].contains(&reason.as_str()),
         "{reason}"
@@ -609,5 +655,77 @@ async fn a_served_as_shape_is_charged_for_its_full_size() {
         usage[0].device_time_us
     );
     assert!(usage[1].energy_mj > usage[0].energy_mj);
+    gateway.stop().await.expect("clean stop");
+}
+
+/// The value of one sample line of a Prometheus text scrape.
+fn sample(body: &str, series: &str) -> f64 {
+    body.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no sample {series} in\n{body}"))
+}
+
+#[tokio::test]
+async fn serving_latencies_and_tokens_are_in_the_metrics() {
+    let gateway = TestGateway::start().await;
+    let key = tenant_key(&gateway, "observed").await;
+    let mut client = InferenceClient::new(gateway.channel.clone());
+    let mut completion_tokens = 0;
+    for seed in 0..3 {
+        let mut r = request("measure me", seed);
+        r.ignore_eos = true;
+        let usage = client
+            .generate(authed(r, &key))
+            .await
+            .expect("generate")
+            .into_inner()
+            .usage
+            .expect("usage");
+        assert_eq!(usage.completion_tokens, 12, "ignore_eos runs to max_tokens");
+        completion_tokens += u64::from(usage.completion_tokens);
+    }
+    let body = crate::common::scrape(gateway.metrics_addr).await;
+    let tiny = "{model=\"tiny\"}";
+    assert_eq!(
+        sample(
+            &body,
+            &format!("ascend_gateway_generation_tokens_total{tiny}")
+        ),
+        completion_tokens as f64
+    );
+    assert_eq!(
+        sample(
+            &body,
+            &format!("ascend_gateway_time_to_first_token_seconds_count{tiny}")
+        ),
+        3.0
+    );
+    assert_eq!(
+        sample(
+            &body,
+            &format!("ascend_gateway_inter_token_latency_seconds_count{tiny}")
+        ),
+        (completion_tokens - 3) as f64,
+        "one gap per token after each first"
+    );
+    assert_eq!(
+        sample(
+            &body,
+            &format!("ascend_gateway_e2e_request_latency_seconds_count{tiny}")
+        ),
+        3.0
+    );
+    assert_eq!(
+        sample(
+            &body,
+            "ascend_gateway_requests_finished_total{model=\"tiny\",reason=\"length\"}"
+        ),
+        3.0
+    );
+    let steps = sample(&body, &format!("ascend_gateway_step_sequences_count{tiny}"));
+    let sequences = sample(&body, &format!("ascend_gateway_step_sequences_sum{tiny}"));
+    assert!(steps >= 12.0, "at least one step per token: {steps}");
+    assert_eq!(sequences, steps, "one request at a time: batches of one");
     gateway.stop().await.expect("clean stop");
 }

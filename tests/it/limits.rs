@@ -527,25 +527,6 @@ async fn a_limit_changed_by_an_operator_applies_at_once() {
     gateway.stop().await.expect("clean stop");
 }
 
-/// GET `/metrics` over a plain HTTP/1.1 connection.
-async fn scrape(addr: std::net::SocketAddr) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr)
-        .await
-        .expect("metrics port");
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .await
-        .expect("request");
-    let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .await
-        .expect("response");
-    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-    response
-}
-
 #[tokio::test]
 async fn rejections_are_counted_in_the_metrics() {
     let gateway = TestGateway::start().await;
@@ -563,7 +544,7 @@ async fn rejections_are_counted_in_the_metrics() {
     for _ in 0..3 {
         let _ = client.list_models(authed(ListModelsRequest {}, &key)).await;
     }
-    let body = scrape(gateway.metrics_addr).await;
+    let body = crate::common::scrape(gateway.metrics_addr).await;
     assert!(
         body.contains("ascend_gateway_limit_rejections_total{limit=\"requests_per_second\"} 2"),
         "{body}"
