@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use ascend_gateway::app::{App, shutdown_signal};
+use ascend_gateway::bench::{self, BenchCommand};
 use ascend_gateway::config::{FlagOverrides, LogFormat, Settings};
 use ascend_gateway::store::Db;
 use ascend_gateway::telemetry;
@@ -39,6 +40,10 @@ enum Command {
     /// Create or run a model directory locally (no server).
     #[command(subcommand)]
     Model(ModelCommand),
+    /// Load-test a gateway over gRPC (one it starts in-process, or a
+    /// running one) and report throughput and latency.
+    #[command(subcommand)]
+    Bench(BenchCommand),
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -149,6 +154,7 @@ fn main() -> ExitCode {
             (args.common.config_file(), args.overrides())
         }
         Command::Migrate(args) => (args.config_file(), args.overrides()),
+        Command::Bench(command) => return bench_command(command),
         Command::Model(command) => {
             return match model_command(command) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -190,7 +196,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(_) => serve(settings).await,
             Command::Migrate(_) => migrate(settings).await,
-            Command::Config(_) | Command::Model(_) => Ok(()),
+            Command::Config(_) | Command::Model(_) | Command::Bench(_) => Ok(()),
         }
     });
     match result {
@@ -207,6 +213,41 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     app.run_until(shutdown_signal())
         .await
         .context("serving stopped with an error")
+}
+
+/// Runs a bench command; the report goes to stdout, progress to stderr.
+fn bench_command(command: &BenchCommand) -> ExitCode {
+    let log = ascend_gateway::config::LogSettings {
+        filter: "warn,ascend_gateway::bench=info".to_owned(),
+        ..Default::default()
+    };
+    telemetry::init(&log);
+    let invocation = std::env::args().collect::<Vec<_>>().join(" ");
+    let result = tokio::runtime::Runtime::new()
+        .context("cannot start the async runtime")
+        .and_then(|runtime| {
+            runtime.block_on(async {
+                match command {
+                    BenchCommand::Run(args) => {
+                        let report = bench::run_command(args).await?;
+                        println!("{}", bench::RunReport::markdown_header());
+                        println!("{}", report.markdown_row());
+                        println!("{}", serde_json::to_string_pretty(&report)?);
+                    }
+                    BenchCommand::Serving(args) => {
+                        print!("{}", bench::serving_suite(args, &invocation).await?);
+                    }
+                }
+                anyhow::Ok(())
+            })
+        });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", ascend_gateway::error::one_line(e.as_ref()));
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
 }
 
 async fn migrate(settings: Settings) -> anyhow::Result<()> {

@@ -14,7 +14,7 @@ use tonic::Code;
 
 use crate::common::{TestGateway, admin, authed};
 
-async fn tenant_key(gateway: &TestGateway, slug: &str) -> String {
+pub async fn tenant_key(gateway: &TestGateway, slug: &str) -> String {
     let mut client = TenantAdminClient::new(gateway.channel.clone());
     client
         .create_tenant(admin(CreateTenantRequest {

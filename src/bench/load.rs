@@ -1,0 +1,182 @@
+//! Drives load over real gRPC: a closed loop (N clients, each sending its
+//! next request when the previous one ends) or an open loop (Poisson
+//! arrivals at a target rate, whatever the server's pace). Each request is
+//! a `GenerateStream`, timed at the client: time to first token, the gap
+//! before every later token message, end to end.
+//!
+//! Knows the Inference client and the workload, not the report.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::task::JoinSet;
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+
+use super::workload::{RequestSource, WorkloadSpec};
+use crate::api::pb::v1::generate_stream_response::Event;
+use crate::api::pb::v1::inference_client::InferenceClient;
+
+/// How requests arrive.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "mode")]
+pub enum Arrival {
+    /// `clients` loops, each with one request in flight.
+    Closed { clients: usize },
+    /// Poisson arrivals at `rate` requests per second.
+    Open { rate: f64 },
+}
+
+/// Where the load goes: channels (one per connection) and one API key per
+/// tenant; requests take keys round robin.
+#[derive(Clone)]
+pub struct Target {
+    pub channels: Vec<Channel>,
+    pub keys: Vec<String>,
+}
+
+/// One request as the client saw it.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub tenant: usize,
+    /// Since the run started.
+    pub sent_at: Duration,
+    pub ttft_us: Option<u64>,
+    /// Gaps between consecutive token messages after the first.
+    pub inter_token_us: Vec<u64>,
+    pub e2e_us: u64,
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    /// `Ok` for a completed stream, else the status code's name.
+    pub outcome: Result<(), String>,
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+async fn one_request(
+    channel: Channel,
+    key: &str,
+    tenant: usize,
+    request: crate::api::pb::v1::GenerateRequest,
+    run_start: Instant,
+) -> Sample {
+    let sent = Instant::now();
+    let mut sample = Sample {
+        tenant,
+        sent_at: sent.duration_since(run_start),
+        ttft_us: None,
+        inter_token_us: Vec::new(),
+        e2e_us: 0,
+        prompt_tokens: 0,
+        completion_tokens: 0,
+        outcome: Err("no answer".to_owned()),
+    };
+    let mut message = tonic::Request::new(request);
+    match format!("Bearer {key}").parse() {
+        Ok(value) => {
+            message.metadata_mut().insert("authorization", value);
+        }
+        Err(_) => {
+            sample.outcome = Err("bad key".to_owned());
+            return sample;
+        }
+    }
+    let mut client = InferenceClient::new(channel);
+    let result = async {
+        let mut stream = client.generate_stream(message).await?.into_inner();
+        let mut last = None;
+        while let Some(message) = stream.next().await {
+            let now = Instant::now();
+            match message?.event {
+                Some(Event::Delta(_)) => {
+                    match last {
+                        None => sample.ttft_us = Some(micros(now - sent)),
+                        Some(previous) => sample.inter_token_us.push(micros(now - previous)),
+                    }
+                    last = Some(now);
+                }
+                Some(Event::Complete(done)) => {
+                    if let Some(usage) = done.usage {
+                        sample.prompt_tokens = usage.prompt_tokens;
+                        sample.completion_tokens = usage.completion_tokens;
+                    }
+                    return Ok(());
+                }
+                None => {}
+            }
+        }
+        Err(tonic::Status::unknown(
+            "the stream ended without its last message",
+        ))
+    }
+    .await;
+    sample.e2e_us = micros(sent.elapsed());
+    sample.outcome = result.map_err(|status: tonic::Status| format!("{:?}", status.code()));
+    sample
+}
+
+/// Runs `arrival` for `duration` (no new request after it; those in flight
+/// finish) and returns every request's sample and the wall time until the
+/// last one ended.
+pub async fn run(
+    target: &Target,
+    workload: &WorkloadSpec,
+    arrival: Arrival,
+    duration: Duration,
+) -> (Vec<Sample>, Duration) {
+    let start = Instant::now();
+    let mut tasks = JoinSet::new();
+    let target = Arc::new(target.clone());
+    match arrival {
+        Arrival::Closed { clients } => {
+            for client in 0..clients.max(1) {
+                let target = target.clone();
+                let mut source = RequestSource::new(workload, client as u64);
+                tasks.spawn(async move {
+                    let mut samples = Vec::new();
+                    let tenant = client % target.keys.len().max(1);
+                    let channel = target.channels[client % target.channels.len()].clone();
+                    while start.elapsed() < duration {
+                        let request = source.next_request();
+                        let key = target.keys.get(tenant).map_or("", String::as_str);
+                        samples
+                            .push(one_request(channel.clone(), key, tenant, request, start).await);
+                    }
+                    samples
+                });
+            }
+        }
+        Arrival::Open { rate } => {
+            let mut source = RequestSource::new(workload, 0);
+            let mut gaps = RequestSource::new(workload, u64::MAX);
+            let mut next = start;
+            let mut n = 0usize;
+            while next.duration_since(start) < duration {
+                tokio::time::sleep_until(next.into()).await;
+                let tenant = n % target.keys.len().max(1);
+                let channel = target.channels[n % target.channels.len()].clone();
+                let key = target.keys.get(tenant).cloned().unwrap_or_default();
+                let request = source.next_request();
+                tasks.spawn(async move {
+                    vec![one_request(channel, &key, tenant, request, start).await]
+                });
+                n += 1;
+                // Exponential gaps: a Poisson process of the given rate.
+                let gap = -(1.0 - gaps.unit()).ln() / rate.max(1e-9);
+                next += Duration::from_secs_f64(gap);
+            }
+        }
+    }
+    let mut samples = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        if let Ok(batch) = done {
+            samples.extend(batch);
+        }
+    }
+    let elapsed = start.elapsed();
+    samples.sort_by_key(|s| s.sent_at);
+    (samples, elapsed)
+}

@@ -1,0 +1,348 @@
+//! `ascend-gateway bench`: a load generator over real gRPC, against a
+//! gateway it starts itself (the default: the embedded configuration, fresh
+//! each time) or one already running (`--endpoint`). It reports throughput,
+//! time to first token, inter-token and end-to-end latency percentiles and
+//! the mean batch size, as JSON and Markdown.
+//!
+//! It is a client of the gateway: it uses the public API and `/metrics`
+//! only, never the serving internals, so what it measures is what a user
+//! would see.
+
+mod load;
+mod percentile;
+mod report;
+mod scrape;
+mod selfhost;
+mod suite;
+mod workload;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use load::{Arrival, Sample, Target};
+pub use percentile::{Summary, nearest_rank};
+pub use report::{RunReport, TenantShare};
+pub use scrape::StepTotals;
+pub use selfhost::{SelfHosted, TenantSpec};
+pub use workload::{LengthDistribution, RequestSource, WorkloadSpec};
+
+use crate::serving::{Batching, ModelSettings, Pace};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("cannot connect to {endpoint} (`--endpoint`): {message}")]
+    Endpoint { endpoint: String, message: String },
+    #[error("the bench gateway failed: {0}")]
+    Gateway(String),
+    #[error("creating bench tenants failed: {0}")]
+    Admin(String),
+    #[error("cannot read metrics at {addr} (`--metrics-addr`): {message}")]
+    Metrics { addr: SocketAddr, message: String },
+    #[error("cannot write {path}: {message}")]
+    Write { path: PathBuf, message: String },
+    #[error("invalid `{flag}`: {message}")]
+    Usage { flag: &'static str, message: String },
+}
+
+/// `LO-HI`, both inclusive.
+fn parse_range(text: &str) -> Result<(u32, u32), String> {
+    let (lo, hi) = text
+        .split_once('-')
+        .ok_or_else(|| "expected LO-HI, e.g. 8-256".to_owned())?;
+    let lo: u32 = lo.trim().parse().map_err(|e| format!("{lo}: {e}"))?;
+    let hi: u32 = hi.trim().parse().map_err(|e| format!("{hi}: {e}"))?;
+    if lo == 0 || lo > hi {
+        return Err("need 1 <= LO <= HI".to_owned());
+    }
+    Ok((lo, hi))
+}
+
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum BenchCommand {
+    /// One load run (closed loop with --clients, or open loop with --rate).
+    Run(RunArgs),
+    /// The serving comparison: 1 against 32 clients, continuous against
+    /// static batching, on mixed output lengths; writes JSON and Markdown.
+    Serving(SuiteArgs),
+}
+
+/// The gateway under load.
+#[derive(Debug, Clone, clap::Args)]
+pub struct GatewayArgs {
+    /// A running gateway (http://host:port); default: start one in-process
+    #[arg(long)]
+    pub endpoint: Option<String>,
+    /// API key for --endpoint, one per tenant (repeat the flag)
+    #[arg(long = "api-key", requires = "endpoint")]
+    pub api_keys: Vec<String>,
+    /// Its metrics address, for the mean batch size
+    #[arg(long)]
+    pub metrics_addr: Option<SocketAddr>,
+    /// Tenants to create on the in-process gateway
+    #[arg(long, default_value_t = 4)]
+    pub tenants: usize,
+    /// HTTP/2 connections the clients share
+    #[arg(long, default_value_t = 2)]
+    pub connections: usize,
+    /// Model directory of the in-process gateway (created on first use)
+    #[arg(long, default_value = "data/models/small")]
+    pub model_dir: PathBuf,
+    /// Device profile of the in-process gateway's workers
+    #[arg(long, default_value = "ascend-910b")]
+    pub device: String,
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub pace: PaceArg,
+    #[arg(long, value_enum, default_value = "continuous")]
+    pub batching: BatchingArg,
+    /// Sequence cap of a step
+    #[arg(long, default_value_t = 32)]
+    pub max_batch_size: usize,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum PaceArg {
+    Cpu,
+    Device,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum BatchingArg {
+    Continuous,
+    Static,
+}
+
+/// What the requests look like.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WorkloadArgs {
+    #[arg(long, default_value = "small")]
+    pub model: String,
+    /// Prompt length in words, LO-HI
+    #[arg(long, default_value = "4-96", value_parser = parse_range)]
+    pub prompt_words: (u32, u32),
+    /// Output tokens (max_tokens, generated in full), LO-HI
+    #[arg(long, default_value = "8-256", value_parser = parse_range)]
+    pub output_tokens: (u32, u32),
+    #[arg(long, value_enum, default_value = "log-uniform")]
+    pub output_distribution: LengthDistribution,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl WorkloadArgs {
+    pub fn spec(&self) -> WorkloadSpec {
+        WorkloadSpec {
+            model: self.model.clone(),
+            prompt_words: self.prompt_words,
+            output_tokens: self.output_tokens,
+            output_distribution: self.output_distribution,
+            temperature: 0.8,
+            seed: self.seed,
+        }
+    }
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub gateway: GatewayArgs,
+    #[command(flatten)]
+    pub workload: WorkloadArgs,
+    /// Closed loop: this many concurrent clients
+    #[arg(long, conflicts_with = "rate")]
+    pub clients: Option<usize>,
+    /// Open loop: Poisson arrivals at this many requests per second
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// How long new requests are sent
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Load before measuring, not reported
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    pub warmup: Duration,
+    /// Also write the report as JSON here
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct SuiteArgs {
+    #[command(flatten)]
+    pub workload: WorkloadArgs,
+    /// Measured time of each run
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    pub warmup: Duration,
+    #[arg(long, default_value = "data/models/small")]
+    pub model_dir: PathBuf,
+    /// Where results.json and results.md go
+    #[arg(long, default_value = "benchmarks/serving")]
+    pub out_dir: PathBuf,
+}
+
+/// The model settings of an in-process bench gateway.
+pub fn bench_model(
+    id: &str,
+    dir: PathBuf,
+    device: &str,
+    pace: Pace,
+    batching: Batching,
+    max_batch_size: usize,
+) -> ModelSettings {
+    ModelSettings {
+        id: id.to_owned(),
+        dir: Some(dir),
+        init_preset: Some("small".to_owned()),
+        device_profile: device.to_owned(),
+        pace,
+        batching,
+        max_batch_size,
+        ..ModelSettings::default()
+    }
+}
+
+/// Equal tenants with no limits: the bench measures serving, not limits.
+pub fn equal_tenants(count: usize) -> Vec<TenantSpec> {
+    (0..count.max(1))
+        .map(|i| TenantSpec {
+            slug: format!("bench-tenant-{i}"),
+            weight: 1,
+            limits: Default::default(),
+        })
+        .collect()
+}
+
+/// Runs `arrival` after a warm-up, reading the batch size from `metrics`.
+pub async fn measured_run(
+    label: &str,
+    target: &Target,
+    metrics: Option<SocketAddr>,
+    workload: &WorkloadSpec,
+    arrival: Arrival,
+    warmup: Duration,
+    duration: Duration,
+) -> Result<RunReport, BenchError> {
+    if !warmup.is_zero() {
+        load::run(target, workload, arrival, warmup).await;
+    }
+    let before = match metrics {
+        Some(addr) => Some(scrape::step_totals(
+            &scrape::fetch(addr).await?,
+            &workload.model,
+        )),
+        None => None,
+    };
+    let (samples, elapsed) = load::run(target, workload, arrival, duration).await;
+    let mut report = RunReport::new(label, arrival, &samples, elapsed);
+    if let (Some(addr), Some(before)) = (metrics, before) {
+        let after = scrape::step_totals(&scrape::fetch(addr).await?, &workload.model);
+        let (sequences, tokens) = after.mean_batch_since(&before);
+        report.mean_batch_sequences = Some((sequences * 100.0).round() / 100.0);
+        report.mean_batch_tokens = Some((tokens * 10.0).round() / 10.0);
+    }
+    Ok(report)
+}
+
+/// `bench run`.
+pub async fn run_command(args: &RunArgs) -> Result<RunReport, BenchError> {
+    let arrival = match (args.clients, args.rate) {
+        (_, Some(rate)) if !(rate.is_finite() && rate > 0.0) => {
+            return Err(BenchError::Usage {
+                flag: "--rate",
+                message: "a positive number of requests per second".to_owned(),
+            });
+        }
+        (_, Some(rate)) => Arrival::Open { rate },
+        (Some(clients), None) => Arrival::Closed { clients },
+        (None, None) => Arrival::Closed { clients: 1 },
+    };
+    let workload = args.workload.spec();
+    let gateway = &args.gateway;
+    let (target, metrics, hosted) = match &gateway.endpoint {
+        Some(endpoint) => {
+            if gateway.api_keys.is_empty() {
+                return Err(BenchError::Usage {
+                    flag: "--api-key",
+                    message: "at least one with --endpoint".to_owned(),
+                });
+            }
+            let channels = selfhost::connect(endpoint, gateway.connections).await?;
+            let target = Target {
+                channels,
+                keys: gateway.api_keys.clone(),
+            };
+            (target, gateway.metrics_addr, None)
+        }
+        None => {
+            let pace = match gateway.pace {
+                PaceArg::Cpu => Pace::Cpu,
+                PaceArg::Device => Pace::Device,
+            };
+            let batching = match gateway.batching {
+                BatchingArg::Continuous => Batching::Continuous,
+                BatchingArg::Static => Batching::Static,
+            };
+            let model = bench_model(
+                &workload.model,
+                gateway.model_dir.clone(),
+                &gateway.device,
+                pace,
+                batching,
+                gateway.max_batch_size,
+            );
+            let hosted = SelfHosted::start(vec![model]).await?;
+            let keys = hosted.provision(&equal_tenants(gateway.tenants)).await?;
+            let channels = selfhost::connect(&hosted.endpoint(), gateway.connections).await?;
+            let metrics = Some(hosted.metrics_addr);
+            (Target { channels, keys }, metrics, Some(hosted))
+        }
+    };
+    let report = measured_run(
+        "run",
+        &target,
+        metrics,
+        &workload,
+        arrival,
+        args.warmup,
+        args.duration,
+    )
+    .await;
+    if let Some(hosted) = hosted {
+        hosted.stop().await?;
+    }
+    let report = report?;
+    if let Some(path) = &args.out {
+        write_json(path, &report)?;
+    }
+    Ok(report)
+}
+
+/// Writes `value` as pretty JSON, creating the directory.
+pub fn write_json(path: &std::path::Path, value: &impl serde::Serialize) -> Result<(), BenchError> {
+    let failed = |message: String| BenchError::Write {
+        path: path.to_owned(),
+        message,
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| failed(e.to_string()))?;
+    }
+    let text = serde_json::to_string_pretty(value).map_err(|e| failed(e.to_string()))?;
+    std::fs::write(path, text + "\n").map_err(|e| failed(e.to_string()))
+}
+
+pub use suite::{SuiteReport, git_revision, machine, serving_suite};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_parse_or_say_why_not() {
+        assert_eq!(parse_range("8-256"), Ok((8, 256)));
+        assert_eq!(parse_range(" 4 - 4 "), Ok((4, 4)));
+        assert!(parse_range("9-8").is_err());
+        assert!(parse_range("0-8").is_err());
+        assert!(parse_range("eight").is_err());
+    }
+}

@@ -1,0 +1,100 @@
+//! The load generator against a real gateway: what it reports must agree
+//! with what the gateway metered.
+
+use std::time::Duration;
+
+use ascend_gateway::bench::{Arrival, LengthDistribution, Target, WorkloadSpec, measured_run};
+use ascend_gateway::store::Db;
+
+use crate::common::TestGateway;
+use crate::generate::tenant_key;
+
+fn tiny_workload() -> WorkloadSpec {
+    WorkloadSpec {
+        model: "tiny".to_owned(),
+        prompt_words: (2, 12),
+        output_tokens: (2, 24),
+        output_distribution: LengthDistribution::LogUniform,
+        temperature: 0.8,
+        seed: 5,
+    }
+}
+
+/// Requests and completion tokens metered, once `expected` requests are in.
+async fn metered(db: &Db, expected: usize) -> (i64, i64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let row: (i64, Option<i64>) =
+            sqlx::query_as("SELECT COUNT(*), SUM(completion_tokens) FROM usage_events")
+                .fetch_one(db.pool())
+                .await
+                .expect("query");
+        if row.0 as usize >= expected || std::time::Instant::now() > deadline {
+            return (row.0, row.1.unwrap_or(0));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn closed_and_open_loop_reports_agree_with_the_metered_usage() {
+    let gateway = TestGateway::start().await;
+    let keys = vec![
+        tenant_key(&gateway, "bench-a").await,
+        tenant_key(&gateway, "bench-b").await,
+    ];
+    let target = Target {
+        channels: vec![gateway.channel.clone()],
+        keys,
+    };
+    let workload = tiny_workload();
+    let closed = measured_run(
+        "closed",
+        &target,
+        Some(gateway.metrics_addr),
+        &workload,
+        Arrival::Closed { clients: 3 },
+        Duration::ZERO,
+        Duration::from_millis(800),
+    )
+    .await
+    .expect("closed loop");
+    assert!(closed.requests_ok >= 3, "{closed:?}");
+    assert!(closed.errors.is_empty(), "{:?}", closed.errors);
+    assert_eq!(closed.tenants.len(), 2, "clients spread over both tenants");
+    let batch = closed.mean_batch_sequences.expect("read from /metrics");
+    assert!((1.0..=3.0).contains(&batch), "3 clients: {batch}");
+    assert_eq!(closed.ttft_ms.count, closed.requests_ok);
+    assert_eq!(
+        closed.inter_token_ms.count as u64,
+        closed.output_tokens - closed.requests_ok as u64,
+        "one gap per token after each first"
+    );
+
+    let open = measured_run(
+        "open",
+        &target,
+        None,
+        &workload,
+        Arrival::Open { rate: 20.0 },
+        Duration::ZERO,
+        Duration::from_millis(800),
+    )
+    .await
+    .expect("open loop");
+    assert!(open.requests_ok >= 1, "{open:?}");
+    assert!(open.mean_batch_sequences.is_none());
+
+    let requests = closed.requests_ok + open.requests_ok;
+    let (rows, tokens) = metered(&gateway.db, requests).await;
+    assert_eq!(
+        rows as usize, requests,
+        "one usage row per completed request"
+    );
+    assert_eq!(
+        tokens as u64,
+        closed.output_tokens + open.output_tokens,
+        "reported output tokens are the metered ones"
+    );
+    gateway.stop().await.expect("clean stop");
+}
