@@ -206,10 +206,10 @@ impl App {
             .await
             .map_err(metrics_error)?;
         let metrics_addr = metrics_listener.local_addr().map_err(metrics_error)?;
-        let cache = Arc::new(KeyCache::new(
-            settings.auth.cache_ttl,
-            settings.auth.cache_capacity,
-        ));
+        let cache = Arc::new(
+            KeyCache::new(settings.auth.cache_ttl, settings.auth.cache_capacity)
+                .with_stale_window(settings.auth.stale_if_unavailable),
+        );
         let mut tenancy = TenancyService::new(db.clone(), &settings.tenancy.default_price_plan);
         tenancy.add_listener(cache.clone());
         let redis = match &settings.redis.url {

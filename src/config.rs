@@ -91,6 +91,12 @@ pub struct AuthSettings {
     pub cache_ttl: Duration,
     /// Most keys cached at once.
     pub cache_capacity: usize,
+    /// While the database cannot be reached, a key whose lookup is older
+    /// than `cache_ttl` by at most this much is still judged by that lookup,
+    /// so serving continues through a database outage (revocations made
+    /// elsewhere meanwhile wait for the database to return). 0 disables.
+    #[serde(with = "humantime_serde")]
+    pub stale_if_unavailable: Duration,
     /// How often key last-use times are written to the database.
     #[serde(with = "humantime_serde")]
     pub last_used_flush: Duration,
@@ -103,6 +109,7 @@ impl Default for AuthSettings {
             admin_token_sha256: None,
             cache_ttl: Duration::from_secs(5),
             cache_capacity: 100_000,
+            stale_if_unavailable: Duration::from_secs(600),
             last_used_flush: Duration::from_secs(30),
         }
     }

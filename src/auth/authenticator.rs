@@ -1,11 +1,13 @@
 //! Turns the `authorization` value of a request into a [`Principal`], or
 //! says why not.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use super::cache::KeyCache;
+use super::cache::{KeyCache, Lookup};
 use super::key::{self, KeyHash};
 use super::{AdminCredential, AuthError, LastUsedRecorder, Principal, TenantPrincipal};
+use crate::error::{Classified, ErrorKind};
 use crate::store::now_us;
 use crate::tenancy::{KeyForAuth, Scope, TenancyService, TenantStatus};
 
@@ -25,7 +27,13 @@ pub struct Authenticator {
     cache: Arc<KeyCache>,
     admin: Option<AdminCredential>,
     last_used: Arc<LastUsedRecorder>,
+    /// When a lookup last found the database unreachable.
+    last_outage: Mutex<Option<Instant>>,
 }
+
+/// After a lookup found the database down, lookups within this long go
+/// straight to the stale cache instead of each waiting for a connection.
+const OUTAGE_SHORTCUT: Duration = Duration::from_secs(1);
 
 impl Authenticator {
     pub fn new(
@@ -39,6 +47,40 @@ impl Authenticator {
             cache,
             admin,
             last_used,
+            last_outage: Mutex::new(None),
+        }
+    }
+
+    fn in_outage(&self) -> bool {
+        let last = self.last_outage.lock().unwrap_or_else(|e| e.into_inner());
+        last.is_some_and(|at| at.elapsed() < OUTAGE_SHORTCUT)
+    }
+
+    /// Looks the key up in the database; when it cannot be reached, falls
+    /// back on the last known answer within the cache's stale window.
+    async fn lookup(&self, key_id: &str) -> Result<Lookup, AuthError> {
+        if self.in_outage()
+            && let Some(stale) = self.cache.get_stale(key_id)
+        {
+            return Ok(stale);
+        }
+        match self.tenancy.key_for_auth(key_id).await {
+            Ok(found) => {
+                let found = found.map(Arc::new);
+                self.cache.put(key_id, found.clone());
+                Ok(found)
+            }
+            Err(e) if e.kind() == ErrorKind::Unavailable => {
+                *self.last_outage.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+                match self.cache.get_stale(key_id) {
+                    Some(stale) => {
+                        tracing::warn!(error = %e, "database unreachable: judging a key by its last known state");
+                        Ok(stale)
+                    }
+                    None => Err(e.into()),
+                }
+            }
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -93,11 +135,7 @@ impl Authenticator {
     ) -> Result<Arc<TenantPrincipal>, AuthError> {
         let lookup = match self.cache.get(key_id) {
             Some(lookup) => lookup,
-            None => {
-                let found = self.tenancy.key_for_auth(key_id).await?.map(Arc::new);
-                self.cache.put(key_id, found.clone());
-                found
-            }
+            None => self.lookup(key_id).await?,
         };
         let Some(record) = lookup else {
             return Err(AuthError::Unauthenticated(format!(

@@ -244,3 +244,112 @@ pub async fn scrape(addr: std::net::SocketAddr) -> String {
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     response
 }
+
+/// Writes a config file serving the tiny model into `dir`; returns its path.
+pub fn tiny_model_config(dir: &std::path::Path) -> std::path::PathBuf {
+    let config = dir.join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[models]]\nid = \"tiny\"\ndir = {:?}\nmax_output_tokens = 16\nkv_max_blocks = 128\n",
+            tiny_model_dir()
+        ),
+    )
+    .expect("config");
+    config
+}
+
+/// The real `ascend-gateway serve` binary as a child process, its stderr
+/// captured; for tests about crashes and logs.
+pub struct GatewayProcess {
+    pub child: std::process::Child,
+    pub addr: String,
+    pub log: std::sync::Arc<std::sync::Mutex<String>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl GatewayProcess {
+    /// Starts `serve` on a free port with the test admin token; `configure`
+    /// adds flags and environment. Waits until it reports its address.
+    pub fn spawn(configure: impl FnOnce(&mut std::process::Command)) -> GatewayProcess {
+        use std::io::{BufRead, BufReader};
+        use std::process::Stdio;
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_ascend-gateway"));
+        command
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .env("ASCEND_ADMIN_TOKEN", ADMIN_TOKEN)
+            .env("ASCEND_METRICS_LISTEN", "127.0.0.1:0")
+            .env_remove("DATABASE_URL")
+            .env_remove("RUST_LOG")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null());
+        configure(&mut command);
+        let mut child = command.spawn().expect("start gateway");
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().expect("stderr");
+        let reader = {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if line.contains("gateway listening")
+                        && let Some(addr) = line.split("address=").nth(1)
+                    {
+                        let _ = addr_tx.send(addr.trim().to_owned());
+                    }
+                    let mut log = log.lock().expect("log");
+                    log.push_str(&line);
+                    log.push('\n');
+                }
+            })
+        };
+        let addr = match addr_rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(addr) => addr,
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "the gateway never reported its address:\n{}",
+                    log.lock().expect("log")
+                );
+            }
+        };
+        GatewayProcess {
+            child,
+            addr,
+            log,
+            reader: Some(reader),
+        }
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect")
+    }
+
+    /// SIGKILL: no drain, no flush, no goodbye.
+    pub fn kill9(&mut self) {
+        self.child.kill().expect("kill -9");
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits for the exit (off the runtime, which must stay
+    /// free to answer the server's GOAWAY) and for the log to be complete.
+    pub async fn terminate(mut self) -> (std::process::ExitStatus, String) {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let mut child = self.child;
+        let status = tokio::task::spawn_blocking(move || child.wait())
+            .await
+            .expect("join")
+            .expect("gateway exits");
+        if let Some(reader) = self.reader.take() {
+            reader.join().expect("reader");
+        }
+        let log = self.log.lock().expect("log").clone();
+        (status, log)
+    }
+}

@@ -7,6 +7,7 @@
 mod ascendctl;
 mod bench;
 mod common;
+mod crash;
 mod generate;
 mod limits;
 mod metering;

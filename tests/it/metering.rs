@@ -345,3 +345,83 @@ async fn get_usage_answers_from_rollups_and_keeps_tenants_apart() {
     assert!(status.message().contains("start_time"));
     gateway.stop().await.expect("clean stop");
 }
+
+/// How long the database stays away in the outage test (the issue asks for
+/// 30 s; `AGW_OUTAGE_SECS` shortens it while working on the test).
+fn outage() -> Duration {
+    let secs = std::env::var("AGW_OUTAGE_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(30);
+    Duration::from_secs(secs)
+}
+
+#[tokio::test]
+async fn the_gateway_serves_through_a_database_outage_and_meters_every_request_after() {
+    use ascend_gateway::api::pb::v1::GenerateRequest;
+    use ascend_gateway::api::pb::v1::inference_client::InferenceClient;
+
+    let test_db = PgTestDb::create().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let mut settings = crate::common::test_settings(&dir);
+    settings.database.url = Some(test_db.secret_url());
+    settings.database.connect_timeout = Duration::from_secs(1);
+    // Short, so the outage outlives every fresh cache entry.
+    settings.auth.cache_ttl = Duration::from_millis(500);
+    let gateway = crate::common::TestGateway::start_with(settings, dir).await;
+    let key = crate::generate::tenant_key(&gateway, "resilient").await;
+    let mut client = InferenceClient::new(gateway.channel.clone());
+    let request = |n: usize| GenerateRequest {
+        model: "tiny".to_owned(),
+        prompt: format!("request {n} while the database may be away"),
+        max_tokens: Some(6),
+        request_id: format!("outage-{n}"),
+        ..Default::default()
+    };
+    client
+        .generate(crate::common::authed(request(0), &key))
+        .await
+        .expect("served before the outage");
+
+    test_db.set_reachable(false).await;
+    let started = std::time::Instant::now();
+    let mut served = 1;
+    while started.elapsed() < outage() {
+        client
+            .generate(crate::common::authed(request(served), &key))
+            .await
+            .unwrap_or_else(|status| panic!("request {served} during the outage: {status:?}"));
+        served += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let body = crate::common::scrape(gateway.metrics_addr).await;
+    let pending: f64 = body
+        .lines()
+        .find_map(|l| l.strip_prefix("ascend_gateway_usage_events_pending "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("pending gauge");
+    assert!(pending >= 1.0, "usage waits in the spool: {pending}");
+    test_db.set_reachable(true).await;
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let count: Option<i64> = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM usage_events WHERE request_id LIKE 'outage-%'",
+        )
+        .fetch_one(gateway.db.pool())
+        .await
+        .ok();
+        if count == Some(served as i64) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the backlog did not drain: {count:?} of {served}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let (events, rollups) = totals(&gateway.db).await;
+    assert_eq!(events.0, served as i64, "every request once");
+    assert_eq!(rollups, events, "rollups equal the events");
+    gateway.stop().await.expect("clean stop");
+}

@@ -2,72 +2,28 @@
 //! with every log level on while keys are created, used, mistyped, rotated
 //! and revoked, and its whole output is searched afterwards.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
-
 use ascend_gateway::api::pb::v1::inference_client::InferenceClient;
 use ascend_gateway::api::pb::v1::tenant_admin_client::TenantAdminClient;
 use ascend_gateway::api::pb::v1::{
     CreateApiKeyRequest, CreateTenantRequest, ListModelsRequest, RevokeApiKeyRequest,
     RotateApiKeyRequest,
 };
-use tonic::transport::Channel;
 
 use crate::common::{ADMIN_TOKEN, admin, authed};
 
 #[tokio::test]
 async fn keys_and_tokens_never_appear_in_logs() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let config = dir.path().join("gateway.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[[models]]\nid = \"tiny\"\ndir = {:?}\nmax_output_tokens = 16\nkv_max_blocks = 128\n",
-            crate::common::tiny_model_dir()
-        ),
-    )
-    .expect("config");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ascend-gateway"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-        .arg(&config)
-        .arg("--data-dir")
-        .arg(dir.path())
-        .env("ASCEND_ADMIN_TOKEN", ADMIN_TOKEN)
-        .env("ASCEND_METRICS_LISTEN", "127.0.0.1:0")
-        .env("RUST_LOG", "trace")
-        .env_remove("DATABASE_URL")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("start gateway");
-    let log = Arc::new(Mutex::new(String::new()));
-    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-    let stderr = child.stderr.take().expect("stderr");
-    let reader = {
-        let log = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("gateway listening")
-                    && let Some(addr) = line.split("address=").nth(1)
-                {
-                    let _ = addr_tx.send(addr.trim().to_owned());
-                }
-                let mut log = log.lock().expect("log");
-                log.push_str(&line);
-                log.push('\n');
-            }
-        })
-    };
-    let addr = addr_rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("gateway reports its address");
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .expect("endpoint")
-        .connect()
-        .await
-        .expect("connect");
+    let config = crate::common::tiny_model_config(dir.path());
+    let gateway = crate::common::GatewayProcess::spawn(|command| {
+        command
+            .arg("--config")
+            .arg(&config)
+            .arg("--data-dir")
+            .arg(dir.path())
+            .env("RUST_LOG", "trace");
+    });
+    let channel = gateway.channel().await;
 
     let mut admin_client = TenantAdminClient::new(channel.clone());
     admin_client
@@ -119,19 +75,8 @@ async fn keys_and_tokens_never_appear_in_logs() {
         .list_models(authed(ListModelsRequest {}, "not-a-key-but-private"))
         .await;
 
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    // Waited for off the runtime, which must stay free to answer the
-    // server's GOAWAY on the client connection.
-    let status = tokio::task::spawn_blocking(move || child.wait())
-        .await
-        .expect("join")
-        .expect("gateway exits");
+    let (status, log) = gateway.terminate().await;
     assert!(status.success(), "graceful exit on SIGTERM");
-    reader.join().expect("reader");
-
-    let log = log.lock().expect("log").clone();
     assert!(
         log.contains("gateway stopped"),
         "the log was captured: {log}"
