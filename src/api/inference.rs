@@ -152,7 +152,7 @@ impl InferenceApi {
                 ),
             ));
         }
-        let context = served.model.config().max_position_embeddings;
+        let context = served.context_length;
         if prompt.len() + max_tokens as usize > context {
             return Err(invalid(
                 "prompt",
@@ -493,8 +493,7 @@ impl Inference for InferenceApi {
             .map(|served| pb::ModelInfo {
                 id: served.settings.id.clone(),
                 description: served.settings.description.clone(),
-                context_length: u32::try_from(served.model.config().max_position_embeddings)
-                    .unwrap_or(u32::MAX),
+                context_length: u32::try_from(served.context_length).unwrap_or(u32::MAX),
                 max_output_tokens: served.settings.max_output_tokens,
                 device_profile: served.device_profile.clone(),
                 workers: u32::try_from(served.settings.workers).unwrap_or(u32::MAX),

@@ -11,6 +11,7 @@
 //! Usage leaves through the one narrow [`UsageSink`]; serving never touches
 //! the database or Redis.
 
+mod echo;
 pub mod job;
 pub mod queue;
 mod registry;
@@ -23,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+pub use echo::ECHO_DEVICE;
 pub use job::{Failure, Job, JobEvent, JobUsage, Requester};
 pub use queue::{Priority, QueueFull};
 pub use registry::{ModelRegistry, ServedModel, ServingError};
@@ -47,6 +49,18 @@ pub trait UsageSink: Send + Sync {
         usage: &JobUsage,
         finish_reason: &str,
     ) -> Result<(), String>;
+}
+
+/// What runs a model's requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    /// The executable model on emulated NPU workers.
+    Npu,
+    /// Answers at once with the prompt, computing nothing: for measuring
+    /// the gateway's own overhead. Needs only the directory's tokenizer
+    /// and config.json.
+    Echo,
 }
 
 /// How a worker forms its batches.
@@ -78,6 +92,7 @@ pub struct ModelSettings {
     pub description: String,
     /// Emulated device of each worker: a builtin profile name or a TOML file.
     pub device_profile: String,
+    pub engine: Engine,
     pub workers: usize,
     pub max_batch_size: usize,
     pub max_batch_tokens: usize,
@@ -111,6 +126,7 @@ impl Default for ModelSettings {
             description: "DeepSeek-style MoE (small executable shape), seeded random weights"
                 .to_owned(),
             device_profile: "ascend-910b".to_owned(),
+            engine: Engine::Npu,
             workers: 1,
             max_batch_size: 32,
             max_batch_tokens: 512,

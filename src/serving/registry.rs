@@ -7,10 +7,12 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
+use super::echo::{ECHO_DEVICE, EchoWorker};
 use super::queue::{Priority, QueueFull, QueueLimits};
 use super::worker::{Worker, WorkerConfig};
-use super::{Job, ModelSettings, Shared, UsageSink};
+use super::{Engine, Job, ModelSettings, Shared, UsageSink};
 use crate::error::{Classified, ErrorKind};
+use crate::model::config::ModelConfig;
 use crate::model::kv_cache::{KvPool, KvPoolOptions};
 use crate::model::tokenizer::Tokenizer;
 use crate::model::transformer::{LoadOptions, Model};
@@ -58,7 +60,10 @@ impl Classified for ServingError {
 /// One model being served by its pool of workers.
 pub struct ServedModel {
     pub settings: ModelSettings,
-    pub model: Arc<Model>,
+    /// The executable model; `None` for the echo engine.
+    pub model: Option<Arc<Model>>,
+    /// Longest prompt + completion, in tokens.
+    pub context_length: usize,
     pub tokenizer: Arc<Tokenizer>,
     pub device_profile: String,
     shared: Arc<Shared>,
@@ -105,17 +110,45 @@ impl ServedModel {
             crate::model::init::init_model_dir(preset, settings.init_seed, &dir)
                 .map_err(model_error)?;
         }
-        let model = Arc::new(Model::load(&dir, &LoadOptions::default()).map_err(model_error)?);
-        if let Some(served_as) = &settings.served_as {
-            served_as.validate().map_err(model_error)?;
-        }
         let tokenizer = Arc::new(Tokenizer::from_dir(&dir).map_err(model_error)?);
-        let profile = profile(&settings)?;
         let shared = Arc::new(Shared::new(QueueLimits {
             max_requests: settings.max_queue_requests,
             max_tokens: settings.max_queue_tokens,
             aging_step: settings.aging_step,
         }));
+        if settings.engine == Engine::Echo {
+            let config = ModelConfig::from_file(&dir.join("config.json")).map_err(model_error)?;
+            let mut threads = Vec::new();
+            for n in 0..settings.workers.max(1) {
+                let worker = EchoWorker {
+                    tokenizer: tokenizer.clone(),
+                    shared: shared.clone(),
+                    usage: usage.clone(),
+                };
+                let thread = std::thread::Builder::new()
+                    .name(format!("echo-{id}-{n}"))
+                    .spawn(move || worker.run())
+                    .map_err(|source| ServingError::Thread {
+                        id: id.clone(),
+                        source,
+                    })?;
+                threads.push(thread);
+            }
+            return Ok(ServedModel {
+                device_profile: ECHO_DEVICE.to_owned(),
+                context_length: config.max_position_embeddings,
+                settings,
+                model: None,
+                tokenizer,
+                shared,
+                threads: std::sync::Mutex::new(threads),
+            });
+        }
+        let model = Arc::new(Model::load(&dir, &LoadOptions::default()).map_err(model_error)?);
+        if let Some(served_as) = &settings.served_as {
+            served_as.validate().map_err(model_error)?;
+        }
+        let profile = profile(&settings)?;
         let mut threads = Vec::new();
         for n in 0..settings.workers.max(1) {
             let device = Device::new(profile.clone()).map_err(|e| ServingError::Device {
@@ -162,8 +195,9 @@ impl ServedModel {
         }
         Ok(ServedModel {
             device_profile: profile.name.clone(),
+            context_length: model.config().max_position_embeddings,
             settings,
-            model,
+            model: Some(model),
             tokenizer,
             shared,
             threads: std::sync::Mutex::new(threads),

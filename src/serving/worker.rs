@@ -337,40 +337,9 @@ impl Worker {
     }
 
     /// Records usage durably, settles limits, then sends the last event.
-    fn end(&self, mut r: Running, outcome: Result<FinishReason, Failure>) {
+    fn end(&self, r: Running, outcome: Result<FinishReason, Failure>) {
         let usage = self.usage_of(&r, Instant::now());
-        let reason = match &outcome {
-            Ok(FinishReason::Eos) => Outcome::Eos,
-            Ok(FinishReason::Stop) => Outcome::Stop,
-            Ok(FinishReason::Length) => Outcome::Length,
-            Err(Failure::Cancelled) => Outcome::Cancelled,
-            Err(Failure::DeadlineExceeded) => Outcome::DeadlineExceeded,
-            Err(Failure::Internal(_)) => Outcome::Error,
-        };
-        let stats = &self.shared.stats;
-        stats.count_finished(reason);
-        stats.end_to_end.observe(usage.total_time_us);
-        stats
-            .prompt_tokens
-            .fetch_add(u64::from(usage.prompt_tokens), Ordering::Relaxed);
-        if let Err(e) = self.usage.record(
-            &r.job.requester,
-            r.job.started_at_us,
-            &usage,
-            reason.as_str(),
-        ) {
-            tracing::error!(error = %e, request_id = %r.job.requester.request_id, "usage not recorded");
-        }
-        if let Some(permit) = r.job.permit.take() {
-            permit.settle_in_background(
-                u64::from(usage.prompt_tokens) + u64::from(usage.completion_tokens),
-            );
-        }
-        let event = match outcome {
-            Ok(reason) => JobEvent::Finished { reason, usage },
-            Err(failure) => JobEvent::Failed { failure, usage },
-        };
-        let _ = r.job.events.send(event);
+        finish_job(&self.shared, self.usage.as_ref(), r.job, outcome, usage);
     }
 
     /// A job that never ran: nothing was computed, but it was admitted, so
@@ -400,6 +369,45 @@ impl Worker {
     }
 }
 
-fn micros(d: Duration) -> u64 {
+/// Ends a job, whatever engine ran it: counts it, records its usage
+/// durably, settles its limits permit, then sends its last event, in that
+/// order, so a client that saw the end can rely on the usage being kept.
+pub(crate) fn finish_job(
+    shared: &Shared,
+    sink: &dyn UsageSink,
+    mut job: Job,
+    outcome: Result<FinishReason, Failure>,
+    usage: JobUsage,
+) {
+    let reason = match &outcome {
+        Ok(FinishReason::Eos) => Outcome::Eos,
+        Ok(FinishReason::Stop) => Outcome::Stop,
+        Ok(FinishReason::Length) => Outcome::Length,
+        Err(Failure::Cancelled) => Outcome::Cancelled,
+        Err(Failure::DeadlineExceeded) => Outcome::DeadlineExceeded,
+        Err(Failure::Internal(_)) => Outcome::Error,
+    };
+    let stats = &shared.stats;
+    stats.count_finished(reason);
+    stats.end_to_end.observe(usage.total_time_us);
+    stats
+        .prompt_tokens
+        .fetch_add(u64::from(usage.prompt_tokens), Ordering::Relaxed);
+    if let Err(e) = sink.record(&job.requester, job.started_at_us, &usage, reason.as_str()) {
+        tracing::error!(error = %e, request_id = %job.requester.request_id, "usage not recorded");
+    }
+    if let Some(permit) = job.permit.take() {
+        permit.settle_in_background(
+            u64::from(usage.prompt_tokens) + u64::from(usage.completion_tokens),
+        );
+    }
+    let event = match outcome {
+        Ok(reason) => JobEvent::Finished { reason, usage },
+        Err(failure) => JobEvent::Failed { failure, usage },
+    };
+    let _ = job.events.send(event);
+}
+
+pub(crate) fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }

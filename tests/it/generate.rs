@@ -729,3 +729,45 @@ async fn serving_latencies_and_tokens_are_in_the_metrics() {
     assert_eq!(sequences, steps, "one request at a time: batches of one");
     gateway.stop().await.expect("clean stop");
 }
+
+#[tokio::test]
+async fn the_echo_engine_answers_with_the_prompt_and_is_metered_like_any_model() {
+    let dir = tempfile::tempdir().expect("dir");
+    let mut settings = crate::common::test_settings(&dir);
+    settings
+        .models
+        .push(ascend_gateway::serving::ModelSettings {
+            id: "echo".to_owned(),
+            engine: ascend_gateway::serving::Engine::Echo,
+            ..crate::common::tiny_model()
+        });
+    let gateway = TestGateway::start_with(settings, dir).await;
+    let key = tenant_key(&gateway, "echoer").await;
+    let mut client = InferenceClient::new(gateway.channel.clone());
+    let mut r = request("say it back to me", 1);
+    r.model = "echo".to_owned();
+    r.max_tokens = Some(64);
+    r.request_id = "echo-1".to_owned();
+    let answer = client
+        .generate(authed(r.clone(), &key))
+        .await
+        .expect("echo")
+        .into_inner();
+    assert_eq!(answer.text, "say it back to me");
+    let usage = answer.usage.expect("usage");
+    assert_eq!(usage.completion_tokens, usage.prompt_tokens);
+    assert_eq!(usage.device_time_us, 0);
+    r.max_tokens = Some(2);
+    r.request_id = "echo-2".to_owned();
+    let cut = client
+        .generate(authed(r, &key))
+        .await
+        .expect("echo")
+        .into_inner();
+    assert_eq!(cut.usage.expect("usage").completion_tokens, 2);
+    assert!("say it back to me".starts_with(&cut.text), "{}", cut.text);
+    let (reason, completion) = usage_row(&gateway, "echo-1").await;
+    assert_eq!(reason, "length");
+    assert_eq!(completion, i64::from(usage.completion_tokens));
+    gateway.stop().await.expect("clean stop");
+}
