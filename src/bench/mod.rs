@@ -8,7 +8,9 @@
 //! only, never the serving internals, so what it measures is what a user
 //! would see.
 
+mod bare;
 mod load;
+mod overhead;
 mod percentile;
 mod report;
 mod scrape;
@@ -65,6 +67,33 @@ pub enum BenchCommand {
     /// The serving comparison: 1 against 32 clients, continuous against
     /// static batching, on mixed output lengths; writes JSON and Markdown.
     Serving(SuiteArgs),
+    /// What the gateway adds: its echo engine with auth, limits and
+    /// metering on, against a bare tonic echo server, same load.
+    Overhead(OverheadArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct OverheadArgs {
+    /// Open-loop rates to compare at, requests/s
+    #[arg(long, value_delimiter = ',', default_value = "1000,2500,5000")]
+    pub rates: Vec<f64>,
+    /// Clients of the closed-loop (maximum throughput) run
+    #[arg(long, default_value_t = 64)]
+    pub clients: usize,
+    #[arg(long, default_value_t = 2)]
+    pub connections: usize,
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub warmup: Duration,
+    /// Metering database of the gateway (default: embedded SQLite)
+    #[arg(long)]
+    pub database_url: Option<String>,
+    /// Any model directory: the echo engine uses its tokenizer only
+    #[arg(long, default_value = "data/models/small")]
+    pub model_dir: PathBuf,
+    #[arg(long, default_value = "benchmarks/overhead")]
+    pub out_dir: PathBuf,
 }
 
 /// The gateway under load.
@@ -95,6 +124,9 @@ pub struct GatewayArgs {
     pub pace: PaceArg,
     #[arg(long, value_enum, default_value = "continuous")]
     pub batching: BatchingArg,
+    /// `echo` answers with the prompt at once (gateway overhead only)
+    #[arg(long, value_enum, default_value = "npu")]
+    pub engine: EngineArg,
     /// Sequence cap of a step
     #[arg(long, default_value_t = 32)]
     pub max_batch_size: usize,
@@ -104,6 +136,12 @@ pub struct GatewayArgs {
 pub enum PaceArg {
     Cpu,
     Device,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum EngineArg {
+    Npu,
+    Echo,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -283,7 +321,7 @@ pub async fn run_command(args: &RunArgs) -> Result<RunReport, BenchError> {
                 BatchingArg::Continuous => Batching::Continuous,
                 BatchingArg::Static => Batching::Static,
             };
-            let model = bench_model(
+            let mut model = bench_model(
                 &workload.model,
                 gateway.model_dir.clone(),
                 &gateway.device,
@@ -291,6 +329,9 @@ pub async fn run_command(args: &RunArgs) -> Result<RunReport, BenchError> {
                 batching,
                 gateway.max_batch_size,
             );
+            if let EngineArg::Echo = gateway.engine {
+                model.engine = crate::serving::Engine::Echo;
+            }
             let hosted = SelfHosted::start(vec![model]).await?;
             let keys = hosted.provision(&equal_tenants(gateway.tenants)).await?;
             let channels = selfhost::connect(&hosted.endpoint(), gateway.connections).await?;
@@ -331,6 +372,7 @@ pub fn write_json(path: &std::path::Path, value: &impl serde::Serialize) -> Resu
     std::fs::write(path, text + "\n").map_err(|e| failed(e.to_string()))
 }
 
+pub use overhead::{OverheadReport, overhead_suite};
 pub use suite::{SuiteReport, git_revision, machine, serving_suite};
 
 #[cfg(test)]

@@ -67,8 +67,17 @@ fn bearer<T>(message: T, token: &str) -> Result<tonic::Request<T>, BenchError> {
 }
 
 impl SelfHosted {
-    /// Starts a gateway serving `models` on loopback ports chosen by the OS.
+    /// Starts a gateway serving `models` on loopback ports chosen by the OS,
+    /// on the embedded SQLite default.
     pub async fn start(models: Vec<ModelSettings>) -> Result<SelfHosted, BenchError> {
+        Self::start_with(models, None).await
+    }
+
+    /// As [`SelfHosted::start`], on the database at `database_url` if given.
+    pub async fn start_with(
+        models: Vec<ModelSettings>,
+        database_url: Option<String>,
+    ) -> Result<SelfHosted, BenchError> {
         let admin_token = uuid::Uuid::new_v4().simple().to_string();
         let data_dir = std::env::temp_dir().join(format!(
             "agw-bench-{}-{}",
@@ -83,6 +92,7 @@ impl SelfHosted {
             ..Settings::default()
         };
         settings.auth.admin_token = Some(SecretString::from(admin_token.clone()));
+        settings.database.url = database_url.map(SecretString::from);
         let app = App::build(settings)
             .await
             .map_err(|e| BenchError::Gateway(crate::error::one_line(&e)))?;

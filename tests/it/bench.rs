@@ -98,3 +98,41 @@ async fn closed_and_open_loop_reports_agree_with_the_metered_usage() {
     );
     gateway.stop().await.expect("clean stop");
 }
+
+#[tokio::test]
+async fn the_overhead_comparison_runs_both_servers_and_writes_its_report() {
+    let out = tempfile::tempdir().expect("dir");
+    let args = ascend_gateway::bench::OverheadArgs {
+        rates: vec![40.0],
+        clients: 4,
+        connections: 1,
+        duration: Duration::from_millis(600),
+        warmup: Duration::ZERO,
+        database_url: None,
+        model_dir: crate::common::tiny_model_dir(),
+        out_dir: out.path().to_owned(),
+    };
+    let (report, markdown) = ascend_gateway::bench::overhead_suite(&args, "test")
+        .await
+        .expect("overhead suite");
+    for run in [&report.bare_max, &report.gateway_max] {
+        assert!(run.requests_ok > 0, "{run:?}");
+        assert!(run.errors.is_empty(), "{:?}", run.errors);
+    }
+    assert_eq!(report.rates.len(), 1);
+    let compared = &report.rates[0];
+    assert!(compared.gateway.requests_ok > 0 && compared.bare.requests_ok > 0);
+    assert_eq!(
+        compared.added_p99_ms,
+        ((compared.gateway.e2e_ms.p99 - compared.bare.e2e_ms.p99) * 1000.0).round() / 1000.0
+    );
+    let expected_ratio = report.gateway_max.requests_per_s / report.bare_max.requests_per_s;
+    assert!((report.throughput_ratio - expected_ratio).abs() < 0.001);
+    let written = std::fs::read_to_string(out.path().join("results.md")).expect("results.md");
+    assert_eq!(written, markdown);
+    let json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.path().join("results.json")).expect("results.json"),
+    )
+    .expect("valid JSON");
+    assert_eq!(json["rates"][0]["offered_per_s"], 40.0);
+}
