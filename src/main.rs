@@ -237,6 +237,9 @@ fn bench_command(command: &BenchCommand) -> ExitCode {
                     BenchCommand::Serving(args) => {
                         print!("{}", bench::serving_suite(args, &invocation).await?);
                     }
+                    BenchCommand::Report(args) => {
+                        print!("{}", bench::device_report(args, &invocation).await?.1);
+                    }
                     BenchCommand::Overhead(args) => {
                         print!("{}", bench::overhead_suite(args, &invocation).await?.1);
                     }

@@ -48,6 +48,9 @@ pub struct Sample {
     pub e2e_us: u64,
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
+    /// Emulated device time and energy charged to the request.
+    pub device_time_us: u64,
+    pub energy_mj: u64,
     /// `Ok` for a completed stream, else the status code's name.
     pub outcome: Result<(), String>,
 }
@@ -72,6 +75,8 @@ async fn one_request(
         e2e_us: 0,
         prompt_tokens: 0,
         completion_tokens: 0,
+        device_time_us: 0,
+        energy_mj: 0,
         outcome: Err("no answer".to_owned()),
     };
     let mut message = tonic::Request::new(request);
@@ -102,6 +107,8 @@ async fn one_request(
                     if let Some(usage) = done.usage {
                         sample.prompt_tokens = usage.prompt_tokens;
                         sample.completion_tokens = usage.completion_tokens;
+                        sample.device_time_us = usage.device_time_us;
+                        sample.energy_mj = usage.energy_mj;
                     }
                     return Ok(());
                 }

@@ -9,9 +9,11 @@
 //! would see.
 
 mod bare;
+mod device;
 mod load;
 mod overhead;
 mod percentile;
+mod plot;
 mod report;
 mod scrape;
 mod selfhost;
@@ -25,7 +27,7 @@ use std::time::Duration;
 pub use load::{Arrival, Sample, Target};
 pub use percentile::{Summary, nearest_rank};
 pub use report::{RunReport, TenantShare};
-pub use scrape::StepTotals;
+pub use scrape::{StepMeans, StepTotals};
 pub use selfhost::{SelfHosted, TenantSpec};
 pub use workload::{LengthDistribution, RequestSource, WorkloadSpec};
 
@@ -70,6 +72,45 @@ pub enum BenchCommand {
     /// What the gateway adds: its echo engine with auth, limits and
     /// metering on, against a bare tonic echo server, same load.
     Overhead(OverheadArgs),
+    /// The Ascend 910B / 910C against H100 report: one workload with
+    /// pace = device and the launch material's 175B shape on each profile.
+    Report(ReportArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ReportArgs {
+    /// Batch sizes (closed-loop clients) to run each device at
+    #[arg(long, value_delimiter = ',', default_value = "8,32")]
+    pub batches: Vec<usize>,
+    /// Output tokens of every request (ignore_eos)
+    #[arg(long, default_value_t = 64)]
+    pub output_tokens: u32,
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    pub warmup: Duration,
+    /// Assumption: electricity price
+    #[arg(long, default_value_t = 0.10)]
+    pub electricity_usd_per_kwh: f64,
+    /// Assumption: years over which a device's price is spread
+    #[arg(long, default_value_t = 4.0)]
+    pub amortisation_years: f64,
+    /// Assumption: share of the time the devices serve at this rate
+    #[arg(long, default_value_t = 0.6)]
+    pub utilisation: f64,
+    /// Assumption: price of one Ascend 910B, USD
+    #[arg(long, default_value_t = 16_000.0)]
+    pub price_910b_usd: f64,
+    /// Assumption: price of one Ascend 910C, USD
+    #[arg(long, default_value_t = 28_000.0)]
+    pub price_910c_usd: f64,
+    /// Assumption: price of one H100 SXM, USD
+    #[arg(long, default_value_t = 30_000.0)]
+    pub price_h100_usd: f64,
+    #[arg(long, default_value = "data/models/small")]
+    pub model_dir: PathBuf,
+    #[arg(long, default_value = "benchmarks/devices")]
+    pub out_dir: PathBuf,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -275,9 +316,10 @@ pub async fn measured_run(
     let mut report = RunReport::new(label, arrival, &samples, elapsed);
     if let (Some(addr), Some(before)) = (metrics, before) {
         let after = scrape::step_totals(&scrape::fetch(addr).await?, &workload.model);
-        let (sequences, tokens) = after.mean_batch_since(&before);
-        report.mean_batch_sequences = Some((sequences * 100.0).round() / 100.0);
-        report.mean_batch_tokens = Some((tokens * 10.0).round() / 10.0);
+        let means = after.means_since(&before);
+        report.mean_batch_sequences = Some((means.sequences * 100.0).round() / 100.0);
+        report.mean_batch_tokens = Some((means.tokens * 10.0).round() / 10.0);
+        report.mean_step_ms = Some((means.duration_ms * 1000.0).round() / 1000.0);
     }
     Ok(report)
 }
@@ -372,6 +414,7 @@ pub fn write_json(path: &std::path::Path, value: &impl serde::Serialize) -> Resu
     std::fs::write(path, text + "\n").map_err(|e| failed(e.to_string()))
 }
 
+pub use device::{DeviceReport, device_report};
 pub use overhead::{OverheadReport, overhead_suite};
 pub use suite::{SuiteReport, git_revision, machine, serving_suite};
 

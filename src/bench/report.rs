@@ -41,6 +41,11 @@ pub struct RunReport {
     /// Sequences and tokens per batched step, from the server's metrics.
     pub mean_batch_sequences: Option<f64>,
     pub mean_batch_tokens: Option<f64>,
+    /// Wall time per step (with `pace = "device"`, the emulated step time).
+    pub mean_step_ms: Option<f64>,
+    /// Emulated device time and energy of the completed requests.
+    pub device_time_us: u64,
+    pub energy_mj: u64,
     pub tenants: Vec<TenantShare>,
 }
 
@@ -100,6 +105,9 @@ impl RunReport {
             e2e_ms: Summary::of_micros(ok.iter().map(|s| s.e2e_us)),
             mean_batch_sequences: None,
             mean_batch_tokens: None,
+            mean_step_ms: None,
+            device_time_us: ok.iter().map(|s| s.device_time_us).sum(),
+            energy_mj: ok.iter().map(|s| s.energy_mj).sum(),
             tenants,
         }
     }
@@ -150,6 +158,8 @@ mod tests {
             e2e_us: e2e * 1000,
             prompt_tokens: 5,
             completion_tokens: tokens,
+            device_time_us: 0,
+            energy_mj: 0,
             outcome: Ok(()),
         }
     }

@@ -16,19 +16,29 @@ pub struct StepTotals {
     pub steps: f64,
     pub sequences: f64,
     pub tokens: f64,
+    pub seconds: f64,
+}
+
+/// Means per step over an interval.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StepMeans {
+    pub sequences: f64,
+    pub tokens: f64,
+    pub duration_ms: f64,
 }
 
 impl StepTotals {
     /// What happened between `earlier` and `self`, as means per step.
-    pub fn mean_batch_since(&self, earlier: &StepTotals) -> (f64, f64) {
+    pub fn means_since(&self, earlier: &StepTotals) -> StepMeans {
         let steps = self.steps - earlier.steps;
         if steps <= 0.0 {
-            return (0.0, 0.0);
+            return StepMeans::default();
         }
-        (
-            (self.sequences - earlier.sequences) / steps,
-            (self.tokens - earlier.tokens) / steps,
-        )
+        StepMeans {
+            sequences: (self.sequences - earlier.sequences) / steps,
+            tokens: (self.tokens - earlier.tokens) / steps,
+            duration_ms: (self.seconds - earlier.seconds) * 1000.0 / steps,
+        }
     }
 }
 
@@ -69,6 +79,7 @@ pub fn step_totals(body: &str, model: &str) -> StepTotals {
         steps: get("ascend_gateway_step_sequences_count"),
         sequences: get("ascend_gateway_step_sequences_sum"),
         tokens: get("ascend_gateway_step_tokens_sum"),
+        seconds: get("ascend_gateway_step_duration_seconds_sum"),
     }
 }
 
@@ -82,6 +93,7 @@ mod tests {
 ascend_gateway_step_sequences_sum{model=\"a\"} 60.0
 ascend_gateway_step_sequences_count{model=\"a\"} 10
 ascend_gateway_step_tokens_sum{model=\"a\"} 400.0
+ascend_gateway_step_duration_seconds_sum{model=\"a\"} 0.5
 ascend_gateway_step_sequences_sum{model=\"b\"} 1.0
 ";
         let a = step_totals(body, "a");
@@ -90,15 +102,24 @@ ascend_gateway_step_sequences_sum{model=\"b\"} 1.0
             StepTotals {
                 steps: 10.0,
                 sequences: 60.0,
-                tokens: 400.0
+                tokens: 400.0,
+                seconds: 0.5,
             }
         );
         let before = StepTotals {
             steps: 5.0,
             sequences: 20.0,
             tokens: 100.0,
+            seconds: 0.25,
         };
-        assert_eq!(a.mean_batch_since(&before), (8.0, 60.0));
+        assert_eq!(
+            a.means_since(&before),
+            StepMeans {
+                sequences: 8.0,
+                tokens: 60.0,
+                duration_ms: 50.0
+            }
+        );
         assert_eq!(step_totals(body, "c"), StepTotals::default());
     }
 }

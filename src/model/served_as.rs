@@ -17,10 +17,16 @@
 //! - energy: `E_served = E_executed x r / e`: the same total work summed over the `n` devices,
 //!   and the `n` devices' idle power over `t_served` is the executed idle energy times `r / e`.
 //!
-//! Every component (launch overheads, attention over the KV cache) scales by the same factor;
-//! this is a first-order model: a deeper model has proportionally more launches, and attention
-//! cost is small next to the matmuls at the context lengths served here. Each sequence's share
-//! is scaled by the same factors, so shares still sum to the step totals.
+//! Kernel launch overheads are the exception: they do not grow with the width of a layer, only
+//! with the number of layers. The executed step's launch part (`launches x
+//! launch.overhead_us` of the profile, at idle power) is scaled by `layers_served /
+//! layers_executed` instead (1 when `layers` is not given), on each of the `n` devices at
+//! once; the rest, the work, by the factors above. Without this split a tiny executed model,
+//! whose decode step is mostly launch overhead, would charge the served shape thousands of
+//! times its real launch cost. Attention over the KV cache scales with the work: a first-order
+//! model, as attention is small next to the matmuls at the context lengths served here. Each
+//! sequence's share is scaled by the step's overall ratios, so shares still sum to the step
+//! totals.
 
 use serde::{Deserialize, Serialize};
 
@@ -42,6 +48,10 @@ pub struct ServedAs {
     pub devices: u32,
     /// Parallel efficiency in (0, 1].
     pub tp_efficiency: f64,
+    /// Transformer layers of the served shape (scales launch overheads);
+    /// unset: as many as the executed model.
+    #[serde(default)]
+    pub layers: Option<u32>,
 }
 
 /// Multipliers of [`ServedAs::factors`].
@@ -86,14 +96,33 @@ impl ServedAs {
         }
     }
 
-    /// A step's costs as the served shape would incur them (logits untouched).
-    pub fn scale(&self, executed: &ModelConfig, step: &mut StepOutput) {
+    /// A step's costs as the served shape would incur them on `profile`
+    /// (logits untouched).
+    pub fn scale(&self, executed: &ModelConfig, profile: &DeviceProfile, step: &mut StepOutput) {
         let f = self.factors(executed);
-        step.device_us *= f.time;
-        step.energy_j *= f.energy;
+        let layer_ratio = self.layers.map_or(1.0, |l| {
+            f64::from(l) / executed.num_hidden_layers.max(1) as f64
+        });
+        let launch_us = (step.launches as f64 * profile.launch.overhead_us).min(step.device_us);
+        let launch_j = (profile.power.idle_watts * launch_us * 1e-6).min(step.energy_j);
+        let device_us = launch_us * layer_ratio + (step.device_us - launch_us).max(0.0) * f.time;
+        let energy_j = launch_j * layer_ratio * f64::from(self.devices)
+            + (step.energy_j - launch_j).max(0.0) * f.energy;
+        let time_ratio = if step.device_us > 0.0 {
+            device_us / step.device_us
+        } else {
+            0.0
+        };
+        let energy_ratio = if step.energy_j > 0.0 {
+            energy_j / step.energy_j
+        } else {
+            0.0
+        };
+        step.device_us = device_us;
+        step.energy_j = energy_j;
         for s in &mut step.per_seq {
-            s.device_us *= f.time;
-            s.energy_j *= f.energy;
+            s.device_us *= time_ratio;
+            s.energy_j *= energy_ratio;
         }
     }
 }
@@ -113,6 +142,7 @@ mod tests {
             active_params: 22_000_000_000,
             devices: 8,
             tp_efficiency: 0.8,
+            layers: None,
         };
         s.validate().unwrap();
         let r = 22e9 / c.active_param_count() as f64;
@@ -140,9 +170,27 @@ mod tests {
                 },
             ],
         };
-        s.scale(&c, &mut step);
+        let profile = DeviceProfile::builtin("ascend-910b").unwrap();
+        let executed = step.clone();
+        s.scale(&c, &profile, &mut step);
         let sum: f64 = step.per_seq.iter().map(|x| x.device_us).sum();
         assert!((sum - step.device_us).abs() < 1e-6 * sum);
+        // One launch of 3 us stays one launch (same layer count); the
+        // other 97 us is work and scales by the time factor.
+        let launch = profile.launch.overhead_us;
+        let expected = launch + (100.0 - launch) * f.time;
+        assert!((step.device_us - expected).abs() < 1e-9 * expected);
+        // With 60 layers served for the executed 6, launches count 10x.
+        let deeper = ServedAs {
+            layers: Some(60),
+            ..s.clone()
+        };
+        let mut deep_step = executed;
+        deeper.scale(&c, &profile, &mut deep_step);
+        let expected = 10.0 * launch + (100.0 - launch) * f.time;
+        assert!((deep_step.device_us - expected).abs() < 1e-9 * expected);
+        let energy: f64 = deep_step.per_seq.iter().map(|x| x.energy_j).sum();
+        assert!((energy - deep_step.energy_j).abs() < 1e-9 * energy);
         assert!(s.fits(&DeviceProfile::builtin("ascend-910b").unwrap(), 2.0));
         let bad = ServedAs { devices: 0, ..s };
         assert!(

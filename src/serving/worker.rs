@@ -234,7 +234,7 @@ impl Worker {
         };
         self.stalled = false;
         if let Some(served_as) = &self.config.served_as {
-            served_as.scale(self.model.config(), &mut output);
+            served_as.scale(self.model.config(), self.device.profile(), &mut output);
         }
         if self.config.pace == Pace::Device {
             let device = Duration::from_secs_f64(output.device_us / 1e6);

@@ -136,3 +136,40 @@ async fn the_overhead_comparison_runs_both_servers_and_writes_its_report() {
     .expect("valid JSON");
     assert_eq!(json["rates"][0]["offered_per_s"], 40.0);
 }
+
+#[tokio::test]
+async fn the_device_report_runs_every_profile_and_explains_the_claims() {
+    let out = tempfile::tempdir().expect("dir");
+    let args = ascend_gateway::bench::ReportArgs {
+        batches: vec![8, 32],
+        output_tokens: 4,
+        duration: Duration::from_millis(300),
+        warmup: Duration::ZERO,
+        electricity_usd_per_kwh: 0.1,
+        amortisation_years: 4.0,
+        utilisation: 0.6,
+        price_910b_usd: 16_000.0,
+        price_910c_usd: 28_000.0,
+        price_h100_usd: 30_000.0,
+        model_dir: crate::common::tiny_model_dir(),
+        out_dir: out.path().to_owned(),
+    };
+    let (report, markdown) = ascend_gateway::bench::device_report(&args, "test")
+        .await
+        .expect("device report");
+    assert_eq!(report.points.len(), 6, "3 devices x 2 batch sizes");
+    for point in &report.points {
+        assert!(point.output_tokens > 0, "{point:?}");
+        assert!(point.tokens_per_device_s > 0.0 && point.watts_per_device > 0.0);
+        // Energy over time is a power no device can exceed at rated load.
+        assert!(point.watts_per_device < 800.0, "{point:?}");
+    }
+    assert_eq!(report.comparisons.len(), 4);
+    assert!(report.comparisons.iter().all(|c| !c.why.is_empty()));
+    for file in ["results.json", "results.md", "throughput.svg", "power.svg"] {
+        assert!(out.path().join(file).exists(), "{file} written");
+    }
+    let svg = std::fs::read_to_string(out.path().join("throughput.svg")).expect("svg");
+    assert!(svg.starts_with("<svg") && svg.contains("h100-sxm"));
+    assert!(markdown.contains("| ascend-910c | 32 |"));
+}

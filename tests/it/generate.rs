@@ -607,6 +607,7 @@ async fn a_served_as_shape_is_charged_for_its_full_size() {
         active_params: 175_000_000_000,
         devices: 8,
         tp_efficiency: 0.9,
+        layers: Some(96),
     });
     settings.models.push(big);
     let gateway = TestGateway::start_with(settings, data_dir).await;
