@@ -240,6 +240,12 @@ fn bench_command(command: &BenchCommand) -> ExitCode {
                     BenchCommand::Report(args) => {
                         print!("{}", bench::device_report(args, &invocation).await?.1);
                     }
+                    BenchCommand::Server(args) => {
+                        print!("{}", bench::server_scenario(args, &invocation).await?.1);
+                    }
+                    BenchCommand::Tenants(args) => {
+                        print!("{}", bench::tenants_scenario(args, &invocation).await?.1);
+                    }
                     BenchCommand::Overhead(args) => {
                         print!("{}", bench::overhead_suite(args, &invocation).await?.1);
                     }

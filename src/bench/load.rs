@@ -55,6 +55,9 @@ pub struct Sample {
     pub outcome: Result<(), String>,
 }
 
+/// How long a closed-loop client waits after a failed request.
+pub const REFUSAL_BACKOFF: Duration = Duration::from_millis(50);
+
 fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
@@ -149,8 +152,13 @@ pub async fn run(
                     while start.elapsed() < duration {
                         let request = source.next_request();
                         let key = target.keys.get(tenant).map_or("", String::as_str);
-                        samples
-                            .push(one_request(channel.clone(), key, tenant, request, start).await);
+                        let sample = one_request(channel.clone(), key, tenant, request, start).await;
+                        let refused = sample.outcome.is_err();
+                        samples.push(sample);
+                        if refused {
+                            // As a real client would: no retry storm after a refusal.
+                            tokio::time::sleep(REFUSAL_BACKOFF).await;
+                        }
                     }
                     samples
                 });

@@ -15,6 +15,7 @@ mod overhead;
 mod percentile;
 mod plot;
 mod report;
+mod scenarios;
 mod scrape;
 mod selfhost;
 mod suite;
@@ -75,6 +76,58 @@ pub enum BenchCommand {
     /// The Ascend 910B / 910C against H100 report: one workload with
     /// pace = device and the launch material's 175B shape on each profile.
     Report(ReportArgs),
+    /// MLPerf-style server scenario: Poisson arrivals at each rate; whether
+    /// p99 TTFT and p99 time per output token stay within bounds.
+    Server(ServerArgs),
+    /// Tenants of different weights (and one rate-limited) sharing a
+    /// contended model: each one's token share against its weight.
+    Tenants(TenantsArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServerArgs {
+    #[command(flatten)]
+    pub workload: WorkloadArgs,
+    /// Offered rates to try, requests/s
+    #[arg(long, value_delimiter = ',', default_value = "0.5,1,2,4")]
+    pub rates: Vec<f64>,
+    #[arg(long, default_value_t = 2000.0)]
+    pub ttft_p99_ms: f64,
+    #[arg(long, default_value_t = 200.0)]
+    pub tpot_p99_ms: f64,
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub warmup: Duration,
+    #[arg(long, default_value = "data/models/small")]
+    pub model_dir: PathBuf,
+    #[arg(long, default_value = "benchmarks/server")]
+    pub out_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct TenantsArgs {
+    #[command(flatten)]
+    pub workload: WorkloadArgs,
+    /// Scheduling weights of the unlimited tenants
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+    pub weights: Vec<u32>,
+    /// Request rate limit of the extra, limited tenant
+    #[arg(long, default_value_t = 1.0)]
+    pub limited_rps: f64,
+    #[arg(long, default_value_t = 8)]
+    pub clients_per_tenant: usize,
+    /// Sequence cap: below the client count, so tenants contend
+    #[arg(long, default_value_t = 8)]
+    pub max_batch_size: usize,
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub warmup: Duration,
+    #[arg(long, default_value = "data/models/small")]
+    pub model_dir: PathBuf,
+    #[arg(long, default_value = "benchmarks/tenants")]
+    pub out_dir: PathBuf,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -416,6 +469,7 @@ pub fn write_json(path: &std::path::Path, value: &impl serde::Serialize) -> Resu
 
 pub use device::{DeviceReport, device_report};
 pub use overhead::{OverheadReport, overhead_suite};
+pub use scenarios::{ServerReport, TenantsReport, server_scenario, tenants_scenario, within_bounds};
 pub use suite::{SuiteReport, git_revision, machine, serving_suite};
 
 #[cfg(test)]

@@ -19,6 +19,8 @@ pub struct TenantShare {
     pub output_tokens: u64,
     /// Of all output tokens in the run.
     pub token_share: f64,
+    /// Refused or failed requests by gRPC status code.
+    pub errors: BTreeMap<String, usize>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -66,15 +68,21 @@ impl RunReport {
         let seconds = elapsed.as_secs_f64().max(1e-9);
         let output_tokens: u64 = ok.iter().map(|s| u64::from(s.completion_tokens)).sum();
         let mut tenants: BTreeMap<usize, TenantShare> = BTreeMap::new();
-        for s in &ok {
+        for s in samples {
             let share = tenants.entry(s.tenant).or_insert(TenantShare {
                 tenant: s.tenant,
                 requests: 0,
                 output_tokens: 0,
                 token_share: 0.0,
+                errors: BTreeMap::new(),
             });
-            share.requests += 1;
-            share.output_tokens += u64::from(s.completion_tokens);
+            match &s.outcome {
+                Ok(()) => {
+                    share.requests += 1;
+                    share.output_tokens += u64::from(s.completion_tokens);
+                }
+                Err(code) => *share.errors.entry(code.clone()).or_insert(0) += 1,
+            }
         }
         let tenants = tenants
             .into_values()
@@ -196,6 +204,7 @@ mod tests {
         assert_eq!(report.tenants.len(), 2);
         assert_eq!(report.tenants[0].output_tokens, 5);
         assert_eq!(report.tenants[0].token_share, 0.7143);
+        assert_eq!(report.tenants[1].errors.get("ResourceExhausted"), Some(&1));
         assert!(
             report
                 .markdown_row()

@@ -173,3 +173,67 @@ async fn the_device_report_runs_every_profile_and_explains_the_claims() {
     assert!(svg.starts_with("<svg") && svg.contains("h100-sxm"));
     assert!(markdown.contains("| ascend-910c | 32 |"));
 }
+
+fn tiny_workload_args() -> ascend_gateway::bench::WorkloadArgs {
+    ascend_gateway::bench::WorkloadArgs {
+        model: "small".to_owned(),
+        prompt_words: (2, 8),
+        output_tokens: (2, 12),
+        output_distribution: LengthDistribution::Uniform,
+        seed: 3,
+    }
+}
+
+#[tokio::test]
+async fn the_tenants_scenario_shares_by_weight_and_refuses_the_limited_tenant() {
+    let out = tempfile::tempdir().expect("dir");
+    let args = ascend_gateway::bench::TenantsArgs {
+        workload: tiny_workload_args(),
+        weights: vec![1, 4],
+        limited_rps: 1.0,
+        clients_per_tenant: 4,
+        max_batch_size: 2,
+        duration: Duration::from_millis(1500),
+        warmup: Duration::ZERO,
+        model_dir: crate::common::tiny_model_dir(),
+        out_dir: out.path().to_owned(),
+    };
+    let (report, markdown) = ascend_gateway::bench::tenants_scenario(&args, "test")
+        .await
+        .expect("tenants scenario");
+    assert_eq!(report.tenants.len(), 3);
+    let (light, heavy, limited) = (&report.tenants[0], &report.tenants[1], &report.tenants[2]);
+    assert!(
+        heavy.output_tokens > light.output_tokens,
+        "weight 4 gets more than weight 1 under contention: {heavy:?} vs {light:?}"
+    );
+    assert!(limited.limited);
+    assert!(
+        limited.refusals.get("ResourceExhausted").copied().unwrap_or(0) > 0,
+        "{limited:?}"
+    );
+    assert!((light.weight_share - 0.2).abs() < 1e-9);
+    assert!(markdown.contains("| rate-limited | 1 |"));
+}
+
+#[tokio::test]
+async fn the_server_scenario_reports_the_highest_rate_within_bounds() {
+    let out = tempfile::tempdir().expect("dir");
+    let args = ascend_gateway::bench::ServerArgs {
+        workload: tiny_workload_args(),
+        rates: vec![5.0, 10.0],
+        ttft_p99_ms: 60_000.0,
+        tpot_p99_ms: 60_000.0,
+        duration: Duration::from_millis(800),
+        warmup: Duration::ZERO,
+        model_dir: crate::common::tiny_model_dir(),
+        out_dir: out.path().to_owned(),
+    };
+    let (report, _) = ascend_gateway::bench::server_scenario(&args, "test")
+        .await
+        .expect("server scenario");
+    assert_eq!(report.rates.len(), 2);
+    assert!(report.rates.iter().all(|r| r.within_bounds), "{report:?}");
+    assert_eq!(report.highest_rate_within_bounds, Some(10.0));
+    assert!(out.path().join("results.md").exists());
+}
