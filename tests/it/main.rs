@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
 mod ascendctl;
+mod billing;
 mod common;
 mod generate;
 mod limits;
