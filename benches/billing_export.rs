@@ -19,7 +19,7 @@ use ascend_gateway::api::pb::v1::ExportRequest;
 use ascend_gateway::api::pb::v1::billing_client::BillingClient;
 use ascend_gateway::app::App;
 use ascend_gateway::billing::Period;
-use ascend_gateway::billing::export::{CHUNK_ROWS, EventPager};
+use ascend_gateway::billing::export::{CHUNK_ROWS, EventPager, Pager};
 use ascend_gateway::billing::file::{EventRecord, ExportFile, FileFormat};
 use ascend_gateway::config::Settings;
 use ascend_gateway::metering::{UsageEvent, insert_batch};

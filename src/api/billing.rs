@@ -19,7 +19,7 @@ use super::pb::v1::{
 use super::pb::v1::{UsageBucket, UsageGrouping};
 use super::status::to_status;
 use crate::auth::Principal;
-use crate::billing::export::{CHUNK_ROWS, EventPager, LinePager};
+use crate::billing::export::{CHUNK_ROWS, EventPager, LinePager, Pager};
 use crate::billing::{self, BillingService, MoneyInput, Period, PriceInput, PutPrices};
 use crate::metering::{self, Grouping, HOUR_US, UsageTotals};
 use crate::store::Db;
@@ -279,6 +279,26 @@ fn bucket(t: UsageTotals) -> UsageBucket {
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
+/// A pager's chunks as a response stream; the first message carries the row
+/// count and is sent even when there are no rows.
+fn chunk_stream<P: Pager, M: Send + 'static>(
+    pager: P,
+    message: fn(Option<u64>, Vec<P::Row>) -> M,
+) -> ResponseStream<M> {
+    let total = pager.total_rows();
+    Box::pin(try_unfold(
+        (pager, true),
+        move |(mut pager, first)| async move {
+            let rows = pager.next_chunk().await.map_err(|e| to_status(&e))?;
+            if rows.is_none() && !first {
+                return Ok(None);
+            }
+            let chunk = message(first.then_some(total), rows.unwrap_or_default());
+            Ok(Some((chunk, (pager, false))))
+        },
+    ))
+}
+
 #[tonic::async_trait]
 impl Billing for BillingApi {
     async fn get_usage(
@@ -467,19 +487,12 @@ impl Billing for BillingApi {
         let pager = LinePager::open(&self.billing, tenant.as_deref(), period, CHUNK_ROWS)
             .await
             .map_err(|e| to_status(&e))?;
-        let total = pager.total_rows();
-        let stream = try_unfold((pager, true), move |(mut pager, first)| async move {
-            let lines = pager.next_chunk().await.map_err(|e| to_status(&e))?;
-            if lines.is_none() && !first {
-                return Ok(None);
+        Ok(Response::new(chunk_stream(pager, |total_rows, lines| {
+            ExportInvoiceLinesResponse {
+                total_rows,
+                lines: lines.iter().map(line_pb).collect(),
             }
-            let message = ExportInvoiceLinesResponse {
-                total_rows: first.then_some(total),
-                lines: lines.unwrap_or_default().iter().map(line_pb).collect(),
-            };
-            Ok(Some((message, (pager, false))))
-        });
-        Ok(Response::new(Box::pin(stream)))
+        })))
     }
 
     type ExportUsageEventsStream = ResponseStream<ExportUsageEventsResponse>;
@@ -492,22 +505,11 @@ impl Billing for BillingApi {
         let pager = EventPager::open(&self.db, tenant.as_deref(), period, CHUNK_ROWS)
             .await
             .map_err(|e| to_status(&e))?;
-        let total = pager.total_rows();
-        let stream = try_unfold((pager, true), move |(mut pager, first)| async move {
-            let events = pager.next_chunk().await.map_err(|e| to_status(&e))?;
-            if events.is_none() && !first {
-                return Ok(None);
+        Ok(Response::new(chunk_stream(pager, |total_rows, events| {
+            ExportUsageEventsResponse {
+                total_rows,
+                events: events.into_iter().map(event_pb).collect(),
             }
-            let message = ExportUsageEventsResponse {
-                total_rows: first.then_some(total),
-                events: events
-                    .unwrap_or_default()
-                    .into_iter()
-                    .map(event_pb)
-                    .collect(),
-            };
-            Ok(Some((message, (pager, false))))
-        });
-        Ok(Response::new(Box::pin(stream)))
+        })))
     }
 }

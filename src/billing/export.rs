@@ -18,6 +18,18 @@ use super::service::BillingService;
 use crate::metering::UsageEvent;
 use crate::store::Db;
 
+/// Rows of an export in chunks, their count known before the first.
+pub trait Pager: Send + 'static {
+    type Row: Send + 'static;
+
+    fn total_rows(&self) -> u64;
+
+    /// The next chunk, or `None` when every row has been returned.
+    fn next_chunk(
+        &mut self,
+    ) -> impl Future<Output = Result<Option<Vec<Self::Row>>, BillingError>> + Send;
+}
+
 /// Rows per chunk: large enough that round trips do not dominate, small
 /// enough that a chunk is a few hundred kilobytes.
 pub const CHUNK_ROWS: usize = 2000;
@@ -67,13 +79,16 @@ impl LinePager {
             chunk_rows: chunk_rows.max(1),
         })
     }
+}
 
-    pub fn total_rows(&self) -> u64 {
+impl Pager for LinePager {
+    type Row = InvoiceLine;
+
+    fn total_rows(&self) -> u64 {
         self.total_rows
     }
 
-    /// The next chunk, or `None` when every line has been returned.
-    pub async fn next_chunk(&mut self) -> Result<Option<Vec<InvoiceLine>>, BillingError> {
+    async fn next_chunk(&mut self) -> Result<Option<Vec<InvoiceLine>>, BillingError> {
         let mut chunk = Vec::new();
         while chunk.len() < self.chunk_rows {
             let wanted = self.chunk_rows - chunk.len();
@@ -200,13 +215,16 @@ impl EventPager {
             done: false,
         })
     }
+}
 
-    pub fn total_rows(&self) -> u64 {
+impl Pager for EventPager {
+    type Row = UsageEvent;
+
+    fn total_rows(&self) -> u64 {
         self.total_rows
     }
 
-    /// The next chunk, or `None` after the last.
-    pub async fn next_chunk(&mut self) -> Result<Option<Vec<UsageEvent>>, BillingError> {
+    async fn next_chunk(&mut self) -> Result<Option<Vec<UsageEvent>>, BillingError> {
         if self.done {
             return Ok(None);
         }

@@ -261,7 +261,7 @@ pub fn arrow_schema<R: Record>() -> Schema {
 }
 
 enum Sink {
-    Csv(csv::Writer<BufWriter<File>>),
+    Csv(Box<csv::Writer<BufWriter<File>>>),
     Jsonl(BufWriter<File>),
     Parquet(Box<ArrowWriter<File>>),
 }
@@ -299,7 +299,7 @@ impl<R: Record> ExportFile<R> {
                     .has_headers(false)
                     .from_writer(BufWriter::with_capacity(1 << 20, file));
                 writer.write_record(R::COLUMNS.iter().map(|(name, _)| *name))?;
-                Sink::Csv(writer)
+                Sink::Csv(Box::new(writer))
             }
             FileFormat::Jsonl => Sink::Jsonl(BufWriter::with_capacity(1 << 20, file)),
             FileFormat::Parquet => {
@@ -350,11 +350,10 @@ impl<R: Record> ExportFile<R> {
                     writer.write_all(b"\n").map_err(io)?;
                 }
             }
-            Some(Sink::Parquet(writer)) => {
-                if !records.is_empty() {
-                    writer.write(&record_batch(self.schema.clone(), records)?)?;
-                }
+            Some(Sink::Parquet(writer)) if !records.is_empty() => {
+                writer.write(&record_batch(self.schema.clone(), records)?)?;
             }
+            Some(Sink::Parquet(_)) => {}
             None => {}
         }
         self.rows += records.len() as u64;
@@ -369,7 +368,7 @@ impl<R: Record> ExportFile<R> {
             move |source| FileError::Io { path, source }
         };
         let file = match self.sink.take() {
-            Some(Sink::Csv(writer)) => writer
+            Some(Sink::Csv(writer)) => (*writer)
                 .into_inner()
                 .map_err(|e| io(&self.partial)(e.into_error()))?
                 .into_inner()

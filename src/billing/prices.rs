@@ -268,7 +268,7 @@ mod tests {
             completion_per_million_tokens: money(-1),
             ..PriceInput::default()
         };
-        let err = validate_prices(&[input.clone()], usd, 0).expect_err("negative");
+        let err = validate_prices(std::slice::from_ref(&input), usd, 0).expect_err("negative");
         assert!(
             err.to_string()
                 .contains("prices[0].completion_per_million_tokens"),

@@ -120,13 +120,13 @@ async fn put_prices(channel: &Channel, plan: &str, prices: Vec<Price>) {
 
 fn event(
     tenant_id: &str,
-    request_id: String,
+    request_id: &str,
     model: &str,
     device: &str,
     finished_at_us: i64,
 ) -> UsageEvent {
     UsageEvent {
-        request_id,
+        request_id: request_id.to_owned(),
         tenant_id: tenant_id.to_owned(),
         key_id: "0123456789abcdef".to_owned(),
         model: model.to_owned(),
@@ -143,6 +143,25 @@ fn event(
         started_at_us: finished_at_us - 5000,
         finished_at_us,
     }
+}
+
+/// Records small events (100 prompt, 10 completion tokens on an
+/// ascend-910b), one per (tenant, request id, model, finish time).
+async fn record(db: &Db, events: &[(&str, &str, &str, i64)]) {
+    let events: Vec<UsageEvent> = events
+        .iter()
+        .map(|(tenant, id, model, at)| event(tenant, id, model, "ascend-910b", *at))
+        .collect();
+    insert_batch(db, &events).await.expect("insert");
+}
+
+/// An admin `PutPrices` of `plan` (in its own currency).
+fn prices_request(plan: &str, prices: Vec<Price>) -> tonic::Request<PutPricesRequest> {
+    admin(PutPricesRequest {
+        plan: plan.to_owned(),
+        prices,
+        ..Default::default()
+    })
 }
 
 async fn get_invoice(channel: &Channel, tenant: &str, period: Period) -> Invoice {
@@ -276,7 +295,7 @@ async fn hundred_thousand_events_reconcile_to_the_unit() {
                     .expect("offset");
             let mut e = event(
                 &tenants[(i % 3) as usize],
-                format!("recon-{i:06}"),
+                &format!("recon-{i:06}"),
                 ["m-alpha", "m-beta"][((i / 3) % 2) as usize],
                 ["ascend-910b", "h100-sxm", "ascend-910c"][((i / 7) % 3) as usize],
                 period.start_us() + offset,
@@ -449,27 +468,14 @@ async fn late_usage_lands_once_as_an_adjustment_on_the_next_invoice() {
     .await;
     let tenant = create_tenant(&channel, "late-co", "late").await;
     let (p1, p2, p3) = (months_ago(3), months_ago(2), months_ago(1));
-    insert_batch(
+    record(
         &gateway.db,
         &[
-            event(
-                &tenant,
-                "on-time-1".to_owned(),
-                "m",
-                "ascend-910b",
-                p1.start_us() + 1000,
-            ),
-            event(
-                &tenant,
-                "on-time-2".to_owned(),
-                "m",
-                "ascend-910b",
-                p2.start_us() + 1000,
-            ),
+            (&tenant, "on-time-1", "m", p1.start_us() + 1000),
+            (&tenant, "on-time-2", "m", p2.start_us() + 1000),
         ],
     )
-    .await
-    .expect("insert");
+    .await;
 
     let first = get_invoice(&channel, &tenant, p1).await;
     let first = finalize(&channel, &first.id).await.expect("finalize p1");
@@ -477,13 +483,7 @@ async fn late_usage_lands_once_as_an_adjustment_on_the_next_invoice() {
     assert_eq!(first.lines.len(), 2);
     assert_immutable(&gateway.db, &first.id).await;
 
-    let mut late = event(
-        &tenant,
-        "late-1".to_owned(),
-        "m",
-        "ascend-910b",
-        p1.start_us() + 2000,
-    );
+    let mut late = event(&tenant, "late-1", "m", "ascend-910b", p1.start_us() + 2000);
     late.prompt_tokens = 1_000_000;
     late.completion_tokens = 500_000;
     insert_batch(&gateway.db, &[late])
@@ -541,13 +541,7 @@ async fn late_usage_lands_once_as_an_adjustment_on_the_next_invoice() {
     );
 
     // Later still, after p2 is final: it moves on to p3, still naming p1.
-    let mut later = event(
-        &tenant,
-        "late-2".to_owned(),
-        "m",
-        "ascend-910b",
-        p1.start_us() + 3000,
-    );
+    let mut later = event(&tenant, "late-2", "m", "ascend-910b", p1.start_us() + 3000);
     later.prompt_tokens = 3_000_000;
     insert_batch(&gateway.db, &[later])
         .await
@@ -590,7 +584,7 @@ async fn a_mid_month_price_change_splits_lines_on_sqlite() {
         .iter()
         .enumerate()
         .map(|(i, t)| {
-            let mut e = event(&tenant, format!("split-{i}"), "m", "ascend-910b", *t);
+            let mut e = event(&tenant, &format!("split-{i}"), "m", "ascend-910b", *t);
             e.prompt_tokens = 100_000;
             e.completion_tokens = 50_000;
             e
@@ -659,27 +653,14 @@ async fn a_tenant_sees_only_its_own_billing() {
     let a = create_tenant(&channel, "iso-a", "standard").await;
     let b = create_tenant(&channel, "iso-b", "standard").await;
     let key_a = billing_key(&channel, "iso-a").await;
-    insert_batch(
+    record(
         &gateway.db,
         &[
-            event(
-                &a,
-                "a-1".to_owned(),
-                "tiny",
-                "ascend-910b",
-                period.start_us() + 5,
-            ),
-            event(
-                &b,
-                "b-1".to_owned(),
-                "tiny",
-                "ascend-910b",
-                period.start_us() + 5,
-            ),
+            (&a, "a-1", "tiny", period.start_us() + 5),
+            (&b, "b-1", "tiny", period.start_us() + 5),
         ],
     )
-    .await
-    .expect("insert");
+    .await;
     let mut client = BillingClient::new(channel.clone());
     let status = client
         .export_usage_events(authed(
@@ -768,27 +749,14 @@ async fn bad_input_is_refused_naming_the_field() {
     let mut client = BillingClient::new(channel.clone());
     let tenant = create_tenant(&channel, "bad-co", "standard").await;
     let (earlier, current) = (months_ago(1), months_ago(0));
-    insert_batch(
+    record(
         &gateway.db,
         &[
-            event(
-                &tenant,
-                "bad-1".to_owned(),
-                "tiny",
-                "ascend-910b",
-                earlier.start_us() + 1,
-            ),
-            event(
-                &tenant,
-                "bad-2".to_owned(),
-                "tiny",
-                "ascend-910b",
-                current.start_us() + 1,
-            ),
+            (&tenant, "bad-1", "tiny", earlier.start_us() + 1),
+            (&tenant, "bad-2", "tiny", current.start_us() + 1),
         ],
     )
-    .await
-    .expect("insert");
+    .await;
     let export = |period: &str| {
         admin(ExportRequest {
             period: period.to_owned(),
@@ -824,16 +792,12 @@ async fn bad_input_is_refused_naming_the_field() {
         "inv-nope",
     );
 
-    let price_with = |p: Price| {
-        admin(PutPricesRequest {
-            plan: "standard".to_owned(),
-            prices: vec![p],
-            ..Default::default()
-        })
-    };
     assert_status(
         client
-            .put_prices(price_with(price("tiny", "", current.end_us(), -1, 1)))
+            .put_prices(prices_request(
+                "standard",
+                vec![price("tiny", "", current.end_us(), -1, 1)],
+            ))
             .await,
         Code::InvalidArgument,
         "prices[0].prompt_per_million_tokens",
@@ -852,29 +816,18 @@ async fn bad_input_is_refused_naming_the_field() {
     );
     assert_status(
         client
-            .put_prices(admin(PutPricesRequest {
-                plan: "nowhere".to_owned(),
-                prices: vec![price("tiny", "", 0, 1, 1)],
-                ..Default::default()
-            }))
+            .put_prices(prices_request("nowhere", vec![price("tiny", "", 0, 1, 1)]))
             .await,
         Code::NotFound,
         "nowhere",
     );
 
     // Usage of a model the plan has no price for.
-    insert_batch(
+    record(
         &gateway.db,
-        &[event(
-            &tenant,
-            "bad-3".to_owned(),
-            "unpriced",
-            "ascend-910b",
-            earlier.start_us() + 9,
-        )],
+        &[(&tenant, "bad-3", "unpriced", earlier.start_us() + 9)],
     )
-    .await
-    .expect("insert");
+    .await;
     let status = client
         .get_invoice(admin(GetInvoiceRequest {
             tenant: "bad-co".to_owned(),
@@ -916,18 +869,7 @@ async fn finalization_goes_in_period_order_and_only_once() {
     let channel = gateway.channel.clone();
     let tenant = create_tenant(&channel, "order-co", "standard").await;
     let (p1, p2) = (months_ago(2), months_ago(1));
-    insert_batch(
-        &gateway.db,
-        &[event(
-            &tenant,
-            "o-1".to_owned(),
-            "tiny",
-            "ascend-910b",
-            p1.start_us() + 1,
-        )],
-    )
-    .await
-    .expect("insert");
+    record(&gateway.db, &[(&tenant, "o-1", "tiny", p1.start_us() + 1)]).await;
     let second = get_invoice(&channel, &tenant, p2).await;
     assert_status(
         finalize(&channel, &second.id).await,
@@ -945,11 +887,10 @@ async fn finalization_goes_in_period_order_and_only_once() {
     // A price may no longer start inside a finalized month.
     assert_status(
         BillingClient::new(channel.clone())
-            .put_prices(admin(PutPricesRequest {
-                plan: "standard".to_owned(),
-                prices: vec![price("tiny", "", p2.start_us(), 1, 1)],
-                ..Default::default()
-            }))
+            .put_prices(prices_request(
+                "standard",
+                vec![price("tiny", "", p2.start_us(), 1, 1)],
+            ))
             .await,
         Code::InvalidArgument,
         "prices[0].effective_from",
@@ -1027,7 +968,7 @@ async fn ascendctl_exports_csv_jsonl_and_parquet_that_parse_back_alike() {
             };
             let mut e = event(
                 &tenant,
-                format!("exp-{i:05}"),
+                &format!("exp-{i:05}"),
                 ["tiny", "small"][i % 2],
                 device,
                 period.start_us() + i as i64 * 1000,

@@ -17,7 +17,7 @@ use clap::{Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tonic::transport::Channel;
 
-use crate::commands::Ctx;
+use crate::commands::{Ctx, all_pages};
 use crate::output;
 
 #[derive(Subcommand)]
@@ -89,6 +89,8 @@ pub enum InvoiceStatusArg {
     Finalized,
 }
 
+// Parsed once per run: the size of a command-line value does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 pub enum PriceCommand {
     /// List price plans and their prices.
@@ -204,26 +206,25 @@ pub async fn invoice(ctx: &Ctx, command: InvoiceCommand) -> anyhow::Result<()> {
                 Some(InvoiceStatusArg::Draft) => InvoiceStatus::Draft,
                 Some(InvoiceStatusArg::Finalized) => InvoiceStatus::Finalized,
             };
-            let mut invoices = Vec::new();
-            let mut page_token = String::new();
-            loop {
-                let page = client
-                    .list_invoices(ctx.admin(ListInvoicesRequest {
-                        tenant: tenant.clone().unwrap_or_default(),
-                        period: period.clone().unwrap_or_default(),
-                        status: status.into(),
-                        page_size: 500,
-                        page_token,
-                    })?)
-                    .await
-                    .map_err(|s| ctx.rpc_error(s))?
-                    .into_inner();
-                invoices.extend(page.invoices);
-                if page.next_page_token.is_empty() {
-                    break;
+            let invoices = all_pages(|page_token| {
+                let mut client = client.clone();
+                let request = ListInvoicesRequest {
+                    tenant: tenant.clone().unwrap_or_default(),
+                    period: period.clone().unwrap_or_default(),
+                    status: status.into(),
+                    page_size: 500,
+                    page_token,
+                };
+                async move {
+                    let page = client
+                        .list_invoices(ctx.admin(request)?)
+                        .await
+                        .map_err(|s| ctx.rpc_error(s))?
+                        .into_inner();
+                    Ok((page.invoices, page.next_page_token))
                 }
-                page_token = page.next_page_token;
-            }
+            })
+            .await?;
             output::invoices(ctx.output, invoices)
         }
         InvoiceCommand::Show {

@@ -263,6 +263,24 @@ impl Ctx {
     }
 }
 
+/// Every page of a listing: `fetch(page_token)` returns one page and the
+/// next token, empty after the last page.
+pub async fn all_pages<T, Fut>(mut fetch: impl FnMut(String) -> Fut) -> anyhow::Result<Vec<T>>
+where
+    Fut: Future<Output = anyhow::Result<(Vec<T>, String)>>,
+{
+    let mut items = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let (page, next) = fetch(page_token).await?;
+        items.extend(page);
+        if next.is_empty() {
+            return Ok(items);
+        }
+        page_token = next;
+    }
+}
+
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let resolved = settings::resolve(cli.endpoint, cli.admin_token, cli.config)?;
     let channel = tonic::transport::Endpoint::from_shared(resolved.endpoint.clone())
@@ -339,24 +357,22 @@ async fn tenant(ctx: &Ctx, command: TenantCommand) -> anyhow::Result<()> {
                 Some(StatusArg::Suspended) => TenantStatus::Suspended,
                 Some(StatusArg::Deleted) => TenantStatus::Deleted,
             };
-            let mut tenants = Vec::new();
-            let mut page_token = String::new();
-            loop {
-                let page = client
-                    .list_tenants(ctx.admin(ListTenantsRequest {
-                        page_size: 500,
-                        page_token,
-                        status: status.into(),
-                    })?)
-                    .await
-                    .map_err(|s| ctx.rpc_error(s))?
-                    .into_inner();
-                tenants.extend(page.tenants);
-                if page.next_page_token.is_empty() {
-                    break;
+            let tenants = all_pages(|page_token| {
+                let mut client = client.clone();
+                async move {
+                    let page = client
+                        .list_tenants(ctx.admin(ListTenantsRequest {
+                            page_size: 500,
+                            page_token,
+                            status: status.into(),
+                        })?)
+                        .await
+                        .map_err(|s| ctx.rpc_error(s))?
+                        .into_inner();
+                    Ok((page.tenants, page.next_page_token))
                 }
-                page_token = page.next_page_token;
-            }
+            })
+            .await?;
             return output::tenants(ctx.output, tenants);
         }
         TenantCommand::Get { tenant } => {
@@ -443,25 +459,23 @@ async fn key(ctx: &Ctx, command: KeyCommand) -> anyhow::Result<()> {
             tenant,
             include_revoked,
         } => {
-            let mut keys = Vec::new();
-            let mut page_token = String::new();
-            loop {
-                let page = client
-                    .list_api_keys(ctx.admin(ListApiKeysRequest {
-                        tenant: tenant.clone(),
-                        include_revoked,
-                        page_size: 500,
-                        page_token,
-                    })?)
-                    .await
-                    .map_err(|s| ctx.rpc_error(s))?
-                    .into_inner();
-                keys.extend(page.keys);
-                if page.next_page_token.is_empty() {
-                    break;
+            let keys = all_pages(|page_token| {
+                let (mut client, tenant) = (client.clone(), tenant.clone());
+                async move {
+                    let page = client
+                        .list_api_keys(ctx.admin(ListApiKeysRequest {
+                            tenant,
+                            include_revoked,
+                            page_size: 500,
+                            page_token,
+                        })?)
+                        .await
+                        .map_err(|s| ctx.rpc_error(s))?
+                        .into_inner();
+                    Ok((page.keys, page.next_page_token))
                 }
-                page_token = page.next_page_token;
-            }
+            })
+            .await?;
             output::keys(ctx.output, keys)
         }
         KeyCommand::Revoke { key_id } => {
