@@ -1118,6 +1118,53 @@ async fn ascendctl_exports_csv_jsonl_and_parquet_that_parse_back_alike() {
         );
     }
 
+    // A failed export leaves neither the file nor its partial.
+    let out = dir.path().join("refused.csv");
+    let out_arg = out.display().to_string();
+    let refused = ascendctl(
+        &gateway,
+        &[
+            "billing", "export", "--period", "2026-13", "--format", "csv", "--out", &out_arg,
+        ],
+    )
+    .await;
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("invalid `period`"));
+    assert!(!out.exists() && !dir.path().join("refused.csv.partial").exists());
+
+    // A new plan in yen through `price put`: whole-yen decimals.
+    let yen: serde_json::Value = serde_json::from_str(&succeeded(
+        &ascendctl(
+            &gateway,
+            &[
+                "-o",
+                "json",
+                "price",
+                "put",
+                "yen-plan",
+                "--currency",
+                "JPY",
+                "--model",
+                "tiny",
+                "--prompt",
+                "15",
+                "--completion",
+                "30.5",
+            ],
+        )
+        .await,
+    ))
+    .expect("json");
+    assert_eq!(yen["currency_code"], "JPY");
+    assert_eq!(
+        yen["prices"][0]["prompt_per_million_tokens"]["amount"],
+        "15"
+    );
+    assert_eq!(
+        yen["prices"][0]["completion_per_million_tokens"]["amount_nanos"],
+        30_500_000_000_i64
+    );
+
     // Other commands in table mode run and show the seeded example prices.
     let prices = succeeded(&ascendctl(&gateway, &["price", "list"]).await);
     assert!(
