@@ -685,6 +685,12 @@ async fn a_tenant_sees_only_its_own_billing() {
         .expect_err("another tenant's lines");
     assert_eq!(status.code(), Code::PermissionDenied);
 
+    assert!(
+        export_lines(&channel, &key_a, "", months_ago(2))
+            .await
+            .is_empty(),
+        "an empty export still sends its count (0) first"
+    );
     let own = export_lines(&channel, &key_a, "", period).await;
     assert!(!own.is_empty() && own.iter().all(|l| l.tenant_id == a));
     let b_invoice = get_invoice(&channel, &b, period).await;
