@@ -229,40 +229,55 @@ impl Pager for EventPager {
             return Ok(None);
         }
         let limit = i64::try_from(self.chunk_rows).unwrap_or(i64::MAX);
-        let rows: Vec<EventRow> = match &self.tenant_id {
-            // Two statements rather than an optional filter, so each keeps
-            // its index range scan under a generic plan.
-            Some(tenant) => {
-                sqlx::query_as(&format!(
-                    "SELECT {EVENT_COLUMNS} FROM usage_events WHERE tenant_id = $1 \
-                     AND finished_at_us >= $2 AND finished_at_us < $3 \
-                     AND (finished_at_us, request_id) > ($4, $5) \
-                     ORDER BY finished_at_us, request_id LIMIT $6"
-                ))
-                .bind(tenant)
-                .bind(self.from_us)
-                .bind(self.to_us)
-                .bind(self.after.1)
-                .bind(&self.after.2)
-                .bind(limit)
-                .fetch_all(self.db.pool())
-                .await?
+        // Two statements rather than an optional filter, so each keeps its
+        // index range scan under a generic plan.
+        let sql = match &self.tenant_id {
+            Some(_) => format!(
+                "SELECT {EVENT_COLUMNS} FROM usage_events WHERE tenant_id = $1 \
+                 AND finished_at_us >= $2 AND finished_at_us < $3 \
+                 AND (finished_at_us, request_id) > ($4, $5) \
+                 ORDER BY finished_at_us, request_id LIMIT $6"
+            ),
+            None => format!(
+                "SELECT {EVENT_COLUMNS} FROM usage_events \
+                 WHERE finished_at_us >= $1 AND finished_at_us < $2 \
+                 AND (tenant_id, finished_at_us, request_id) > ($3, $4, $5) \
+                 ORDER BY tenant_id, finished_at_us, request_id LIMIT $6"
+            ),
+        };
+        // The same binds for either driver.
+        macro_rules! bind_page {
+            ($query:expr) => {
+                match &self.tenant_id {
+                    Some(tenant) => $query
+                        .bind(tenant.as_str())
+                        .bind(self.from_us)
+                        .bind(self.to_us)
+                        .bind(self.after.1)
+                        .bind(self.after.2.as_str())
+                        .bind(limit),
+                    None => $query
+                        .bind(self.from_us)
+                        .bind(self.to_us)
+                        .bind(self.after.0.as_str())
+                        .bind(self.after.1)
+                        .bind(self.after.2.as_str())
+                        .bind(limit),
+                }
+            };
+        }
+        // On PostgreSQL the typed driver: it decodes rows several times
+        // faster than `Any`, and this is the one query that reads millions.
+        let rows: Vec<EventRow> = match self.db.postgres() {
+            Some(pg) => {
+                bind_page!(sqlx::query_as::<sqlx::Postgres, EventRow>(&sql))
+                    .fetch_all(pg)
+                    .await?
             }
             None => {
-                sqlx::query_as(&format!(
-                    "SELECT {EVENT_COLUMNS} FROM usage_events \
-                     WHERE finished_at_us >= $1 AND finished_at_us < $2 \
-                     AND (tenant_id, finished_at_us, request_id) > ($3, $4, $5) \
-                     ORDER BY tenant_id, finished_at_us, request_id LIMIT $6"
-                ))
-                .bind(self.from_us)
-                .bind(self.to_us)
-                .bind(&self.after.0)
-                .bind(self.after.1)
-                .bind(&self.after.2)
-                .bind(limit)
-                .fetch_all(self.db.pool())
-                .await?
+                bind_page!(sqlx::query_as::<sqlx::Any, EventRow>(&sql))
+                    .fetch_all(self.db.pool())
+                    .await?
             }
         };
         if rows.len() < self.chunk_rows {
