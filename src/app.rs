@@ -19,6 +19,7 @@ use crate::api::pb::v1::inference_server::InferenceServer;
 use crate::api::pb::v1::tenant_admin_server::TenantAdminServer;
 use crate::api::{self, BillingApi, InferenceApi, TenantAdminApi};
 use crate::auth::{AdminCredential, Authenticator, KeyCache, LastUsedRecorder};
+use crate::billing::BillingService;
 use crate::config::{Settings, redact_url};
 use crate::limits::{BackgroundSettlements, Limiter};
 use crate::metering::{Metering, Spool, UsageEvent, UsageWriter};
@@ -372,6 +373,7 @@ impl App {
             .add_service(BillingServer::new(BillingApi::new(
                 db.clone(),
                 tenancy.clone(),
+                BillingService::new(db.clone(), &settings.billing),
             )))
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = stop_rx.await;

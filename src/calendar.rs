@@ -43,6 +43,16 @@ pub fn secs_until_month_end(unix_secs: i64) -> i64 {
     days_from_civil(next_year, next_month) * 86_400 - unix_secs
 }
 
+/// Start of (year, month 1..=12) in microseconds since the epoch.
+pub fn month_start_us(year: i64, month: u32) -> i64 {
+    days_from_civil(year, month) * 86_400 * 1_000_000
+}
+
+/// (year, month 1..=12) of a Unix time in microseconds.
+pub fn year_month_of_us(unix_us: i64) -> (i64, u32) {
+    civil_from_days(unix_us.div_euclid(1_000_000).div_euclid(86_400))
+}
+
 /// Start and end (exclusive) of the month holding `unix_us`, in
 /// microseconds, with its `YYYY-MM` key and a `YYYY_MM` table suffix.
 pub fn month_bounds_us(unix_us: i64) -> (i64, i64, String) {

@@ -41,6 +41,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("ASCEND_ADMIN_TOKEN_SHA256", "auth.admin_token_sha256"),
     ("ASCEND_AUTH_CACHE_TTL", "auth.cache_ttl"),
     ("ASCEND_DEFAULT_PRICE_PLAN", "tenancy.default_price_plan"),
+    ("ASCEND_BILLING_GRACE_PERIOD", "billing.grace_period"),
     ("ASCEND_LIMITS_REDIS_FAILURE", "limits.redis_failure"),
     ("ASCEND_LIMITS_REPLICAS", "limits.replicas"),
     ("ASCEND_LOG_FORMAT", "log.format"),
@@ -68,6 +69,7 @@ pub struct Settings {
     pub tenancy: TenancySettings,
     pub limits: crate::limits::LimitSettings,
     pub metering: crate::metering::MeteringSettings,
+    pub billing: crate::billing::BillingSettings,
     /// The served models (`[[models]]` tables).
     pub models: Vec<crate::serving::ModelSettings>,
     pub log: LogSettings,
@@ -182,6 +184,7 @@ impl Default for Settings {
             tenancy: TenancySettings::default(),
             limits: crate::limits::LimitSettings::default(),
             metering: crate::metering::MeteringSettings::default(),
+            billing: crate::billing::BillingSettings::default(),
             models: vec![crate::serving::ModelSettings::default()],
             log: LogSettings::default(),
         }
@@ -375,6 +378,12 @@ impl Settings {
             return Err(ConfigError::Invalid {
                 key: "metering.ship_interval",
                 problem: "must be positive, e.g. \"200ms\"".to_owned(),
+            });
+        }
+        if self.billing.grace_period > Duration::from_secs(90 * 24 * 3600) {
+            return Err(ConfigError::Invalid {
+                key: "billing.grace_period",
+                problem: "at most 90d; invoices must close eventually".to_owned(),
             });
         }
         if self.limits.replicas == 0 {
@@ -616,6 +625,42 @@ mod tests {
             ("ASCEND_AICPU_PATH", "/usr/local/Ascend"),
         ];
         load(None, &FlagOverrides::default(), env).expect("CANN variables are ignored");
+    }
+
+    #[test]
+    fn billing_grace_period_from_file_and_env() {
+        let settings = load(None, &FlagOverrides::default(), &[]).expect("defaults");
+        assert_eq!(
+            settings.billing.grace_period,
+            Duration::from_secs(3 * 86_400)
+        );
+        let from_file = load(
+            Some("[billing]\ngrace_period = \"5d\"\n"),
+            &FlagOverrides::default(),
+            &[],
+        )
+        .expect("load");
+        assert_eq!(
+            from_file.billing.grace_period,
+            Duration::from_secs(5 * 86_400)
+        );
+        let from_env = load(
+            None,
+            &FlagOverrides::default(),
+            &[("ASCEND_BILLING_GRACE_PERIOD", "12h")],
+        )
+        .expect("load");
+        assert_eq!(
+            from_env.billing.grace_period,
+            Duration::from_secs(12 * 3600)
+        );
+        let err = load(
+            None,
+            &FlagOverrides::default(),
+            &[("ASCEND_BILLING_GRACE_PERIOD", "400d")],
+        )
+        .expect_err("too long");
+        assert!(err.to_string().contains("billing.grace_period"), "{err}");
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod api;
 pub mod app;
 pub mod auth;
 pub mod bench;
+pub mod billing;
 pub mod calendar;
 pub mod config;
 pub mod error;

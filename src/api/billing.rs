@@ -5,31 +5,67 @@ use std::pin::Pin;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use super::convert::{micros, principal, timestamp};
+use futures_util::stream::try_unfold;
+
+use super::convert::{micros, opt_timestamp, principal, timestamp};
+use super::pb::v1 as pb;
 use super::pb::v1::billing_server::Billing;
 use super::pb::v1::{
     ExportInvoiceLinesResponse, ExportRequest, ExportUsageEventsResponse, FinalizeInvoiceRequest,
-    GetInvoiceRequest, GetUsageRequest, GetUsageResponse, Invoice, ListInvoicesRequest,
-    ListInvoicesResponse, ListPricePlansRequest, ListPricePlansResponse, PricePlan,
-    PutPricesRequest,
+    GetInvoiceRequest, GetUsageRequest, GetUsageResponse, Invoice, InvoiceLine, InvoiceStatus,
+    LineKind, ListInvoicesRequest, ListInvoicesResponse, ListPricePlansRequest,
+    ListPricePlansResponse, Money, Price, PricePlan, PutPricesRequest,
 };
 use super::pb::v1::{UsageBucket, UsageGrouping};
-use super::status::{not_implemented, to_status};
+use super::status::to_status;
 use crate::auth::Principal;
+use crate::billing::export::{CHUNK_ROWS, EventPager, LinePager, Pager};
+use crate::billing::{self, BillingService, MoneyInput, Period, PriceInput, PutPrices};
 use crate::metering::{self, Grouping, HOUR_US, UsageTotals};
 use crate::store::Db;
-use crate::tenancy::TenancyService;
+use crate::tenancy::{PageRequest, TenancyService};
 
 /// Handlers of `ascend.gateway.v1.Billing`.
 #[derive(Clone)]
 pub struct BillingApi {
     db: Db,
     tenancy: TenancyService,
+    billing: BillingService,
 }
 
 impl BillingApi {
-    pub fn new(db: Db, tenancy: TenancyService) -> BillingApi {
-        BillingApi { db, tenancy }
+    pub fn new(db: Db, tenancy: TenancyService, billing: BillingService) -> BillingApi {
+        BillingApi {
+            db,
+            tenancy,
+            billing,
+        }
+    }
+
+    /// As [`BillingApi::scoped_tenant`], except that the admin token may
+    /// leave `tenant` empty to mean every tenant (`None`).
+    async fn tenant_or_all(
+        &self,
+        principal: &Principal,
+        asked: &str,
+    ) -> Result<Option<String>, Status> {
+        match principal {
+            Principal::Admin if asked.is_empty() => Ok(None),
+            _ => self.scoped_tenant(principal, asked).await.map(Some),
+        }
+    }
+
+    /// The tenants (or all) and period an export request is about.
+    async fn export_scope(
+        &self,
+        request: Request<ExportRequest>,
+    ) -> Result<(Option<String>, Period), Status> {
+        let caller = principal(&request)?;
+        let r = request.into_inner();
+        let period =
+            BillingService::parse_period("period", &r.period).map_err(|e| to_status(&e))?;
+        let tenant = self.tenant_or_all(&caller, &r.tenant).await?;
+        Ok((tenant, period))
     }
 
     /// The tenant a billing request is about: a tenant key sees only its own
@@ -62,6 +98,173 @@ impl BillingApi {
     }
 }
 
+fn require_admin(caller: &Principal, rpc: &str) -> Result<(), Status> {
+    match caller {
+        Principal::Admin => Ok(()),
+        Principal::Tenant(_) => Err(Status::permission_denied(format!(
+            "{rpc} needs the admin token"
+        ))),
+    }
+}
+
+fn money(currency_code: &str, amount_nanos: i64) -> Money {
+    Money {
+        currency_code: currency_code.to_owned(),
+        amount_nanos,
+    }
+}
+
+fn money_in(m: Money) -> MoneyInput {
+    MoneyInput {
+        currency_code: m.currency_code,
+        nanos: m.amount_nanos,
+    }
+}
+
+fn plan_pb(plan: billing::PricePlan) -> PricePlan {
+    let currency = plan.currency_code;
+    PricePlan {
+        prices: plan
+            .prices
+            .into_iter()
+            .map(|p| Price {
+                prompt_per_million_tokens: Some(money(&currency, p.prompt_per_million_nanos)),
+                completion_per_million_tokens: Some(money(
+                    &currency,
+                    p.completion_per_million_nanos,
+                )),
+                per_kwh: p.per_kwh_nanos.map(|n| money(&currency, n)),
+                effective_from: Some(timestamp(p.effective_from_us)),
+                model: p.model,
+                device_class: p.device_class,
+            })
+            .collect(),
+        name: plan.name,
+        currency_code: currency,
+        description: plan.description,
+    }
+}
+
+fn line_pb(l: &billing::InvoiceLine) -> InvoiceLine {
+    InvoiceLine {
+        invoice_id: l.invoice_id.clone(),
+        line_number: l.line_number,
+        model: l.model.clone(),
+        device_class: l.device_class.clone(),
+        kind: match l.kind {
+            billing::LineKind::PromptTokens => LineKind::PromptTokens,
+            billing::LineKind::CompletionTokens => LineKind::CompletionTokens,
+            billing::LineKind::Energy => LineKind::Energy,
+        }
+        .into(),
+        quantity: u64::try_from(l.quantity).unwrap_or(0),
+        unit_price: Some(money(&l.currency_code, l.unit_price_nanos)),
+        amount: Some(money(&l.currency_code, l.amount_nanos)),
+        adjusts_period: l.adjusts_period.clone(),
+        price_effective_from: Some(timestamp(l.price_effective_from_us)),
+        tenant_id: l.tenant_id.clone(),
+        tenant_slug: l.tenant_slug.clone(),
+        period: l.period.clone(),
+    }
+}
+
+fn invoice_pb(i: billing::Invoice) -> Invoice {
+    Invoice {
+        status: match i.status {
+            billing::InvoiceStatus::Draft => InvoiceStatus::Draft,
+            billing::InvoiceStatus::Finalized => InvoiceStatus::Finalized,
+        }
+        .into(),
+        total: Some(money(&i.currency_code, i.total_nanos)),
+        lines: i.lines.iter().map(line_pb).collect(),
+        created_at: Some(timestamp(i.created_at_us)),
+        finalized_at: opt_timestamp(i.finalized_at_us),
+        grace_ends_at: Some(timestamp(i.grace_ends_at_us)),
+        period: i.period.to_string(),
+        id: i.id,
+        tenant_id: i.tenant_id,
+        tenant_slug: i.tenant_slug,
+        currency_code: i.currency_code,
+    }
+}
+
+fn micros_of(ts: Option<&prost_types::Timestamp>) -> i64 {
+    ts.map_or(0, |t| {
+        t.seconds
+            .saturating_mul(1_000_000)
+            .saturating_add(i64::from(t.nanos / 1000))
+    })
+}
+
+/// An exported line back in domain form, for clients that write files
+/// (`ascendctl billing export`).
+pub fn line_from_pb(l: &InvoiceLine) -> billing::InvoiceLine {
+    let amount = l.amount.clone().unwrap_or_default();
+    billing::InvoiceLine {
+        invoice_id: l.invoice_id.clone(),
+        line_number: l.line_number,
+        model: l.model.clone(),
+        device_class: l.device_class.clone(),
+        kind: match l.kind() {
+            LineKind::CompletionTokens => billing::LineKind::CompletionTokens,
+            LineKind::Energy => billing::LineKind::Energy,
+            LineKind::PromptTokens | LineKind::Unspecified => billing::LineKind::PromptTokens,
+        },
+        quantity: i64::try_from(l.quantity).unwrap_or(i64::MAX),
+        unit_price_nanos: l.unit_price.as_ref().map_or(0, |m| m.amount_nanos),
+        amount_nanos: amount.amount_nanos,
+        adjusts_period: l.adjusts_period.clone(),
+        price_effective_from_us: micros_of(l.price_effective_from.as_ref()),
+        tenant_id: l.tenant_id.clone(),
+        tenant_slug: l.tenant_slug.clone(),
+        period: l.period.clone(),
+        currency_code: amount.currency_code,
+    }
+}
+
+/// An exported usage event back in domain form.
+pub fn event_from_pb(e: &pb::UsageEvent) -> metering::UsageEvent {
+    metering::UsageEvent {
+        request_id: e.request_id.clone(),
+        tenant_id: e.tenant_id.clone(),
+        key_id: e.key_id.clone(),
+        model: e.model.clone(),
+        device_profile: e.device_profile.clone(),
+        prompt_tokens: e.prompt_tokens,
+        completion_tokens: e.completion_tokens,
+        queue_time_us: e.queue_time_us,
+        ttft_us: e.time_to_first_token_us,
+        total_time_us: e.total_time_us,
+        device_time_us: e.device_time_us,
+        energy_mj: e.energy_mj,
+        mean_power_mw: e.mean_power_mw,
+        finish_reason: e.finish_reason.clone(),
+        started_at_us: micros_of(e.started_at.as_ref()),
+        finished_at_us: micros_of(e.finished_at.as_ref()),
+    }
+}
+
+fn event_pb(e: metering::UsageEvent) -> pb::UsageEvent {
+    pb::UsageEvent {
+        request_id: e.request_id,
+        tenant_id: e.tenant_id,
+        key_id: e.key_id,
+        model: e.model,
+        device_profile: e.device_profile,
+        prompt_tokens: e.prompt_tokens,
+        completion_tokens: e.completion_tokens,
+        queue_time_us: e.queue_time_us,
+        time_to_first_token_us: e.ttft_us,
+        total_time_us: e.total_time_us,
+        device_time_us: e.device_time_us,
+        energy_mj: e.energy_mj,
+        mean_power_mw: e.mean_power_mw,
+        finish_reason: e.finish_reason,
+        started_at: Some(timestamp(e.started_at_us)),
+        finished_at: Some(timestamp(e.finished_at_us)),
+    }
+}
+
 fn bucket(t: UsageTotals) -> UsageBucket {
     UsageBucket {
         start_time: t.start_us.map(timestamp),
@@ -75,6 +278,26 @@ fn bucket(t: UsageTotals) -> UsageBucket {
 }
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// A pager's chunks as a response stream; the first message carries the row
+/// count and is sent even when there are no rows.
+fn chunk_stream<P: Pager, M: Send + 'static>(
+    pager: P,
+    message: fn(Option<u64>, Vec<P::Row>) -> M,
+) -> ResponseStream<M> {
+    let total = pager.total_rows();
+    Box::pin(try_unfold(
+        (pager, true),
+        move |(mut pager, first)| async move {
+            let rows = pager.next_chunk().await.map_err(|e| to_status(&e))?;
+            if rows.is_none() && !first {
+                return Ok(None);
+            }
+            let chunk = message(first.then_some(total), rows.unwrap_or_default());
+            Ok(Some((chunk, (pager, false))))
+        },
+    ))
+}
 
 #[tonic::async_trait]
 impl Billing for BillingApi {
@@ -132,52 +355,161 @@ impl Billing for BillingApi {
         &self,
         _request: Request<ListPricePlansRequest>,
     ) -> Result<Response<ListPricePlansResponse>, Status> {
-        Err(not_implemented("Billing.ListPricePlans"))
+        let plans = self.billing.list_plans().await.map_err(|e| to_status(&e))?;
+        Ok(Response::new(ListPricePlansResponse {
+            plans: plans.into_iter().map(plan_pb).collect(),
+        }))
     }
 
     async fn put_prices(
         &self,
-        _request: Request<PutPricesRequest>,
+        request: Request<PutPricesRequest>,
     ) -> Result<Response<PricePlan>, Status> {
-        Err(not_implemented("Billing.PutPrices"))
+        let caller = principal(&request)?;
+        require_admin(&caller, "Billing.PutPrices")?;
+        let r = request.into_inner();
+        let mut prices = Vec::with_capacity(r.prices.len());
+        for (i, p) in r.prices.into_iter().enumerate() {
+            let effective_from_us = p
+                .effective_from
+                .as_ref()
+                .map(|ts| micros(&format!("prices[{i}].effective_from"), ts))
+                .transpose()?;
+            prices.push(PriceInput {
+                model: p.model,
+                device_class: p.device_class,
+                prompt_per_million_tokens: p.prompt_per_million_tokens.map(money_in),
+                completion_per_million_tokens: p.completion_per_million_tokens.map(money_in),
+                per_kwh: p.per_kwh.map(money_in),
+                effective_from_us,
+            });
+        }
+        let plan = self
+            .billing
+            .put_prices(
+                &caller.actor(),
+                PutPrices {
+                    plan: r.plan,
+                    currency_code: r.currency_code,
+                    description: r.description,
+                    prices,
+                },
+            )
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(plan_pb(plan)))
     }
 
     async fn list_invoices(
         &self,
-        _request: Request<ListInvoicesRequest>,
+        request: Request<ListInvoicesRequest>,
     ) -> Result<Response<ListInvoicesResponse>, Status> {
-        Err(not_implemented("Billing.ListInvoices"))
+        let caller = principal(&request)?;
+        let r = request.into_inner();
+        let tenant = self.tenant_or_all(&caller, &r.tenant).await?;
+        let period = if r.period.is_empty() {
+            None
+        } else {
+            Some(BillingService::parse_period("period", &r.period).map_err(|e| to_status(&e))?)
+        };
+        let status = match InvoiceStatus::try_from(r.status) {
+            Ok(InvoiceStatus::Unspecified) => None,
+            Ok(InvoiceStatus::Draft) => Some(billing::InvoiceStatus::Draft),
+            Ok(InvoiceStatus::Finalized) => Some(billing::InvoiceStatus::Finalized),
+            Err(_) => return Err(Status::invalid_argument("invalid `status`: unknown value")),
+        };
+        let page = PageRequest::parse("invoices", r.page_size, &r.page_token)
+            .map_err(|e| to_status(&e))?;
+        let page = self
+            .billing
+            .list_invoices(tenant.as_deref(), period, status, &page)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(ListInvoicesResponse {
+            invoices: page.items.into_iter().map(invoice_pb).collect(),
+            next_page_token: page.next_token.unwrap_or_default(),
+        }))
     }
 
     async fn get_invoice(
         &self,
-        _request: Request<GetInvoiceRequest>,
+        request: Request<GetInvoiceRequest>,
     ) -> Result<Response<Invoice>, Status> {
-        Err(not_implemented("Billing.GetInvoice"))
+        let caller = principal(&request)?;
+        let r = request.into_inner();
+        let invoice = if !r.invoice_id.is_empty() {
+            let own = match &caller {
+                Principal::Admin => None,
+                Principal::Tenant(t) => Some(t.tenant_id.as_str()),
+            };
+            self.billing.get_invoice(&r.invoice_id, own).await
+        } else {
+            if r.period.is_empty() {
+                return Err(Status::invalid_argument(
+                    "invalid `period`: required without `invoice_id` (YYYY-MM)",
+                ));
+            }
+            let period =
+                BillingService::parse_period("period", &r.period).map_err(|e| to_status(&e))?;
+            let tenant_id = self.scoped_tenant(&caller, &r.tenant).await?;
+            self.billing.get_invoice_of(&tenant_id, period).await
+        };
+        Ok(Response::new(invoice_pb(
+            invoice.map_err(|e| to_status(&e))?,
+        )))
     }
 
     async fn finalize_invoice(
         &self,
-        _request: Request<FinalizeInvoiceRequest>,
+        request: Request<FinalizeInvoiceRequest>,
     ) -> Result<Response<Invoice>, Status> {
-        Err(not_implemented("Billing.FinalizeInvoice"))
+        let caller = principal(&request)?;
+        require_admin(&caller, "Billing.FinalizeInvoice")?;
+        let r = request.into_inner();
+        if r.invoice_id.is_empty() {
+            return Err(Status::invalid_argument("invalid `invoice_id`: required"));
+        }
+        let invoice = self
+            .billing
+            .finalize(&caller.actor(), &r.invoice_id)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(invoice_pb(invoice)))
     }
 
     type ExportInvoiceLinesStream = ResponseStream<ExportInvoiceLinesResponse>;
 
     async fn export_invoice_lines(
         &self,
-        _request: Request<ExportRequest>,
+        request: Request<ExportRequest>,
     ) -> Result<Response<Self::ExportInvoiceLinesStream>, Status> {
-        Err(not_implemented("Billing.ExportInvoiceLines"))
+        let (tenant, period) = self.export_scope(request).await?;
+        let pager = LinePager::open(&self.billing, tenant.as_deref(), period, CHUNK_ROWS)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(chunk_stream(pager, |total_rows, lines| {
+            ExportInvoiceLinesResponse {
+                total_rows,
+                lines: lines.iter().map(line_pb).collect(),
+            }
+        })))
     }
 
     type ExportUsageEventsStream = ResponseStream<ExportUsageEventsResponse>;
 
     async fn export_usage_events(
         &self,
-        _request: Request<ExportRequest>,
+        request: Request<ExportRequest>,
     ) -> Result<Response<Self::ExportUsageEventsStream>, Status> {
-        Err(not_implemented("Billing.ExportUsageEvents"))
+        let (tenant, period) = self.export_scope(request).await?;
+        let pager = EventPager::open(&self.db, tenant.as_deref(), period, CHUNK_ROWS)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(chunk_stream(pager, |total_rows, events| {
+            ExportUsageEventsResponse {
+                total_rows,
+                events: events.into_iter().map(event_pb).collect(),
+            }
+        })))
     }
 }

@@ -15,7 +15,7 @@ pub mod pb;
 pub mod status;
 
 pub use admin::TenantAdminApi;
-pub use billing::BillingApi;
+pub use billing::{BillingApi, event_from_pb, line_from_pb};
 pub use inference::InferenceApi;
 
 /// The full gRPC names of the services this gateway serves, as listed by

@@ -77,13 +77,6 @@ pub fn code_of(kind: ErrorKind) -> Code {
     }
 }
 
-/// The answer of an RPC whose implementation has not landed yet.
-pub fn not_implemented(rpc: &str) -> Status {
-    Status::unimplemented(format!(
-        "{rpc} is not implemented in this version of the gateway"
-    ))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

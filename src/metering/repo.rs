@@ -7,6 +7,13 @@
 //! SQLite: the same logic row by row inside one transaction (it is local,
 //! so round trips are cheap). Either way, a batch shipped twice, or a client
 //! retry with the same request id, counts once.
+//!
+//! `recorded_at_us` is the database's clock when the row is written, taken
+//! after the statement holds its table lock: billing finalizes an invoice
+//! under a lock that waits for inserts in flight, then counts every event
+//! recorded before its own clock reading as the month's, and every later one
+//! as late usage. A client-side clock read before the lock could fall on the
+//! wrong side of that line.
 
 use std::collections::{BTreeSet, HashSet};
 
@@ -14,7 +21,7 @@ use sqlx::PgPool;
 
 use super::{MeteringError, UsageEvent};
 use crate::calendar;
-use crate::store::{Backend, Db, now_us};
+use crate::store::{Backend, Db};
 
 fn i64_of(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
@@ -92,7 +99,8 @@ async fn insert_postgres(pg: &PgPool, events: &[&UsageEvent]) -> Result<u64, Met
              prompt_tokens, completion_tokens, queue_time_us, ttft_us, total_time_us, \
              device_time_us, energy_mj, mean_power_mw, finish_reason, started_at_us, \
              finished_at_us, recorded_at_us) \
-           SELECT b.*, $17 FROM batch b JOIN new_ids n USING (tenant_id, request_id) \
+           SELECT b.*, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint \
+           FROM batch b JOIN new_ids n USING (tenant_id, request_id) \
            RETURNING tenant_id, model, finished_at_us, prompt_tokens, completion_tokens, \
              device_time_us, energy_mj \
          ), rolled AS ( \
@@ -126,7 +134,6 @@ async fn insert_postgres(pg: &PgPool, events: &[&UsageEvent]) -> Result<u64, Met
     .bind(col_s(|e| &e.finish_reason))
     .bind(col_i(|e| e.started_at_us))
     .bind(col_i(|e| e.finished_at_us))
-    .bind(now_us())
     .fetch_one(pg)
     .await?;
     Ok(u64::try_from(inserted).unwrap_or(0))
@@ -134,7 +141,6 @@ async fn insert_postgres(pg: &PgPool, events: &[&UsageEvent]) -> Result<u64, Met
 
 async fn insert_portable(db: &Db, events: &[&UsageEvent]) -> Result<u64, MeteringError> {
     let mut tx = db.pool().begin().await?;
-    let recorded_at = now_us();
     let mut inserted = 0;
     for e in events {
         let claimed = sqlx::query(
@@ -154,7 +160,8 @@ async fn insert_portable(db: &Db, events: &[&UsageEvent]) -> Result<u64, Meterin
              prompt_tokens, completion_tokens, queue_time_us, ttft_us, total_time_us, \
              device_time_us, energy_mj, mean_power_mw, finish_reason, started_at_us, \
              finished_at_us, recorded_at_us) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, \
+             CAST(unixepoch('subsec') * 1000000 AS INTEGER))",
         )
         .bind(&e.tenant_id)
         .bind(&e.request_id)
@@ -172,7 +179,6 @@ async fn insert_portable(db: &Db, events: &[&UsageEvent]) -> Result<u64, Meterin
         .bind(&e.finish_reason)
         .bind(e.started_at_us)
         .bind(e.finished_at_us)
-        .bind(recorded_at)
         .execute(&mut *tx)
         .await?;
         sqlx::query(

@@ -6,6 +6,7 @@
 
 mod ascendctl;
 mod bench;
+mod billing;
 mod common;
 mod crash;
 mod generate;

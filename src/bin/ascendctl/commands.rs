@@ -16,6 +16,7 @@ use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
+use crate::billing::{self, BillingCommand, GroupArg, InvoiceCommand, PriceCommand};
 use crate::output::{self, Output};
 use crate::settings;
 
@@ -23,7 +24,7 @@ use crate::settings;
 #[command(
     name = "ascendctl",
     version,
-    about = "Administer an Ascend Gateway: tenants, API keys, audit log"
+    about = "Administer an Ascend Gateway: tenants, API keys, audit log, prices, invoices, exports"
 )]
 pub struct Cli {
     /// Gateway address [default: http://127.0.0.1:50051]
@@ -66,6 +67,31 @@ pub enum Command {
         #[arg(long, default_value_t = 100)]
         limit: u32,
     },
+    /// Usage totals of a tenant (default: this month so far).
+    Usage {
+        /// Tenant id or slug
+        tenant: String,
+        /// Start, RFC 3339 on the hour [default: start of this month]
+        #[arg(long)]
+        from: Option<String>,
+        /// End (exclusive), RFC 3339 on the hour [default: the next hour]
+        #[arg(long)]
+        to: Option<String>,
+        #[arg(long, value_enum, default_value_t = GroupArg::Model)]
+        by: GroupArg,
+        /// Only this model
+        #[arg(long)]
+        model: Option<String>,
+    },
+    /// Price plans and prices.
+    #[command(subcommand)]
+    Price(PriceCommand),
+    /// Invoices: list, show, finalize.
+    #[command(subcommand)]
+    Invoice(InvoiceCommand),
+    /// Billing exports.
+    #[command(subcommand)]
+    Billing(BillingCommand),
     /// Print a shell completion script.
     Completions { shell: clap_complete::Shell },
 }
@@ -199,15 +225,15 @@ pub enum KeyCommand {
     },
 }
 
-struct Ctx {
-    channel: Channel,
+pub struct Ctx {
+    pub channel: Channel,
     endpoint: String,
     admin_token: Option<String>,
-    output: Output,
+    pub output: Output,
 }
 
 impl Ctx {
-    fn admin<T>(&self, message: T) -> anyhow::Result<tonic::Request<T>> {
+    pub fn admin<T>(&self, message: T) -> anyhow::Result<tonic::Request<T>> {
         let Some(token) = &self.admin_token else {
             bail!(
                 "no admin token: pass --admin-token, set ASCENDCTL_ADMIN_TOKEN, or put admin_token in the config file"
@@ -225,7 +251,7 @@ impl Ctx {
         TenantAdminClient::new(self.channel.clone())
     }
 
-    fn rpc_error(&self, status: tonic::Status) -> anyhow::Error {
+    pub fn rpc_error(&self, status: tonic::Status) -> anyhow::Error {
         match status.code() {
             tonic::Code::Unavailable => anyhow::anyhow!(
                 "the gateway at {} is unavailable: {}",
@@ -234,6 +260,24 @@ impl Ctx {
             ),
             code => anyhow::anyhow!("{}: {}", output::code_name(code), status.message()),
         }
+    }
+}
+
+/// Every page of a listing: `fetch(page_token)` returns one page and the
+/// next token, empty after the last page.
+pub async fn all_pages<T, Fut>(mut fetch: impl FnMut(String) -> Fut) -> anyhow::Result<Vec<T>>
+where
+    Fut: Future<Output = anyhow::Result<(Vec<T>, String)>>,
+{
+    let mut items = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let (page, next) = fetch(page_token).await?;
+        items.extend(page);
+        if next.is_empty() {
+            return Ok(items);
+        }
+        page_token = next;
     }
 }
 
@@ -263,6 +307,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Tenant(command) => tenant(&ctx, command).await,
         Command::Key(command) => key(&ctx, command).await,
         Command::Audit { tenant, limit } => audit(&ctx, tenant, limit).await,
+        Command::Usage {
+            tenant,
+            from,
+            to,
+            by,
+            model,
+        } => billing::usage(&ctx, tenant, from, to, by, model).await,
+        Command::Price(command) => billing::price(&ctx, command).await,
+        Command::Invoice(command) => billing::invoice(&ctx, command).await,
+        Command::Billing(command) => billing::billing(&ctx, command).await,
         Command::Completions { .. } => Ok(()),
     }
 }
@@ -303,24 +357,22 @@ async fn tenant(ctx: &Ctx, command: TenantCommand) -> anyhow::Result<()> {
                 Some(StatusArg::Suspended) => TenantStatus::Suspended,
                 Some(StatusArg::Deleted) => TenantStatus::Deleted,
             };
-            let mut tenants = Vec::new();
-            let mut page_token = String::new();
-            loop {
-                let page = client
-                    .list_tenants(ctx.admin(ListTenantsRequest {
-                        page_size: 500,
-                        page_token,
-                        status: status.into(),
-                    })?)
-                    .await
-                    .map_err(|s| ctx.rpc_error(s))?
-                    .into_inner();
-                tenants.extend(page.tenants);
-                if page.next_page_token.is_empty() {
-                    break;
+            let tenants = all_pages(|page_token| {
+                let mut client = client.clone();
+                async move {
+                    let page = client
+                        .list_tenants(ctx.admin(ListTenantsRequest {
+                            page_size: 500,
+                            page_token,
+                            status: status.into(),
+                        })?)
+                        .await
+                        .map_err(|s| ctx.rpc_error(s))?
+                        .into_inner();
+                    Ok((page.tenants, page.next_page_token))
                 }
-                page_token = page.next_page_token;
-            }
+            })
+            .await?;
             return output::tenants(ctx.output, tenants);
         }
         TenantCommand::Get { tenant } => {
@@ -407,25 +459,23 @@ async fn key(ctx: &Ctx, command: KeyCommand) -> anyhow::Result<()> {
             tenant,
             include_revoked,
         } => {
-            let mut keys = Vec::new();
-            let mut page_token = String::new();
-            loop {
-                let page = client
-                    .list_api_keys(ctx.admin(ListApiKeysRequest {
-                        tenant: tenant.clone(),
-                        include_revoked,
-                        page_size: 500,
-                        page_token,
-                    })?)
-                    .await
-                    .map_err(|s| ctx.rpc_error(s))?
-                    .into_inner();
-                keys.extend(page.keys);
-                if page.next_page_token.is_empty() {
-                    break;
+            let keys = all_pages(|page_token| {
+                let (mut client, tenant) = (client.clone(), tenant.clone());
+                async move {
+                    let page = client
+                        .list_api_keys(ctx.admin(ListApiKeysRequest {
+                            tenant,
+                            include_revoked,
+                            page_size: 500,
+                            page_token,
+                        })?)
+                        .await
+                        .map_err(|s| ctx.rpc_error(s))?
+                        .into_inner();
+                    Ok((page.keys, page.next_page_token))
                 }
-                page_token = page.next_page_token;
-            }
+            })
+            .await?;
             output::keys(ctx.output, keys)
         }
         KeyCommand::Revoke { key_id } => {

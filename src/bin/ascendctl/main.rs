@@ -3,6 +3,7 @@
 //! then the user's config file), calls the gateway over gRPC, and prints a
 //! table for people or JSON for scripts.
 
+mod billing;
 mod commands;
 mod output;
 mod settings;

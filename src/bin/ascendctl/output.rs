@@ -4,6 +4,7 @@
 use std::time::{Duration, UNIX_EPOCH};
 
 use ascend_gateway::api::pb::v1::{self as pb, ApiKey, AuditEvent, CreateApiKeyResponse};
+use ascend_gateway::billing::money::{Currency, format_decimal};
 use clap::ValueEnum;
 use comfy_table::Table;
 use serde::Serialize;
@@ -262,5 +263,339 @@ pub fn audit(output: Output, events: Vec<AuditEvent>) -> anyhow::Result<()> {
         .map(|e| vec![e.id.to_string(), or_dash(e.at), e.actor, e.action, e.target])
         .collect();
     print_table(&["ID", "AT", "ACTOR", "ACTION", "TARGET"], rows);
+    Ok(())
+}
+
+/// Money as a decimal in its currency's minor units ("1.23 USD").
+fn money_text(money: Option<&pb::Money>) -> String {
+    let Some(money) = money else {
+        return "-".to_owned();
+    };
+    let decimals = Currency::find(&money.currency_code).map_or(2, |c| c.minor_units);
+    format!(
+        "{} {}",
+        format_decimal(money.amount_nanos, decimals),
+        money.currency_code
+    )
+}
+
+#[derive(Serialize)]
+struct MoneyView {
+    currency_code: String,
+    amount_nanos: i64,
+    amount: String,
+}
+
+fn money_view(money: Option<&pb::Money>) -> Option<MoneyView> {
+    let money = money?;
+    let decimals = Currency::find(&money.currency_code).map_or(2, |c| c.minor_units);
+    Some(MoneyView {
+        currency_code: money.currency_code.clone(),
+        amount_nanos: money.amount_nanos,
+        amount: format_decimal(money.amount_nanos, decimals),
+    })
+}
+
+#[derive(Serialize)]
+struct PriceView {
+    model: String,
+    device_class: String,
+    prompt_per_million_tokens: Option<MoneyView>,
+    completion_per_million_tokens: Option<MoneyView>,
+    per_kwh: Option<MoneyView>,
+    effective_from: Option<String>,
+}
+
+#[derive(Serialize)]
+struct PlanView {
+    name: String,
+    currency_code: String,
+    description: String,
+    prices: Vec<PriceView>,
+}
+
+pub fn price_plans(output: Output, plans: Vec<pb::PricePlan>) -> anyhow::Result<()> {
+    if output == Output::Json {
+        let views: Vec<PlanView> = plans
+            .into_iter()
+            .map(|p| PlanView {
+                prices: p
+                    .prices
+                    .iter()
+                    .map(|price| PriceView {
+                        model: price.model.clone(),
+                        device_class: price.device_class.clone(),
+                        prompt_per_million_tokens: money_view(
+                            price.prompt_per_million_tokens.as_ref(),
+                        ),
+                        completion_per_million_tokens: money_view(
+                            price.completion_per_million_tokens.as_ref(),
+                        ),
+                        per_kwh: money_view(price.per_kwh.as_ref()),
+                        effective_from: time(price.effective_from.as_ref()),
+                    })
+                    .collect(),
+                name: p.name,
+                currency_code: p.currency_code,
+                description: p.description,
+            })
+            .collect();
+        return print_json_records(&views);
+    }
+    let mut rows = Vec::new();
+    for plan in &plans {
+        for price in &plan.prices {
+            rows.push(vec![
+                plan.name.clone(),
+                price.model.clone(),
+                if price.device_class.is_empty() {
+                    "(any)".to_owned()
+                } else {
+                    price.device_class.clone()
+                },
+                money_text(price.prompt_per_million_tokens.as_ref()),
+                money_text(price.completion_per_million_tokens.as_ref()),
+                money_text(price.per_kwh.as_ref()),
+                or_dash(time(price.effective_from.as_ref())),
+            ]);
+        }
+    }
+    print_table(
+        &[
+            "PLAN",
+            "MODEL",
+            "DEVICE",
+            "PROMPT /M",
+            "COMPLETION /M",
+            "PER KWH",
+            "FROM",
+        ],
+        rows,
+    );
+    for plan in plans {
+        println!(
+            "{} ({}): {}",
+            plan.name, plan.currency_code, plan.description
+        );
+    }
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct LineView {
+    line_number: u32,
+    model: String,
+    device_class: String,
+    kind: String,
+    quantity: u64,
+    unit_price: Option<MoneyView>,
+    amount: Option<MoneyView>,
+    adjusts_period: String,
+    price_effective_from: Option<String>,
+}
+
+#[derive(Serialize)]
+struct InvoiceView {
+    id: String,
+    tenant_id: String,
+    tenant_slug: String,
+    period: String,
+    status: String,
+    total: Option<MoneyView>,
+    created_at: Option<String>,
+    finalized_at: Option<String>,
+    grace_ends_at: Option<String>,
+    lines: Vec<LineView>,
+}
+
+fn kind_name(kind: pb::LineKind) -> String {
+    kind.as_str_name()
+        .trim_start_matches("LINE_KIND_")
+        .to_lowercase()
+}
+
+impl From<pb::Invoice> for InvoiceView {
+    fn from(i: pb::Invoice) -> InvoiceView {
+        InvoiceView {
+            status: i
+                .status()
+                .as_str_name()
+                .trim_start_matches("INVOICE_STATUS_")
+                .to_lowercase(),
+            total: money_view(i.total.as_ref()),
+            created_at: time(i.created_at.as_ref()),
+            finalized_at: time(i.finalized_at.as_ref()),
+            grace_ends_at: time(i.grace_ends_at.as_ref()),
+            lines: i
+                .lines
+                .iter()
+                .map(|l| LineView {
+                    line_number: l.line_number,
+                    model: l.model.clone(),
+                    device_class: l.device_class.clone(),
+                    kind: kind_name(l.kind()),
+                    quantity: l.quantity,
+                    unit_price: money_view(l.unit_price.as_ref()),
+                    amount: money_view(l.amount.as_ref()),
+                    adjusts_period: l.adjusts_period.clone(),
+                    price_effective_from: time(l.price_effective_from.as_ref()),
+                })
+                .collect(),
+            id: i.id,
+            tenant_id: i.tenant_id,
+            tenant_slug: i.tenant_slug,
+            period: i.period,
+        }
+    }
+}
+
+pub fn invoices(output: Output, invoices: Vec<pb::Invoice>) -> anyhow::Result<()> {
+    if output == Output::Json {
+        let views: Vec<InvoiceView> = invoices.into_iter().map(InvoiceView::from).collect();
+        return print_json(&views);
+    }
+    let rows = invoices
+        .into_iter()
+        .map(|i| {
+            let total = money_text(i.total.as_ref());
+            let view = InvoiceView::from(i);
+            vec![
+                view.tenant_slug,
+                view.period,
+                view.status,
+                total,
+                or_dash(view.finalized_at),
+                view.id,
+            ]
+        })
+        .collect();
+    print_table(
+        &["TENANT", "PERIOD", "STATUS", "TOTAL", "FINALIZED", "ID"],
+        rows,
+    );
+    Ok(())
+}
+
+pub fn invoice(output: Output, invoice: pb::Invoice) -> anyhow::Result<()> {
+    if output == Output::Json {
+        return print_json(&InvoiceView::from(invoice));
+    }
+    println!(
+        "Invoice {} for {} ({}), {}: {}",
+        invoice.id,
+        invoice.tenant_slug,
+        invoice.tenant_id,
+        invoice.period,
+        invoice
+            .status()
+            .as_str_name()
+            .trim_start_matches("INVOICE_STATUS_")
+            .to_lowercase()
+    );
+    let rows = invoice
+        .lines
+        .iter()
+        .map(|l| {
+            vec![
+                l.line_number.to_string(),
+                l.model.clone(),
+                l.device_class.clone(),
+                kind_name(l.kind()),
+                l.quantity.to_string(),
+                money_text(l.unit_price.as_ref()),
+                money_text(l.amount.as_ref()),
+                if l.adjusts_period.is_empty() {
+                    "-".to_owned()
+                } else {
+                    l.adjusts_period.clone()
+                },
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "#",
+            "MODEL",
+            "DEVICE",
+            "KIND",
+            "QUANTITY",
+            "UNIT PRICE",
+            "AMOUNT",
+            "ADJUSTS",
+        ],
+        rows,
+    );
+    println!("Total: {}", money_text(invoice.total.as_ref()));
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct UsageView {
+    start: Option<String>,
+    model: String,
+    requests: u64,
+    prompt_tokens: u64,
+    completion_tokens: u64,
+    device_time_us: u64,
+    energy_mj: u64,
+}
+
+impl From<&pb::UsageBucket> for UsageView {
+    fn from(b: &pb::UsageBucket) -> UsageView {
+        UsageView {
+            start: time(b.start_time.as_ref()),
+            model: b.model.clone(),
+            requests: b.requests,
+            prompt_tokens: b.prompt_tokens,
+            completion_tokens: b.completion_tokens,
+            device_time_us: b.device_time_us,
+            energy_mj: b.energy_mj,
+        }
+    }
+}
+
+pub fn usage(output: Output, usage: pb::GetUsageResponse) -> anyhow::Result<()> {
+    let buckets: Vec<UsageView> = usage.buckets.iter().map(UsageView::from).collect();
+    let total = usage.total.as_ref().map(UsageView::from);
+    if output == Output::Json {
+        #[derive(Serialize)]
+        struct Usage {
+            tenant_id: String,
+            buckets: Vec<UsageView>,
+            total: Option<UsageView>,
+        }
+        return print_json(&Usage {
+            tenant_id: usage.tenant_id,
+            buckets,
+            total,
+        });
+    }
+    let row = |label: Option<String>, v: UsageView| {
+        vec![
+            label.or(v.start).unwrap_or_default(),
+            v.model,
+            v.requests.to_string(),
+            v.prompt_tokens.to_string(),
+            v.completion_tokens.to_string(),
+            v.device_time_us.to_string(),
+            v.energy_mj.to_string(),
+        ]
+    };
+    let mut rows: Vec<Vec<String>> = buckets.into_iter().map(|b| row(None, b)).collect();
+    if let Some(total) = total {
+        rows.push(row(Some("TOTAL".to_owned()), total));
+    }
+    print_table(
+        &[
+            "START",
+            "MODEL",
+            "REQUESTS",
+            "PROMPT TOKENS",
+            "COMPLETION TOKENS",
+            "DEVICE TIME US",
+            "ENERGY MJ",
+        ],
+        rows,
+    );
     Ok(())
 }

@@ -1,0 +1,56 @@
+//! Billing: price plans, invoices and exports, from metered usage.
+//!
+//! - `money`: exact amounts in nanos, ISO 4217 currencies, the one rounding
+//!   rule (half to even, once per invoice line).
+//! - `period`: billing months "YYYY-MM" in UTC.
+//! - `prices`: plans and insert-only prices; which price is in effect.
+//! - `invoice`: invoices, lines, and the pure pricing of usage into lines.
+//! - `service`: the operations (plans, drafts computed on read, ordered
+//!   finalization in one transaction) and which usage each invoice holds,
+//!   late usage included.
+//! - `export`: invoice lines and usage events in chunks, keyset-paged.
+//! - `file`: CSV, JSON Lines and Parquet export files.
+//! - `repo`: the SQL.
+//!
+//! Finalized invoices, their lines and all prices are immutable, enforced by
+//! database triggers on both backends. Knows usage events and tenants' price
+//! plans as rows; knows nothing of gRPC.
+
+mod error;
+pub mod export;
+pub mod file;
+pub mod invoice;
+pub mod money;
+pub mod period;
+pub mod prices;
+mod repo;
+mod service;
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub use error::BillingError;
+pub use invoice::{Invoice, InvoiceLine, InvoiceStatus, LineKind};
+pub use period::Period;
+pub use prices::{MoneyInput, Price, PriceInput, PricePlan, PutPrices};
+pub use repo::now_sql;
+pub use service::{BillingService, invoice_id};
+
+/// `[billing]` settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BillingSettings {
+    /// How long after its month ends an invoice stays a draft that late usage
+    /// still lands in; it may be finalized only after this.
+    #[serde(with = "humantime_serde")]
+    pub grace_period: Duration,
+}
+
+impl Default for BillingSettings {
+    fn default() -> Self {
+        BillingSettings {
+            grace_period: Duration::from_secs(3 * 24 * 3600),
+        }
+    }
+}
