@@ -89,11 +89,16 @@ pub struct App {
     metrics_listener: TcpListener,
     metrics_addr: SocketAddr,
     registry: ModelRegistry,
+    usage_appends: TaskTracker,
 }
 
 /// Turns a finished job's usage into a usage event on the spool.
 struct MeteringSink {
     metering: Arc<Metering>,
+    runtime: tokio::runtime::Handle,
+    /// Appends in flight; shutdown waits for them before the writer's last
+    /// round.
+    appends: TaskTracker,
 }
 
 impl UsageSink for MeteringSink {
@@ -103,7 +108,8 @@ impl UsageSink for MeteringSink {
         started_at_us: i64,
         usage: &JobUsage,
         finish_reason: &str,
-    ) -> Result<(), String> {
+        then: crate::serving::WhenRecorded,
+    ) {
         // mJ per us is kW; times 1e6 gives mW. No device time, no power.
         let mean_power_mw = usage
             .energy_mj
@@ -128,9 +134,11 @@ impl UsageSink for MeteringSink {
             started_at_us,
             finished_at_us: crate::store::now_us(),
         };
-        self.metering
-            .record_blocking(&event)
-            .map_err(|e| e.to_string())
+        let metering = self.metering.clone();
+        self.appends.spawn_on(
+            async move { then(metering.record(&event).await.map_err(|e| e.to_string())) },
+            &self.runtime,
+        );
     }
 }
 
@@ -228,8 +236,11 @@ impl App {
         let spool = Spool::open(&spool_dir, settings.metering.spool.clone())?;
         let metering = Arc::new(Metering::new(spool.clone(), &settings.metering));
         let usage_writer = UsageWriter::new(spool, db.clone(), settings.metering.batch_size);
+        let usage_appends = TaskTracker::new();
         let sink: Arc<dyn UsageSink> = Arc::new(MeteringSink {
             metering: metering.clone(),
+            runtime: tokio::runtime::Handle::current(),
+            appends: usage_appends.clone(),
         });
         let (models, data_dir) = (settings.models.clone(), settings.data_dir.clone());
         // Loading (or first creating) models is heavy compute: off the runtime.
@@ -262,6 +273,7 @@ impl App {
             metrics_listener,
             metrics_addr,
             registry,
+            usage_appends,
         })
     }
 
@@ -309,6 +321,7 @@ impl App {
             metrics_listener,
             metrics_addr,
             registry,
+            usage_appends,
         } = self;
         let tasks = TaskTracker::new();
         let stop_tasks = CancellationToken::new();
@@ -411,6 +424,8 @@ impl App {
         // usage writer's last round.
         let models = registry.clone();
         let _ = tokio::task::spawn_blocking(move || models.stop()).await;
+        usage_appends.close();
+        usage_appends.wait().await;
         // Background tasks finish their last flush before the pool closes.
         stop_tasks.cancel();
         tasks.close();

@@ -8,11 +8,13 @@
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use tonic::codegen::http;
 use tower_layer::Layer;
 use tower_service::Service;
 
+use super::deadline::{self, ReceivedAt};
 use super::status::to_status;
 use crate::auth::{Authenticator, Requirement};
 use crate::tenancy::Scope;
@@ -91,12 +93,23 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<ReqBody>) -> Self::Future {
+        // Stamped here, the first of our code a request meets (just inside
+        // tonic's own grpc-timeout timer), so deadlines derived from it end
+        // no later than tonic's.
+        let received = Instant::now();
+        request.extensions_mut().insert(ReceivedAt(received));
+        let deadline = request
+            .headers()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(deadline::grpc_timeout)
+            .map(|timeout| deadline::deadline(received, timeout));
         // The clone that was polled ready serves this request; a fresh clone
         // stays behind for the next one.
         let ready = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, ready);
         let authenticator = self.authenticator.clone();
-        Box::pin(async move {
+        let call = async move {
             let Some(requirement) = requirement_for(request.uri().path()) else {
                 return inner.call(request).await;
             };
@@ -113,6 +126,22 @@ where
                     inner.call(request).await
                 }
                 Err(error) => Ok(to_status(&error).into_http()),
+            }
+        };
+        Box::pin(async move {
+            // Authentication and the handler together answer by the
+            // client's deadline (a stream's deadline covers its first
+            // response; the worker bounds the rest).
+            match deadline {
+                Some(at) => tokio::time::timeout_at(at.into(), call)
+                    .await
+                    .unwrap_or_else(|_| {
+                        Ok(tonic::Status::deadline_exceeded(
+                            "the request's deadline passed before it finished",
+                        )
+                        .into_http())
+                    }),
+                None => call.await,
             }
         })
     }

@@ -3,13 +3,14 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
 use super::convert::principal;
+use super::deadline::{self, ReceivedAt};
 use super::pb::v1::inference_server::Inference;
 use super::pb::v1::{
     self as pb, CountTokensRequest, CountTokensResponse, GenerateComplete, GenerateRequest,
@@ -307,22 +308,15 @@ impl InferenceApi {
     }
 }
 
-/// The client's deadline from the `grpc-timeout` header, a little early so
-/// the answer is DEADLINE_EXCEEDED from us rather than a cancelled stream.
+/// The client's deadline, from the `grpc-timeout` header.
 fn grpc_deadline<T>(request: &Request<T>, now: Instant) -> Option<Instant> {
+    let received = request
+        .extensions()
+        .get::<ReceivedAt>()
+        .map_or(now, |r| r.0.min(now));
     let value = request.metadata().get("grpc-timeout")?.to_str().ok()?;
-    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
-    let amount: u64 = digits.parse().ok()?;
-    let timeout = match unit {
-        "H" => Duration::from_secs(amount.saturating_mul(3600)),
-        "M" => Duration::from_secs(amount.saturating_mul(60)),
-        "S" => Duration::from_secs(amount),
-        "m" => Duration::from_millis(amount),
-        "u" => Duration::from_micros(amount),
-        "n" => Duration::from_nanos(amount),
-        _ => return None,
-    };
-    Some(now + timeout.saturating_sub(Duration::from_millis(5)))
+    let timeout = deadline::grpc_timeout(value)?;
+    Some(deadline::deadline(received, timeout))
 }
 
 fn usage_to_pb(usage: &JobUsage) -> pb::Usage {
@@ -403,17 +397,8 @@ impl Inference for InferenceApi {
         &self,
         request: Request<GenerateRequest>,
     ) -> Result<Response<GenerateResponse>, Status> {
-        // tonic itself answers CANCELLED when the client's grpc-timeout
-        // passes before the handler returns; ending a little earlier here
-        // makes the answer DEADLINE_EXCEEDED even when a step runs long.
-        let deadline = grpc_deadline(&request, Instant::now());
-        let answer = self.generate_unary(request);
-        match deadline {
-            Some(deadline) => tokio::time::timeout_at(deadline.into(), answer)
-                .await
-                .unwrap_or_else(|_| Err(failure_to_status(&Failure::DeadlineExceeded))),
-            None => answer.await,
-        }
+        // The auth layer bounds this by the client's deadline.
+        self.generate_unary(request).await
     }
 
     type GenerateStreamStream = ResponseStream<GenerateStreamResponse>;

@@ -10,6 +10,7 @@ pub mod auth_layer;
 mod billing;
 pub mod codec;
 mod convert;
+mod deadline;
 mod inference;
 pub mod pb;
 pub mod status;

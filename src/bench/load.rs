@@ -152,7 +152,8 @@ pub async fn run(
                     while start.elapsed() < duration {
                         let request = source.next_request();
                         let key = target.keys.get(tenant).map_or("", String::as_str);
-                        let sample = one_request(channel.clone(), key, tenant, request, start).await;
+                        let sample =
+                            one_request(channel.clone(), key, tenant, request, start).await;
                         let refused = sample.outcome.is_err();
                         samples.push(sample);
                         if refused {

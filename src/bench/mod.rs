@@ -469,7 +469,9 @@ pub fn write_json(path: &std::path::Path, value: &impl serde::Serialize) -> Resu
 
 pub use device::{DeviceReport, device_report};
 pub use overhead::{OverheadReport, overhead_suite};
-pub use scenarios::{ServerReport, TenantsReport, server_scenario, tenants_scenario, within_bounds};
+pub use scenarios::{
+    ServerReport, TenantsReport, server_scenario, tenants_scenario, within_bounds,
+};
 pub use suite::{SuiteReport, git_revision, machine, serving_suite};
 
 #[cfg(test)]

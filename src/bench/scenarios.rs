@@ -123,7 +123,9 @@ pub async fn server_scenario(
             .iter()
             .filter(|r| r.within_bounds)
             .map(|r| r.rate)
-            .fold(None, |best: Option<f64>, r| Some(best.map_or(r, |b| b.max(r)))),
+            .fold(None, |best: Option<f64>, r| {
+                Some(best.map_or(r, |b| b.max(r)))
+            }),
         rates,
     };
     let mut markdown = format!(
@@ -140,7 +142,9 @@ pub async fn server_scenario(
         args.tpot_p99_ms,
         report
             .highest_rate_within_bounds
-            .map_or("none of the rates tried".to_owned(), |r| format!("{r} req/s")),
+            .map_or("none of the rates tried".to_owned(), |r| format!(
+                "{r} req/s"
+            )),
     );
     for r in &report.rates {
         markdown.push_str(&format!(
@@ -332,7 +336,7 @@ mod tests {
         let run = RunReport::new(
             "r",
             Arrival::Open { rate: 1.0 },
-            &[sample.clone()],
+            std::slice::from_ref(&sample),
             Duration::from_secs(1),
         );
         assert_eq!(run.ttft_ms.p99, 100.0);

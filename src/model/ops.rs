@@ -215,7 +215,12 @@ fn prefill_workload(dev: &Device, shape: AttnShape, lens: &[usize], kv_bytes: us
 }
 
 /// Paged decode (flash-decoding: each query's context split in 512-token chunks).
-fn decode_workload(dev: &Device, shape: AttnShape, ctx: &[usize], kv_bytes: usize) -> Workload {
+pub(crate) fn decode_workload(
+    dev: &Device,
+    shape: AttnShape,
+    ctx: &[usize],
+    kv_bytes: usize,
+) -> Workload {
     let total: usize = ctx.iter().sum();
     let tasks = ctx.iter().map(|&l| l.div_ceil(512).max(1)).sum::<usize>() * shape.num_kv_heads;
     let b = ctx.len();

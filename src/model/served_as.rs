@@ -17,6 +17,17 @@
 //! - energy: `E_served = E_executed x r / e`: the same total work summed over the `n` devices,
 //!   and the `n` devices' idle power over `t_served` is the executed idle energy times `r / e`.
 //!
+//! **With `layers` given** the served shape is costed directly instead, step by step, by the
+//! device's own cost model: a dense transformer with `active_params` in `layers` layers
+//! (`12 x layers x hidden^2` parameters, hidden rounded to a multiple of 128, FFN 4 x hidden,
+//! 128-dimensional heads, a 129,280-token vocabulary), each layer's weights split over the `n`
+//! devices (tensor parallel), running the executed step's token count with its sequences'
+//! context lengths: per device and layer the QKV, output, FFN-up and FFN-down matmuls and paged
+//! attention over the KV cache, then the LM head for the sequences that produce a token; time
+//! divided by `e` for the all-reduces the model leaves out, energy over all `n` devices. That
+//! is what makes decode bandwidth-bound at the real shape, as it is on the hardware. The rule
+//! below is the fallback when `layers` is not given.
+//!
 //! Kernel launch overheads are the exception: they do not grow with the width of a layer, only
 //! with the number of layers. The executed step's launch part (`launches x
 //! launch.overhead_us` of the profile, at idle power) is scaled by `layers_served /
@@ -32,8 +43,10 @@ use serde::{Deserialize, Serialize};
 
 use super::config::ModelConfig;
 use super::error::{Result, config_err};
+use super::ops::decode_workload;
 use super::transformer::StepOutput;
 use crate::npu::DeviceProfile;
+use crate::npu::{AttnShape, Device, WeightFormat};
 
 /// The shape a served model stands for.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -48,11 +61,33 @@ pub struct ServedAs {
     pub devices: u32,
     /// Parallel efficiency in (0, 1].
     pub tp_efficiency: f64,
-    /// Transformer layers of the served shape (scales launch overheads);
-    /// unset: as many as the executed model.
+    /// Transformer layers of the served shape. Given: each step is costed
+    /// at the served shape by the cost model; unset: the executed step is
+    /// scaled (see the module notes).
     #[serde(default)]
     pub layers: Option<u32>,
 }
+
+/// What the executed step did, for costing it at the served shape.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StepShape {
+    /// Tokens processed (prefill chunks and decodes).
+    pub tokens: usize,
+    /// Context length of each sequence after the step.
+    pub contexts: Vec<usize>,
+}
+
+/// Dense dimensions standing for a parameter count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DenseDims {
+    pub layers: usize,
+    pub hidden: usize,
+    pub ffn: usize,
+    pub heads: usize,
+}
+
+const HEAD_DIM: usize = 128;
+const SERVED_VOCAB: usize = 129_280;
 
 /// Multipliers of [`ServedAs::factors`].
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -93,6 +128,102 @@ impl ServedAs {
         ScaleFactors {
             time: r / (f64::from(self.devices) * self.tp_efficiency),
             energy: r / self.tp_efficiency,
+        }
+    }
+
+    /// The dense dimensions of this shape, when `layers` is given.
+    pub fn dense_dims(&self) -> Option<DenseDims> {
+        let layers = self.layers? as usize;
+        let per_layer = self.active_params as f64 / (12.0 * layers.max(1) as f64);
+        let hidden = ((per_layer.sqrt() / HEAD_DIM as f64).round() as usize).max(1) * HEAD_DIM;
+        Some(DenseDims {
+            layers,
+            hidden,
+            ffn: 4 * hidden,
+            heads: hidden / HEAD_DIM,
+        })
+    }
+
+    /// Device time (µs) and energy (J, all devices) of one step of `step`'s
+    /// size at this shape on `device`'s profile; `None` without `layers`.
+    pub fn served_step_cost(&self, device: &Device, step: &StepShape) -> Option<(f64, f64)> {
+        let dims = self.dense_dims()?;
+        let n = self.devices.max(1) as usize;
+        let (m, h) = (step.tokens.max(1), dims.hidden);
+        let bf16 = WeightFormat::Bf16;
+        let linear = |rows: usize, out: usize, inp: usize| {
+            let cost = device.estimate(&device.linear_shape_workload(
+                rows,
+                out,
+                inp,
+                bf16,
+                (out * inp * bf16.bytes_per_element()) as u64,
+            ));
+            (cost.device_us, cost.energy_j)
+        };
+        let heads = (dims.heads / n).max(1);
+        let shape = AttnShape {
+            num_q_heads: heads,
+            num_kv_heads: heads,
+            qk_dim: HEAD_DIM,
+            v_dim: HEAD_DIM,
+        };
+        let contexts: Vec<usize> = if step.contexts.is_empty() {
+            vec![1]
+        } else {
+            step.contexts.clone()
+        };
+        let kv_bytes_per_token = 2 * heads * HEAD_DIM * 2;
+        let attention = device.estimate(&decode_workload(
+            device,
+            shape,
+            &contexts,
+            kv_bytes_per_token,
+        ));
+        let layer = [
+            linear(m, 3 * h / n, h),
+            linear(m, h, h / n),
+            linear(m, dims.ffn / n, h),
+            linear(m, h, dims.ffn / n),
+            (attention.device_us, attention.energy_j),
+        ]
+        .iter()
+        .fold((0.0, 0.0), |(t, e), (dt, de)| (t + dt, e + de));
+        let head = linear(contexts.len(), SERVED_VOCAB / n, h);
+        let tp = self.tp_efficiency.clamp(f64::MIN_POSITIVE, 1.0);
+        let time = (layer.0 * dims.layers as f64 + head.0) / tp;
+        let energy = (layer.1 * dims.layers as f64 + head.1) * n as f64 / tp;
+        Some((time, energy))
+    }
+
+    /// A step's costs as the served shape would incur them on `device`
+    /// (logits untouched): costed at the served shape when `layers` is
+    /// given, else scaled from the executed step.
+    pub fn scale_step(
+        &self,
+        executed: &ModelConfig,
+        device: &Device,
+        shape: &StepShape,
+        step: &mut StepOutput,
+    ) {
+        let Some((device_us, energy_j)) = self.served_step_cost(device, shape) else {
+            return self.scale(executed, device.profile(), step);
+        };
+        let time_ratio = if step.device_us > 0.0 {
+            device_us / step.device_us
+        } else {
+            0.0
+        };
+        let energy_ratio = if step.energy_j > 0.0 {
+            energy_j / step.energy_j
+        } else {
+            0.0
+        };
+        step.device_us = device_us;
+        step.energy_j = energy_j;
+        for s in &mut step.per_seq {
+            s.device_us *= time_ratio;
+            s.energy_j *= energy_ratio;
         }
     }
 
@@ -198,6 +329,50 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("served_as.devices")
+        );
+    }
+
+    #[test]
+    fn the_launch_shape_is_costed_bandwidth_bound_at_decode() {
+        let shape = ServedAs {
+            name: "deepseek-v4-175b".into(),
+            total_params: 175_000_000_000,
+            active_params: 175_000_000_000,
+            devices: 8,
+            tp_efficiency: 1.0,
+            layers: Some(96),
+        };
+        let dims = shape.dense_dims().unwrap();
+        assert_eq!((dims.hidden, dims.heads), (12288, 96), "GPT-3's width");
+        let decode = StepShape {
+            tokens: 8,
+            contexts: vec![512; 8],
+        };
+        let cost = |name: &str| {
+            let device = Device::new(DeviceProfile::builtin(name).unwrap()).unwrap();
+            shape.served_step_cost(&device, &decode).unwrap()
+        };
+        let (b, h) = (cost("ascend-910b"), cost("h100-sxm"));
+        // Each device reads its 1/8 of 174 G bf16 weights once per step.
+        let bytes = 12.0 * 96.0 * 12288f64.powi(2) * 2.0 / 8.0;
+        let floor_b = bytes / 1600e9 * 1e6;
+        assert!(b.0 > floor_b && b.0 < 1.5 * floor_b, "{} vs {floor_b}", b.0);
+        let ratio = h.0 / b.0;
+        assert!(
+            (ratio - 1600.0 / 3350.0).abs() < 0.1,
+            "the throughput ratio follows HBM bandwidth: {ratio}"
+        );
+        assert!(b.1 > 0.0 && h.1 > 0.0);
+        let none = ServedAs {
+            layers: None,
+            ..shape
+        };
+        assert!(
+            none.served_step_cost(
+                &Device::new(DeviceProfile::builtin("h100-sxm").unwrap()).unwrap(),
+                &decode
+            )
+            .is_none()
         );
     }
 }

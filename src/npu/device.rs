@@ -130,7 +130,20 @@ impl Device {
     /// Workload of `x[m, k] · Wᵀ` (exposed so callers can cost shapes without running them).
     pub fn linear_workload(&self, m: usize, w: &LinearWeight) -> Workload {
         let (n, k) = (w.out_features(), w.in_features());
-        let format = w.format();
+        self.linear_shape_workload(m, n, k, w.format(), w.storage_bytes())
+    }
+
+    /// Workload of `x[m, k] · Wᵀ` for a weight of `n x k` in `format` taking
+    /// `weight_bytes`, without the weight: for costing shapes too large to
+    /// hold, such as a served-as model's layers.
+    pub fn linear_shape_workload(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        format: WeightFormat,
+        weight_bytes: u64,
+    ) -> Workload {
         let precision = CubePrecision::for_weight(format);
         let in_bytes = match format {
             WeightFormat::Fp8E4m3 if !self.profile.has_native_fp8() => 2,
@@ -170,7 +183,7 @@ impl Device {
             flops: 2.0 * (m * n * k) as f64,
             cube: Some(CubeWork::from_tiling(precision, &t)),
             vector,
-            bytes_read: ACT_BYTES * (m * k) as u64 + w.storage_bytes(),
+            bytes_read: ACT_BYTES * (m * k) as u64 + weight_bytes,
             bytes_written: ACT_BYTES * (m * n) as u64,
             workspace_bytes: matmul::activation_workspace_bytes(m, k, format),
         }

@@ -40,7 +40,12 @@ pub enum Pace {
     Device,
 }
 
-/// Where finished jobs' usage goes; blocks until it is durable.
+/// What runs once a job's usage is durable (or failed to become so).
+pub type WhenRecorded = Box<dyn FnOnce(Result<(), String>) + Send>;
+
+/// Where finished jobs' usage goes. `record` returns at once; `then` runs
+/// when the usage is durable, so a worker never waits on storage and many
+/// jobs' usage shares one group commit.
 pub trait UsageSink: Send + Sync {
     fn record(
         &self,
@@ -48,7 +53,8 @@ pub trait UsageSink: Send + Sync {
         started_at_us: i64,
         usage: &JobUsage,
         finish_reason: &str,
-    ) -> Result<(), String>;
+        then: WhenRecorded,
+    );
 }
 
 /// What runs a model's requests.

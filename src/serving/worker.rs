@@ -21,6 +21,7 @@ use super::stats::Outcome;
 use super::{Batching, Pace, Shared, UsageSink};
 use crate::model::generation::Generation;
 use crate::model::kv_cache::{KvPool, SeqId};
+use crate::model::served_as::StepShape;
 use crate::model::tokenizer::Tokenizer;
 use crate::model::transformer::{Model, SeqChunk};
 use crate::model::{FinishReason, ModelError};
@@ -234,7 +235,20 @@ impl Worker {
         };
         self.stalled = false;
         if let Some(served_as) = &self.config.served_as {
-            served_as.scale(self.model.config(), self.device.profile(), &mut output);
+            let shape = StepShape {
+                tokens: chosen.iter().map(|&(_, take)| take).sum(),
+                contexts: chosen
+                    .iter()
+                    .map(|&(i, take)| {
+                        let r = &running[i];
+                        // Tokens already in the KV cache, plus this step's.
+                        (r.job.prompt.len() + r.generation.tokens().len())
+                            .saturating_sub(r.pending.len())
+                            + take
+                    })
+                    .collect(),
+            };
+            served_as.scale_step(self.model.config(), &self.device, &shape, &mut output);
         }
         if self.config.pace == Pace::Device {
             let device = Duration::from_secs_f64(output.device_us / 1e6);
@@ -369,13 +383,14 @@ impl Worker {
     }
 }
 
-/// Ends a job, whatever engine ran it: counts it, records its usage
-/// durably, settles its limits permit, then sends its last event, in that
-/// order, so a client that saw the end can rely on the usage being kept.
+/// Ends a job, whatever engine ran it: counts it and hands its usage to the
+/// sink; once the usage is durable, settles its limits permit and sends its
+/// last event, in that order, so a client that saw the end can rely on the
+/// usage being kept. The worker moves on at once.
 pub(crate) fn finish_job(
     shared: &Shared,
     sink: &dyn UsageSink,
-    mut job: Job,
+    job: Job,
     outcome: Result<FinishReason, Failure>,
     usage: JobUsage,
 ) {
@@ -393,19 +408,35 @@ pub(crate) fn finish_job(
     stats
         .prompt_tokens
         .fetch_add(u64::from(usage.prompt_tokens), Ordering::Relaxed);
-    if let Err(e) = sink.record(&job.requester, job.started_at_us, &usage, reason.as_str()) {
-        tracing::error!(error = %e, request_id = %job.requester.request_id, "usage not recorded");
-    }
-    if let Some(permit) = job.permit.take() {
-        permit.settle_in_background(
-            u64::from(usage.prompt_tokens) + u64::from(usage.completion_tokens),
-        );
-    }
+    let permit = job.permit;
+    let events = job.events;
+    let request_id = job.requester.request_id.clone();
+    let tokens = u64::from(usage.prompt_tokens) + u64::from(usage.completion_tokens);
     let event = match outcome {
-        Ok(reason) => JobEvent::Finished { reason, usage },
-        Err(failure) => JobEvent::Failed { failure, usage },
+        Ok(reason) => JobEvent::Finished {
+            reason,
+            usage: usage.clone(),
+        },
+        Err(failure) => JobEvent::Failed {
+            failure,
+            usage: usage.clone(),
+        },
     };
-    let _ = job.events.send(event);
+    sink.record(
+        &job.requester,
+        job.started_at_us,
+        &usage,
+        reason.as_str(),
+        Box::new(move |recorded| {
+            if let Err(e) = recorded {
+                tracing::error!(error = %e, %request_id, "usage not recorded");
+            }
+            if let Some(permit) = permit {
+                permit.settle_in_background(tokens);
+            }
+            let _ = events.send(event);
+        }),
+    );
 }
 
 pub(crate) fn micros(d: Duration) -> u64 {

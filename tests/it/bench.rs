@@ -209,7 +209,12 @@ async fn the_tenants_scenario_shares_by_weight_and_refuses_the_limited_tenant() 
     );
     assert!(limited.limited);
     assert!(
-        limited.refusals.get("ResourceExhausted").copied().unwrap_or(0) > 0,
+        limited
+            .refusals
+            .get("ResourceExhausted")
+            .copied()
+            .unwrap_or(0)
+            > 0,
         "{limited:?}"
     );
     assert!((light.weight_share - 0.2).abs() < 1e-9);

@@ -371,21 +371,46 @@ async fn a_tiny_kv_pool_preempts_and_still_completes_every_request_exactly() {
     gateway.stop().await.expect("clean stop");
 }
 
+/// The tiny model paced as the 175B launch shape on an emulated 910B: each
+/// step lasts tens of milliseconds, so a request takes seconds.
+fn slow_model() -> ascend_gateway::serving::ModelSettings {
+    ascend_gateway::serving::ModelSettings {
+        id: "slow".to_owned(),
+        pace: ascend_gateway::serving::Pace::Device,
+        served_as: Some(ascend_gateway::model::served_as::ServedAs {
+            name: "deepseek-v4-175b".to_owned(),
+            total_params: 175_000_000_000,
+            active_params: 175_000_000_000,
+            devices: 8,
+            tp_efficiency: 0.9,
+            layers: Some(96),
+        }),
+        ..crate::common::tiny_model()
+    }
+}
+
 #[tokio::test]
 async fn an_expired_deadline_answers_deadline_exceeded_and_is_metered() {
-    let gateway = TestGateway::start().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let mut settings = crate::common::test_settings(&dir);
+    settings.models.push(slow_model());
+    let gateway = TestGateway::start_with(settings, dir).await;
     let key = tenant_key(&gateway, "hurried").await;
     let mut client = InferenceClient::new(gateway.channel.clone());
-    let mut r = authed(request("no time", 9), &key);
-    r.get_mut().request_id = "hurried-1".to_owned();
-    r.set_timeout(Duration::from_millis(1));
-    let status = client.generate(r).await.expect_err("no time to run");
+    let mut slow = request("no time", 9);
+    slow.model = "slow".to_owned();
+    slow.max_tokens = Some(64);
+    slow.ignore_eos = true;
+    slow.request_id = "hurried-1".to_owned();
+    let mut r = authed(slow, &key);
+    // The client's own timer fires at 300 ms too; the gateway answers a
+    // few milliseconds before it, so the status is the server's.
+    r.set_timeout(Duration::from_millis(300));
+    let status = client.generate(r).await.expect_err("no time to finish");
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
-    // Admission is local and immediate in this gateway, so the job was
-    // queued before its deadline passed: it is metered, with that reason.
     let (reason, completion) = usage_row(&gateway, "hurried-1").await;
     assert_eq!(reason, "deadline_exceeded");
-    assert!(completion < 9, "usage covers only the tokens produced");
+    assert!(completion < 64, "usage covers only the tokens produced");
     gateway.stop().await.expect("clean stop");
 }
 
@@ -601,14 +626,7 @@ async fn a_served_as_shape_is_charged_for_its_full_size() {
     let mut settings = crate::common::test_settings(&data_dir);
     let mut big = crate::common::tiny_model();
     big.id = "tiny-as-175b".to_owned();
-    big.served_as = Some(ascend_gateway::model::served_as::ServedAs {
-        name: "deepseek-v4-175b".to_owned(),
-        total_params: 175_000_000_000,
-        active_params: 175_000_000_000,
-        devices: 8,
-        tp_efficiency: 0.9,
-        layers: Some(96),
-    });
+    big.served_as = slow_model().served_as;
     settings.models.push(big);
     let gateway = TestGateway::start_with(settings, data_dir).await;
     let key = tenant_key(&gateway, "shaped").await;
