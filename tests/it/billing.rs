@@ -459,6 +459,17 @@ async fn assert_immutable(db: &Db, invoice_id: &str) {
 #[tokio::test]
 async fn late_usage_lands_once_as_an_adjustment_on_the_next_invoice() {
     let (_db, gateway) = pg_gateway().await;
+    late_usage_flow(&gateway).await;
+}
+
+#[tokio::test]
+async fn late_usage_lands_once_as_an_adjustment_on_sqlite_too() {
+    late_usage_flow(&sqlite_gateway().await).await;
+}
+
+/// Finalize a month, record usage of it afterwards, and follow where it is
+/// billed; also checks that direct SQL cannot change the finalized invoice.
+async fn late_usage_flow(gateway: &TestGateway) {
     let channel = gateway.channel.clone();
     put_prices(
         &channel,
