@@ -1002,7 +1002,16 @@ async fn ascendctl_exports_csv_jsonl_and_parquet_that_parse_back_alike() {
         .collect();
     insert_batch(&gateway.db, &events).await.expect("insert");
     let invoice = get_invoice(&channel, &tenant, period).await;
-    finalize(&channel, &invoice.id).await.expect("finalize");
+    let finalized: serde_json::Value = serde_json::from_str(&succeeded(
+        &ascendctl(
+            &gateway,
+            &["-o", "json", "invoice", "finalize", &invoice.id],
+        )
+        .await,
+    ))
+    .expect("json");
+    assert_eq!(finalized["status"], "finalized");
+    assert_eq!(finalized["total"]["amount_nanos"], total_nanos(&invoice));
     let expected_lines: Vec<LineRecord> = {
         let lines = export_lines(&channel, ADMIN_TOKEN, "export-co", period).await;
         lines
