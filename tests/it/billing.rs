@@ -1106,6 +1106,25 @@ async fn ascendctl_exports_csv_jsonl_and_parquet_that_parse_back_alike() {
     let csv_total: i64 = parsed[0].iter().map(|r| r.amount_nanos).sum();
     assert_eq!(shown["total"]["amount_nanos"], csv_total);
     assert_eq!(shown["status"], "finalized");
+    let table = succeeded(
+        &ascendctl(
+            &gateway,
+            &[
+                "invoice",
+                "show",
+                "--tenant",
+                "export-co",
+                "--period",
+                &period_arg,
+            ],
+        )
+        .await,
+    );
+    let total_text = ascend_gateway::billing::money::format_decimal(csv_total, 2);
+    assert!(
+        table.contains(&format!("Total: {total_text} USD")),
+        "{table}"
+    );
 
     for format in ["csv", "parquet"] {
         let out = dir.path().join(format!("events.{format}"));
