@@ -1238,3 +1238,87 @@ async fn ascendctl_exports_csv_jsonl_and_parquet_that_parse_back_alike() {
     let usage: serde_json::Value = serde_json::from_str(&usage).expect("json");
     assert_eq!(usage["total"]["requests"], 2500);
 }
+
+/// Usage of a month keeps arriving while the month is finalized: every event
+/// is billed exactly once, either on the finalized invoice or as an
+/// adjustment on the next one, never on both and never on neither.
+#[tokio::test]
+async fn usage_racing_finalization_is_billed_exactly_once() {
+    let (_db, gateway) = pg_gateway().await;
+    racing_flow(&gateway).await;
+}
+
+#[tokio::test]
+async fn usage_racing_finalization_is_billed_exactly_once_on_sqlite() {
+    racing_flow(&sqlite_gateway().await).await;
+}
+
+async fn racing_flow(gateway: &TestGateway) {
+    let channel = gateway.channel.clone();
+    put_prices(
+        &channel,
+        "race",
+        vec![price("m", "", 0, 1_000_000_000, 1_000_000_000)],
+    )
+    .await;
+    let tenant = create_tenant(&channel, "race-co", "race").await;
+    let (period, next) = (months_ago(2), months_ago(1));
+    record(
+        &gateway.db,
+        &[(&tenant, "race-first", "m", period.start_us())],
+    )
+    .await;
+    let invoice = get_invoice(&channel, &tenant, period).await;
+
+    let writer_db = gateway.db.clone();
+    let writer_tenant = tenant.clone();
+    let batches_done = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let progress = batches_done.clone();
+    let writer = tokio::spawn(async move {
+        let mut prompt_tokens = 100_u64;
+        for batch in 0..100_u32 {
+            let events: Vec<UsageEvent> = (0..20_u32)
+                .map(|i| {
+                    let mut e = event(
+                        &writer_tenant,
+                        &format!("race-{batch}-{i}"),
+                        "m",
+                        "ascend-910b",
+                        period.start_us() + i64::from(batch * 20 + i),
+                    );
+                    e.prompt_tokens = 1 + batch;
+                    e
+                })
+                .collect();
+            prompt_tokens += events
+                .iter()
+                .map(|e| u64::from(e.prompt_tokens))
+                .sum::<u64>();
+            insert_batch(&writer_db, &events).await.expect("insert");
+            progress.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        prompt_tokens
+    });
+    // Finalize about a third of the way through the writes.
+    while batches_done.load(std::sync::atomic::Ordering::Relaxed) < 30 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let finalized = finalize(&channel, &invoice.id).await.expect("finalize");
+    let expected = writer.await.expect("writer");
+
+    let prompt = |lines: &[InvoiceLine], adjusts: &str| -> u64 {
+        lines
+            .iter()
+            .filter(|l| l.kind() == LineKind::PromptTokens && l.adjusts_period == adjusts)
+            .map(|l| l.quantity)
+            .sum()
+    };
+    let on_time = prompt(&finalized.lines, "");
+    let following = get_invoice(&channel, &tenant, next).await;
+    let late = prompt(&following.lines, &period.to_string());
+    assert_eq!(on_time + late, expected, "on time {on_time} + late {late}");
+    assert!(
+        on_time > 100 && late > 0,
+        "the writes straddle the finalization"
+    );
+}
