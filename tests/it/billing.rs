@@ -145,6 +145,13 @@ fn event(
     }
 }
 
+/// A tenant `slug` on a new plan of its own (named after it) with one price.
+async fn priced_tenant(channel: &Channel, slug: &str, only_price: Price) -> String {
+    let plan = format!("{slug}-plan");
+    put_prices(channel, &plan, vec![only_price]).await;
+    create_tenant(channel, slug, &plan).await
+}
+
 /// Records small events (100 prompt, 10 completion tokens on an
 /// ascend-910b), one per (tenant, request id, model, finish time).
 async fn record(db: &Db, events: &[(&str, &str, &str, i64)]) {
@@ -471,13 +478,12 @@ async fn late_usage_lands_once_as_an_adjustment_on_sqlite_too() {
 /// billed; also checks that direct SQL cannot change the finalized invoice.
 async fn late_usage_flow(gateway: &TestGateway) {
     let channel = gateway.channel.clone();
-    put_prices(
+    let tenant = priced_tenant(
         &channel,
-        "late",
-        vec![price("m", "", 0, 1_000_000_000, 2_000_000_000)],
+        "late-co",
+        price("m", "", 0, 1_000_000_000, 2_000_000_000),
     )
     .await;
-    let tenant = create_tenant(&channel, "late-co", "late").await;
     let (p1, p2, p3) = (months_ago(3), months_ago(2), months_ago(1));
     record(
         &gateway.db,
@@ -1255,13 +1261,12 @@ async fn usage_racing_finalization_is_billed_exactly_once_on_sqlite() {
 
 async fn racing_flow(gateway: &TestGateway) {
     let channel = gateway.channel.clone();
-    put_prices(
+    let tenant = priced_tenant(
         &channel,
-        "race",
-        vec![price("m", "", 0, 1_000_000_000, 1_000_000_000)],
+        "race-co",
+        price("m", "", 0, 1_000_000_000, 1_000_000_000),
     )
     .await;
-    let tenant = create_tenant(&channel, "race-co", "race").await;
     let (period, next) = (months_ago(2), months_ago(1));
     record(
         &gateway.db,
