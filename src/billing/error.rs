@@ -20,6 +20,9 @@ pub enum BillingError {
     /// An amount does not fit the 64-bit nanos of `Money`.
     #[error("amount out of range: {0}")]
     Overflow(String),
+    /// A bug or a task that died; opaque to clients.
+    #[error("internal error: {0}")]
+    Internal(String),
     #[error(transparent)]
     Tenancy(#[from] TenancyError),
     #[error(transparent)]
@@ -50,6 +53,7 @@ impl Classified for BillingError {
             BillingError::Precondition(_) | BillingError::Overflow(_) => {
                 ErrorKind::FailedPrecondition
             }
+            BillingError::Internal(_) => ErrorKind::Internal,
             BillingError::Tenancy(e) => e.kind(),
             BillingError::Store(e) => e.kind(),
         }

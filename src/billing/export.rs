@@ -173,62 +173,21 @@ const EVENT_COLUMNS: &str = "tenant_id, request_id, key_id, model, device_profil
      prompt_tokens, completion_tokens, queue_time_us, ttft_us, total_time_us, device_time_us, \
      energy_mj, mean_power_mw, finish_reason, started_at_us, finished_at_us";
 
-/// Usage events finished in one period (one tenant or all), in primary-key
-/// order `(tenant_id, finished_at_us, request_id)`, each chunk one indexed
-/// range read after the last key of the previous one.
-pub struct EventPager {
+/// Where the next page of usage events starts. Owns what it needs, so a
+/// page can be read on another task.
+#[derive(Debug, Clone)]
+struct EventPage {
     db: Db,
     tenant_id: Option<String>,
     from_us: i64,
     to_us: i64,
-    /// The last key returned.
+    /// The last key returned: `(tenant_id, finished_at_us, request_id)`.
     after: (String, i64, String),
-    total_rows: u64,
-    chunk_rows: usize,
-    done: bool,
+    limit: i64,
 }
 
-impl EventPager {
-    pub async fn open(
-        db: &Db,
-        tenant_id: Option<&str>,
-        period: Period,
-        chunk_rows: usize,
-    ) -> Result<EventPager, BillingError> {
-        let (count,): (i64,) = sqlx::query_as(
-            "SELECT COUNT(*) FROM usage_events WHERE ($1 = '' OR tenant_id = $1) \
-             AND finished_at_us >= $2 AND finished_at_us < $3",
-        )
-        .bind(tenant_id.unwrap_or(""))
-        .bind(period.start_us())
-        .bind(period.end_us())
-        .fetch_one(db.pool())
-        .await?;
-        Ok(EventPager {
-            db: db.clone(),
-            tenant_id: tenant_id.map(str::to_owned),
-            from_us: period.start_us(),
-            to_us: period.end_us(),
-            after: (String::new(), i64::MIN, String::new()),
-            total_rows: u64::try_from(count).unwrap_or(0),
-            chunk_rows: chunk_rows.max(1),
-            done: false,
-        })
-    }
-}
-
-impl Pager for EventPager {
-    type Row = UsageEvent;
-
-    fn total_rows(&self) -> u64 {
-        self.total_rows
-    }
-
-    async fn next_chunk(&mut self) -> Result<Option<Vec<UsageEvent>>, BillingError> {
-        if self.done {
-            return Ok(None);
-        }
-        let limit = i64::try_from(self.chunk_rows).unwrap_or(i64::MAX);
+impl EventPage {
+    async fn read(self) -> Result<Vec<EventRow>, BillingError> {
         // Two statements rather than an optional filter, so each keeps its
         // index range scan under a generic plan.
         let sql = match &self.tenant_id {
@@ -255,20 +214,20 @@ impl Pager for EventPager {
                         .bind(self.to_us)
                         .bind(self.after.1)
                         .bind(self.after.2.as_str())
-                        .bind(limit),
+                        .bind(self.limit),
                     None => $query
                         .bind(self.from_us)
                         .bind(self.to_us)
                         .bind(self.after.0.as_str())
                         .bind(self.after.1)
                         .bind(self.after.2.as_str())
-                        .bind(limit),
+                        .bind(self.limit),
                 }
             };
         }
         // On PostgreSQL the typed driver: it decodes rows several times
         // faster than `Any`, and this is the one query that reads millions.
-        let rows: Vec<EventRow> = match self.db.postgres() {
+        Ok(match self.db.postgres() {
             Some(pg) => {
                 bind_page!(sqlx::query_as::<sqlx::Postgres, EventRow>(&sql))
                     .fetch_all(pg)
@@ -279,18 +238,97 @@ impl Pager for EventPager {
                     .fetch_all(self.db.pool())
                     .await?
             }
-        };
-        if rows.len() < self.chunk_rows {
-            self.done = true;
+        })
+    }
+}
+
+/// Usage events finished in one period (one tenant or all), in primary-key
+/// order `(tenant_id, finished_at_us, request_id)`, each chunk one indexed
+/// range read after the last key of the previous one. While the caller
+/// handles a chunk, the next one is already being read (one page ahead, so
+/// memory stays at two chunks).
+pub struct EventPager {
+    next: Option<EventPage>,
+    /// The read-ahead of `next`'s page. A child of this pager: aborted when
+    /// the pager is dropped (the export ends or its client goes away).
+    ahead: Option<tokio::task::JoinHandle<Result<Vec<EventRow>, BillingError>>>,
+    total_rows: u64,
+    chunk_rows: usize,
+}
+
+impl EventPager {
+    pub async fn open(
+        db: &Db,
+        tenant_id: Option<&str>,
+        period: Period,
+        chunk_rows: usize,
+    ) -> Result<EventPager, BillingError> {
+        let (count,): (i64,) = sqlx::query_as(
+            "SELECT COUNT(*) FROM usage_events WHERE ($1 = '' OR tenant_id = $1) \
+             AND finished_at_us >= $2 AND finished_at_us < $3",
+        )
+        .bind(tenant_id.unwrap_or(""))
+        .bind(period.start_us())
+        .bind(period.end_us())
+        .fetch_one(db.pool())
+        .await?;
+        let chunk_rows = chunk_rows.max(1);
+        Ok(EventPager {
+            next: Some(EventPage {
+                db: db.clone(),
+                tenant_id: tenant_id.map(str::to_owned),
+                from_us: period.start_us(),
+                to_us: period.end_us(),
+                after: (String::new(), i64::MIN, String::new()),
+                limit: i64::try_from(chunk_rows).unwrap_or(i64::MAX),
+            }),
+            ahead: None,
+            total_rows: u64::try_from(count).unwrap_or(0),
+            chunk_rows,
+        })
+    }
+}
+
+impl Drop for EventPager {
+    fn drop(&mut self) {
+        if let Some(ahead) = self.ahead.take() {
+            ahead.abort();
         }
+    }
+}
+
+impl Pager for EventPager {
+    type Row = UsageEvent;
+
+    fn total_rows(&self) -> u64 {
+        self.total_rows
+    }
+
+    async fn next_chunk(&mut self) -> Result<Option<Vec<UsageEvent>>, BillingError> {
+        let Some(page) = self.next.take() else {
+            return Ok(None);
+        };
+        let rows = match self.ahead.take() {
+            Some(ahead) => ahead
+                .await
+                .map_err(|e| BillingError::Internal(format!("export read-ahead failed: {e}")))??,
+            None => page.clone().read().await?,
+        };
         let Some(last) = rows.last() else {
             return Ok(None);
         };
-        self.after = (
-            last.tenant_id.clone(),
-            last.finished_at_us,
-            last.request_id.clone(),
-        );
+        if rows.len() >= self.chunk_rows {
+            let next = EventPage {
+                after: (
+                    last.tenant_id.clone(),
+                    last.finished_at_us,
+                    last.request_id.clone(),
+                ),
+                ..page
+            };
+            self.ahead = Some(tokio::spawn(next.clone().read()));
+            self.next = Some(next);
+        }
         Ok(Some(rows.into_iter().map(UsageEvent::from).collect()))
     }
 }

@@ -507,8 +507,8 @@ struct LineRow {
     currency_code: Option<String>,
 }
 
-/// Stored lines of the invoices `ids`, after `(after_invoice, after_line)`,
-/// in (invoice, line) order.
+/// Stored lines of invoice `invoice_id` numbered after `after_line`, in
+/// order, at most `limit`.
 pub async fn stored_lines(
     conn: &mut AnyConnection,
     invoice_id: &str,
@@ -551,7 +551,7 @@ pub async fn stored_lines(
         .collect()
 }
 
-/// How many lines the invoices with these ids hold.
+/// How many lines invoice `invoice_id` has stored.
 pub async fn count_stored_lines(
     conn: &mut AnyConnection,
     invoice_id: &str,

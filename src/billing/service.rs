@@ -427,11 +427,14 @@ impl BillingService {
         self.open_drafts(Some(tenant_id)).await?;
         let id = invoice_id(tenant_id, period);
         let mut conn = self.db.pool().acquire().await?;
-        let row = Self::row_by_id(&mut conn, &id).await.map_err(|_| {
-            BillingError::NotFound(format!(
-                "invoice of tenant {tenant_id} for {period} (the tenant has no usage then)"
-            ))
-        })?;
+        let row = match Self::row_by_id(&mut conn, &id).await {
+            Err(BillingError::NotFound(_)) => {
+                return Err(BillingError::NotFound(format!(
+                    "invoice of tenant {tenant_id} for {period} (the tenant has no usage then)"
+                )));
+            }
+            other => other?,
+        };
         self.assemble(&mut conn, row, true).await
     }
 

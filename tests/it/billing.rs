@@ -145,6 +145,13 @@ fn event(
     }
 }
 
+/// A tenant `slug` on a new plan of its own (named after it) with one price.
+async fn priced_tenant(channel: &Channel, slug: &str, only_price: Price) -> String {
+    let plan = format!("{slug}-plan");
+    put_prices(channel, &plan, vec![only_price]).await;
+    create_tenant(channel, slug, &plan).await
+}
+
 /// Records small events (100 prompt, 10 completion tokens on an
 /// ascend-910b), one per (tenant, request id, model, finish time).
 async fn record(db: &Db, events: &[(&str, &str, &str, i64)]) {
@@ -459,14 +466,24 @@ async fn assert_immutable(db: &Db, invoice_id: &str) {
 #[tokio::test]
 async fn late_usage_lands_once_as_an_adjustment_on_the_next_invoice() {
     let (_db, gateway) = pg_gateway().await;
+    late_usage_flow(&gateway).await;
+}
+
+#[tokio::test]
+async fn late_usage_lands_once_as_an_adjustment_on_sqlite_too() {
+    late_usage_flow(&sqlite_gateway().await).await;
+}
+
+/// Finalize a month, record usage of it afterwards, and follow where it is
+/// billed; also checks that direct SQL cannot change the finalized invoice.
+async fn late_usage_flow(gateway: &TestGateway) {
     let channel = gateway.channel.clone();
-    put_prices(
+    let tenant = priced_tenant(
         &channel,
-        "late",
-        vec![price("m", "", 0, 1_000_000_000, 2_000_000_000)],
+        "late-co",
+        price("m", "", 0, 1_000_000_000, 2_000_000_000),
     )
     .await;
-    let tenant = create_tenant(&channel, "late-co", "late").await;
     let (p1, p2, p3) = (months_ago(3), months_ago(2), months_ago(1));
     record(
         &gateway.db,
@@ -991,7 +1008,16 @@ async fn ascendctl_exports_csv_jsonl_and_parquet_that_parse_back_alike() {
         .collect();
     insert_batch(&gateway.db, &events).await.expect("insert");
     let invoice = get_invoice(&channel, &tenant, period).await;
-    finalize(&channel, &invoice.id).await.expect("finalize");
+    let finalized: serde_json::Value = serde_json::from_str(&succeeded(
+        &ascendctl(
+            &gateway,
+            &["-o", "json", "invoice", "finalize", &invoice.id],
+        )
+        .await,
+    ))
+    .expect("json");
+    assert_eq!(finalized["status"], "finalized");
+    assert_eq!(finalized["total"]["amount_nanos"], total_nanos(&invoice));
     let expected_lines: Vec<LineRecord> = {
         let lines = export_lines(&channel, ADMIN_TOKEN, "export-co", period).await;
         lines
@@ -1086,6 +1112,25 @@ async fn ascendctl_exports_csv_jsonl_and_parquet_that_parse_back_alike() {
     let csv_total: i64 = parsed[0].iter().map(|r| r.amount_nanos).sum();
     assert_eq!(shown["total"]["amount_nanos"], csv_total);
     assert_eq!(shown["status"], "finalized");
+    let table = succeeded(
+        &ascendctl(
+            &gateway,
+            &[
+                "invoice",
+                "show",
+                "--tenant",
+                "export-co",
+                "--period",
+                &period_arg,
+            ],
+        )
+        .await,
+    );
+    let total_text = ascend_gateway::billing::money::format_decimal(csv_total, 2);
+    assert!(
+        table.contains(&format!("Total: {total_text} USD")),
+        "{table}"
+    );
 
     for format in ["csv", "parquet"] {
         let out = dir.path().join(format!("events.{format}"));
@@ -1198,4 +1243,87 @@ async fn ascendctl_exports_csv_jsonl_and_parquet_that_parse_back_alike() {
     );
     let usage: serde_json::Value = serde_json::from_str(&usage).expect("json");
     assert_eq!(usage["total"]["requests"], 2500);
+}
+
+/// Usage of a month keeps arriving while the month is finalized: every event
+/// is billed exactly once, either on the finalized invoice or as an
+/// adjustment on the next one, never on both and never on neither.
+#[tokio::test]
+async fn usage_racing_finalization_is_billed_exactly_once() {
+    let (_db, gateway) = pg_gateway().await;
+    racing_flow(&gateway).await;
+}
+
+#[tokio::test]
+async fn usage_racing_finalization_is_billed_exactly_once_on_sqlite() {
+    racing_flow(&sqlite_gateway().await).await;
+}
+
+async fn racing_flow(gateway: &TestGateway) {
+    let channel = gateway.channel.clone();
+    let tenant = priced_tenant(
+        &channel,
+        "race-co",
+        price("m", "", 0, 1_000_000_000, 1_000_000_000),
+    )
+    .await;
+    let (period, next) = (months_ago(2), months_ago(1));
+    record(
+        &gateway.db,
+        &[(&tenant, "race-first", "m", period.start_us())],
+    )
+    .await;
+    let invoice = get_invoice(&channel, &tenant, period).await;
+
+    let writer_db = gateway.db.clone();
+    let writer_tenant = tenant.clone();
+    let batches_done = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let progress = batches_done.clone();
+    let writer = tokio::spawn(async move {
+        let mut prompt_tokens = 100_u64;
+        for batch in 0..100_u32 {
+            let events: Vec<UsageEvent> = (0..20_u32)
+                .map(|i| {
+                    let mut e = event(
+                        &writer_tenant,
+                        &format!("race-{batch}-{i}"),
+                        "m",
+                        "ascend-910b",
+                        period.start_us() + i64::from(batch * 20 + i),
+                    );
+                    e.prompt_tokens = 1 + batch;
+                    e
+                })
+                .collect();
+            prompt_tokens += events
+                .iter()
+                .map(|e| u64::from(e.prompt_tokens))
+                .sum::<u64>();
+            insert_batch(&writer_db, &events).await.expect("insert");
+            progress.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        prompt_tokens
+    });
+    // Finalize about a third of the way through the writes.
+    while batches_done.load(std::sync::atomic::Ordering::Relaxed) < 30 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let finalized = finalize(&channel, &invoice.id).await.expect("finalize");
+    let expected = writer.await.expect("writer");
+
+    let prompt = |lines: &[InvoiceLine], adjusts: &str| -> u64 {
+        lines
+            .iter()
+            .filter(|l| l.kind() == LineKind::PromptTokens && l.adjusts_period == adjusts)
+            .map(|l| l.quantity)
+            .sum()
+    };
+    let on_time = prompt(&finalized.lines, "");
+    let following = get_invoice(&channel, &tenant, next).await;
+    let late = prompt(&following.lines, &period.to_string());
+    assert_eq!(on_time + late, expected, "on time {on_time} + late {late}");
+    assert!(
+        on_time > 100 && late > 0,
+        "the writes straddle the finalization"
+    );
 }
