@@ -81,6 +81,9 @@ pub struct Tokenizer {
     plain: tokenizers::Tokenizer,
     bos: Option<u32>,
     eos: Option<u32>,
+    /// Fixed once loaded; kept because the library builds the whole
+    /// vocabulary map to count it, which costs more than a request.
+    vocab_size: usize,
 }
 
 #[derive(Deserialize)]
@@ -136,11 +139,13 @@ impl Tokenizer {
         let eos = inner.token_to_id(eos);
         let mut plain = inner.clone();
         plain.set_encode_special_tokens(true);
+        let vocab_size = inner.get_vocab_size(true);
         Self {
             inner,
             plain,
             bos,
             eos,
+            vocab_size,
         }
     }
 
@@ -185,7 +190,7 @@ impl Tokenizer {
 
     /// Entries in the vocabulary, special tokens included.
     pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
+        self.vocab_size
     }
     /// BOS id, if the vocabulary has one.
     pub fn bos_id(&self) -> Option<u32> {
