@@ -9,6 +9,7 @@ use plotters::prelude::*;
 
 use super::BenchError;
 use super::device::{DEVICES, DeviceReport};
+use super::scenarios::{ServerReport, TenantsReport};
 
 const COLOURS: [RGBColor; 3] = [
     RGBColor(192, 0, 0),
@@ -23,29 +24,27 @@ fn failed(path: &Path, e: impl std::fmt::Display) -> BenchError {
     }
 }
 
-/// Grouped bars: one group per batch size, one bar per device.
+/// Grouped bars: one group per label, one bar per series.
 fn grouped_bars(
     path: &Path,
     title: &str,
     y_label: &str,
-    batches: &[usize],
-    value: impl Fn(&str, usize) -> f64,
+    groups: &[String],
+    series: &[(&str, Vec<f64>)],
 ) -> Result<(), BenchError> {
-    let top = batches
+    let top = series
         .iter()
-        .flat_map(|&b| DEVICES.iter().map(move |d| (d, b)))
-        .map(|(d, b)| value(d, b))
+        .flat_map(|(_, values)| values.iter().copied())
         .fold(0.0f64, f64::max)
         * 1.15;
     let root = SVGBackend::new(path, (720, 420)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| failed(path, e))?;
-    let groups = batches.len() as f64;
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 20))
         .margin(12)
         .x_label_area_size(36)
         .y_label_area_size(64)
-        .build_cartesian_2d(0.0..groups, 0.0..top.max(1e-9))
+        .build_cartesian_2d(0.0..groups.len() as f64, 0.0..top.max(1e-9))
         .map_err(|e| failed(path, e))?;
     chart
         .configure_mesh()
@@ -54,26 +53,24 @@ fn grouped_bars(
         .y_desc(y_label)
         .draw()
         .map_err(|e| failed(path, e))?;
-    let width = 0.8 / DEVICES.len() as f64;
-    for (g, &batch) in batches.iter().enumerate() {
-        for (i, device) in DEVICES.iter().enumerate() {
+    let width = 0.8 / series.len().max(1) as f64;
+    for (i, (name, values)) in series.iter().enumerate() {
+        let colour = COLOURS[i % COLOURS.len()];
+        let bars = values.iter().enumerate().map(|(g, &v)| {
             let x0 = g as f64 + 0.1 + i as f64 * width;
-            let v = value(device, batch);
-            chart
-                .draw_series(std::iter::once(Rectangle::new(
-                    [(x0, 0.0), (x0 + width * 0.9, v)],
-                    COLOURS[i].filled(),
-                )))
-                .map_err(|e| failed(path, e))?
-                .label(if g == 0 { *device } else { "" })
-                .legend(move |(x, y)| {
-                    Rectangle::new([(x, y - 5), (x + 10, y + 5)], COLOURS[i].filled())
-                });
-        }
+            Rectangle::new([(x0, 0.0), (x0 + width * 0.9, v)], colour.filled())
+        });
+        chart
+            .draw_series(bars)
+            .map_err(|e| failed(path, e))?
+            .label(*name)
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], colour.filled()));
+    }
+    for (g, label) in groups.iter().enumerate() {
         chart
             .draw_series(std::iter::once(Text::new(
-                format!("batch {batch}"),
-                (g as f64 + 0.4, top * 0.02),
+                label.clone(),
+                (g as f64 + 0.3, top * 0.02),
                 ("sans-serif", 14),
             )))
             .map_err(|e| failed(path, e))?;
@@ -94,25 +91,128 @@ pub fn device_plots(report: &DeviceReport, dir: &Path) -> Result<(), BenchError>
     let mut batches: Vec<usize> = report.points.iter().map(|p| p.batch).collect();
     batches.sort_unstable();
     batches.dedup();
-    let get = |device: &str, batch: usize, f: fn(&super::device::DevicePoint) -> f64| {
-        report
-            .points
+    let groups: Vec<String> = batches.iter().map(|b| format!("batch {b}")).collect();
+    let series = |value: fn(&super::device::DevicePoint) -> f64| -> Vec<(&str, Vec<f64>)> {
+        DEVICES
             .iter()
-            .find(|p| p.device == device && p.batch == batch)
-            .map_or(0.0, f)
+            .map(|&device| {
+                let values = batches
+                    .iter()
+                    .map(|&b| {
+                        report
+                            .points
+                            .iter()
+                            .find(|p| p.device == device && p.batch == b)
+                            .map_or(0.0, value)
+                    })
+                    .collect();
+                (device, values)
+            })
+            .collect()
     };
     grouped_bars(
         &dir.join("throughput.svg"),
         "Output tokens/s of the 8-device group (emulated)",
         "tokens/s",
-        &batches,
-        |d, b| get(d, b, |p| p.tokens_per_device_s),
+        &groups,
+        &series(|p| p.tokens_per_device_s),
     )?;
     grouped_bars(
         &dir.join("power.svg"),
         "Mean power per device (emulated)",
         "W",
-        &batches,
-        |d, b| get(d, b, |p| p.watts_per_device),
+        &groups,
+        &series(|p| p.watts_per_device),
     )
+}
+
+/// `shares.svg`: each tenant's token share beside its weight share.
+pub fn tenant_plot(report: &TenantsReport, dir: &Path) -> Result<(), BenchError> {
+    std::fs::create_dir_all(dir).map_err(|e| failed(dir, e))?;
+    let groups: Vec<String> = report.tenants.iter().map(|t| t.slug.clone()).collect();
+    grouped_bars(
+        &dir.join("shares.svg"),
+        "Share of output tokens against share of weight",
+        "share",
+        &groups,
+        &[
+            (
+                "token share",
+                report.tenants.iter().map(|t| t.token_share).collect(),
+            ),
+            (
+                "weight share",
+                report.tenants.iter().map(|t| t.weight_share).collect(),
+            ),
+        ],
+    )
+}
+
+/// `latency.svg`: p99 TTFT and p99 time per output token against the
+/// achieved request rate, one point per offered rate.
+pub fn server_plot(report: &ServerReport, dir: &Path) -> Result<(), BenchError> {
+    std::fs::create_dir_all(dir).map_err(|e| failed(dir, e))?;
+    let path = dir.join("latency.svg");
+    let points = |f: fn(&super::scenarios::RateResult) -> f64| -> Vec<(f64, f64)> {
+        report
+            .rates
+            .iter()
+            .map(|r| (r.run.requests_per_s, f(r)))
+            .collect()
+    };
+    let ttft = points(|r| r.ttft_p99_ms);
+    let tpot = points(|r| r.tpot_p99_ms);
+    let x_max = ttft.iter().map(|p| p.0).fold(0.0f64, f64::max) * 1.1;
+    let y_max = ttft
+        .iter()
+        .chain(&tpot)
+        .map(|p| p.1)
+        .fold(report.ttft_p99_bound_ms, f64::max)
+        * 1.1;
+    let root = SVGBackend::new(&path, (720, 420)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| failed(&path, e))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("p99 latency against throughput", ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(64)
+        .build_cartesian_2d(0.0..x_max.max(1e-9), 0.0..y_max.max(1e-9))
+        .map_err(|e| failed(&path, e))?;
+    chart
+        .configure_mesh()
+        .x_desc("completed requests/s")
+        .y_desc("ms")
+        .draw()
+        .map_err(|e| failed(&path, e))?;
+    for (i, (name, line)) in [("p99 TTFT", ttft), ("p99 time per output token", tpot)]
+        .into_iter()
+        .enumerate()
+    {
+        let colour = COLOURS[i * 2];
+        chart
+            .draw_series(std::iter::once(PathElement::new(
+                line,
+                colour.stroke_width(2),
+            )))
+            .map_err(|e| failed(&path, e))?
+            .label(name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], colour));
+    }
+    let bound = report.ttft_p99_bound_ms;
+    chart
+        .draw_series(std::iter::once(PathElement::new(
+            vec![(0.0, bound), (x_max, bound)],
+            BLACK.mix(0.4),
+        )))
+        .map_err(|e| failed(&path, e))?
+        .label("TTFT bound")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLACK.mix(0.4)));
+    chart
+        .configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.8))
+        .position(SeriesLabelPosition::UpperLeft)
+        .draw()
+        .map_err(|e| failed(&path, e))?;
+    root.present().map_err(|e| failed(&path, e))
 }

@@ -156,7 +156,9 @@ pub async fn server_scenario(
             if r.within_bounds { "yes" } else { "no" }
         ));
     }
+    markdown.push_str("\n![latency](latency.svg)\n");
     write_report(&args.out_dir, &report, &markdown)?;
+    super::plot::server_plot(&report, &args.out_dir)?;
     Ok((report, markdown))
 }
 
@@ -309,7 +311,9 @@ pub async fn tenants_scenario(
             refusals
         ));
     }
+    markdown.push_str("\n![shares](shares.svg)\n");
     write_report(&args.out_dir, &report, &markdown)?;
+    super::plot::tenant_plot(&report, &args.out_dir)?;
     Ok((report, markdown))
 }
 

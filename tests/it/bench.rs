@@ -219,6 +219,7 @@ async fn the_tenants_scenario_shares_by_weight_and_refuses_the_limited_tenant() 
     );
     assert!((light.weight_share - 0.2).abs() < 1e-9);
     assert!(markdown.contains("| rate-limited | 1 |"));
+    assert!(out.path().join("shares.svg").exists());
 }
 
 #[tokio::test]
@@ -241,4 +242,6 @@ async fn the_server_scenario_reports_the_highest_rate_within_bounds() {
     assert!(report.rates.iter().all(|r| r.within_bounds), "{report:?}");
     assert_eq!(report.highest_rate_within_bounds, Some(10.0));
     assert!(out.path().join("results.md").exists());
+    let svg = std::fs::read_to_string(out.path().join("latency.svg")).expect("latency.svg");
+    assert!(svg.contains("p99 TTFT"));
 }
