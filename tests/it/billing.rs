@@ -1325,7 +1325,9 @@ async fn racing_flow(gateway: &TestGateway) {
             e
         })
         .collect();
-    insert_batch(&gateway.db, &after).await.expect("insert late");
+    insert_batch(&gateway.db, &after)
+        .await
+        .expect("insert late");
     expected += 5 * 7;
 
     let prompt = |lines: &[InvoiceLine], adjusts: &str| -> u64 {
