@@ -14,7 +14,7 @@ use tonic::codegen::http;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use super::deadline::{self, ReceivedAt};
+use super::deadline::{self, ClientDeadline};
 use super::status::to_status;
 use crate::auth::{Authenticator, Requirement};
 use crate::tenancy::Scope;
@@ -97,13 +97,15 @@ where
         // tonic's own grpc-timeout timer), so deadlines derived from it end
         // no later than tonic's.
         let received = Instant::now();
-        request.extensions_mut().insert(ReceivedAt(received));
         let deadline = request
             .headers()
             .get("grpc-timeout")
             .and_then(|v| v.to_str().ok())
             .and_then(deadline::grpc_timeout)
             .map(|timeout| deadline::deadline(received, timeout));
+        if let Some(at) = deadline {
+            request.extensions_mut().insert(ClientDeadline(at));
+        }
         // The clone that was polled ready serves this request; a fresh clone
         // stays behind for the next one.
         let ready = self.inner.clone();

@@ -7,9 +7,10 @@
 
 use std::time::{Duration, Instant};
 
-/// When the gateway received a request, stamped by the auth layer.
+/// The client's deadline, computed once by the auth layer and left in the
+/// request's extensions for handlers that pass it on (to the serving queue).
 #[derive(Debug, Clone, Copy)]
-pub struct ReceivedAt(pub Instant);
+pub struct ClientDeadline(pub Instant);
 
 /// The duration in a `grpc-timeout` header value (gRPC over HTTP/2: up to
 /// 8 digits and a unit).

@@ -10,7 +10,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
 use super::convert::principal;
-use super::deadline::{self, ReceivedAt};
+use super::deadline::ClientDeadline;
 use super::pb::v1::inference_server::Inference;
 use super::pb::v1::{
     self as pb, CountTokensRequest, CountTokensResponse, GenerateComplete, GenerateRequest,
@@ -138,7 +138,7 @@ impl InferenceApi {
     async fn start(&self, request: Request<GenerateRequest>) -> Result<Started, Status> {
         let received_at = Instant::now();
         let tenant = Self::tenant(&request)?;
-        let deadline = grpc_deadline(&request, received_at);
+        let deadline = request.extensions().get::<ClientDeadline>().map(|d| d.0);
         let r = request.into_inner();
         let served = self.model(&r.model)?;
         let settings = &served.settings;
@@ -264,59 +264,6 @@ impl InferenceApi {
             rate,
         })
     }
-
-    /// Runs a unary generation to its end (the caller bounds it by the
-    /// deadline).
-    async fn generate_unary(
-        &self,
-        request: Request<GenerateRequest>,
-    ) -> Result<Response<GenerateResponse>, Status> {
-        let mut started = self.start(request).await?;
-        let mut text = String::new();
-        let mut logprobs = Vec::new();
-        while let Some(event) = started.events.recv().await {
-            match event {
-                JobEvent::Delta {
-                    text: delta,
-                    logprob,
-                } => {
-                    text.push_str(&delta);
-                    if started.logprobs
-                        && let Some((token, lp)) = logprob
-                    {
-                        logprobs.push(logprob_to_pb(&started.served, token, lp.logprob));
-                    }
-                }
-                JobEvent::Finished { reason, usage } => {
-                    let response = GenerateResponse {
-                        request_id: started.request_id,
-                        model: started.model,
-                        text,
-                        finish_reason: finish_to_pb(reason).into(),
-                        usage: Some(usage_to_pb(&usage)),
-                        timings: Some(timings_to_pb(&usage)),
-                        logprobs,
-                    };
-                    return Ok(with_rate_headers(Response::new(response), started.rate));
-                }
-                JobEvent::Failed { failure, .. } => return Err(failure_to_status(&failure)),
-            }
-        }
-        Err(Status::internal(
-            "the worker ended the request without an answer",
-        ))
-    }
-}
-
-/// The client's deadline, from the `grpc-timeout` header.
-fn grpc_deadline<T>(request: &Request<T>, now: Instant) -> Option<Instant> {
-    let received = request
-        .extensions()
-        .get::<ReceivedAt>()
-        .map_or(now, |r| r.0.min(now));
-    let value = request.metadata().get("grpc-timeout")?.to_str().ok()?;
-    let timeout = deadline::grpc_timeout(value)?;
-    Some(deadline::deadline(received, timeout))
 }
 
 fn usage_to_pb(usage: &JobUsage) -> pb::Usage {
@@ -398,7 +345,40 @@ impl Inference for InferenceApi {
         request: Request<GenerateRequest>,
     ) -> Result<Response<GenerateResponse>, Status> {
         // The auth layer bounds this by the client's deadline.
-        self.generate_unary(request).await
+        let mut started = self.start(request).await?;
+        let mut text = String::new();
+        let mut logprobs = Vec::new();
+        while let Some(event) = started.events.recv().await {
+            match event {
+                JobEvent::Delta {
+                    text: delta,
+                    logprob,
+                } => {
+                    text.push_str(&delta);
+                    if started.logprobs
+                        && let Some((token, lp)) = logprob
+                    {
+                        logprobs.push(logprob_to_pb(&started.served, token, lp.logprob));
+                    }
+                }
+                JobEvent::Finished { reason, usage } => {
+                    let response = GenerateResponse {
+                        request_id: started.request_id,
+                        model: started.model,
+                        text,
+                        finish_reason: finish_to_pb(reason).into(),
+                        usage: Some(usage_to_pb(&usage)),
+                        timings: Some(timings_to_pb(&usage)),
+                        logprobs,
+                    };
+                    return Ok(with_rate_headers(Response::new(response), started.rate));
+                }
+                JobEvent::Failed { failure, .. } => return Err(failure_to_status(&failure)),
+            }
+        }
+        Err(Status::internal(
+            "the worker ended the request without an answer",
+        ))
     }
 
     type GenerateStreamStream = ResponseStream<GenerateStreamResponse>;

@@ -15,11 +15,12 @@
 
 use serde::Serialize;
 
+use super::report::round;
 use super::selfhost::{SelfHosted, connect};
 use super::suite::{git_revision, machine};
 use super::{
     Arrival, BenchError, LengthDistribution, ReportArgs, RunReport, Target, WorkloadSpec,
-    equal_tenants, measured_run, write_json,
+    equal_tenants, measured_run, write_results,
 };
 use crate::model::served_as::ServedAs;
 use crate::npu::DeviceProfile;
@@ -116,11 +117,6 @@ pub fn usd_per_million_tokens(
         return 0.0;
     }
     per_hour / tokens_per_hour * 1e6
-}
-
-fn round(v: f64, places: i32) -> f64 {
-    let scale = 10f64.powi(places);
-    (v * scale).round() / scale
 }
 
 fn point(
@@ -356,14 +352,9 @@ pub async fn device_report(
         points,
         comparisons,
     };
-    write_json(&args.out_dir.join("results.json"), &report)?;
     super::plot::device_plots(&report, &args.out_dir)?;
     let markdown = markdown(&report);
-    let path = args.out_dir.join("results.md");
-    std::fs::write(&path, &markdown).map_err(|e| BenchError::Write {
-        path,
-        message: e.to_string(),
-    })?;
+    write_results(&args.out_dir, &report, &markdown)?;
     Ok((report, markdown))
 }
 

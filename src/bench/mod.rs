@@ -32,7 +32,7 @@ pub use scrape::{StepMeans, StepTotals};
 pub use selfhost::{SelfHosted, TenantSpec};
 pub use workload::{LengthDistribution, RequestSource, WorkloadSpec};
 
-use crate::serving::{Batching, ModelSettings, Pace};
+use crate::serving::{Batching, Engine, ModelSettings, Pace};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
@@ -215,33 +215,15 @@ pub struct GatewayArgs {
     #[arg(long, default_value = "ascend-910b")]
     pub device: String,
     #[arg(long, value_enum, default_value = "cpu")]
-    pub pace: PaceArg,
+    pub pace: Pace,
     #[arg(long, value_enum, default_value = "continuous")]
-    pub batching: BatchingArg,
+    pub batching: Batching,
     /// `echo` answers with the prompt at once (gateway overhead only)
     #[arg(long, value_enum, default_value = "npu")]
-    pub engine: EngineArg,
+    pub engine: Engine,
     /// Sequence cap of a step
     #[arg(long, default_value_t = 32)]
     pub max_batch_size: usize,
-}
-
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-pub enum PaceArg {
-    Cpu,
-    Device,
-}
-
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-pub enum EngineArg {
-    Npu,
-    Echo,
-}
-
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-pub enum BatchingArg {
-    Continuous,
-    Static,
 }
 
 /// What the requests look like.
@@ -408,25 +390,15 @@ pub async fn run_command(args: &RunArgs) -> Result<RunReport, BenchError> {
             (target, gateway.metrics_addr, None)
         }
         None => {
-            let pace = match gateway.pace {
-                PaceArg::Cpu => Pace::Cpu,
-                PaceArg::Device => Pace::Device,
-            };
-            let batching = match gateway.batching {
-                BatchingArg::Continuous => Batching::Continuous,
-                BatchingArg::Static => Batching::Static,
-            };
             let mut model = bench_model(
                 &workload.model,
                 gateway.model_dir.clone(),
                 &gateway.device,
-                pace,
-                batching,
+                gateway.pace,
+                gateway.batching,
                 gateway.max_batch_size,
             );
-            if let EngineArg::Echo = gateway.engine {
-                model.engine = crate::serving::Engine::Echo;
-            }
+            model.engine = gateway.engine;
             let hosted = SelfHosted::start(vec![model]).await?;
             let keys = hosted.provision(&equal_tenants(gateway.tenants)).await?;
             let channels = selfhost::connect(&hosted.endpoint(), gateway.connections).await?;
@@ -452,6 +424,20 @@ pub async fn run_command(args: &RunArgs) -> Result<RunReport, BenchError> {
         write_json(path, &report)?;
     }
     Ok(report)
+}
+
+/// Writes a suite's `results.json` and `results.md` into `dir`.
+pub fn write_results(
+    dir: &std::path::Path,
+    report: &impl serde::Serialize,
+    markdown: &str,
+) -> Result<(), BenchError> {
+    write_json(&dir.join("results.json"), report)?;
+    let path = dir.join("results.md");
+    std::fs::write(&path, markdown).map_err(|e| BenchError::Write {
+        path,
+        message: e.to_string(),
+    })
 }
 
 /// Writes `value` as pretty JSON, creating the directory.

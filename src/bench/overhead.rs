@@ -10,10 +10,11 @@
 use serde::Serialize;
 
 use super::bare::BareServer;
+use super::report::round;
 use super::selfhost::{SelfHosted, TenantSpec, connect};
 use super::suite::{git_revision, machine};
 use super::{
-    Arrival, BenchError, OverheadArgs, RunReport, Target, WorkloadSpec, measured_run, write_json,
+    Arrival, BenchError, OverheadArgs, RunReport, Target, WorkloadSpec, measured_run, write_results,
 };
 use crate::api::pb::v1::TenantLimits;
 use crate::serving::{Engine, ModelSettings};
@@ -53,10 +54,6 @@ fn limits() -> TenantLimits {
         max_concurrent_requests: Some(100_000),
         monthly_token_quota: Some(1_000_000_000_000),
     }
-}
-
-fn round3(v: f64) -> f64 {
-    (v * 1000.0).round() / 1000.0
 }
 
 /// Runs the comparison; writes results.json and results.md; returns the
@@ -149,8 +146,8 @@ pub async fn overhead_suite(
         eprintln!("{}", gateway.markdown_row());
         rates.push(RateComparison {
             offered_per_s: rate,
-            added_p50_ms: round3(gateway.e2e_ms.p50 - bare.e2e_ms.p50),
-            added_p99_ms: round3(gateway.e2e_ms.p99 - bare.e2e_ms.p99),
+            added_p50_ms: round(gateway.e2e_ms.p50 - bare.e2e_ms.p50, 3),
+            added_p99_ms: round(gateway.e2e_ms.p99 - bare.e2e_ms.p99, 3),
             bare,
             gateway,
         });
@@ -167,20 +164,16 @@ pub async fn overhead_suite(
             "embedded SQLite".to_owned()
         },
         closed_loop_clients: args.clients,
-        throughput_ratio: round3(
+        throughput_ratio: round(
             gateway_max.requests_per_s / bare_max.requests_per_s.max(f64::MIN_POSITIVE),
+            3,
         ),
         bare_max,
         gateway_max,
         rates,
     };
-    write_json(&args.out_dir.join("results.json"), &report)?;
     let markdown = markdown(&report);
-    let path = args.out_dir.join("results.md");
-    std::fs::write(&path, &markdown).map_err(|e| BenchError::Write {
-        path,
-        message: e.to_string(),
-    })?;
+    write_results(&args.out_dir, &report, &markdown)?;
     Ok((report, markdown))
 }
 

@@ -51,7 +51,8 @@ pub struct RunReport {
     pub tenants: Vec<TenantShare>,
 }
 
-fn round(value: f64, places: i32) -> f64 {
+/// `value` rounded to `places` decimals, for reports people read.
+pub(crate) fn round(value: f64, places: i32) -> f64 {
     let scale = 10f64.powi(places);
     (value * scale).round() / scale
 }

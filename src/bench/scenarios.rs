@@ -14,7 +14,7 @@ use super::selfhost::{SelfHosted, TenantSpec, connect};
 use super::suite::{git_revision, machine};
 use super::{
     Arrival, BenchError, RunReport, ServerArgs, Target, TenantsArgs, bench_model, equal_tenants,
-    measured_run, write_json,
+    measured_run, write_results,
 };
 use crate::api::pb::v1::TenantLimits;
 use crate::serving::{Batching, Pace};
@@ -48,19 +48,6 @@ pub fn within_bounds(run: &RunReport, ttft_ms: f64, tpot_ms: f64) -> bool {
         && run.requests_ok > 0
         && run.ttft_ms.p99 <= ttft_ms
         && run.time_per_output_token_ms.p99 <= tpot_ms
-}
-
-fn write_report<T: Serialize>(
-    dir: &std::path::Path,
-    report: &T,
-    markdown: &str,
-) -> Result<(), BenchError> {
-    write_json(&dir.join("results.json"), report)?;
-    let path = dir.join("results.md");
-    std::fs::write(&path, markdown).map_err(|e| BenchError::Write {
-        path,
-        message: e.to_string(),
-    })
 }
 
 /// `bench server`.
@@ -157,7 +144,7 @@ pub async fn server_scenario(
         ));
     }
     markdown.push_str("\n![latency](latency.svg)\n");
-    write_report(&args.out_dir, &report, &markdown)?;
+    write_results(&args.out_dir, &report, &markdown)?;
     super::plot::server_plot(&report, &args.out_dir)?;
     Ok((report, markdown))
 }
@@ -312,7 +299,7 @@ pub async fn tenants_scenario(
         ));
     }
     markdown.push_str("\n![shares](shares.svg)\n");
-    write_report(&args.out_dir, &report, &markdown)?;
+    write_results(&args.out_dir, &report, &markdown)?;
     super::plot::tenant_plot(&report, &args.out_dir)?;
     Ok((report, markdown))
 }

@@ -11,10 +11,12 @@
 
 use serde::Serialize;
 
+use super::report::round;
 use super::selfhost::{SelfHosted, connect};
 use super::workload::LengthDistribution;
 use super::{
-    BenchError, RunReport, SuiteArgs, Target, bench_model, equal_tenants, measured_run, write_json,
+    BenchError, RunReport, SuiteArgs, Target, bench_model, equal_tenants, measured_run,
+    write_results,
 };
 use crate::serving::{Batching, Pace};
 
@@ -71,11 +73,7 @@ pub fn machine() -> String {
 }
 
 fn ratio(a: f64, b: f64) -> f64 {
-    if b > 0.0 {
-        (a / b * 100.0).round() / 100.0
-    } else {
-        0.0
-    }
+    if b > 0.0 { round(a / b, 2) } else { 0.0 }
 }
 
 /// Runs the comparison and writes its files; returns the Markdown.
@@ -183,13 +181,8 @@ pub async fn serving_suite(args: &SuiteArgs, command: &str) -> Result<String, Be
         findings,
         runs,
     };
-    write_json(&args.out_dir.join("results.json"), &report)?;
     let markdown = markdown(&report, args);
-    let path = args.out_dir.join("results.md");
-    std::fs::write(&path, &markdown).map_err(|e| BenchError::Write {
-        path,
-        message: e.to_string(),
-    })?;
+    write_results(&args.out_dir, &report, &markdown)?;
     Ok(markdown)
 }
 

@@ -206,24 +206,9 @@ impl ServedAs {
         shape: &StepShape,
         step: &mut StepOutput,
     ) {
-        let Some((device_us, energy_j)) = self.served_step_cost(device, shape) else {
-            return self.scale(executed, device.profile(), step);
-        };
-        let time_ratio = if step.device_us > 0.0 {
-            device_us / step.device_us
-        } else {
-            0.0
-        };
-        let energy_ratio = if step.energy_j > 0.0 {
-            energy_j / step.energy_j
-        } else {
-            0.0
-        };
-        step.device_us = device_us;
-        step.energy_j = energy_j;
-        for s in &mut step.per_seq {
-            s.device_us *= time_ratio;
-            s.energy_j *= energy_ratio;
+        match self.served_step_cost(device, shape) {
+            Some((device_us, energy_j)) => set_step_totals(step, device_us, energy_j),
+            None => self.scale(executed, device.profile(), step),
         }
     }
 
@@ -239,22 +224,23 @@ impl ServedAs {
         let device_us = launch_us * layer_ratio + (step.device_us - launch_us).max(0.0) * f.time;
         let energy_j = launch_j * layer_ratio * f64::from(self.devices)
             + (step.energy_j - launch_j).max(0.0) * f.energy;
-        let time_ratio = if step.device_us > 0.0 {
-            device_us / step.device_us
-        } else {
-            0.0
-        };
-        let energy_ratio = if step.energy_j > 0.0 {
-            energy_j / step.energy_j
-        } else {
-            0.0
-        };
-        step.device_us = device_us;
-        step.energy_j = energy_j;
-        for s in &mut step.per_seq {
-            s.device_us *= time_ratio;
-            s.energy_j *= energy_ratio;
-        }
+        set_step_totals(step, device_us, energy_j);
+    }
+}
+
+/// Gives `step` new totals, scaling each sequence's share by the same
+/// ratios so the shares still sum to the totals.
+fn set_step_totals(step: &mut StepOutput, device_us: f64, energy_j: f64) {
+    let ratio = |new: f64, old: f64| if old > 0.0 { new / old } else { 0.0 };
+    let (time_ratio, energy_ratio) = (
+        ratio(device_us, step.device_us),
+        ratio(energy_j, step.energy_j),
+    );
+    step.device_us = device_us;
+    step.energy_j = energy_j;
+    for s in &mut step.per_seq {
+        s.device_us *= time_ratio;
+        s.energy_j *= energy_ratio;
     }
 }
 

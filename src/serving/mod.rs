@@ -30,7 +30,7 @@ pub use queue::{Priority, QueueFull};
 pub use registry::{ModelRegistry, ServedModel, ServingError};
 
 /// How fast steps run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Pace {
     /// As fast as the CPU computes them.
@@ -58,7 +58,7 @@ pub trait UsageSink: Send + Sync {
 }
 
 /// What runs a model's requests.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Engine {
     /// The executable model on emulated NPU workers.
@@ -70,7 +70,7 @@ pub enum Engine {
 }
 
 /// How a worker forms its batches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Batching {
     /// Iteration-level: sequences join and leave the batch at every step.
