@@ -89,16 +89,14 @@ pub struct App {
     metrics_listener: TcpListener,
     metrics_addr: SocketAddr,
     registry: ModelRegistry,
-    usage_appends: TaskTracker,
 }
 
-/// Turns a finished job's usage into a usage event on the spool.
+/// Turns a finished job's usage into a usage event on the spool. The
+/// worker's thread hands the event straight to the spool's commit thread,
+/// which runs the job's last steps once the event is durable; the usage
+/// writer's last round at shutdown seals the spool behind every append.
 struct MeteringSink {
     metering: Arc<Metering>,
-    runtime: tokio::runtime::Handle,
-    /// Appends in flight; shutdown waits for them before the writer's last
-    /// round.
-    appends: TaskTracker,
 }
 
 impl UsageSink for MeteringSink {
@@ -134,11 +132,7 @@ impl UsageSink for MeteringSink {
             started_at_us,
             finished_at_us: crate::store::now_us(),
         };
-        let metering = self.metering.clone();
-        self.appends.spawn_on(
-            async move { then(metering.record(&event).await.map_err(|e| e.to_string())) },
-            &self.runtime,
-        );
+        self.metering.record_then(&event, then);
     }
 }
 
@@ -236,11 +230,8 @@ impl App {
         let spool = Spool::open(&spool_dir, settings.metering.spool.clone())?;
         let metering = Arc::new(Metering::new(spool.clone(), &settings.metering));
         let usage_writer = UsageWriter::new(spool, db.clone(), settings.metering.batch_size);
-        let usage_appends = TaskTracker::new();
         let sink: Arc<dyn UsageSink> = Arc::new(MeteringSink {
             metering: metering.clone(),
-            runtime: tokio::runtime::Handle::current(),
-            appends: usage_appends.clone(),
         });
         let (models, data_dir) = (settings.models.clone(), settings.data_dir.clone());
         // Loading (or first creating) models is heavy compute: off the runtime.
@@ -273,7 +264,6 @@ impl App {
             metrics_listener,
             metrics_addr,
             registry,
-            usage_appends,
         })
     }
 
@@ -321,7 +311,6 @@ impl App {
             metrics_listener,
             metrics_addr,
             registry,
-            usage_appends,
         } = self;
         let tasks = TaskTracker::new();
         let stop_tasks = CancellationToken::new();
@@ -424,8 +413,6 @@ impl App {
         // usage writer's last round.
         let models = registry.clone();
         let _ = tokio::task::spawn_blocking(move || models.stop()).await;
-        usage_appends.close();
-        usage_appends.wait().await;
         // Background tasks finish their last flush before the pool closes.
         stop_tasks.cancel();
         tasks.close();

@@ -322,15 +322,21 @@ impl Permit {
 }
 
 impl Permit {
-    /// Settles from a thread outside the async runtime: the settlement is
-    /// handed to the background task with the exact tokens used.
-    pub fn settle_in_background(mut self, used_tokens: u64) {
-        if let Some(grant) = self.grant.take() {
-            let _ = self.limiter.background.send(Settlement {
-                tenant_id: std::mem::take(&mut self.tenant_id),
-                grant,
-                used_tokens,
-            });
+    /// Settles from a thread outside the async runtime without blocking it:
+    /// a local grant at once (a short lock), a Redis one through the
+    /// background task, both with the exact tokens used.
+    pub fn settle_detached(mut self, used_tokens: u64) {
+        let tenant_id = std::mem::take(&mut self.tenant_id);
+        match self.grant.take() {
+            Some(Grant::Local(grant)) => self.limiter.local.settle(&tenant_id, &grant, used_tokens),
+            Some(grant) => {
+                let _ = self.limiter.background.send(Settlement {
+                    tenant_id,
+                    grant,
+                    used_tokens,
+                });
+            }
+            None => {}
         }
     }
 }

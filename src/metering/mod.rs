@@ -30,7 +30,7 @@ pub use error::MeteringError;
 pub use event::{HOUR_US, UsageEvent};
 pub use query::{Grouping, UsageTotals};
 pub use repo::insert_batch;
-pub use spool::{Spool, SpoolSettings, SpoolStats};
+pub use spool::{Spool, SpoolSettings, SpoolStats, WhenDurable};
 pub use writer::{ShipReport, UsageWriter};
 
 /// What happens when the spool outgrows `spool_max_bytes` (the database has
@@ -103,9 +103,10 @@ impl Metering {
         self.spool.append(event).await
     }
 
-    /// As [`Metering::record`], for threads outside the async runtime.
-    pub fn record_blocking(&self, event: &UsageEvent) -> Result<(), MeteringError> {
-        self.spool.append_blocking(event)
+    /// As [`Metering::record`] without waiting, for threads outside the
+    /// async runtime: `then` runs once the event is durable.
+    pub fn record_then(&self, event: &UsageEvent, then: WhenDurable) {
+        self.spool.append_then(event, then);
     }
 
     pub fn stats(&self) -> &SpoolStats {

@@ -61,8 +61,31 @@ pub struct SpoolStats {
     pub write_errors: AtomicU64,
 }
 
+/// Called on the spool's own thread once an append is durable (or has
+/// failed). It must not block: the next commit waits for it.
+pub type WhenDurable = Box<dyn FnOnce(Result<(), String>) + Send>;
+
+/// Who hears that an append is durable.
+enum Ack {
+    /// An async caller awaiting the answer.
+    Waiter(oneshot::Sender<Result<(), String>>),
+    /// A thread that moved on; the spool runs the rest of its work.
+    Then(WhenDurable),
+}
+
+impl Ack {
+    fn answer(self, result: Result<(), String>) {
+        match self {
+            Ack::Waiter(sender) => {
+                let _ = sender.send(result);
+            }
+            Ack::Then(then) => then(result),
+        }
+    }
+}
+
 enum Command {
-    Append(Vec<u8>, i64, oneshot::Sender<Result<(), String>>),
+    Append(Vec<u8>, i64, Ack),
     Seal(oneshot::Sender<Result<(), String>>),
 }
 
@@ -166,12 +189,18 @@ impl Spool {
     }
 
     fn send(&self, command: Command) -> Result<(), MeteringError> {
-        let commands = self.commands.lock().unwrap_or_else(|e| e.into_inner());
-        commands
-            .as_ref()
-            .ok_or(MeteringError::Stopped)?
-            .send(command)
+        self.send_or_return(command)
             .map_err(|_| MeteringError::Stopped)
+    }
+
+    /// Queues `command` for the commit thread, or gives it back when the
+    /// spool is closed.
+    fn send_or_return(&self, command: Command) -> Result<(), Command> {
+        let commands = self.commands.lock().unwrap_or_else(|e| e.into_inner());
+        match commands.as_ref() {
+            Some(sender) => sender.send(command).map_err(|refused| refused.0),
+            None => Err(command),
+        }
     }
 
     fn failed(&self, message: String) -> MeteringError {
@@ -186,21 +215,29 @@ impl Spool {
     pub async fn append(&self, event: &UsageEvent) -> Result<(), MeteringError> {
         let payload = serde_json::to_vec(event)?;
         let (ack, done) = oneshot::channel();
-        self.send(Command::Append(payload, event.finished_at_us, ack))?;
+        self.send(Command::Append(
+            payload,
+            event.finished_at_us,
+            Ack::Waiter(ack),
+        ))?;
         done.await
             .map_err(|_| MeteringError::Stopped)?
             .map_err(|e| self.failed(e))
     }
 
-    /// As [`Spool::append`], for threads outside the async runtime (the
-    /// serving workers): blocks until the event is durable.
-    pub fn append_blocking(&self, event: &UsageEvent) -> Result<(), MeteringError> {
-        let payload = serde_json::to_vec(event)?;
-        let (ack, done) = oneshot::channel();
-        self.send(Command::Append(payload, event.finished_at_us, ack))?;
-        done.blocking_recv()
-            .map_err(|_| MeteringError::Stopped)?
-            .map_err(|e| self.failed(e))
+    /// As [`Spool::append`] without waiting: `then` runs on the spool's
+    /// thread once the event is durable, or at once if it cannot be
+    /// queued. For the serving workers, which must not block on an fsync
+    /// and gain nothing from a trip through the async runtime.
+    pub fn append_then(&self, event: &UsageEvent, then: WhenDurable) {
+        let payload = match serde_json::to_vec(event) {
+            Ok(payload) => payload,
+            Err(e) => return then(Err(format!("usage event not serializable: {e}"))),
+        };
+        let command = Command::Append(payload, event.finished_at_us, Ack::Then(then));
+        if let Err(Command::Append(_, _, ack)) = self.send_or_return(command) {
+            ack.answer(Err(MeteringError::Stopped.to_string()));
+        }
     }
 
     /// Closes the segment being written (if it holds anything) so that it
@@ -318,7 +355,7 @@ struct Committer {
     stats: Arc<SpoolStats>,
 }
 
-type Acks = Vec<oneshot::Sender<Result<(), String>>>;
+type Acks = Vec<Ack>;
 
 impl Committer {
     fn run(&mut self, receiver: mpsc::Receiver<Command>) {
@@ -386,7 +423,11 @@ impl Committer {
             Err(e) => tracing::error!(error = %e, "usage spool: write failed"),
         }
         for ack in acks.drain(..) {
-            let _ = ack.send(result.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+            if result.is_err() && matches!(ack, Ack::Then(_)) {
+                // A waiter counts its own failure in `Spool::failed`.
+                self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
+            }
+            ack.answer(result.as_ref().map(|_| ()).map_err(|e| e.to_string()));
         }
         buffer.clear();
         result
@@ -434,6 +475,51 @@ mod tests {
             started_at_us: 10,
             finished_at_us: 20 + i64::from(i),
         }
+    }
+
+    #[test]
+    fn append_then_runs_after_the_event_is_durable_and_reports_a_closed_spool() {
+        let dir = tempfile::tempdir().expect("dir");
+        let spool = Spool::open(dir.path(), SpoolSettings::default()).expect("open");
+        let (tx, rx) = std::sync::mpsc::channel();
+        for i in 0..50 {
+            let tx = tx.clone();
+            let spool_bytes = spool.clone();
+            spool.append_then(
+                &event(i),
+                Box::new(move |result| {
+                    // Durable means written: the bytes are counted before
+                    // any callback of the commit runs.
+                    let written = spool_bytes.stats().bytes.load(Ordering::Relaxed);
+                    let _ = tx.send((i, result, written));
+                }),
+            );
+        }
+        let mut answered: Vec<_> = (0..50).map(|_| rx.recv().expect("answer")).collect();
+        answered.sort_by_key(|(i, _, _)| *i);
+        for (i, result, written) in &answered {
+            assert_eq!(result, &Ok(()), "event {i}");
+            assert!(*written > 0, "event {i} answered before its bytes were written");
+        }
+        spool.close();
+        let dropped = tx.clone();
+        spool.append_then(
+            &event(99),
+            Box::new(move |result| {
+                let _ = dropped.send((99, result, 0));
+            }),
+        );
+        let (_, result, _) = rx.recv().expect("answer after close");
+        assert!(result.is_err(), "a closed spool must say so");
+
+        let reopened = Spool::open(dir.path(), SpoolSettings::default()).expect("reopen");
+        let segments = reopened.sealed_segments().expect("list");
+        let events: usize = segments
+            .iter()
+            .map(|s| read_segment(s).expect("read").events.len())
+            .sum();
+        assert_eq!(events, 50, "every acknowledged event is on disk");
+        reopened.close();
     }
 
     #[tokio::test]

@@ -432,7 +432,7 @@ pub(crate) fn finish_job(
                 tracing::error!(error = %e, %request_id, "usage not recorded");
             }
             if let Some(permit) = permit {
-                permit.settle_in_background(tokens);
+                permit.settle_detached(tokens);
             }
             let _ = events.send(event);
         }),
