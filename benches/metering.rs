@@ -1,5 +1,5 @@
-//! Metering throughput: usage events persisted to PostgreSQL per second (the
-//! writer's batch path), spool appends per second with group-commit fsync
+//! Metering throughput: usage events persisted to PostgreSQL, and to the
+//! embedded SQLite, per second (the writer's batch path), spool appends per second with group-commit fsync
 //! under many concurrent requests, and the metering lag (request end to row
 //! in PostgreSQL) with the gateway's own spool and writer at 5,000
 //! requests/s.
@@ -81,6 +81,7 @@ fn main() {
             "postgres replay of the same events: {:.0} events/s (all skipped as duplicates)",
             total as f64 / start.elapsed().as_secs_f64()
         );
+        sqlite(&events, batch).await;
         lag(&db, total).await;
         db.close().await;
         admin
@@ -121,6 +122,29 @@ fn main() {
         );
         spool.close();
     });
+}
+
+/// The embedded default: the same events into SQLite, fresh file.
+async fn sqlite(events: &[UsageEvent], batch: usize) {
+    let dir = tempfile::tempdir().expect("dir");
+    let url = format!(
+        "sqlite://{}?mode=rwc",
+        dir.path().join("bench.db").display()
+    );
+    let db = Db::connect_url(&url, 4, Duration::from_secs(5))
+        .await
+        .expect("sqlite");
+    db.migrate().await.expect("migrate");
+    let start = Instant::now();
+    for chunk in events.chunks(batch) {
+        insert_batch(&db, chunk).await.expect("insert");
+    }
+    println!(
+        "sqlite: {:.0} events/s persisted ({} events, batches of {batch}, with dedup and hourly rollups)",
+        events.len() as f64 / start.elapsed().as_secs_f64(),
+        events.len()
+    );
+    db.close().await;
 }
 
 /// Requests per second of the lag scenario, and for how long.

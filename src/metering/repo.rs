@@ -4,8 +4,9 @@
 //! `UNNEST`; the idempotency table takes the ids first (`ON CONFLICT DO
 //! NOTHING` returns only the new ones); only events whose id was new are
 //! inserted; the rollups are incremented from exactly the inserted rows.
-//! SQLite: the same logic row by row inside one transaction (it is local,
-//! so round trips are cheap). Either way, a batch shipped twice, or a client
+//! SQLite: the same logic inside one transaction in multi-row statements of
+//! up to 512 rows, the rollups summed here first (each statement is a round
+//! trip to the driver's thread: one per row cost a thread wake-up per row). Either way, a batch shipped twice, or a client
 //! retry with the same request id, counts once.
 //!
 //! `recorded_at_us` is the database's clock when the row is written, taken
@@ -15,7 +16,7 @@
 //! as late usage. A client-side clock read before the lock could fall on the
 //! wrong side of that line.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use sqlx::PgPool;
 
@@ -45,7 +46,7 @@ pub async fn insert_batch(db: &Db, events: &[UsageEvent]) -> Result<u64, Meterin
     }
     match (db.backend(), db.postgres()) {
         (Backend::Postgres, Some(pg)) => insert_postgres(pg, &events).await,
-        _ => insert_portable(db, &events).await,
+        _ => insert_sqlite(db, &events).await,
     }
 }
 
@@ -139,69 +140,108 @@ async fn insert_postgres(pg: &PgPool, events: &[&UsageEvent]) -> Result<u64, Met
     Ok(u64::try_from(inserted).unwrap_or(0))
 }
 
-async fn insert_portable(db: &Db, events: &[&UsageEvent]) -> Result<u64, MeteringError> {
+/// Rows per multi-row SQLite statement: 16 parameters each stays well
+/// under SQLite's 32,766-parameter limit.
+const SQLITE_ROWS_PER_STATEMENT: usize = 512;
+
+/// `count` groups of `width` placeholders: `(?, ?), (?, ?)`.
+fn placeholders(count: usize, width: usize) -> String {
+    let row = format!("({})", vec!["?"; width].join(", "));
+    vec![row; count].join(", ")
+}
+
+/// Per (tenant, model, hour): requests, prompt, completion, device time,
+/// energy.
+type HourlySums<'a> = BTreeMap<(&'a str, &'a str, i64), [i64; 5]>;
+
+async fn insert_sqlite(db: &Db, events: &[&UsageEvent]) -> Result<u64, MeteringError> {
     let mut tx = db.pool().begin().await?;
-    let mut inserted = 0;
-    for e in events {
-        let claimed = sqlx::query(
-            "INSERT INTO usage_request_ids (tenant_id, request_id) VALUES ($1, $2) \
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(&e.tenant_id)
-        .bind(&e.request_id)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if claimed == 0 {
-            continue;
+    let mut claimed: HashSet<(String, String)> = HashSet::new();
+    for chunk in events.chunks(SQLITE_ROWS_PER_STATEMENT) {
+        let sql = format!(
+            "INSERT INTO usage_request_ids (tenant_id, request_id) VALUES {} \
+             ON CONFLICT DO NOTHING RETURNING tenant_id, request_id",
+            placeholders(chunk.len(), 2)
+        );
+        let mut query = sqlx::query_as::<_, (String, String)>(&sql);
+        for e in chunk {
+            query = query.bind(&e.tenant_id).bind(&e.request_id);
         }
-        sqlx::query(
+        claimed.extend(query.fetch_all(&mut *tx).await?);
+    }
+    let new: Vec<&UsageEvent> = events
+        .iter()
+        .copied()
+        .filter(|e| claimed.contains(&(e.tenant_id.clone(), e.request_id.clone())))
+        .collect();
+    for chunk in new.chunks(SQLITE_ROWS_PER_STATEMENT) {
+        let sql = format!(
             "INSERT INTO usage_events (tenant_id, request_id, key_id, model, device_profile, \
              prompt_tokens, completion_tokens, queue_time_us, ttft_us, total_time_us, \
              device_time_us, energy_mj, mean_power_mw, finish_reason, started_at_us, \
              finished_at_us, recorded_at_us) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, \
-             CAST(unixepoch('subsec') * 1000000 AS INTEGER))",
-        )
-        .bind(&e.tenant_id)
-        .bind(&e.request_id)
-        .bind(&e.key_id)
-        .bind(&e.model)
-        .bind(&e.device_profile)
-        .bind(i64::from(e.prompt_tokens))
-        .bind(i64::from(e.completion_tokens))
-        .bind(i64_of(e.queue_time_us))
-        .bind(i64_of(e.ttft_us))
-        .bind(i64_of(e.total_time_us))
-        .bind(i64_of(e.device_time_us))
-        .bind(i64_of(e.energy_mj))
-        .bind(i64_of(e.mean_power_mw))
-        .bind(&e.finish_reason)
-        .bind(e.started_at_us)
-        .bind(e.finished_at_us)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
+             SELECT *, CAST(unixepoch('subsec') * 1000000 AS INTEGER) FROM (VALUES {})",
+            placeholders(chunk.len(), 16)
+        );
+        let mut query = sqlx::query(&sql);
+        for e in chunk {
+            query = query
+                .bind(&e.tenant_id)
+                .bind(&e.request_id)
+                .bind(&e.key_id)
+                .bind(&e.model)
+                .bind(&e.device_profile)
+                .bind(i64::from(e.prompt_tokens))
+                .bind(i64::from(e.completion_tokens))
+                .bind(i64_of(e.queue_time_us))
+                .bind(i64_of(e.ttft_us))
+                .bind(i64_of(e.total_time_us))
+                .bind(i64_of(e.device_time_us))
+                .bind(i64_of(e.energy_mj))
+                .bind(i64_of(e.mean_power_mw))
+                .bind(&e.finish_reason)
+                .bind(e.started_at_us)
+                .bind(e.finished_at_us);
+        }
+        query.execute(&mut *tx).await?;
+    }
+    let mut hourly: HourlySums = BTreeMap::new();
+    for e in &new {
+        let sums = hourly
+            .entry((e.tenant_id.as_str(), e.model.as_str(), e.hour_us()))
+            .or_default();
+        for (sum, add) in sums.iter_mut().zip([
+            1,
+            i64::from(e.prompt_tokens),
+            i64::from(e.completion_tokens),
+            i64_of(e.device_time_us),
+            i64_of(e.energy_mj),
+        ]) {
+            *sum = sum.saturating_add(add);
+        }
+    }
+    let groups: Vec<_> = hourly.into_iter().collect();
+    for chunk in groups.chunks(SQLITE_ROWS_PER_STATEMENT) {
+        let sql = format!(
             "INSERT INTO usage_hourly (tenant_id, model, hour_us, requests, prompt_tokens, \
-             completion_tokens, device_time_us, energy_mj) VALUES ($1, $2, $3, 1, $4, $5, $6, $7) \
+             completion_tokens, device_time_us, energy_mj) VALUES {} \
              ON CONFLICT (tenant_id, hour_us, model) DO UPDATE SET \
-             requests = usage_hourly.requests + 1, \
+             requests = usage_hourly.requests + excluded.requests, \
              prompt_tokens = usage_hourly.prompt_tokens + excluded.prompt_tokens, \
              completion_tokens = usage_hourly.completion_tokens + excluded.completion_tokens, \
              device_time_us = usage_hourly.device_time_us + excluded.device_time_us, \
              energy_mj = usage_hourly.energy_mj + excluded.energy_mj",
-        )
-        .bind(&e.tenant_id)
-        .bind(&e.model)
-        .bind(e.hour_us())
-        .bind(i64::from(e.prompt_tokens))
-        .bind(i64::from(e.completion_tokens))
-        .bind(i64_of(e.device_time_us))
-        .bind(i64_of(e.energy_mj))
-        .execute(&mut *tx)
-        .await?;
-        inserted += 1;
+            placeholders(chunk.len(), 8)
+        );
+        let mut query = sqlx::query(&sql);
+        for ((tenant, model, hour), sums) in chunk {
+            query = query.bind(*tenant).bind(*model).bind(*hour);
+            for sum in sums {
+                query = query.bind(*sum);
+            }
+        }
+        query.execute(&mut *tx).await?;
     }
     tx.commit().await?;
-    Ok(inserted)
+    Ok(new.len() as u64)
 }

@@ -499,7 +499,10 @@ mod tests {
         answered.sort_by_key(|(i, _, _)| *i);
         for (i, result, written) in &answered {
             assert_eq!(result, &Ok(()), "event {i}");
-            assert!(*written > 0, "event {i} answered before its bytes were written");
+            assert!(
+                *written > 0,
+                "event {i} answered before its bytes were written"
+            );
         }
         spool.close();
         let dropped = tx.clone();
