@@ -664,6 +664,20 @@ mod tests {
     }
 
     #[test]
+    fn a_served_as_mixture_of_experts_reads_from_the_file() {
+        let file = "[[models]]\nid = \"m\"\n[models.served_as]\nname = \"moe\"\n\
+                    total_params = 175000000000\nactive_params = 10000000000\ndevices = 8\n\
+                    tp_efficiency = 0.9\nlayers = 61\n[models.served_as.moe]\n\
+                    routed_experts = 256\nexperts_per_token = 8\nshared_experts = 1\n\
+                    dense_layers = 3\n";
+        let settings = load(Some(file), &FlagOverrides::default(), &[]).expect("load");
+        let shape = settings.models[0].served_as.as_ref().expect("served_as");
+        let moe = shape.moe.expect("moe");
+        assert_eq!((moe.routed_experts, moe.experts_per_token), (256, 8));
+        assert_eq!(shape.dims().expect("dims").hidden, 3840);
+    }
+
+    #[test]
     fn unknown_key_is_named() {
         let err = load(
             Some("[database]\nurll = \"x\"\n"),

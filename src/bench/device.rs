@@ -22,7 +22,7 @@ use super::{
     Arrival, BenchError, LengthDistribution, ReportArgs, RunReport, Target, WorkloadSpec,
     equal_tenants, measured_run, write_results,
 };
-use crate::model::served_as::ServedAs;
+use crate::model::served_as::{ServedAs, ServedMoe, expected_experts_touched};
 use crate::npu::DeviceProfile;
 use crate::serving::{ModelSettings, Pace};
 
@@ -38,17 +38,87 @@ pub mod claims {
     pub const USD_PER_MTOK_H100: f64 = 0.14;
 }
 
-/// The served-as shape of the launch material.
-pub fn launch_shape() -> ServedAs {
-    ServedAs {
+/// How the launch material's "175B" is read: it names no architecture
+/// beyond the parameter count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LaunchReading {
+    /// A DeepSeek-style mixture of experts, as the product serves.
+    Moe,
+    /// A dense transformer of GPT-3's depth: every weight read every step.
+    Dense,
+}
+
+/// The served-as shape of the launch material, in one reading.
+pub fn launch_shape(reading: LaunchReading) -> ServedAs {
+    let dense = ServedAs {
         name: "deepseek-v4-175b".to_owned(),
         total_params: 175_000_000_000,
         active_params: 175_000_000_000,
         devices: 8,
         tp_efficiency: 0.9,
-        // GPT-3's depth: the launch material names no architecture
-        // beyond the parameter count.
         layers: Some(96),
+        moe: None,
+    };
+    match reading {
+        LaunchReading::Dense => dense,
+        // DeepSeek-V3's layout (61 layers, the first 3 dense, 256 routed
+        // experts with 8 per token and 1 shared) at 175B in all, with V3's
+        // ratio of active to total parameters (37/671, about 5.5%).
+        LaunchReading::Moe => ServedAs {
+            active_params: 10_000_000_000,
+            layers: Some(61),
+            moe: Some(ServedMoe {
+                routed_experts: 256,
+                experts_per_token: 8,
+                shared_experts: 1,
+                dense_layers: 3,
+            }),
+            ..dense
+        },
+    }
+}
+
+/// One line on the shape, for the report.
+pub fn describe_shape(shape: &ServedAs) -> String {
+    let b = |p: u64| format!("{:.0} B", p as f64 / 1e9);
+    let Some(dims) = shape.dims() else {
+        return format!("{} parameters", b(shape.total_params));
+    };
+    match dims.moe {
+        None => format!(
+            "dense, {} parameters, {} layers, hidden {}",
+            b(shape.total_params),
+            dims.layers,
+            dims.hidden
+        ),
+        Some(moe) => format!(
+            "mixture of experts, {} parameters of which {} active per token, {} layers (the \
+             first {} dense), {} routed experts with {} per token and {} shared; derived: \
+             hidden {}, expert FFN {}",
+            b(shape.total_params),
+            b(shape.active_params),
+            dims.layers,
+            moe.dense_layers,
+            moe.routed,
+            moe.per_token,
+            moe.shared,
+            dims.hidden,
+            moe.expert_ffn
+        ),
+    }
+}
+
+/// What a decode step of `shape` at `batch` reads from HBM, in words.
+fn step_reads(shape: &ServedAs, batch: usize) -> String {
+    match shape.dims().and_then(|d| d.moe) {
+        None => "every weight of its shard".to_owned(),
+        Some(moe) => format!(
+            "attention's and the shared experts' weights and those of the routed experts its \
+             tokens chose (about {:.0} of {} per MoE layer at batch {batch})",
+            expected_experts_touched(moe.routed, moe.per_token, batch),
+            moe.routed
+        ),
     }
 }
 
@@ -181,7 +251,7 @@ fn find<'a>(points: &'a [DevicePoint], device: &str, batch: usize) -> Option<&'a
 }
 
 /// The 910B-over-H100 comparisons, each explained from the profiles.
-pub fn compare(points: &[DevicePoint]) -> Result<Vec<Comparison>, BenchError> {
+pub fn compare(points: &[DevicePoint], shape: &ServedAs) -> Result<Vec<Comparison>, BenchError> {
     let profile =
         |name: &str| DeviceProfile::builtin(name).map_err(|e| BenchError::Gateway(e.to_string()));
     let (b, h) = (profile("ascend-910b")?, profile("h100-sxm")?);
@@ -195,9 +265,10 @@ pub fn compare(points: &[DevicePoint]) -> Result<Vec<Comparison>, BenchError> {
     let throughput = b8.tokens_per_device_s / h8.tokens_per_device_s.max(f64::MIN_POSITIVE);
     let bound = if (throughput - bandwidth).abs() <= (throughput - compute).abs() {
         format!(
-            "decode at batch 8 reads every weight once per step, so it is bound by HBM bandwidth: \
+            "a decode step at batch 8 reads {} once, so it is bound by HBM bandwidth: \
              {:.1} against {:.1} TB/s is {:.0}%; peak fp16 compute ({:.0}%) would matter only for \
              large batches or long prefills",
+            step_reads(shape, 8),
             b.memory.hbm_gbps / 1000.0,
             h.memory.hbm_gbps / 1000.0,
             bandwidth * 100.0,
@@ -250,10 +321,11 @@ pub fn compare(points: &[DevicePoint]) -> Result<Vec<Comparison>, BenchError> {
                 claims::STEP_MS_BATCH_32_H100
             ),
             why: format!(
-                "a step of the 175B shape on 8 devices moves its weight shard through HBM \
-                 once, so its time scales with the inverse of bandwidth ({:.0}% here); a \
-                 ratio as close as the claim's ({:.0}%) needs the 910B's bandwidth within 15% of \
-                 the H100's",
+                "a step at batch 32 on {} devices reads {} through HBM once, so its time \
+                 scales with the inverse of bandwidth ({:.0}% here); a ratio as close as the \
+                 claim's ({:.0}%) needs the 910B's bandwidth within 15% of the H100's",
+                shape.devices,
+                step_reads(shape, 32),
                 bandwidth * 100.0,
                 claims::STEP_MS_BATCH_32_H100 / claims::STEP_MS_BATCH_32_910B * 100.0
             ),
@@ -280,7 +352,7 @@ pub async fn device_report(
     args: &ReportArgs,
     command: &str,
 ) -> Result<(DeviceReport, String), BenchError> {
-    let shape = launch_shape();
+    let shape = launch_shape(args.shape);
     let assumptions = CostAssumptions {
         electricity_usd_per_kwh: args.electricity_usd_per_kwh,
         amortisation_years: args.amortisation_years,
@@ -342,7 +414,7 @@ pub async fn device_report(
             ));
         }
     }
-    let comparisons = compare(&points)?;
+    let comparisons = compare(&points, &shape)?;
     let report = DeviceReport {
         command: command.to_owned(),
         git_revision: git_revision(),
@@ -363,7 +435,7 @@ fn markdown(r: &DeviceReport) -> String {
     let mut out = format!(
         "# Ascend 910B / 910C against H100 (emulated)\n\n\
          Command: `{}`  \nRevision: `{}`  \nMachine: {}  \n\
-         Served-as shape: {} ({} B parameters, {} devices, tensor-parallel efficiency {}), \
+         Served-as shape: {} ({}; {} devices, tensor-parallel efficiency {}), \
          executed by the `small` model with `pace = \"device\"`; closed loop with as many \
          clients as the batch size, fixed output lengths. Throughput, power and energy come \
          from the emulated device time and energy charged to the requests (the cost model in \
@@ -376,7 +448,7 @@ fn markdown(r: &DeviceReport) -> String {
         r.git_revision,
         r.machine,
         r.served_as.name,
-        r.served_as.total_params / 1_000_000_000,
+        describe_shape(&r.served_as),
         r.served_as.devices,
         r.served_as.tp_efficiency,
         a.electricity_usd_per_kwh,

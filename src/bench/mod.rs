@@ -132,6 +132,10 @@ pub struct TenantsArgs {
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ReportArgs {
+    /// How to read the launch material's 175B: a DeepSeek-style mixture of
+    /// experts or a dense transformer
+    #[arg(long, value_enum, default_value = "moe")]
+    pub shape: device::LaunchReading,
     /// Batch sizes (closed-loop clients) to run each device at
     #[arg(long, value_delimiter = ',', default_value = "8,32")]
     pub batches: Vec<usize>,
@@ -453,7 +457,7 @@ pub fn write_json(path: &std::path::Path, value: &impl serde::Serialize) -> Resu
     std::fs::write(path, text + "\n").map_err(|e| failed(e.to_string()))
 }
 
-pub use device::{DeviceReport, device_report};
+pub use device::{DeviceReport, LaunchReading, device_report};
 pub use overhead::{OverheadReport, overhead_suite};
 pub use scenarios::{
     ServerReport, TenantsReport, server_scenario, tenants_scenario, within_bounds,

@@ -207,14 +207,19 @@ impl Device {
         offsets: &[usize],
         weights: &[&LinearWeight],
     ) -> Option<Workload> {
+        self.grouped_workload(weights.iter().enumerate().filter_map(|(e, w)| {
+            let rows = offsets[e + 1] - offsets[e];
+            (rows > 0).then(|| self.linear_workload(rows, w))
+        }))
+    }
+
+    /// One grouped-matmul launch made of the given per-group linear
+    /// workloads (see [`Device::grouped_linear_workload`]); also for shapes
+    /// too large to hold, such as a served-as model's experts.
+    pub fn grouped_workload(&self, groups: impl IntoIterator<Item = Workload>) -> Option<Workload> {
         let cores = self.profile.compute.cube_cores as usize;
         let mut total: Option<Workload> = None;
-        for (e, w) in weights.iter().enumerate() {
-            let rows = offsets[e + 1] - offsets[e];
-            if rows == 0 {
-                continue;
-            }
-            let wl = self.linear_workload(rows, w);
+        for wl in groups {
             let Some(mut acc) = total.take() else {
                 total = Some(wl);
                 continue;

@@ -153,6 +153,7 @@ async fn the_device_report_runs_every_profile_and_explains_the_claims() {
         price_h100_usd: 30_000.0,
         model_dir: crate::common::tiny_model_dir(),
         out_dir: out.path().to_owned(),
+        shape: ascend_gateway::bench::LaunchReading::Moe,
     };
     let (report, markdown) = ascend_gateway::bench::device_report(&args, "test")
         .await
@@ -172,6 +173,10 @@ async fn the_device_report_runs_every_profile_and_explains_the_claims() {
     let svg = std::fs::read_to_string(out.path().join("throughput.svg")).expect("svg");
     assert!(svg.starts_with("<svg") && svg.contains("h100-sxm"));
     assert!(markdown.contains("| ascend-910c | 32 |"));
+    assert!(
+        markdown.contains("mixture of experts"),
+        "the shape is described"
+    );
 }
 
 fn tiny_workload_args() -> ascend_gateway::bench::WorkloadArgs {

@@ -384,6 +384,7 @@ fn slow_model() -> ascend_gateway::serving::ModelSettings {
             devices: 8,
             tp_efficiency: 0.9,
             layers: Some(96),
+            moe: None,
         }),
         ..crate::common::tiny_model()
     }
