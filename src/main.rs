@@ -246,6 +246,9 @@ fn bench_command(command: &BenchCommand) -> ExitCode {
                     BenchCommand::Report(args) => {
                         print!("{}", bench::device_report(args, &invocation).await?.1);
                     }
+                    BenchCommand::Offline(args) => {
+                        print!("{}", bench::offline_scenario(args, &invocation).await?.1);
+                    }
                     BenchCommand::Server(args) => {
                         print!("{}", bench::server_scenario(args, &invocation).await?.1);
                     }

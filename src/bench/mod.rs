@@ -11,6 +11,7 @@
 mod bare;
 mod device;
 mod load;
+mod offline;
 mod overhead;
 mod percentile;
 mod plot;
@@ -76,12 +77,34 @@ pub enum BenchCommand {
     /// The Ascend 910B / 910C against H100 report: one workload with
     /// pace = device and the launch material's 175B shape on each profile.
     Report(ReportArgs),
+    /// MLPerf-style offline scenario: closed loops of rising client counts;
+    /// the maximum output tokens/s.
+    Offline(OfflineArgs),
     /// MLPerf-style server scenario: Poisson arrivals at each rate; whether
     /// p99 TTFT and p99 time per output token stay within bounds.
     Server(ServerArgs),
     /// Tenants of different weights (and one rate-limited) sharing a
     /// contended model: each one's token share against its weight.
     Tenants(TenantsArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct OfflineArgs {
+    #[command(flatten)]
+    pub workload: WorkloadArgs,
+    /// Closed-loop client counts to try
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16,32,64")]
+    pub clients: Vec<usize>,
+    #[arg(long, default_value_t = 32)]
+    pub max_batch_size: usize,
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub warmup: Duration,
+    #[arg(long, default_value = "data/models/small")]
+    pub model_dir: PathBuf,
+    #[arg(long, default_value = "benchmarks/offline")]
+    pub out_dir: PathBuf,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -299,6 +322,19 @@ pub struct SuiteArgs {
     pub out_dir: PathBuf,
 }
 
+/// The scenarios' model: the 910B profile at CPU pace with continuous
+/// batching.
+pub fn scenario_model(id: &str, dir: PathBuf, max_batch_size: usize) -> ModelSettings {
+    bench_model(
+        id,
+        dir,
+        "ascend-910b",
+        Pace::Cpu,
+        Batching::Continuous,
+        max_batch_size,
+    )
+}
+
 /// The model settings of an in-process bench gateway.
 pub fn bench_model(
     id: &str,
@@ -458,6 +494,7 @@ pub fn write_json(path: &std::path::Path, value: &impl serde::Serialize) -> Resu
 }
 
 pub use device::{DeviceReport, LaunchReading, device_report};
+pub use offline::{OfflineReport, offline_scenario};
 pub use overhead::{OverheadReport, overhead_suite};
 pub use scenarios::{
     ServerReport, TenantsReport, server_scenario, tenants_scenario, within_bounds,

@@ -3,8 +3,8 @@
 //! per output token stay within their bounds, and the highest rate that
 //! does) and `bench tenants` (tenants of different weights, one of them
 //! rate-limited, sharing a contended model; each tenant's share of the
-//! output tokens against its weight, and refusals by status). `bench run
-//! --clients N` is the offline scenario (maximum throughput).
+//! output tokens against its weight, and refusals by status). The offline
+//! scenario is `bench offline` (its own module).
 //!
 //! Knows the scenarios' rules; the gateway and the load are other modules'.
 
@@ -13,11 +13,10 @@ use serde::Serialize;
 use super::selfhost::{SelfHosted, TenantSpec, connect};
 use super::suite::{git_revision, machine};
 use super::{
-    Arrival, BenchError, RunReport, ServerArgs, Target, TenantsArgs, bench_model, equal_tenants,
-    measured_run, write_results,
+    Arrival, BenchError, RunReport, ServerArgs, Target, TenantsArgs, equal_tenants, measured_run,
+    scenario_model, write_results,
 };
 use crate::api::pb::v1::TenantLimits;
-use crate::serving::{Batching, Pace};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct RateResult {
@@ -56,14 +55,7 @@ pub async fn server_scenario(
     command: &str,
 ) -> Result<(ServerReport, String), BenchError> {
     let workload = args.workload.spec();
-    let model = bench_model(
-        &workload.model,
-        args.model_dir.clone(),
-        "ascend-910b",
-        Pace::Cpu,
-        Batching::Continuous,
-        32,
-    );
+    let model = scenario_model(&workload.model, args.model_dir.clone(), 32);
     let hosted = SelfHosted::start(vec![model]).await?;
     let keys = hosted.provision(&equal_tenants(4)).await?;
     let target = Target {
@@ -179,14 +171,7 @@ pub async fn tenants_scenario(
     command: &str,
 ) -> Result<(TenantsReport, String), BenchError> {
     let workload = args.workload.spec();
-    let model = bench_model(
-        &workload.model,
-        args.model_dir.clone(),
-        "ascend-910b",
-        Pace::Cpu,
-        Batching::Continuous,
-        args.max_batch_size,
-    );
+    let model = scenario_model(&workload.model, args.model_dir.clone(), args.max_batch_size);
     let mut specs: Vec<TenantSpec> = args
         .weights
         .iter()

@@ -250,3 +250,38 @@ async fn the_server_scenario_reports_the_highest_rate_within_bounds() {
     let svg = std::fs::read_to_string(out.path().join("latency.svg")).expect("latency.svg");
     assert!(svg.contains("p99 TTFT"));
 }
+
+#[tokio::test]
+async fn the_offline_scenario_reports_its_best_run() {
+    let out = tempfile::tempdir().expect("dir");
+    let args = ascend_gateway::bench::OfflineArgs {
+        workload: tiny_workload_args(),
+        clients: vec![1, 4],
+        max_batch_size: 4,
+        duration: Duration::from_millis(800),
+        warmup: Duration::ZERO,
+        model_dir: crate::common::tiny_model_dir(),
+        out_dir: out.path().to_owned(),
+    };
+    let (report, markdown) = ascend_gateway::bench::offline_scenario(&args, "test")
+        .await
+        .expect("offline scenario");
+    assert_eq!(report.runs.len(), 2);
+    for run in &report.runs {
+        assert!(run.requests_ok > 0 && run.errors.is_empty(), "{run:?}");
+    }
+    let most = report
+        .runs
+        .iter()
+        .map(|r| r.output_tokens_per_s)
+        .fold(0.0f64, f64::max);
+    assert_eq!(report.best_output_tokens_per_s, most);
+    let best_run = &report.runs[args
+        .clients
+        .iter()
+        .position(|&c| c == report.best_clients)
+        .expect("a tried count")];
+    assert_eq!(best_run.output_tokens_per_s, most);
+    assert!(markdown.contains("Maximum:"));
+    assert!(out.path().join("results.json").exists());
+}
