@@ -20,6 +20,7 @@ use crate::api::pb::v1::tenant_admin_server::TenantAdminServer;
 use crate::api::{self, BillingApi, InferenceApi, TenantAdminApi};
 use crate::auth::{AdminCredential, Authenticator, KeyCache, LastUsedRecorder};
 use crate::billing::BillingService;
+use crate::billing::quote::PriceCache;
 use crate::config::{Settings, redact_url};
 use crate::limits::{BackgroundSettlements, Limiter};
 use crate::metering::{Metering, Spool, UsageEvent, UsageWriter};
@@ -370,6 +371,10 @@ impl App {
                 limiter.clone(),
                 registry.clone(),
                 metering_handle,
+                Arc::new(PriceCache::new(
+                    db.clone(),
+                    settings.billing.price_cache_ttl,
+                )),
             )))
             .add_service(TenantAdminServer::new(TenantAdminApi::new(tenancy.clone())))
             .add_service(BillingServer::new(BillingApi::new(

@@ -386,6 +386,12 @@ impl Settings {
                 problem: "at most 90d; invoices must close eventually".to_owned(),
             });
         }
+        if self.billing.price_cache_ttl > Duration::from_secs(3600) {
+            return Err(ConfigError::Invalid {
+                key: "billing.price_cache_ttl",
+                problem: "at most 1h; quotes must follow price changes".to_owned(),
+            });
+        }
         if self.limits.replicas == 0 {
             return Err(ConfigError::Invalid {
                 key: "limits.replicas",
@@ -675,6 +681,16 @@ mod tests {
         let moe = shape.moe.expect("moe");
         assert_eq!((moe.routed_experts, moe.experts_per_token), (256, 8));
         assert_eq!(shape.dims().expect("dims").hidden, 3840);
+    }
+
+    #[test]
+    fn the_example_file_loads() {
+        load(
+            Some(include_str!("../gateway.example.toml")),
+            &FlagOverrides::default(),
+            &[],
+        )
+        .expect("gateway.example.toml is valid");
     }
 
     #[test]

@@ -19,6 +19,7 @@ use super::pb::v1::{
 };
 use super::status::to_status;
 use crate::auth::TenantPrincipal;
+use crate::billing::quote::{Consumption, PlanPrices, PriceCache};
 use crate::limits::{Cost, Limiter, Permit, RateState};
 use crate::metering::Metering;
 use crate::model::FinishReason;
@@ -39,6 +40,7 @@ pub struct InferenceApi {
     limiter: Arc<Limiter>,
     registry: ModelRegistry,
     metering: Arc<Metering>,
+    prices: Arc<PriceCache>,
 }
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -55,6 +57,8 @@ struct Started {
     served: Arc<ServedModel>,
     logprobs: bool,
     rate: Option<RateState>,
+    /// The tenant's plan, for quoting the cost with the answer.
+    prices: Option<Arc<PlanPrices>>,
 }
 
 impl InferenceApi {
@@ -62,11 +66,13 @@ impl InferenceApi {
         limiter: Arc<Limiter>,
         registry: ModelRegistry,
         metering: Arc<Metering>,
+        prices: Arc<PriceCache>,
     ) -> InferenceApi {
         InferenceApi {
             limiter,
             registry,
             metering,
+            prices,
         }
     }
 
@@ -230,6 +236,7 @@ impl InferenceApi {
             )
             .await?;
         let rate = permit.rate_state();
+        let prices = self.prices.plan(&tenant.price_plan).await;
         let (sender, events) = mpsc::unbounded_channel();
         let job = Job {
             requester: Requester {
@@ -262,18 +269,34 @@ impl InferenceApi {
             served,
             logprobs: r.logprobs,
             rate,
+            prices,
         })
     }
 }
 
-fn usage_to_pb(usage: &JobUsage) -> pb::Usage {
+fn usage_to_pb(usage: &JobUsage, model: &str, prices: Option<&PlanPrices>) -> pb::Usage {
+    let cost = prices.and_then(|plan| {
+        plan.quote(
+            model,
+            &usage.device_profile,
+            now_us(),
+            Consumption {
+                prompt_tokens: u64::from(usage.prompt_tokens),
+                completion_tokens: u64::from(usage.completion_tokens),
+                energy_mj: usage.energy_mj,
+            },
+        )
+    });
     pb::Usage {
         prompt_tokens: usage.prompt_tokens,
         completion_tokens: usage.completion_tokens,
         total_tokens: usage.prompt_tokens + usage.completion_tokens,
         device_time_us: usage.device_time_us,
         energy_mj: usage.energy_mj,
-        cost: None,
+        cost: cost.map(|q| pb::Money {
+            currency_code: q.currency_code.to_owned(),
+            amount_nanos: q.amount_nanos,
+        }),
     }
 }
 
@@ -362,12 +385,13 @@ impl Inference for InferenceApi {
                     }
                 }
                 JobEvent::Finished { reason, usage } => {
+                    let usage_pb = usage_to_pb(&usage, &started.model, started.prices.as_deref());
                     let response = GenerateResponse {
                         request_id: started.request_id,
                         model: started.model,
                         text,
                         finish_reason: finish_to_pb(reason).into(),
-                        usage: Some(usage_to_pb(&usage)),
+                        usage: Some(usage_pb),
                         timings: Some(timings_to_pb(&usage)),
                         logprobs,
                     };
@@ -392,6 +416,7 @@ impl Inference for InferenceApi {
         let served = started.served.clone();
         let want_logprobs = started.logprobs;
         let rate = started.rate;
+        let (model, prices) = (started.model, started.prices);
         let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(started.events).map(
             move |event| {
                 let event = match event {
@@ -407,7 +432,7 @@ impl Inference for InferenceApi {
                     JobEvent::Finished { reason, usage } => {
                         generate_stream_response::Event::Complete(GenerateComplete {
                             finish_reason: finish_to_pb(reason).into(),
-                            usage: Some(usage_to_pb(&usage)),
+                            usage: Some(usage_to_pb(&usage, &model, prices.as_deref())),
                             timings: Some(timings_to_pb(&usage)),
                         })
                     }

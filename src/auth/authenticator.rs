@@ -178,6 +178,7 @@ impl Authenticator {
             key_id: record.key_id.clone(),
             scopes: crate::tenancy::parse_scopes(&record.scopes),
             scheduling_weight: u32::try_from(record.scheduling_weight).unwrap_or(1),
+            price_plan: record.price_plan.clone(),
             limits: record.limits(),
         }))
     }

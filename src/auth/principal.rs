@@ -20,6 +20,8 @@ pub struct TenantPrincipal {
     pub key_id: String,
     pub scopes: Vec<Scope>,
     pub scheduling_weight: u32,
+    /// The tenant's price plan, for the cost quoted with each answer.
+    pub price_plan: String,
     /// The tenant's limits as of the key lookup (at most `auth.cache_ttl` old).
     pub limits: Limits,
 }

@@ -14,11 +14,11 @@ use super::period::Period;
 use super::prices::PriceBook;
 
 /// Millijoules in a watt-hour: energy lines bill whole Wh.
-const MJ_PER_WH: i64 = 3_600_000;
+pub(crate) const MJ_PER_WH: i64 = 3_600_000;
 /// Token prices are per million tokens.
-const TOKENS_PER_PRICE_UNIT: i64 = 1_000_000;
+pub(crate) const TOKENS_PER_PRICE_UNIT: i64 = 1_000_000;
 /// Energy prices are per kWh; energy quantities are Wh.
-const WH_PER_PRICE_UNIT: i64 = 1_000;
+pub(crate) const WH_PER_PRICE_UNIT: i64 = 1_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum LineKind {

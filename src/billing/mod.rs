@@ -10,6 +10,7 @@
 //!   late usage included.
 //! - `export`: invoice lines and usage events in chunks, keyset-paged.
 //! - `file`: CSV, JSON Lines and Parquet export files.
+//! - `quote`: one request's cost under its tenant's plan, for its answer.
 //! - `repo`: the SQL.
 //!
 //! Finalized invoices, their lines and all prices are immutable, enforced by
@@ -23,6 +24,7 @@ pub mod invoice;
 pub mod money;
 pub mod period;
 pub mod prices;
+pub mod quote;
 mod repo;
 mod service;
 
@@ -45,12 +47,17 @@ pub struct BillingSettings {
     /// still lands in; it may be finalized only after this.
     #[serde(with = "humantime_serde")]
     pub grace_period: Duration,
+    /// How long a plan's prices are reused for the cost quoted with each
+    /// answer; a price change shows in quotes within this.
+    #[serde(with = "humantime_serde")]
+    pub price_cache_ttl: Duration,
 }
 
 impl Default for BillingSettings {
     fn default() -> Self {
         BillingSettings {
             grace_period: Duration::from_secs(3 * 24 * 3600),
+            price_cache_ttl: Duration::from_secs(5),
         }
     }
 }

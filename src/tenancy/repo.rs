@@ -322,6 +322,7 @@ pub struct KeyForAuth {
     pub revoked_at_us: Option<i64>,
     pub tenant_slug: String,
     pub tenant_status: String,
+    pub price_plan: String,
     pub scheduling_weight: i64,
     pub requests_per_second: Option<f64>,
     pub burst: Option<i64>,
@@ -352,7 +353,8 @@ pub async fn key_for_auth(
     let row: Option<KeyForAuth> = sqlx::query_as(
         "SELECT k.key_id, k.tenant_id, k.scopes, k.secret_hash, k.previous_secret_hash, \
          k.previous_expires_at_us, k.expires_at_us, k.revoked_at_us, t.slug AS tenant_slug, \
-         t.status AS tenant_status, t.scheduling_weight, t.requests_per_second, t.burst, \
+         t.status AS tenant_status, t.price_plan, t.scheduling_weight, t.requests_per_second, \
+         t.burst, \
          t.tokens_per_minute, t.max_concurrent_requests, t.monthly_token_quota \
          FROM api_keys k JOIN tenants t ON t.id = k.tenant_id WHERE k.key_id = $1",
     )

@@ -1346,3 +1346,96 @@ async fn racing_flow(gateway: &TestGateway) {
         "usage before finalization is on time, after it late: {on_time} / {late}"
     );
 }
+
+/// Whether `amount` nanos is `numerator / 3.6e9` rounded to the nearest
+/// nano: the common denominator of per-million-token and per-kWh prices
+/// (1e6 tokens; 3.6e9 mJ per kWh).
+fn nearest_nano(amount: i64, numerator: i128) -> bool {
+    let denominator: i128 = 3_600_000_000;
+    (i128::from(amount) * denominator - numerator).abs() * 2 <= denominator
+}
+
+#[tokio::test]
+async fn answers_quote_their_cost_under_the_tenants_plan() {
+    use ascend_gateway::api::pb::v1::inference_client::InferenceClient;
+    use ascend_gateway::api::pb::v1::{GenerateRequest, generate_stream_response};
+
+    let gateway = sqlite_gateway().await;
+    let channel = &gateway.channel;
+    let (prompt_price, completion_price, kwh_price) =
+        (500_000_000i64, 1_500_000_000i64, 100_000_000i64);
+    let priced = Price {
+        per_kwh: usd(kwh_price),
+        ..price("tiny", "", 0, prompt_price, completion_price)
+    };
+    priced_tenant(channel, "quoted", priced).await;
+    priced_tenant(channel, "unquoted", price("another-model", "", 0, 1, 1)).await;
+    let key = |slug: &'static str| async move {
+        TenantAdminClient::new(channel.clone())
+            .create_api_key(admin(CreateApiKeyRequest {
+                tenant: slug.to_owned(),
+                ..Default::default()
+            }))
+            .await
+            .expect("key")
+            .into_inner()
+            .secret
+    };
+    let (quoted, unquoted) = (key("quoted").await, key("unquoted").await);
+    let request = || GenerateRequest {
+        model: "tiny".to_owned(),
+        prompt: "How much does this cost?".to_owned(),
+        max_tokens: Some(8),
+        seed: Some(3),
+        ..Default::default()
+    };
+    let mut inference = InferenceClient::new(channel.clone());
+
+    let usage = inference
+        .generate(authed(request(), &quoted))
+        .await
+        .expect("generate")
+        .into_inner()
+        .usage
+        .expect("usage");
+    let cost = usage.cost.clone().expect("a priced model has a cost");
+    assert_eq!(cost.currency_code, "USD");
+    let numerator = (i128::from(usage.prompt_tokens) * i128::from(prompt_price)
+        + i128::from(usage.completion_tokens) * i128::from(completion_price))
+        * 3600
+        + i128::from(usage.energy_mj) * i128::from(kwh_price);
+    assert!(usage.energy_mj > 0, "the emulated device charges energy");
+    assert!(
+        nearest_nano(cost.amount_nanos, numerator),
+        "{cost:?} for {usage:?}"
+    );
+
+    let mut stream = inference
+        .generate_stream(authed(request(), &quoted))
+        .await
+        .expect("stream")
+        .into_inner();
+    let mut streamed = None;
+    while let Some(message) = stream.message().await.expect("message") {
+        if let Some(generate_stream_response::Event::Complete(done)) = message.event {
+            streamed = done.usage;
+        }
+    }
+    let streamed = streamed.expect("a final usage");
+    let streamed_cost = streamed.cost.clone().expect("streams quote too");
+    let numerator = (i128::from(streamed.prompt_tokens) * i128::from(prompt_price)
+        + i128::from(streamed.completion_tokens) * i128::from(completion_price))
+        * 3600
+        + i128::from(streamed.energy_mj) * i128::from(kwh_price);
+    assert!(nearest_nano(streamed_cost.amount_nanos, numerator));
+
+    let unpriced = inference
+        .generate(authed(request(), &unquoted))
+        .await
+        .expect("generate")
+        .into_inner()
+        .usage
+        .expect("usage");
+    assert_eq!(unpriced.cost, None, "no price for the model: no quote");
+    gateway.stop().await.expect("stop");
+}
