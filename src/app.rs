@@ -223,6 +223,23 @@ impl App {
             None => None,
         };
         let (limiter, settlements) = Limiter::new(redis, settings.limits.clone());
+        let usage_db = db.clone();
+        limiter.set_quota_seed(Arc::new(move |tenant_id: String, since_us: i64| {
+            let db = usage_db.clone();
+            Box::pin(async move {
+                let (_, total) = crate::metering::query::usage(
+                    &db,
+                    &tenant_id,
+                    since_us,
+                    i64::MAX,
+                    None,
+                    crate::metering::Grouping::Total,
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+                Ok(total.prompt_tokens + total.completion_tokens)
+            })
+        }));
         let spool_dir = settings
             .metering
             .spool_dir

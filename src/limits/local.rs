@@ -83,6 +83,21 @@ fn refill(bucket: &mut Bucket, capacity: f64, now: Instant) {
 }
 
 impl LocalLimits {
+    /// Raises the tenant's `month` quota usage to at least `used` (tokens
+    /// the metered usage already holds), so a restarted node does not hand
+    /// out the month's quota again. Idempotent.
+    pub fn seed_quota(&self, tenant_id: &str, month: &str, used: u64) {
+        let mut tenants = self.tenants.lock().unwrap_or_else(|e| e.into_inner());
+        let state = tenants.entry(tenant_id.to_owned()).or_default();
+        if state.quota.month != month {
+            state.quota = QuotaState {
+                month: month.to_owned(),
+                ..QuotaState::default()
+            };
+        }
+        state.quota.used = state.quota.used.max(used);
+    }
+
     pub fn admit(
         &self,
         tenant_id: &str,

@@ -21,6 +21,9 @@ mod error;
 pub mod local;
 pub mod redis_store;
 
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -102,8 +105,28 @@ struct Settlement {
     used_tokens: u64,
 }
 
+/// The tokens a tenant has used since a moment (the month's start), as the
+/// metered usage records them. Given by the application, which knows the
+/// database; the limiter knows only that it can ask.
+pub type QuotaSeed = Arc<
+    dyn Fn(String, i64) -> Pin<Box<dyn Future<Output = Result<u64, String>> + Send>> + Send + Sync,
+>;
+
+/// A failed seeding is retried no sooner than this, so a database outage
+/// does not add a query to every request.
+const SEED_RETRY: Duration = Duration::from_secs(30);
+
+/// Whether a (tenant, month) quota counter has been seeded on this node.
+enum Seeded {
+    Done,
+    FailedAt(Instant),
+}
+
 pub struct Limiter {
     local: LocalLimits,
+    /// Where monthly quota counters start when this node has none.
+    quota_seed: std::sync::OnceLock<QuotaSeed>,
+    seeded: Mutex<HashMap<(String, String), Seeded>>,
     redis: Option<RedisLimits>,
     settings: LimitSettings,
     outage_logged_at: Mutex<Option<Instant>>,
@@ -138,6 +161,8 @@ impl Limiter {
         });
         let limiter = Arc::new(Limiter {
             local: LocalLimits::default(),
+            quota_seed: std::sync::OnceLock::new(),
+            seeded: Mutex::new(HashMap::new()),
             redis,
             settings,
             outage_logged_at: Mutex::new(None),
@@ -146,6 +171,57 @@ impl Limiter {
             background,
         });
         (limiter, BackgroundSettlements(receiver))
+    }
+
+    /// Makes monthly quotas start from the metered usage of the month the
+    /// first time this node admits a tenant in it (after a restart, local
+    /// counters are empty; Redis may have lost its own). Set once.
+    pub fn set_quota_seed(&self, seed: QuotaSeed) {
+        let _ = self.quota_seed.set(seed);
+    }
+
+    /// Seeds the tenant's counter for the current month once per node.
+    /// What the usage writer has not shipped yet is not counted: at most
+    /// one ship interval of usage.
+    async fn seed_quota(&self, tenant_id: &str, now: i64) {
+        let Some(seed) = self.quota_seed.get() else {
+            return;
+        };
+        let month = calendar::month_key(now);
+        let key = (tenant_id.to_owned(), month.clone());
+        {
+            let seeded = self.seeded.lock().unwrap_or_else(|e| e.into_inner());
+            match seeded.get(&key) {
+                Some(Seeded::Done) => return,
+                Some(Seeded::FailedAt(at)) if at.elapsed() < SEED_RETRY => return,
+                _ => {}
+            }
+        }
+        let (month_start_us, _, _) = calendar::month_bounds_us(now.saturating_mul(1_000_000));
+        let outcome = match seed(tenant_id.to_owned(), month_start_us).await {
+            Ok(used) => {
+                self.local.seed_quota(tenant_id, &month, used);
+                match &self.redis {
+                    Some(redis) => redis
+                        .seed_quota(tenant_id, &month, used, calendar::secs_until_month_end(now))
+                        .await
+                        .map_err(|e| e.to_string()),
+                    None => Ok(()),
+                }
+            }
+            Err(e) => Err(e),
+        };
+        let state = match outcome {
+            Ok(()) => Seeded::Done,
+            Err(error) => {
+                tracing::warn!(%error, tenant = tenant_id, "monthly quota not seeded from metered usage; retrying later");
+                Seeded::FailedAt(Instant::now())
+            }
+        };
+        self.seeded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, state);
     }
 
     /// Admissions decided locally because Redis failed (fail_open).
@@ -182,6 +258,9 @@ impl Limiter {
         cost: Cost,
     ) -> Result<Permit, LimitError> {
         let now = unix_secs();
+        if limits.monthly_token_quota.is_some() && cost.tokens > 0 {
+            self.seed_quota(tenant_id, now).await;
+        }
         let (grant, rate) = match &self.redis {
             None => {
                 let (grant, rate) = self.local.admit(tenant_id, limits, cost, now)?;

@@ -229,6 +229,29 @@ impl RedisLimits {
         )))
     }
 
+    /// Sets the tenant's `month` quota usage to `used` if no node has
+    /// counted any yet (the counters were lost, or never existed); a
+    /// counter that exists is left alone.
+    pub async fn seed_quota(
+        &self,
+        tenant_id: &str,
+        month: &str,
+        used: u64,
+        secs_until_month_end: i64,
+    ) -> Result<(), redis::RedisError> {
+        let key = self.key(tenant_id, &format!("quota:{month}"));
+        let mut connection = self.connection.clone();
+        let _: () = redis::pipe()
+            .atomic()
+            .hset_nx(&key, "used", used)
+            .ignore()
+            .expire(&key, secs_until_month_end + 7 * 86_400)
+            .ignore()
+            .query_async(&mut connection)
+            .await?;
+        Ok(())
+    }
+
     pub async fn settle(
         &self,
         tenant_id: &str,

@@ -564,3 +564,134 @@ async fn rejections_are_counted_in_the_metrics() {
     );
     gateway.stop().await.expect("clean stop");
 }
+
+/// A monthly quota survives a restart of a gateway on local limits: the
+/// restarted node starts the month's counter from the metered usage.
+#[tokio::test]
+async fn a_restarted_gateway_keeps_counting_the_months_quota() {
+    use ascend_gateway::api::pb::v1::{CountTokensRequest, GenerateRequest};
+
+    let data_dir = tempfile::tempdir().expect("data dir");
+    let settings = test_settings(&data_dir);
+    let quota = 100u64;
+    let first =
+        TestGateway::start_with(settings.clone(), tempfile::tempdir().expect("spare")).await;
+    let key = tenant_with_key(
+        &first.channel,
+        "quota-restart",
+        TenantLimits {
+            monthly_token_quota: Some(quota),
+            ..Default::default()
+        },
+    )
+    .await;
+    let request = |max_tokens: u32| GenerateRequest {
+        model: "tiny".to_owned(),
+        prompt: "hi".to_owned(),
+        max_tokens: Some(max_tokens),
+        ignore_eos: true,
+        seed: Some(1),
+        ..Default::default()
+    };
+    let mut inference = InferenceClient::new(first.channel.clone());
+    let prompt_tokens = u64::from(
+        inference
+            .count_tokens(authed(
+                CountTokensRequest {
+                    model: "tiny".to_owned(),
+                    prompt: "hi".to_owned(),
+                    ..Default::default()
+                },
+                &key,
+            ))
+            .await
+            .expect("count")
+            .into_inner()
+            .token_count,
+    );
+    let mut used = 0;
+    for _ in 0..4 {
+        let usage = inference
+            .generate(authed(request(8), &key))
+            .await
+            .expect("within the quota")
+            .into_inner()
+            .usage
+            .expect("usage");
+        used += u64::from(usage.total_tokens);
+    }
+    assert_eq!(used, 4 * (prompt_tokens + 8));
+    first.stop().await.expect("stop ships the usage");
+
+    let second = TestGateway::start_with(settings, tempfile::tempdir().expect("spare")).await;
+    let mut inference = InferenceClient::new(second.channel.clone());
+    // Fits a fresh month, not this one: refused.
+    let too_much = u32::try_from(quota - used + 1 - prompt_tokens).expect("small");
+    assert!(prompt_tokens + u64::from(too_much) <= quota);
+    let refused = inference
+        .generate(authed(request(too_much), &key))
+        .await
+        .expect_err("the month's earlier usage counts");
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.message().contains("quota"), "{refused:?}");
+    // What is left is still there: the seed counts nothing twice.
+    let rest = u32::try_from(quota - used - prompt_tokens).expect("small");
+    inference
+        .generate(authed(request(rest), &key))
+        .await
+        .expect("exactly the rest of the quota");
+    second.stop().await.expect("stop");
+}
+
+/// Quota counters lost from Redis start again from the metered usage, and
+/// a counter Redis still holds is never lowered by a seed.
+#[tokio::test]
+async fn redis_quota_counters_start_from_the_metered_usage() {
+    let prefix = prefix();
+    let limiter = |seeded_used: u64| {
+        let prefix = prefix.clone();
+        async move {
+            let (limiter, background) = Limiter::new(
+                Some(redis_connection(&redis_url()).await),
+                settings(prefix, FailurePolicy::FailClosed, Duration::from_secs(60)),
+            );
+            limiter.set_quota_seed(Arc::new(move |_tenant: String, _since_us: i64| {
+                Box::pin(async move { Ok(seeded_used) })
+            }));
+            (limiter, background)
+        }
+    };
+    let limits = Limits {
+        monthly_token_quota: Some(1000),
+        ..Limits::default()
+    };
+    let (first, _bg) = limiter(950).await;
+    let Err(refused) = first.admit("seeded", &limits, Cost { tokens: 100 }).await else {
+        panic!("950 used + 100 > 1000 must be refused");
+    };
+    assert!(
+        matches!(
+            refused,
+            LimitError::Exceeded {
+                kind: LimitKind::MonthlyQuota,
+                ..
+            }
+        ),
+        "{refused}"
+    );
+    first
+        .admit("seeded", &limits, Cost { tokens: 50 })
+        .await
+        .expect("the rest fits")
+        .settle(50)
+        .await;
+    // Another node whose metered view says less does not lower the counter.
+    let (second, _bg) = limiter(0).await;
+    assert!(
+        second
+            .admit("seeded", &limits, Cost { tokens: 1 })
+            .await
+            .is_err(),
+        "1000 of 1000 used"
+    );
+}
