@@ -246,6 +246,12 @@ fn bench_command(command: &BenchCommand) -> ExitCode {
                     BenchCommand::Report(args) => {
                         print!("{}", bench::device_report(args, &invocation).await?.1);
                     }
+                    BenchCommand::Replot(args) => {
+                        for results in &args.results {
+                            let kind = bench::replot(results)?;
+                            println!("{}: {kind} plots redrawn", results.display());
+                        }
+                    }
                     BenchCommand::Offline(args) => {
                         print!("{}", bench::offline_scenario(args, &invocation).await?.1);
                     }

@@ -13,7 +13,7 @@
 //! Knows the runs, the arithmetic and the claims; serving and the cost
 //! model are other modules'.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::report::round;
 use super::selfhost::{SelfHosted, connect};
@@ -123,7 +123,7 @@ fn step_reads(shape: &ServedAs, batch: usize) -> String {
 }
 
 /// One device at one batch size.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DevicePoint {
     pub device: String,
     pub batch: usize,
@@ -141,7 +141,7 @@ pub struct DevicePoint {
 }
 
 /// The assumptions of the cost column.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CostAssumptions {
     pub electricity_usd_per_kwh: f64,
     pub amortisation_years: f64,
@@ -150,7 +150,7 @@ pub struct CostAssumptions {
     pub device_price_usd: [f64; 3],
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DeviceReport {
     pub command: String,
     pub git_revision: String,
@@ -162,7 +162,7 @@ pub struct DeviceReport {
     pub comparisons: Vec<Comparison>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Comparison {
     pub what: String,
     pub measured: String,

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
@@ -19,7 +19,7 @@ use crate::api::pb::v1::generate_stream_response::Event;
 use crate::api::pb::v1::inference_client::InferenceClient;
 
 /// How requests arrive.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "mode")]
 pub enum Arrival {
     /// `clients` loops, each with one request in flight.

@@ -77,6 +77,9 @@ pub enum BenchCommand {
     /// The Ascend 910B / 910C against H100 report: one workload with
     /// pace = device and the launch material's 175B shape on each profile.
     Report(ReportArgs),
+    /// Redraws the plots beside each given results.json (of report, server
+    /// or tenants) without running anything.
+    Replot(ReplotArgs),
     /// MLPerf-style offline scenario: closed loops of rising client counts;
     /// the maximum output tokens/s.
     Offline(OfflineArgs),
@@ -86,6 +89,13 @@ pub enum BenchCommand {
     /// Tenants of different weights (and one rate-limited) sharing a
     /// contended model: each one's token share against its weight.
     Tenants(TenantsArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ReplotArgs {
+    /// results.json files
+    #[arg(required = true)]
+    pub results: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -496,6 +506,7 @@ pub fn write_json(path: &std::path::Path, value: &impl serde::Serialize) -> Resu
 pub use device::{DeviceReport, LaunchReading, device_report};
 pub use offline::{OfflineReport, offline_scenario};
 pub use overhead::{OverheadReport, overhead_suite};
+pub use plot::replot;
 pub use scenarios::{
     ServerReport, TenantsReport, server_scenario, tenants_scenario, within_bounds,
 };

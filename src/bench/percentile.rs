@@ -3,10 +3,10 @@
 //!
 //! Knows nothing of where samples come from.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Milliseconds, rounded to microseconds.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct Summary {
     pub count: usize,
     pub mean: f64,

@@ -1,11 +1,15 @@
 //! Plots of bench results as SVG (plotters' SVG backend: no fonts or
 //! system libraries needed), committed beside the JSON and Markdown.
 //!
+//! `bench replot` redraws them from committed `results.json` files, so a
+//! change of style does not need the runs again.
+//!
 //! Knows report structures and drawing; not how results were made.
 
 use std::path::Path;
 
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use super::BenchError;
 use super::device::{DEVICES, DeviceReport};
@@ -36,7 +40,8 @@ fn grouped_bars(
         .iter()
         .flat_map(|(_, values)| values.iter().copied())
         .fold(0.0f64, f64::max)
-        * 1.15;
+        // Headroom for the legend above the tallest bar.
+        * 1.4;
     let root = SVGBackend::new(path, (720, 420)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| failed(path, e))?;
     let mut chart = ChartBuilder::on(&root)
@@ -66,13 +71,14 @@ fn grouped_bars(
             .label(*name)
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], colour.filled()));
     }
+    // Each group's name centred under it, below the axis.
+    let label_style = ("sans-serif", 14)
+        .into_font()
+        .color(&BLACK)
+        .pos(Pos::new(HPos::Center, VPos::Top));
     for (g, label) in groups.iter().enumerate() {
-        chart
-            .draw_series(std::iter::once(Text::new(
-                label.clone(),
-                (g as f64 + 0.3, top * 0.02),
-                ("sans-serif", 14),
-            )))
+        let (x, y) = chart.backend_coord(&(g as f64 + 0.5, 0.0));
+        root.draw_text(label, &label_style, (x, y + 8))
             .map_err(|e| failed(path, e))?;
     }
     chart
@@ -199,14 +205,15 @@ pub fn server_plot(report: &ServerReport, dir: &Path) -> Result<(), BenchError> 
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], colour));
     }
     let bound = report.ttft_p99_bound_ms;
+    let bound_colour = RGBColor(0, 140, 60);
     chart
         .draw_series(std::iter::once(PathElement::new(
             vec![(0.0, bound), (x_max, bound)],
-            BLACK.mix(0.4),
+            bound_colour.stroke_width(2),
         )))
         .map_err(|e| failed(&path, e))?
-        .label("TTFT bound")
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLACK.mix(0.4)));
+        .label("p99 TTFT bound")
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], bound_colour));
     chart
         .configure_series_labels()
         .border_style(BLACK)
@@ -215,4 +222,28 @@ pub fn server_plot(report: &ServerReport, dir: &Path) -> Result<(), BenchError> 
         .draw()
         .map_err(|e| failed(&path, e))?;
     root.present().map_err(|e| failed(&path, e))
+}
+
+/// Redraws the plots of the report in `results` (a `results.json` of
+/// `bench report`, `bench server` or `bench tenants`) beside it; returns
+/// which kind it was.
+pub fn replot(results: &Path) -> Result<&'static str, BenchError> {
+    let text = std::fs::read_to_string(results).map_err(|e| failed(results, e))?;
+    let dir = results.parent().unwrap_or(Path::new("."));
+    if let Ok(report) = serde_json::from_str::<DeviceReport>(&text) {
+        device_plots(&report, dir)?;
+        return Ok("device report");
+    }
+    if let Ok(report) = serde_json::from_str::<ServerReport>(&text) {
+        server_plot(&report, dir)?;
+        return Ok("server scenario");
+    }
+    if let Ok(report) = serde_json::from_str::<TenantsReport>(&text) {
+        tenant_plot(&report, dir)?;
+        return Ok("tenants scenario");
+    }
+    Err(failed(
+        results,
+        "not the results.json of bench report, server or tenants",
+    ))
 }

@@ -6,13 +6,13 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::load::{Arrival, Sample};
 use super::percentile::Summary;
 
 /// One tenant's part of a run.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct TenantShare {
     pub tenant: usize,
     pub requests: usize,
@@ -23,7 +23,7 @@ pub struct TenantShare {
     pub errors: BTreeMap<String, usize>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunReport {
     pub label: String,
     pub arrival: Arrival,

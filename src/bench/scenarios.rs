@@ -8,7 +8,7 @@
 //!
 //! Knows the scenarios' rules; the gateway and the load are other modules'.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::selfhost::{SelfHosted, TenantSpec, connect};
 use super::suite::{git_revision, machine};
@@ -18,7 +18,7 @@ use super::{
 };
 use crate::api::pb::v1::TenantLimits;
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RateResult {
     pub rate: f64,
     pub ttft_p99_ms: f64,
@@ -28,7 +28,7 @@ pub struct RateResult {
     pub run: RunReport,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ServerReport {
     pub command: String,
     pub git_revision: String,
@@ -141,7 +141,7 @@ pub async fn server_scenario(
     Ok((report, markdown))
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TenantResult {
     pub slug: String,
     pub weight: u32,
@@ -154,7 +154,7 @@ pub struct TenantResult {
     pub refusals: std::collections::BTreeMap<String, usize>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TenantsReport {
     pub command: String,
     pub git_revision: String,

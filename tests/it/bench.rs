@@ -177,6 +177,11 @@ async fn the_device_report_runs_every_profile_and_explains_the_claims() {
         markdown.contains("mixture of experts"),
         "the shape is described"
     );
+    // The plots can be redrawn from the results file alone.
+    std::fs::remove_file(out.path().join("throughput.svg")).expect("remove");
+    let kind = ascend_gateway::bench::replot(&out.path().join("results.json")).expect("replot");
+    assert_eq!(kind, "device report");
+    assert!(out.path().join("throughput.svg").exists());
 }
 
 fn tiny_workload_args() -> ascend_gateway::bench::WorkloadArgs {
@@ -224,6 +229,10 @@ async fn the_tenants_scenario_shares_by_weight_and_refuses_the_limited_tenant() 
     );
     assert!((light.weight_share - 0.2).abs() < 1e-9);
     assert!(markdown.contains("| rate-limited | 1 |"));
+    assert!(out.path().join("shares.svg").exists());
+    std::fs::remove_file(out.path().join("shares.svg")).expect("remove");
+    let kind = ascend_gateway::bench::replot(&out.path().join("results.json")).expect("replot");
+    assert_eq!(kind, "tenants scenario");
     assert!(out.path().join("shares.svg").exists());
 }
 
