@@ -116,6 +116,10 @@ pub type QuotaSeed = Arc<
 /// does not add a query to every request.
 const SEED_RETRY: Duration = Duration::from_secs(30);
 
+/// How long an admission waits for the metered usage before going on
+/// without it (the counter is then seeded on a later try).
+const SEED_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Whether a (tenant, month) quota counter has been seeded on this node.
 enum Seeded {
     Done,
@@ -198,7 +202,8 @@ impl Limiter {
             }
         }
         let (month_start_us, _, _) = calendar::month_bounds_us(now.saturating_mul(1_000_000));
-        let outcome = match seed(tenant_id.to_owned(), month_start_us).await {
+        let asked = tokio::time::timeout(SEED_TIMEOUT, seed(tenant_id.to_owned(), month_start_us));
+        let outcome = match asked.await.unwrap_or_else(|_| Err("timed out".to_owned())) {
             Ok(used) => {
                 self.local.seed_quota(tenant_id, &month, used);
                 match &self.redis {
