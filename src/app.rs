@@ -333,6 +333,7 @@ impl App {
         let tasks = TaskTracker::new();
         let stop_tasks = CancellationToken::new();
         let metering_handle = metering.clone();
+        let usage_barrier = metering.clone();
         let metrics_registry = crate::metrics::registry(crate::metrics::GatewayCollector {
             limiter: limiter.clone(),
             metering,
@@ -435,6 +436,12 @@ impl App {
         // usage writer's last round.
         let models = registry.clone();
         let _ = tokio::task::spawn_blocking(move || models.stop()).await;
+        // The spool answers a seal only after every earlier append's
+        // completion has run, so the jobs' last settlements are queued
+        // before the limiter's background task makes its last round.
+        if let Err(e) = usage_barrier.flush().await {
+            tracing::error!(error = %e, "usage spool: cannot flush at shutdown");
+        }
         // Background tasks finish their last flush before the pool closes.
         stop_tasks.cancel();
         tasks.close();

@@ -52,18 +52,26 @@ impl PlanPrices {
         let energy_per = i128::from(WH_PER_PRICE_UNIT) * i128::from(MJ_PER_WH);
         let tokens_per = i128::from(TOKENS_PER_PRICE_UNIT);
         let denominator = tokens_per * energy_per;
-        let tokens = i128::from(used.prompt_tokens) * i128::from(price.prompt_per_million_nanos)
-            + i128::from(used.completion_tokens) * i128::from(price.completion_per_million_nanos);
+        let tokens = (i128::from(used.prompt_tokens) * i128::from(price.prompt_per_million_nanos))
+            .checked_add(
+                i128::from(used.completion_tokens) * i128::from(price.completion_per_million_nanos),
+            )?;
         let energy = price.per_kwh_nanos.map_or(0, |per_kwh| {
             i128::from(used.energy_mj) * i128::from(per_kwh)
         });
-        let numerator = tokens.checked_mul(energy_per)? + energy.checked_mul(tokens_per)?;
+        let numerator = tokens
+            .checked_mul(energy_per)?
+            .checked_add(energy.checked_mul(tokens_per)?)?;
         Some(Quote {
             currency_code: self.currency.code,
             amount_nanos: i64::try_from(div_round_half_even(numerator, denominator)).ok()?,
         })
     }
 }
+
+/// How long an answer waits for a plan it has not cached: past this it goes
+/// without a quote (a database outage must not slow every answer).
+const READ_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// A plan as last read (`None`: it has no prices or could not be read).
 type CachedPlan = (Instant, Option<Arc<PlanPrices>>);
@@ -95,7 +103,12 @@ impl PriceCache {
         {
             return plan.clone();
         }
-        let plan = match self.read(name).await {
+        let read = tokio::time::timeout(READ_TIMEOUT, self.read(name));
+        let plan = match read.await.unwrap_or_else(|_| {
+            Err(super::BillingError::Precondition(
+                "timed out reading the plan".to_owned(),
+            ))
+        }) {
             Ok(plan) => plan.map(Arc::new),
             Err(e) => {
                 // A quote is a courtesy; the request goes on without one

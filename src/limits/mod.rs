@@ -205,7 +205,13 @@ impl Limiter {
         let asked = tokio::time::timeout(SEED_TIMEOUT, seed(tenant_id.to_owned(), month_start_us));
         let outcome = match asked.await.unwrap_or_else(|_| Err("timed out".to_owned())) {
             Ok(used) => {
-                self.local.seed_quota(tenant_id, &month, used);
+                // With Redis, local counters serve only the fail-open
+                // fallback, which holds each node to its share.
+                let local_share = match &self.redis {
+                    Some(_) => used / u64::from(self.settings.replicas.max(1)),
+                    None => used,
+                };
+                self.local.seed_quota(tenant_id, &month, local_share);
                 match &self.redis {
                     Some(redis) => redis
                         .seed_quota(tenant_id, &month, used, calendar::secs_until_month_end(now))

@@ -106,12 +106,25 @@ end
 return 0
 ";
 
+/// Raises a quota counter's `used` to at least the metered usage; never
+/// lowers it. KEYS[1] the month's quota hash; ARGV: used, expiry seconds.
+const SEED: &str = r"
+local used = tonumber(redis.call('HGET', KEYS[1], 'used')) or 0
+local seed = tonumber(ARGV[1])
+if seed > used then
+  redis.call('HSET', KEYS[1], 'used', seed)
+end
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
+return 0
+";
+
 pub struct RedisLimits {
     connection: ConnectionManager,
     prefix: String,
     lease_ttl: Duration,
     admit: Script,
     settle: Script,
+    seed: Script,
 }
 
 /// What an admission reserved in Redis.
@@ -133,6 +146,7 @@ impl RedisLimits {
             lease_ttl,
             admit: Script::new(ADMIT),
             settle: Script::new(SETTLE),
+            seed: Script::new(SEED),
         }
     }
 
@@ -229,9 +243,9 @@ impl RedisLimits {
         )))
     }
 
-    /// Sets the tenant's `month` quota usage to `used` if no node has
-    /// counted any yet (the counters were lost, or never existed); a
-    /// counter that exists is left alone.
+    /// Raises the tenant's `month` quota usage to at least `used` (the
+    /// metered usage, when the counters were lost or never existed); a
+    /// higher counter is left alone.
     pub async fn seed_quota(
         &self,
         tenant_id: &str,
@@ -239,17 +253,14 @@ impl RedisLimits {
         used: u64,
         secs_until_month_end: i64,
     ) -> Result<(), redis::RedisError> {
-        let key = self.key(tenant_id, &format!("quota:{month}"));
         let mut connection = self.connection.clone();
-        let _: () = redis::pipe()
-            .atomic()
-            .hset_nx(&key, "used", used)
-            .ignore()
-            .expire(&key, secs_until_month_end + 7 * 86_400)
-            .ignore()
-            .query_async(&mut connection)
-            .await?;
-        Ok(())
+        self.seed
+            .key(self.key(tenant_id, &format!("quota:{month}")))
+            .arg(used)
+            .arg(secs_until_month_end + 7 * 86_400)
+            .invoke_async::<i64>(&mut connection)
+            .await
+            .map(|_| ())
     }
 
     pub async fn settle(

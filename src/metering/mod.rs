@@ -109,6 +109,12 @@ impl Metering {
         self.spool.append_then(event, then);
     }
 
+    /// Returns once every event handed over before it is durable and its
+    /// completion (for [`Metering::record_then`]) has run.
+    pub async fn flush(&self) -> Result<(), MeteringError> {
+        self.spool.seal().await
+    }
+
     pub fn stats(&self) -> &SpoolStats {
         self.spool.stats()
     }

@@ -79,7 +79,14 @@ impl Ack {
             Ack::Waiter(sender) => {
                 let _ = sender.send(result);
             }
-            Ack::Then(then) => then(result),
+            Ack::Then(then) => {
+                // A completion that panics must not take the commit thread,
+                // and with it all later metering, down.
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| then(result))).is_err()
+                {
+                    tracing::error!("usage spool: a completion panicked");
+                }
+            }
         }
     }
 }
@@ -420,7 +427,14 @@ impl Committer {
                     .pending_events
                     .fetch_add(acks.len() as u64, Ordering::Relaxed);
             }
-            Err(e) => tracing::error!(error = %e, "usage spool: write failed"),
+            Err(e) => {
+                tracing::error!(error = %e, "usage spool: write failed");
+                // Cut what this commit wrote, so no torn record sits before
+                // later appends (a reader stops at the first bad record).
+                if let Err(e) = self.file.set_len(self.size) {
+                    tracing::error!(error = %e, "usage spool: cannot cut a failed write");
+                }
+            }
         }
         for ack in acks.drain(..) {
             if result.is_err() && matches!(ack, Ack::Then(_)) {
@@ -523,6 +537,26 @@ mod tests {
             .sum();
         assert_eq!(events, 50, "every acknowledged event is on disk");
         reopened.close();
+    }
+
+    #[tokio::test]
+    async fn a_panicking_completion_does_not_stop_metering() {
+        let dir = tempfile::tempdir().expect("dir");
+        let spool = Spool::open(dir.path(), SpoolSettings::default()).expect("open");
+        spool.append_then(&event(1), Box::new(|_| panic!("a completion's bug")));
+        spool
+            .append(&event(2))
+            .await
+            .expect("later appends still commit");
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        spool.append_then(
+            &event(3),
+            Box::new(move |result| {
+                let _ = tx.send(result);
+            }),
+        );
+        assert_eq!(rx.await.expect("answered"), Ok(()));
+        spool.close();
     }
 
     #[tokio::test]

@@ -200,8 +200,8 @@ impl ServedAs {
             f64::from(moe.shared_experts),
         );
         // One expert's parameters, 3 x hidden x expert_ffn.
-        let expert =
-            (self.total_params - self.active_params) as f64 / (moe_layers * (routed - per_token));
+        let expert = self.total_params.saturating_sub(self.active_params) as f64
+            / (moe_layers * (routed - per_token));
         let attention = self.active_params as f64 - moe_layers * (per_token + shared) * expert;
         if expert <= 0.0 || attention <= 0.0 {
             return Err(config_err(
