@@ -503,7 +503,7 @@ pub fn write_json(path: &std::path::Path, value: &impl serde::Serialize) -> Resu
     std::fs::write(path, text + "\n").map_err(|e| failed(e.to_string()))
 }
 
-pub use device::{DeviceReport, LaunchReading, device_report};
+pub use device::{DeviceReport, LaunchReading, device_report, launch_shape};
 pub use offline::{OfflineReport, offline_scenario};
 pub use overhead::{OverheadReport, overhead_suite};
 pub use plot::replot;

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use super::invoice::{MJ_PER_WH, TOKENS_PER_PRICE_UNIT, WH_PER_PRICE_UNIT};
 use super::money::{Currency, div_round_half_even};
-use super::prices::{self, PriceBook};
+use super::prices::PriceBook;
 use super::repo;
 use crate::store::Db;
 
@@ -126,18 +126,9 @@ impl PriceCache {
 
     async fn read(&self, name: &str) -> Result<Option<PlanPrices>, super::BillingError> {
         let mut conn = self.db.pool().acquire().await?;
-        let Some(plan) = repo::fetch_plans(&mut conn, Some(name))
+        Ok(repo::fetch_book(&mut conn, name)
             .await?
-            .into_iter()
-            .next()
-        else {
-            return Ok(None);
-        };
-        let currency = prices::currency("currency_code", &plan.currency_code)?;
-        Ok(Some(PlanPrices {
-            book: PriceBook::new(plan.name, plan.prices),
-            currency,
-        }))
+            .map(|(book, currency)| PlanPrices { book, currency }))
     }
 }
 

@@ -7,7 +7,8 @@ use sqlx::{AnyConnection, FromRow};
 
 use super::BillingError;
 use super::invoice::{InvoiceLine, LineKind, UsageGroup};
-use super::prices::{Price, PricePlan};
+use super::money::Currency;
+use super::prices::{self, Price, PriceBook, PricePlan};
 use crate::store::Backend;
 
 /// The database's clock in microseconds since the epoch; the same expression
@@ -65,6 +66,19 @@ impl From<PriceRow> for Price {
 
 const PRICE_COLUMNS: &str = "plan, model, device_class, effective_from_us, \
      prompt_per_million_nanos, completion_per_million_nanos, per_kwh_nanos";
+
+/// The named plan's price book and currency; `None` if there is no such
+/// plan.
+pub async fn fetch_book(
+    conn: &mut AnyConnection,
+    plan: &str,
+) -> Result<Option<(PriceBook, Currency)>, BillingError> {
+    let Some(plan) = fetch_plans(conn, Some(plan)).await?.into_iter().next() else {
+        return Ok(None);
+    };
+    let currency = prices::currency("currency_code", &plan.currency_code)?;
+    Ok(Some((PriceBook::new(plan.name, plan.prices), currency)))
+}
 
 /// Plans (all, or the one named) with their prices, by name.
 pub async fn fetch_plans(

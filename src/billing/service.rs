@@ -251,13 +251,9 @@ impl BillingService {
         conn: &mut AnyConnection,
         plan: &str,
     ) -> Result<(PriceBook, Currency), BillingError> {
-        let plan = repo::fetch_plans(conn, Some(plan))
+        repo::fetch_book(conn, plan)
             .await?
-            .into_iter()
-            .next()
-            .ok_or_else(|| BillingError::NotFound(format!("price plan `{plan}`")))?;
-        let currency = prices::currency("currency_code", &plan.currency_code)?;
-        Ok((PriceBook::new(plan.name, plan.prices), currency))
+            .ok_or_else(|| BillingError::NotFound(format!("price plan `{plan}`")))
     }
 
     /// Bucket starts covering `[from, to)`: `from`, each month start and each

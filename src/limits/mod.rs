@@ -120,7 +120,8 @@ const SEED_RETRY: Duration = Duration::from_secs(30);
 /// without it (the counter is then seeded on a later try).
 const SEED_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Whether a (tenant, month) quota counter has been seeded on this node.
+/// Whether a tenant's quota counter for a month has been seeded on this
+/// node.
 enum Seeded {
     Done,
     FailedAt(Instant),
@@ -130,7 +131,8 @@ pub struct Limiter {
     local: LocalLimits,
     /// Where monthly quota counters start when this node has none.
     quota_seed: std::sync::OnceLock<QuotaSeed>,
-    seeded: Mutex<HashMap<(String, String), Seeded>>,
+    /// By tenant: the month last seeded (or tried) and how it went.
+    seeded: Mutex<HashMap<String, (String, Seeded)>>,
     redis: Option<RedisLimits>,
     settings: LimitSettings,
     outage_logged_at: Mutex<Option<Instant>>,
@@ -192,12 +194,13 @@ impl Limiter {
             return;
         };
         let month = calendar::month_key(now);
-        let key = (tenant_id.to_owned(), month.clone());
         {
             let seeded = self.seeded.lock().unwrap_or_else(|e| e.into_inner());
-            match seeded.get(&key) {
-                Some(Seeded::Done) => return,
-                Some(Seeded::FailedAt(at)) if at.elapsed() < SEED_RETRY => return,
+            match seeded.get(tenant_id) {
+                Some((m, Seeded::Done)) if *m == month => return,
+                Some((m, Seeded::FailedAt(at))) if *m == month && at.elapsed() < SEED_RETRY => {
+                    return;
+                }
                 _ => {}
             }
         }
@@ -232,7 +235,7 @@ impl Limiter {
         self.seeded
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(key, state);
+            .insert(tenant_id.to_owned(), (month, state));
     }
 
     /// Admissions decided locally because Redis failed (fail_open).

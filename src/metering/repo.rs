@@ -156,7 +156,7 @@ type HourlySums<'a> = BTreeMap<(&'a str, &'a str, i64), [i64; 5]>;
 
 async fn insert_sqlite(db: &Db, events: &[&UsageEvent]) -> Result<u64, MeteringError> {
     let mut tx = db.pool().begin().await?;
-    let mut claimed: HashSet<(String, String)> = HashSet::new();
+    let mut claimed_rows: Vec<(String, String)> = Vec::new();
     for chunk in events.chunks(SQLITE_ROWS_PER_STATEMENT) {
         let sql = format!(
             "INSERT INTO usage_request_ids (tenant_id, request_id) VALUES {} \
@@ -167,12 +167,16 @@ async fn insert_sqlite(db: &Db, events: &[&UsageEvent]) -> Result<u64, MeteringE
         for e in chunk {
             query = query.bind(&e.tenant_id).bind(&e.request_id);
         }
-        claimed.extend(query.fetch_all(&mut *tx).await?);
+        claimed_rows.extend(query.fetch_all(&mut *tx).await?);
     }
+    let claimed: HashSet<(&str, &str)> = claimed_rows
+        .iter()
+        .map(|(tenant, request)| (tenant.as_str(), request.as_str()))
+        .collect();
     let new: Vec<&UsageEvent> = events
         .iter()
         .copied()
-        .filter(|e| claimed.contains(&(e.tenant_id.clone(), e.request_id.clone())))
+        .filter(|e| claimed.contains(&(e.tenant_id.as_str(), e.request_id.as_str())))
         .collect();
     for chunk in new.chunks(SQLITE_ROWS_PER_STATEMENT) {
         let sql = format!(

@@ -70,6 +70,21 @@ pub struct ServedModel {
     threads: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
+/// Starts one worker of model `id` on its own named OS thread.
+fn spawn_worker(
+    id: &str,
+    name: String,
+    run: impl FnOnce() + Send + 'static,
+) -> Result<std::thread::JoinHandle<()>, ServingError> {
+    std::thread::Builder::new()
+        .name(name)
+        .spawn(run)
+        .map_err(|source| ServingError::Thread {
+            id: id.to_owned(),
+            source,
+        })
+}
+
 fn profile(settings: &ModelSettings) -> Result<DeviceProfile, ServingError> {
     let name = &settings.device_profile;
     let result = if Path::new(name).extension().is_some_and(|e| e == "toml") {
@@ -125,14 +140,9 @@ impl ServedModel {
                     shared: shared.clone(),
                     usage: usage.clone(),
                 };
-                let thread = std::thread::Builder::new()
-                    .name(format!("echo-{id}-{n}"))
-                    .spawn(move || worker.run())
-                    .map_err(|source| ServingError::Thread {
-                        id: id.clone(),
-                        source,
-                    })?;
-                threads.push(thread);
+                threads.push(spawn_worker(&id, format!("echo-{id}-{n}"), move || {
+                    worker.run()
+                })?);
             }
             return Ok(ServedModel {
                 device_profile: ECHO_DEVICE.to_owned(),
@@ -184,14 +194,9 @@ impl ServedModel {
                 usage: usage.clone(),
                 stalled: false,
             };
-            let thread = std::thread::Builder::new()
-                .name(format!("npu-{id}-{n}"))
-                .spawn(move || worker.run())
-                .map_err(|source| ServingError::Thread {
-                    id: id.clone(),
-                    source,
-                })?;
-            threads.push(thread);
+            threads.push(spawn_worker(&id, format!("npu-{id}-{n}"), move || {
+                worker.run()
+            })?);
         }
         Ok(ServedModel {
             device_profile: profile.name.clone(),

@@ -377,15 +377,9 @@ fn slow_model() -> ascend_gateway::serving::ModelSettings {
     ascend_gateway::serving::ModelSettings {
         id: "slow".to_owned(),
         pace: ascend_gateway::serving::Pace::Device,
-        served_as: Some(ascend_gateway::model::served_as::ServedAs {
-            name: "deepseek-v4-175b".to_owned(),
-            total_params: 175_000_000_000,
-            active_params: 175_000_000_000,
-            devices: 8,
-            tp_efficiency: 0.9,
-            layers: Some(96),
-            moe: None,
-        }),
+        served_as: Some(ascend_gateway::bench::launch_shape(
+            ascend_gateway::bench::LaunchReading::Dense,
+        )),
         ..crate::common::tiny_model()
     }
 }
