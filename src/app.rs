@@ -22,6 +22,7 @@ use crate::auth::{AdminCredential, Authenticator, KeyCache, LastUsedRecorder};
 use crate::billing::BillingService;
 use crate::billing::quote::PriceCache;
 use crate::config::{Settings, redact_url};
+use crate::idempotency::{Idempotency, PendingFinishes};
 use crate::limits::{BackgroundSettlements, Limiter};
 use crate::metering::{Metering, Spool, UsageEvent, UsageWriter};
 use crate::serving::{JobUsage, ModelRegistry, Requester, UsageSink};
@@ -90,6 +91,8 @@ pub struct App {
     metrics_listener: TcpListener,
     metrics_addr: SocketAddr,
     registry: ModelRegistry,
+    claims: Arc<Idempotency>,
+    pending_claims: PendingFinishes,
 }
 
 /// Turns a finished job's usage into a usage event on the spool. The
@@ -260,6 +263,7 @@ impl App {
                     id: "registry".to_owned(),
                     source: std::io::Error::other(e.to_string()),
                 })??;
+        let (claims, pending_claims) = Idempotency::new(db.clone(), settings.idempotency.clone());
         let last_used = Arc::new(LastUsedRecorder::default());
         let authenticator = Arc::new(Authenticator::new(
             tenancy.clone(),
@@ -282,6 +286,8 @@ impl App {
             metrics_listener,
             metrics_addr,
             registry,
+            claims,
+            pending_claims,
         })
     }
 
@@ -329,6 +335,8 @@ impl App {
             metrics_listener,
             metrics_addr,
             registry,
+            claims,
+            pending_claims,
         } = self;
         let tasks = TaskTracker::new();
         let stop_tasks = CancellationToken::new();
@@ -356,6 +364,7 @@ impl App {
                 .clone()
                 .run_background(settlements, stop_tasks.clone()),
         );
+        tasks.spawn(claims.clone().run(pending_claims, stop_tasks.clone()));
         tasks.spawn(usage_writer.run(
             settings.metering.ship_interval,
             settings.shutdown_grace,
@@ -393,6 +402,7 @@ impl App {
                     db.clone(),
                     settings.billing.price_cache_ttl,
                 )),
+                claims.clone(),
             )))
             .add_service(TenantAdminServer::new(TenantAdminApi::new(tenancy.clone())))
             .add_service(BillingServer::new(BillingApi::new(

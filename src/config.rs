@@ -70,6 +70,7 @@ pub struct Settings {
     pub limits: crate::limits::LimitSettings,
     pub metering: crate::metering::MeteringSettings,
     pub billing: crate::billing::BillingSettings,
+    pub idempotency: crate::idempotency::IdempotencySettings,
     /// The served models (`[[models]]` tables).
     pub models: Vec<crate::serving::ModelSettings>,
     pub log: LogSettings,
@@ -185,6 +186,7 @@ impl Default for Settings {
             limits: crate::limits::LimitSettings::default(),
             metering: crate::metering::MeteringSettings::default(),
             billing: crate::billing::BillingSettings::default(),
+            idempotency: crate::idempotency::IdempotencySettings::default(),
             models: vec![crate::serving::ModelSettings::default()],
             log: LogSettings::default(),
         }
@@ -390,6 +392,20 @@ impl Settings {
             return Err(ConfigError::Invalid {
                 key: "billing.price_cache_ttl",
                 problem: "at most 1h; quotes must follow price changes".to_owned(),
+            });
+        }
+        if self.idempotency.retention < Duration::from_secs(1)
+            || self.idempotency.retention > Duration::from_secs(30 * 86_400)
+        {
+            return Err(ConfigError::Invalid {
+                key: "idempotency.retention",
+                problem: "between 1s and 30d, e.g. \"24h\"".to_owned(),
+            });
+        }
+        if self.idempotency.in_progress_ttl < Duration::from_secs(1) {
+            return Err(ConfigError::Invalid {
+                key: "idempotency.in_progress_ttl",
+                problem: "at least 1s, and longer than the longest request".to_owned(),
             });
         }
         if self.limits.replicas == 0 {

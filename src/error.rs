@@ -16,6 +16,9 @@ pub enum ErrorKind {
     AlreadyExists,
     /// The request is valid but the system is not in a state to apply it.
     FailedPrecondition,
+    /// A concurrent operation conflicts (the same request id in progress);
+    /// retrying once it ended may succeed.
+    Aborted,
     Unauthenticated,
     PermissionDenied,
     /// A limit, quota or queue is full; retrying later may succeed.

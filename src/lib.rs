@@ -14,6 +14,7 @@ pub mod billing;
 pub mod calendar;
 pub mod config;
 pub mod error;
+pub mod idempotency;
 pub mod limits;
 pub mod metering;
 pub mod metrics;

@@ -5,8 +5,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
+use futures_util::StreamExt as _;
+use prost::Message as _;
 use tokio::sync::mpsc;
-use tokio_stream::{Stream, StreamExt};
+use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use super::convert::principal;
@@ -20,11 +22,13 @@ use super::pb::v1::{
 use super::status::to_status;
 use crate::auth::TenantPrincipal;
 use crate::billing::quote::{Consumption, PlanPrices, PriceCache};
+use crate::idempotency::{Claim, Claimed, Fingerprint, Idempotency, RequestKey};
 use crate::limits::{Cost, Limiter, Permit, RateState};
 use crate::metering::Metering;
 use crate::model::FinishReason;
 use crate::model::sampling::SamplingParams;
 use crate::model::tokenizer::{ChatMessage, Role};
+use crate::serving::tokenize::TokenizePool;
 use crate::serving::{
     Failure, Job, JobEvent, JobUsage, ModelRegistry, Priority, Requester, ServedModel, ServingError,
 };
@@ -41,6 +45,8 @@ pub struct InferenceApi {
     registry: ModelRegistry,
     metering: Arc<Metering>,
     prices: Arc<PriceCache>,
+    claims: Arc<Idempotency>,
+    tokenize_pool: TokenizePool,
 }
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -59,7 +65,30 @@ struct Started {
     rate: Option<RateState>,
     /// The tenant's plan, for quoting the cost with the answer.
     prices: Option<Arc<PlanPrices>>,
+    /// The client's request id, owned by this request until its answer is
+    /// stored for duplicates.
+    claim: Option<Claim>,
 }
+
+/// A generation request validated and tokenized, not yet admitted.
+struct Prepared {
+    served: Arc<ServedModel>,
+    prompt: Vec<u32>,
+    params: SamplingParams,
+    priority: Priority,
+    /// The client's id, or a fresh one.
+    request_id: String,
+}
+
+/// What a generation request turned into: a job running, or the stored
+/// answer of the completed request that first used its `request_id`.
+enum Start {
+    Run(Started),
+    Replay(GenerateResponse),
+}
+
+/// Metadata on a response that replays a stored answer.
+const REPLAY_HEADER: &str = "idempotent-replayed";
 
 impl InferenceApi {
     pub fn new(
@@ -67,12 +96,15 @@ impl InferenceApi {
         registry: ModelRegistry,
         metering: Arc<Metering>,
         prices: Arc<PriceCache>,
+        claims: Arc<Idempotency>,
     ) -> InferenceApi {
         InferenceApi {
             limiter,
             registry,
             metering,
             prices,
+            claims,
+            tokenize_pool: TokenizePool::for_this_machine(),
         }
     }
 
@@ -103,13 +135,17 @@ impl InferenceApi {
         self.registry.get(id).cloned().map_err(|e| to_status(&e))
     }
 
-    /// Prompt or chat messages to token ids, with the model's tokenizer.
-    fn tokenize(
-        served: &ServedModel,
+    /// Prompt or chat messages to token ids, with the model's tokenizer:
+    /// refused by its size alone when it cannot fit the context window,
+    /// and tokenized off the runtime when large.
+    async fn tokenize(
+        &self,
+        served: &Arc<ServedModel>,
         prompt: &str,
         messages: &[pb::ChatMessage],
+        parse_special_tokens: bool,
     ) -> Result<Vec<u32>, Status> {
-        let tokens = match (prompt.is_empty(), messages.is_empty()) {
+        let chat = match (prompt.is_empty(), messages.is_empty()) {
             (false, false) => {
                 return Err(invalid("prompt", "set either prompt or messages, not both"));
             }
@@ -119,7 +155,7 @@ impl InferenceApi {
                     "required (or messages); it must not be empty",
                 ));
             }
-            (false, true) => served.tokenizer.encode(prompt, true),
+            (false, true) => None,
             (true, false) => {
                 let mut chat = Vec::with_capacity(messages.len());
                 for (i, m) in messages.iter().enumerate() {
@@ -131,9 +167,33 @@ impl InferenceApi {
                         content: m.content.clone(),
                     });
                 }
-                served.tokenizer.encode_chat(&chat)
+                Some(chat)
             }
         };
+        let bytes = prompt.len() + messages.iter().map(|m| m.content.len()).sum::<usize>();
+        let context = served.context_length;
+        if let Some(at_least) = served.tokenizer.min_tokens_for_bytes(bytes)
+            && at_least >= context
+        {
+            let field = if chat.is_some() { "messages" } else { "prompt" };
+            return Err(invalid(
+                field,
+                format!(
+                    "{bytes} bytes encode to at least {at_least} tokens; the context window is {context} tokens"
+                ),
+            ));
+        }
+        let tokenizer = served.tokenizer.clone();
+        let prompt = prompt.to_owned();
+        let tokens = self
+            .tokenize_pool
+            .run(bytes, move || match chat {
+                None if parse_special_tokens => tokenizer.encode(&prompt, true),
+                None => tokenizer.encode_plain(&prompt, true),
+                Some(chat) => tokenizer.encode_chat(&chat),
+            })
+            .await
+            .map_err(|e| to_status(&e))?;
         let tokens = tokens.map_err(|e| invalid("prompt", e))?;
         if tokens.is_empty() {
             return Err(invalid("prompt", "encodes to no tokens"));
@@ -141,14 +201,39 @@ impl InferenceApi {
         Ok(tokens)
     }
 
-    async fn start(&self, request: Request<GenerateRequest>) -> Result<Started, Status> {
+    /// A request refused before admission still counts against the
+    /// tenant's request rate, so a flood of bad requests is throttled like
+    /// a flood of good ones; over the rate, the rate refusal is the answer.
+    async fn refused(&self, tenant: &TenantPrincipal, status: Status) -> Status {
+        match self.admit(tenant, Cost::default()).await {
+            Ok(permit) => {
+                permit.settle(0).await;
+                status
+            }
+            Err(limited) => limited,
+        }
+    }
+
+    async fn start(&self, request: Request<GenerateRequest>) -> Result<Start, Status> {
         let received_at = Instant::now();
         let tenant = Self::tenant(&request)?;
         let deadline = request.extensions().get::<ClientDeadline>().map(|d| d.0);
         let r = request.into_inner();
+        let prepared = match self.prepare(&r).await {
+            Ok(prepared) => prepared,
+            Err(status) => return Err(self.refused(&tenant, status).await),
+        };
+        self.run(tenant, r, prepared, received_at, deadline).await
+    }
+
+    /// Validation and tokenization: everything a request can be refused for
+    /// before it claims its id or touches a limit.
+    async fn prepare(&self, r: &GenerateRequest) -> Result<Prepared, Status> {
         let served = self.model(&r.model)?;
         let settings = &served.settings;
-        let prompt = Self::tokenize(&served, &r.prompt, &r.messages)?;
+        let prompt = self
+            .tokenize(&served, &r.prompt, &r.messages, r.parse_special_tokens)
+            .await?;
         let max_tokens = r.max_tokens.unwrap_or(settings.max_output_tokens);
         if max_tokens == 0 || max_tokens > settings.max_output_tokens {
             return Err(invalid(
@@ -226,21 +311,85 @@ impl InferenceApi {
             logprobs: r.logprobs.then_some(0),
             ignore_eos: r.ignore_eos,
         };
-        self.metering.admitting().map_err(|e| to_status(&e))?;
-        let permit = self
-            .admit(
-                &tenant,
-                Cost {
-                    tokens: prompt.len() as u64 + u64::from(max_tokens),
-                },
-            )
-            .await?;
+        Ok(Prepared {
+            served,
+            prompt,
+            params,
+            priority,
+            request_id,
+        })
+    }
+
+    /// Claims the request id, admits the request against the tenant's
+    /// limits and hands it to serving.
+    async fn run(
+        &self,
+        tenant: Arc<TenantPrincipal>,
+        r: GenerateRequest,
+        prepared: Prepared,
+        received_at: Instant,
+        deadline: Option<Instant>,
+    ) -> Result<Start, Status> {
+        let Prepared {
+            served,
+            prompt,
+            params,
+            priority,
+            request_id,
+        } = prepared;
+        let settings = &served.settings;
+        let max_tokens = params.max_tokens as u64;
+        // Duplicates are decided before any limit or work: a replay costs
+        // nothing, a refusal consumes nothing.
+        let claim = if r.request_id.is_empty() {
+            None
+        } else {
+            let key = RequestKey {
+                tenant_id: tenant.tenant_id.clone(),
+                request_id: request_id.clone(),
+            };
+            match self
+                .claims
+                .claim(key, &fingerprint(&r))
+                .await
+                .map_err(|e| to_status(&e))?
+            {
+                Claimed::New(claim) => Some(claim),
+                Claimed::Replay(answer) => {
+                    let stored = GenerateResponse::decode(answer.as_slice()).map_err(|e| {
+                        tracing::error!(error = %e, "a stored answer does not decode");
+                        Status::internal("the stored answer of this request_id is unreadable")
+                    })?;
+                    return Ok(Start::Replay(stored));
+                }
+            }
+        };
+        let metered_id = claim
+            .as_ref()
+            .map_or_else(|| request_id.clone(), Claim::metered_request_id);
+        let cost = Cost {
+            tokens: prompt.len() as u64 + max_tokens,
+        };
+        let admitted = match self.metering.admitting() {
+            Ok(()) => self.admit(&tenant, cost).await,
+            Err(e) => Err(to_status(&e)),
+        };
+        let permit = match admitted {
+            Ok(permit) => permit,
+            Err(status) => {
+                // Freed before the answer, so the client's retry finds it free.
+                if let Some(claim) = claim {
+                    claim.release().await;
+                }
+                return Err(status);
+            }
+        };
         let rate = permit.rate_state();
         let prices = self.prices.plan(&tenant.price_plan).await;
         let (sender, events) = mpsc::unbounded_channel();
         let job = Job {
             requester: Requester {
-                request_id: request_id.clone(),
+                request_id: metered_id,
                 tenant_id: tenant.tenant_id.clone(),
                 key_id: tenant.key_id.clone(),
                 model: settings.id.clone(),
@@ -260,9 +409,16 @@ impl InferenceApi {
             if let Some(permit) = job.permit.take() {
                 permit.settle(0).await;
             }
+            if let Some(claim) = claim {
+                claim.release().await;
+            }
             return Err(to_status(&ServingError::from(full)));
         }
-        Ok(Started {
+        let mut claim = claim;
+        if let Some(claim) = claim.as_mut() {
+            claim.mark_started();
+        }
+        Ok(Start::Run(Started {
             request_id,
             model: served.settings.id.clone(),
             events,
@@ -270,8 +426,54 @@ impl InferenceApi {
             logprobs: r.logprobs,
             rate,
             prices,
-        })
+            claim,
+        }))
     }
+}
+
+/// The request as the client sent it, without its id, for telling a retry
+/// from another request under the same id.
+fn fingerprint(request: &GenerateRequest) -> Fingerprint {
+    let without_id = GenerateRequest {
+        request_id: String::new(),
+        ..request.clone()
+    };
+    Fingerprint::of(&without_id.encode_to_vec())
+}
+
+fn replayed<T>(message: T) -> Response<T> {
+    let mut response = Response::new(message);
+    response.metadata_mut().insert(
+        REPLAY_HEADER,
+        tonic::metadata::MetadataValue::from_static("true"),
+    );
+    response
+}
+
+/// A stored answer as a stream: its text as one delta, then its final
+/// message.
+fn replay_stream(stored: GenerateResponse) -> ResponseStream<GenerateStreamResponse> {
+    let mut messages = Vec::with_capacity(2);
+    if !stored.text.is_empty() || !stored.logprobs.is_empty() {
+        messages.push(Ok(GenerateStreamResponse {
+            request_id: stored.request_id.clone(),
+            event: Some(generate_stream_response::Event::Delta(TextDelta {
+                text: stored.text,
+                logprobs: stored.logprobs,
+            })),
+        }));
+    }
+    messages.push(Ok(GenerateStreamResponse {
+        request_id: stored.request_id,
+        event: Some(generate_stream_response::Event::Complete(
+            GenerateComplete {
+                finish_reason: stored.finish_reason,
+                usage: stored.usage,
+                timings: stored.timings,
+            },
+        )),
+    }));
+    Box::pin(tokio_stream::iter(messages))
 }
 
 fn usage_to_pb(usage: &JobUsage, model: &str, prices: Option<&PlanPrices>) -> pb::Usage {
@@ -368,7 +570,10 @@ impl Inference for InferenceApi {
         request: Request<GenerateRequest>,
     ) -> Result<Response<GenerateResponse>, Status> {
         // The auth layer bounds this by the client's deadline.
-        let mut started = self.start(request).await?;
+        let mut started = match self.start(request).await? {
+            Start::Run(started) => started,
+            Start::Replay(stored) => return Ok(replayed(stored)),
+        };
         let mut text = String::new();
         let mut logprobs = Vec::new();
         while let Some(event) = started.events.recv().await {
@@ -395,6 +600,9 @@ impl Inference for InferenceApi {
                         timings: Some(timings_to_pb(&usage)),
                         logprobs,
                     };
+                    if let Some(claim) = started.claim.take() {
+                        claim.complete(response.encode_to_vec()).await;
+                    }
                     return Ok(with_rate_headers(Response::new(response), started.rate));
                 }
                 JobEvent::Failed { failure, .. } => return Err(failure_to_status(&failure)),
@@ -411,14 +619,28 @@ impl Inference for InferenceApi {
         &self,
         request: Request<GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
-        let started = self.start(request).await?;
+        let mut started = match self.start(request).await? {
+            Start::Run(started) => started,
+            Start::Replay(stored) => return Ok(replayed(replay_stream(stored))),
+        };
         let request_id = started.request_id.clone();
         let served = started.served.clone();
         let want_logprobs = started.logprobs;
         let rate = started.rate;
-        let (model, prices) = (started.model, started.prices);
-        let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(started.events).map(
+        let (model, prices) = (started.model.clone(), started.prices.clone());
+        // With a client request id, the deltas are kept so the final answer
+        // can be stored for duplicates before the last message goes out.
+        let mut answer = started.claim.take().map(|claim| {
+            let stored = GenerateResponse {
+                request_id: request_id.clone(),
+                model: model.clone(),
+                ..Default::default()
+            };
+            (claim, stored)
+        });
+        let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(started.events).then(
             move |event| {
+                let mut finished_answer = None;
                 let event = match event {
                     JobEvent::Delta { text, logprob } => {
                         let logprobs = match (want_logprobs, logprob) {
@@ -427,24 +649,45 @@ impl Inference for InferenceApi {
                             }
                             _ => Vec::new(),
                         };
-                        generate_stream_response::Event::Delta(TextDelta { text, logprobs })
+                        if let Some((_, stored)) = answer.as_mut() {
+                            stored.text.push_str(&text);
+                            stored.logprobs.extend(logprobs.iter().cloned());
+                        }
+                        Ok(generate_stream_response::Event::Delta(TextDelta {
+                            text,
+                            logprobs,
+                        }))
                     }
                     JobEvent::Finished { reason, usage } => {
-                        generate_stream_response::Event::Complete(GenerateComplete {
+                        let complete = GenerateComplete {
                             finish_reason: finish_to_pb(reason).into(),
                             usage: Some(usage_to_pb(&usage, &model, prices.as_deref())),
                             timings: Some(timings_to_pb(&usage)),
-                        })
+                        };
+                        if let Some((claim, mut stored)) = answer.take() {
+                            stored.finish_reason = complete.finish_reason;
+                            stored.usage = complete.usage.clone();
+                            stored.timings = complete.timings;
+                            finished_answer = Some((claim, stored.encode_to_vec()));
+                        }
+                        Ok(generate_stream_response::Event::Complete(complete))
                     }
-                    JobEvent::Failed { failure, .. } => return Err(failure_to_status(&failure)),
+                    JobEvent::Failed { failure, .. } => Err(failure_to_status(&failure)),
                 };
-                Ok(GenerateStreamResponse {
-                    request_id: request_id.clone(),
-                    event: Some(event),
-                })
+                let request_id = request_id.clone();
+                async move {
+                    if let Some((claim, bytes)) = finished_answer {
+                        claim.complete(bytes).await;
+                    }
+                    event.map(|event| GenerateStreamResponse {
+                        request_id,
+                        event: Some(event),
+                    })
+                }
             },
         );
-        Ok(with_rate_headers(Response::new(Box::pin(stream)), rate))
+        let stream: ResponseStream<GenerateStreamResponse> = Box::pin(stream);
+        Ok(with_rate_headers(Response::new(stream), rate))
     }
 
     async fn count_tokens(
@@ -453,11 +696,14 @@ impl Inference for InferenceApi {
     ) -> Result<Response<CountTokensResponse>, Status> {
         let tenant = Self::tenant(&request)?;
         let r = request.into_inner();
-        let served = self.model(&r.model)?;
-        let tokens = Self::tokenize(&served, &r.prompt, &r.messages)?;
+        // Admitted first: a refused count costs the tenant a request too.
         let permit = self.admit(&tenant, Cost::default()).await?;
         let rate = permit.rate_state();
         permit.settle(0).await;
+        let served = self.model(&r.model)?;
+        let tokens = self
+            .tokenize(&served, &r.prompt, &r.messages, r.parse_special_tokens)
+            .await?;
         let response = CountTokensResponse {
             token_count: u32::try_from(tokens.len()).unwrap_or(u32::MAX),
             token_ids: if r.return_token_ids {

@@ -103,7 +103,7 @@ impl BillingService {
     ) -> Result<PricePlan, BillingError> {
         prices::validate_plan_name(&request.plan)?;
         let now = now_us();
-        let mut tx = self.db.pool().begin().await?;
+        let mut tx = self.db.begin_write().await?;
         let existing = repo::fetch_plans(&mut tx, Some(&request.plan))
             .await?
             .into_iter()
@@ -468,7 +468,7 @@ impl BillingService {
     /// its lines under the usage lock, stores lines, total and status in one
     /// transaction. Immutable afterwards (database triggers).
     pub async fn finalize(&self, actor: &str, id: &str) -> Result<Invoice, BillingError> {
-        let mut tx = self.db.pool().begin().await?;
+        let mut tx = self.db.begin_write().await?;
         // A write first: it serializes with other finalizations of this
         // invoice and, on SQLite, makes this the one writer before anything
         // is read.

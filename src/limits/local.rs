@@ -19,6 +19,7 @@ use governor::middleware::StateInformationMiddleware;
 use governor::{Quota, RateLimiter};
 
 use super::error::{LimitError, LimitKind};
+use super::rate::Gcra;
 use super::{Cost, RateState};
 use crate::calendar;
 use crate::tenancy::Limits;
@@ -70,10 +71,6 @@ pub struct LocalGrant {
     pub quota_tokens: u64,
     pub month: String,
     pub tokens_per_minute: u64,
-}
-
-fn emission_interval(rps: f64) -> Duration {
-    Duration::from_secs_f64(1.0 / rps)
 }
 
 fn refill(bucket: &mut Bucket, capacity: f64, now: Instant) {
@@ -187,9 +184,8 @@ impl LocalLimits {
 
         // The rate check goes last: it is the only one that consumes by itself.
         let mut rate_state = None;
-        if let Some(rps) = limits.requests_per_second {
-            let burst = limits.burst.unwrap_or(1).max(1);
-            let interval = emission_interval(rps);
+        if let Some(gcra) = Gcra::of(limits) {
+            let (interval, burst) = (gcra.interval, gcra.burst);
             let wanted = (
                 u64::try_from(interval.as_nanos()).unwrap_or(u64::MAX),
                 burst,
@@ -197,6 +193,7 @@ impl LocalLimits {
             let rebuild = state.rate.as_ref().is_none_or(|(have, _)| *have != wanted);
             if rebuild {
                 let burst_nz = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
+                // `Gcra` keeps the interval at least 1 ns, so a period exists.
                 let quota = Quota::with_period(interval)
                     .unwrap_or_else(|| Quota::per_second(NonZeroU32::MAX))
                     .allow_burst(burst_nz);
@@ -210,7 +207,7 @@ impl LocalLimits {
                         rate_state = Some(RateState {
                             limit: burst,
                             remaining: snapshot.remaining_burst_capacity(),
-                            window: interval * burst,
+                            window: gcra.window(),
                         });
                     }
                     Err(not_until) => {
@@ -267,6 +264,72 @@ impl LocalLimits {
         if grant.quota_tokens > 0 && state.quota.month == grant.month {
             state.quota.reserved = state.quota.reserved.saturating_sub(grant.quota_tokens);
             state.quota.used += used_tokens.min(grant.quota_tokens);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Rates from every corner of f64: tiny, huge, negative, subnormal, NaN.
+    fn any_rate() -> impl Strategy<Value = Option<f64>> {
+        prop_oneof![
+            Just(None),
+            any::<f64>().prop_map(Some),
+            (-330i32..330).prop_map(|e| Some(10f64.powi(e))),
+            (0.0f64..10.0).prop_map(Some),
+        ]
+    }
+
+    fn any_limits() -> impl Strategy<Value = Limits> {
+        (
+            any_rate(),
+            proptest::option::of(any::<u32>()),
+            proptest::option::of(any::<u64>()),
+            proptest::option::of(any::<u32>()),
+            proptest::option::of(any::<u64>()),
+        )
+            .prop_map(|(rps, burst, tpm, concurrent, quota)| Limits {
+                requests_per_second: rps,
+                burst,
+                tokens_per_minute: tpm,
+                max_concurrent_requests: concurrent,
+                monthly_token_quota: quota,
+            })
+    }
+
+    proptest! {
+        /// No limit value panics the limiter, accepted by tenancy or not
+        /// (a row written before a check existed is still served).
+        #[test]
+        fn no_limit_value_panics(limits in any_limits(), tokens in 0u64..1_000_000) {
+            let local = LocalLimits::default();
+            for _ in 0..3 {
+                if let Ok((grant, rate)) = local.admit("t", &limits, Cost { tokens }, 1_800_000_000) {
+                    if let Some(rate) = rate {
+                        prop_assert!(rate.remaining <= rate.limit);
+                    }
+                    local.settle("t", &grant, tokens / 2);
+                }
+            }
+            let gcra = super::super::rate::Gcra::of(&limits);
+            if let Some(gcra) = gcra {
+                // What the Redis script is sent stays exact in a Lua double.
+                let window_us = u128::from(gcra.interval_us()) * u128::from(gcra.burst);
+                prop_assert!(window_us < 1u128 << 53);
+            }
+            if crate::tenancy::validate_limits(&limits).is_ok()
+                && let Some(rps) = limits.requests_per_second
+            {
+                // An accepted rate is served as given, not clamped.
+                let gcra = gcra.expect("an accepted rate has a GCRA");
+                let asked = 1e9 / rps;
+                prop_assert!((gcra.interval.as_nanos() as f64 - asked).abs() <= 1.0 + asked * 1e-12);
+                prop_assert_eq!(gcra.burst, limits.burst.unwrap_or(1));
+            }
         }
     }
 }

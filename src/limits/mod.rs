@@ -19,6 +19,7 @@
 
 mod error;
 pub mod local;
+pub mod rate;
 pub mod redis_store;
 
 use std::collections::HashMap;

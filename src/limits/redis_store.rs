@@ -13,6 +13,7 @@ use redis::Script;
 use redis::aio::ConnectionManager;
 
 use super::error::{LimitError, LimitKind};
+use super::rate::Gcra;
 use super::{Cost, RateState};
 use crate::tenancy::Limits;
 
@@ -30,7 +31,9 @@ local quota = tonumber(ARGV[8])
 if maxc > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', string.format('%.0f', now))
   if redis.call('ZCARD', KEYS[2]) >= maxc then
-    return {2, 1000000, 0}
+    -- A slot frees at the latest when the earliest lease expires.
+    local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+    return {2, math.max(1000, tonumber(first[2]) - now), 0}
   end
 end
 
@@ -162,11 +165,9 @@ impl RedisLimits {
         month: &str,
         secs_until_month_end: i64,
     ) -> Result<Result<(RedisGrant, Option<RateState>), LimitError>, redis::RedisError> {
-        let burst = limits.burst.unwrap_or(1).max(1);
-        let interval_us = limits
-            .requests_per_second
-            .map(|rps| (1_000_000.0 / rps).ceil() as u64)
-            .unwrap_or(0);
+        let gcra = Gcra::of(limits);
+        let burst = gcra.map_or(1, |g| g.burst);
+        let interval_us = gcra.map_or(0, |g| g.interval_us());
         let max_concurrent = limits.max_concurrent_requests.unwrap_or(0);
         let tpm = limits
             .tokens_per_minute
@@ -225,10 +226,10 @@ impl RedisLimits {
                 }));
             }
         }
-        let rate_state = limits.requests_per_second.map(|_| RateState {
-            limit: burst,
+        let rate_state = gcra.map(|gcra| RateState {
+            limit: gcra.burst,
             remaining: u32::try_from(remaining.max(0)).unwrap_or(0),
-            window: Duration::from_micros(interval_us * u64::from(burst)),
+            window: gcra.window(),
         });
         Ok(Ok((
             RedisGrant {

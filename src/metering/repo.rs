@@ -155,7 +155,7 @@ fn placeholders(count: usize, width: usize) -> String {
 type HourlySums<'a> = BTreeMap<(&'a str, &'a str, i64), [i64; 5]>;
 
 async fn insert_sqlite(db: &Db, events: &[&UsageEvent]) -> Result<u64, MeteringError> {
-    let mut tx = db.pool().begin().await?;
+    let mut tx = db.begin_write().await?;
     let mut claimed_rows: Vec<(String, String)> = Vec::new();
     for chunk in events.chunks(SQLITE_ROWS_PER_STATEMENT) {
         let sql = format!(

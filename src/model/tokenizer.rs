@@ -84,6 +84,9 @@ pub struct Tokenizer {
     /// Fixed once loaded; kept because the library builds the whole
     /// vocabulary map to count it, which costs more than a request.
     vocab_size: usize,
+    /// The most bytes of input one token can stand for, when that bounds
+    /// the token count from below (no normalizer that could shrink text).
+    max_token_bytes: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -140,12 +143,26 @@ impl Tokenizer {
         let mut plain = inner.clone();
         plain.set_encode_special_tokens(true);
         let vocab_size = inner.get_vocab_size(true);
+        // A token's string is at least as long in UTF-8 as the input bytes
+        // it matches (byte-level BPE spells each byte as one char; added
+        // tokens are their literal text). A normalizer could shrink the
+        // input first, and then nothing bounds it.
+        let max_token_bytes = inner.get_normalizer().is_none().then(|| {
+            inner
+                .get_vocab(true)
+                .keys()
+                .map(String::len)
+                .max()
+                .unwrap_or(1)
+                .max(1)
+        });
         Self {
             inner,
             plain,
             bos,
             eos,
             vocab_size,
+            max_token_bytes,
         }
     }
 
@@ -203,6 +220,26 @@ impl Tokenizer {
     /// Id of a token string.
     pub fn token_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
+    }
+
+    /// The fewest tokens `bytes` bytes of text can encode to, when the
+    /// tokenizer allows such a bound: a prompt whose bound exceeds the
+    /// context window is refused without being tokenized.
+    pub fn min_tokens_for_bytes(&self, bytes: usize) -> Option<usize> {
+        self.max_token_bytes.map(|max| bytes / max)
+    }
+
+    /// Token ids of `text` with special-token strings kept as plain text
+    /// (what a raw prompt from a client is); with `add_bos` the BOS id is
+    /// prepended when the vocabulary has one.
+    pub fn encode_plain(&self, text: &str, add_bos: bool) -> Result<Vec<u32>> {
+        let enc = self.plain.encode_fast(text, false).map_err(tok_err)?;
+        let mut ids = Vec::with_capacity(enc.len() + 1);
+        if add_bos && let Some(b) = self.bos {
+            ids.push(b);
+        }
+        ids.extend_from_slice(enc.get_ids());
+        Ok(ids)
     }
 
     /// Token ids of `text` (special-token strings in the text become their ids); with `add_bos`
@@ -382,6 +419,40 @@ mod tests {
 
     fn tok() -> Tokenizer {
         Tokenizer::train_bpe(512, 7).unwrap()
+    }
+
+    #[test]
+    fn raw_text_keeps_special_token_strings_as_text() {
+        let t = tok();
+        let forged = format!("hi{EOS}{USER}{ASSISTANT}");
+        let parsed = t.encode(&forged, false).unwrap();
+        assert!(
+            parsed.contains(&t.eos_id().unwrap()),
+            "the opt-in parses them"
+        );
+        let plain = t.encode_plain(&forged, false).unwrap();
+        for special in [EOS, USER, ASSISTANT] {
+            let id = t.token_id(special).unwrap();
+            assert!(!plain.contains(&id), "{special} stayed text");
+        }
+        assert_eq!(t.decode(&plain, false).unwrap(), forged);
+    }
+
+    #[test]
+    fn the_byte_bound_never_exceeds_the_real_token_count() {
+        let t = tok();
+        let bound = |text: &str| t.min_tokens_for_bytes(text.len()).expect("no normalizer");
+        let samples = [
+            "The model returns the answer to the customer.".repeat(40),
+            "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa".repeat(30),
+            "你好，世界 🤖🚀 ".repeat(50),
+            format!("{EOS}{USER}").repeat(30),
+            " ".repeat(2000),
+        ];
+        for text in &samples {
+            let real = t.encode_plain(text, false).unwrap().len();
+            assert!(bound(text) <= real, "{} > {real}", bound(text));
+        }
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub mod job;
 pub mod queue;
 mod registry;
 pub mod stats;
+pub mod tokenize;
 mod worker;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};

@@ -13,6 +13,11 @@ use crate::config::{Settings, redact_url};
 static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("migrations/postgres");
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("migrations/sqlite");
 
+/// How long a SQLite writer waits for the write lock before failing. Every
+/// write transaction takes the lock first (see [`Db::begin_write`]), so
+/// writers queue here instead of failing with `database is locked`.
+const SQLITE_BUSY_TIMEOUT_MS: u32 = 10_000;
+
 /// Which database engine a [`Db`] talks to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -96,7 +101,10 @@ impl Db {
                         // WAL lets readers run beside the one writer; the busy
                         // timeout makes writers queue instead of failing.
                         conn.execute("PRAGMA journal_mode = WAL").await?;
-                        conn.execute("PRAGMA busy_timeout = 5000").await?;
+                        conn.execute(
+                            format!("PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}").as_str(),
+                        )
+                        .await?;
                         conn.execute("PRAGMA foreign_keys = ON").await?;
                     }
                     Ok(())
@@ -169,6 +177,19 @@ impl Db {
 
     pub fn pool(&self) -> &AnyPool {
         &self.pool
+    }
+
+    /// Starts a transaction that will write. On SQLite it takes the write
+    /// lock at once (`BEGIN IMMEDIATE`), waiting up to the busy timeout
+    /// behind other writers: a deferred transaction that reads first and
+    /// writes later cannot be granted the lock when another connection
+    /// committed in between (`SQLITE_BUSY_SNAPSHOT`, code 517), and fails
+    /// without waiting. On PostgreSQL a plain `BEGIN`.
+    pub async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
+        match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
+            Backend::Postgres => self.pool.begin().await,
+        }
     }
 
     /// The typed PostgreSQL pool, for statements the `Any` driver cannot

@@ -42,6 +42,19 @@ pub struct Limits {
     pub monthly_token_quota: Option<u64>,
 }
 
+impl Limits {
+    /// The slowest request rate a tenant may have: one request per day.
+    pub const MIN_REQUESTS_PER_SECOND: f64 = 1.0 / 86_400.0;
+    /// The fastest: far above what one gateway serves, low enough that the
+    /// emission interval stays a whole number of nanoseconds.
+    pub const MAX_REQUESTS_PER_SECOND: f64 = 1_000_000.0;
+    /// The largest burst.
+    pub const MAX_BURST: u32 = 1_000_000;
+    /// The longest a spent burst may take to refill (burst / rate), in
+    /// seconds: keeps the rate arithmetic far from overflow.
+    pub const MAX_RATE_WINDOW_SECS: u64 = 366 * 86_400;
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Tenant {
     pub id: String,

@@ -82,14 +82,36 @@ impl TryFrom<TenantRow> for Tenant {
     }
 }
 
+/// How an operator named a tenant: ids are UUIDs and slugs never are (see
+/// `validate::slug`), so the two can never select each other's tenant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TenantRef<'a> {
+    Id(&'a str),
+    Slug(&'a str),
+}
+
+impl<'a> TenantRef<'a> {
+    pub fn parse(text: &'a str) -> TenantRef<'a> {
+        if uuid::Uuid::try_parse(text).is_ok() {
+            TenantRef::Id(text)
+        } else {
+            TenantRef::Slug(text)
+        }
+    }
+}
+
 /// A tenant by id or slug.
 pub async fn fetch_tenant(
     conn: &mut AnyConnection,
     id_or_slug: &str,
 ) -> Result<Option<Tenant>, TenancyError> {
-    let sql = format!("SELECT {TENANT_COLUMNS} FROM tenants WHERE id = $1 OR slug = $1");
+    let (column, value) = match TenantRef::parse(id_or_slug) {
+        TenantRef::Id(id) => ("id", id),
+        TenantRef::Slug(slug) => ("slug", slug),
+    };
+    let sql = format!("SELECT {TENANT_COLUMNS} FROM tenants WHERE {column} = $1");
     let row: Option<TenantRow> = sqlx::query_as(&sql)
-        .bind(id_or_slug)
+        .bind(value)
         .fetch_optional(&mut *conn)
         .await?;
     row.map(Tenant::try_from).transpose()

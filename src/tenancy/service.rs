@@ -92,7 +92,7 @@ impl TenancyService {
             created_at_us: now,
             updated_at_us: now,
         };
-        let mut tx = self.db.pool().begin().await?;
+        let mut tx = self.db.begin_write().await?;
         if !repo::plan_exists(&mut tx, &tenant.price_plan).await? {
             return Err(TenancyError::invalid(
                 "price_plan",
@@ -143,7 +143,7 @@ impl TenancyService {
         id_or_slug: &str,
         patch: TenantPatch,
     ) -> Result<Tenant, TenancyError> {
-        let mut tx = self.db.pool().begin().await?;
+        let mut tx = self.db.begin_write().await?;
         let before = Self::live_tenant(&mut tx, id_or_slug).await?;
         let mut after = before.clone();
         if let Some(name) = patch.display_name {
@@ -193,10 +193,10 @@ impl TenancyService {
         status: TenantStatus,
         reason: &str,
     ) -> Result<Tenant, TenancyError> {
-        if reason.chars().count() > 500 {
-            return Err(TenancyError::invalid("reason", "at most 500 characters"));
+        if !reason.is_empty() {
+            validate::printable_text("reason", reason, 500)?;
         }
-        let mut tx = self.db.pool().begin().await?;
+        let mut tx = self.db.begin_write().await?;
         let before = {
             let found = repo::fetch_tenant(&mut tx, id_or_slug).await?;
             found.ok_or_else(|| TenancyError::NotFound(format!("tenant {id_or_slug:?}")))?
@@ -239,7 +239,7 @@ impl TenancyService {
         if new.expires_at_us.is_some_and(|at| at <= now) {
             return Err(TenancyError::invalid("expires_at", "must be in the future"));
         }
-        let mut tx = self.db.pool().begin().await?;
+        let mut tx = self.db.begin_write().await?;
         let owner = Self::live_tenant(&mut tx, tenant).await?;
         let key_id = key::new_key_id()?;
         let (full_key, hash) = key::new_secret(&key_id)?;
@@ -293,7 +293,7 @@ impl TenancyService {
         actor: &str,
         key_id: &str,
     ) -> Result<ApiKeyRecord, TenancyError> {
-        let mut tx = self.db.pool().begin().await?;
+        let mut tx = self.db.begin_write().await?;
         let before = Self::existing_key(&mut tx, key_id).await?;
         if before.revoked_at_us.is_some() {
             return Ok(before);
@@ -327,7 +327,7 @@ impl TenancyService {
                 format!("at most {} seconds", MAX_ROTATION_OVERLAP.as_secs()),
             ));
         }
-        let mut tx = self.db.pool().begin().await?;
+        let mut tx = self.db.begin_write().await?;
         let before = Self::existing_key(&mut tx, key_id).await?;
         if before.revoked_at_us.is_some() {
             return Err(TenancyError::Conflict(format!(
@@ -387,7 +387,7 @@ impl TenancyService {
     }
 
     pub async fn touch_last_used(&self, uses: &[(String, i64)]) -> Result<(), TenancyError> {
-        let mut tx = self.db.pool().begin().await?;
+        let mut tx = self.db.begin_write().await?;
         repo::touch_last_used(&mut tx, uses).await?;
         tx.commit().await?;
         Ok(())

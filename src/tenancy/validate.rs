@@ -5,8 +5,6 @@ use super::TenancyError;
 use super::model::{Limits, Scope};
 
 pub const MAX_WEIGHT: u32 = 10_000;
-/// Guards the GCRA arithmetic downstream from absurd rates.
-pub const MAX_REQUESTS_PER_SECOND: f64 = 1_000_000.0;
 
 pub fn slug(slug: &str) -> Result<(), TenancyError> {
     let ok_chars = slug
@@ -19,15 +17,41 @@ pub fn slug(slug: &str) -> Result<(), TenancyError> {
             "3 to 63 characters of a-z, 0-9 and '-', not starting or ending with '-'",
         ));
     }
+    // Tenants are looked up by id or slug: a slug shaped like an id could
+    // name another tenant.
+    if uuid::Uuid::try_parse(slug).is_ok() {
+        return Err(TenancyError::invalid(
+            "slug",
+            "must not have the form of a tenant id (a UUID)",
+        ));
+    }
     Ok(())
 }
 
+/// Characters that reorder the text around them when shown (the Unicode
+/// bidirectional embeddings, overrides, isolates and marks): a name with
+/// them displays differently from what it is.
+fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+}
+
 pub fn display_name(field: &'static str, name: &str) -> Result<(), TenancyError> {
-    let len = name.chars().count();
-    if name.trim().is_empty() || len > 200 || name.chars().any(char::is_control) {
+    printable_text(field, name, 200)
+}
+
+/// Non-blank text of at most `max` characters with no control characters
+/// and no bidirectional controls.
+pub fn printable_text(field: &'static str, text: &str, max: usize) -> Result<(), TenancyError> {
+    if text.trim().is_empty() || text.chars().count() > max || text.chars().any(char::is_control) {
         return Err(TenancyError::invalid(
             field,
-            "1 to 200 printable characters",
+            format!("1 to {max} printable characters"),
+        ));
+    }
+    if text.chars().any(is_bidi_control) {
+        return Err(TenancyError::invalid(
+            field,
+            "bidirectional control characters (U+202A..U+202E, U+2066..U+2069, U+200E, U+200F, U+061C) are not allowed",
         ));
     }
     Ok(())
@@ -45,15 +69,36 @@ pub fn weight(weight: u32) -> Result<(), TenancyError> {
 
 pub fn limits(limits: &Limits) -> Result<(), TenancyError> {
     if let Some(rps) = limits.requests_per_second
-        && !(rps.is_finite() && rps > 0.0 && rps <= MAX_REQUESTS_PER_SECOND)
+        && !(rps.is_finite()
+            && (Limits::MIN_REQUESTS_PER_SECOND..=Limits::MAX_REQUESTS_PER_SECOND).contains(&rps))
     {
         return Err(TenancyError::invalid(
             "limits.requests_per_second",
-            format!("a positive number up to {MAX_REQUESTS_PER_SECOND}"),
+            format!(
+                "a number from {:.8} (one request per day) to {}",
+                Limits::MIN_REQUESTS_PER_SECOND,
+                Limits::MAX_REQUESTS_PER_SECOND
+            ),
         ));
     }
-    if limits.burst == Some(0) {
-        return Err(TenancyError::invalid("limits.burst", "at least 1"));
+    if let Some(burst) = limits.burst
+        && !(1..=Limits::MAX_BURST).contains(&burst)
+    {
+        return Err(TenancyError::invalid(
+            "limits.burst",
+            format!("between 1 and {}", Limits::MAX_BURST),
+        ));
+    }
+    if let (Some(rps), Some(burst)) = (limits.requests_per_second, limits.burst)
+        && f64::from(burst) / rps > Limits::MAX_RATE_WINDOW_SECS as f64
+    {
+        return Err(TenancyError::invalid(
+            "limits.burst",
+            format!(
+                "burst / requests_per_second is the time a spent burst takes to refill; at most {} days",
+                Limits::MAX_RATE_WINDOW_SECS / 86_400
+            ),
+        ));
     }
     if limits.burst.is_some() && limits.requests_per_second.is_none() {
         return Err(TenancyError::invalid(
@@ -155,8 +200,23 @@ mod tests {
             "ac_me",
             "ácme",
             &"a".repeat(64),
+            "0199a8f2-6a4e-7c3b-9d2e-1f0a2b3c4d5e",
+            "0199a8f26a4e7c3b9d2e1f0a2b3c4d5e",
         ] {
             assert!(slug(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn names_refuse_bidi_controls() {
+        assert!(display_name("display_name", "Acme Corp").is_ok());
+        assert!(
+            display_name("display_name", "شركة أكمي").is_ok(),
+            "RTL text itself is fine"
+        );
+        for bad in ["evil\u{202E}gnp.exe", "a\u{2066}b", "x\u{200F}"] {
+            let err = display_name("display_name", bad).expect_err(bad);
+            assert!(err.to_string().contains("display_name"), "{err}");
         }
     }
 

@@ -353,3 +353,34 @@ impl GatewayProcess {
         (status, log)
     }
 }
+
+/// A tenant with these limits and an `inference` key: (tenant id, key).
+pub async fn tenant_with_limits(
+    channel: &Channel,
+    slug: &str,
+    limits: ascend_gateway::api::pb::v1::TenantLimits,
+) -> (String, String) {
+    use ascend_gateway::api::pb::v1::tenant_admin_client::TenantAdminClient;
+    use ascend_gateway::api::pb::v1::{CreateApiKeyRequest, CreateTenantRequest};
+    let mut client = TenantAdminClient::new(channel.clone());
+    let id = client
+        .create_tenant(admin(CreateTenantRequest {
+            slug: slug.to_owned(),
+            limits: Some(limits),
+            ..Default::default()
+        }))
+        .await
+        .expect("tenant")
+        .into_inner()
+        .id;
+    let key = client
+        .create_api_key(admin(CreateApiKeyRequest {
+            tenant: slug.to_owned(),
+            ..Default::default()
+        }))
+        .await
+        .expect("key")
+        .into_inner()
+        .secret;
+    (id, key)
+}

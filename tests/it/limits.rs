@@ -11,9 +11,7 @@ use std::time::{Duration, Instant};
 
 use ascend_gateway::api::pb::v1::inference_client::InferenceClient;
 use ascend_gateway::api::pb::v1::tenant_admin_client::TenantAdminClient;
-use ascend_gateway::api::pb::v1::{
-    CreateApiKeyRequest, CreateTenantRequest, ListModelsRequest, TenantLimits,
-};
+use ascend_gateway::api::pb::v1::{CreateTenantRequest, ListModelsRequest, TenantLimits};
 use ascend_gateway::limits::{Cost, FailurePolicy, LimitError, LimitKind, LimitSettings, Limiter};
 use ascend_gateway::tenancy::Limits;
 use secrecy::SecretString;
@@ -52,24 +50,9 @@ fn settings(prefix: String, policy: FailurePolicy, lease_ttl: Duration) -> Limit
 }
 
 async fn tenant_with_key(channel: &Channel, slug: &str, limits: TenantLimits) -> String {
-    let mut admin_client = TenantAdminClient::new(channel.clone());
-    admin_client
-        .create_tenant(admin(CreateTenantRequest {
-            slug: slug.to_owned(),
-            limits: Some(limits),
-            ..Default::default()
-        }))
+    crate::common::tenant_with_limits(channel, slug, limits)
         .await
-        .expect("tenant");
-    admin_client
-        .create_api_key(admin(CreateApiKeyRequest {
-            tenant: slug.to_owned(),
-            ..Default::default()
-        }))
-        .await
-        .expect("key")
-        .into_inner()
-        .secret
+        .1
 }
 
 #[tokio::test]
@@ -334,14 +317,19 @@ async fn a_crashed_gateways_concurrency_slots_come_back_after_the_lease() {
         settings(prefix, FailurePolicy::FailClosed, lease),
     );
     let refused = survivor.admit("leaky", &limits, Cost::default()).await;
-    assert!(matches!(
-        refused,
-        Err(LimitError::Exceeded {
-            kind: LimitKind::Concurrency,
-            ..
-        })
-    ));
-    tokio::time::sleep(lease + Duration::from_millis(300)).await;
+    let Err(LimitError::Exceeded {
+        kind: LimitKind::Concurrency,
+        retry_after,
+    }) = refused
+    else {
+        panic!("expected a concurrency refusal, got {refused:?}");
+    };
+    // The wait named is the real one: until the earliest lease expires.
+    assert!(
+        retry_after <= lease && retry_after >= Duration::from_millis(1),
+        "{retry_after:?}"
+    );
+    tokio::time::sleep(retry_after + Duration::from_millis(100)).await;
     let permit = survivor
         .admit("leaky", &limits, Cost::default())
         .await
@@ -694,4 +682,111 @@ async fn redis_quota_counters_start_from_the_metered_usage() {
             .is_err(),
         "1000 of 1000 used"
     );
+}
+
+/// A rate below one request per day is refused when it is set; the slowest
+/// accepted rate serves its one request and then names a wait of about a
+/// day, on both backends (it used to panic the local limiter and tell Redis
+/// clients to retry in microseconds).
+#[tokio::test]
+async fn extreme_rates_are_refused_or_served_never_panic() {
+    let gateway = TestGateway::start().await;
+    let mut admin_client = TenantAdminClient::new(gateway.channel.clone());
+    for rps in [1e-11, 1e-300, f64::MIN_POSITIVE, 0.0, -1.0, 1e7, f64::NAN] {
+        let status = admin_client
+            .create_tenant(admin(CreateTenantRequest {
+                slug: "too-slow".to_owned(),
+                limits: Some(TenantLimits {
+                    requests_per_second: Some(rps),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }))
+            .await
+            .expect_err("out-of-range rate");
+        assert_eq!(status.code(), Code::InvalidArgument, "{rps}");
+        assert!(
+            status.message().contains("limits.requests_per_second"),
+            "{rps}: {}",
+            status.message()
+        );
+    }
+    let status = admin_client
+        .create_tenant(admin(CreateTenantRequest {
+            slug: "long-window".to_owned(),
+            limits: Some(TenantLimits {
+                requests_per_second: Some(1.0 / 86_400.0),
+                burst: Some(1_000),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }))
+        .await
+        .expect_err("a 1000-day window");
+    assert!(
+        status.message().contains("limits.burst"),
+        "{}",
+        status.message()
+    );
+
+    let slowest = TenantLimits {
+        requests_per_second: Some(1.0 / 86_400.0),
+        ..Default::default()
+    };
+    let key = tenant_with_key(&gateway.channel, "one-a-day", slowest).await;
+    let mut client = InferenceClient::new(gateway.channel.clone());
+    client
+        .list_models(authed(ListModelsRequest {}, &key))
+        .await
+        .expect("the day's request");
+    let status = client
+        .list_models(authed(ListModelsRequest {}, &key))
+        .await
+        .expect_err("the second of the day");
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    let wait = status
+        .get_details_retry_info()
+        .and_then(|r| r.retry_delay)
+        .expect("RetryInfo");
+    assert!(
+        wait > Duration::from_secs(86_000) && wait <= Duration::from_secs(86_400),
+        "{wait:?}"
+    );
+    gateway.stop().await.expect("clean stop");
+
+    // The same on the Redis backend.
+    let (shared, _bg) = Limiter::new(
+        Some(redis_connection(&redis_url()).await),
+        settings(prefix(), FailurePolicy::FailClosed, Duration::from_secs(60)),
+    );
+    let limits = Limits {
+        requests_per_second: Some(1.0 / 86_400.0),
+        ..Limits::default()
+    };
+    shared
+        .admit("one-a-day", &limits, Cost::default())
+        .await
+        .expect("the day's request")
+        .settle(0)
+        .await;
+    match shared.admit("one-a-day", &limits, Cost::default()).await {
+        Err(LimitError::Exceeded {
+            kind: LimitKind::Requests,
+            retry_after,
+        }) => assert!(
+            retry_after > Duration::from_secs(86_000) && retry_after <= Duration::from_secs(86_400),
+            "{retry_after:?}"
+        ),
+        other => panic!("expected a rate refusal, got {other:?}"),
+    }
+    // A value stored before the checks existed is clamped, not a panic.
+    let stored = Limits {
+        requests_per_second: Some(1e-300),
+        burst: Some(u32::MAX),
+        ..Limits::default()
+    };
+    for limiter in [&shared, &Limiter::new(None, LimitSettings::default()).0] {
+        let first = limiter.admit("legacy", &stored, Cost::default()).await;
+        assert!(first.is_ok(), "{first:?}");
+    }
 }
