@@ -342,10 +342,13 @@ impl App {
         let stop_tasks = CancellationToken::new();
         let metering_handle = metering.clone();
         let usage_barrier = metering.clone();
+        let connections = Arc::new(crate::listener::ConnectionStats::default());
         let metrics_registry = crate::metrics::registry(crate::metrics::GatewayCollector {
             limiter: limiter.clone(),
             metering,
             models: registry.clone(),
+            connections: connections.clone(),
+            claims: claims.clone(),
         });
         tasks.spawn(crate::metrics::serve(
             metrics_listener,
@@ -386,10 +389,18 @@ impl App {
             .build_v1alpha()?;
 
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let incoming =
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        let stop_accepting = CancellationToken::new();
+        let (incoming, accept_loop) = crate::listener::accept(
+            listener,
+            &settings.server,
+            connections.clone(),
+            stop_accepting.clone(),
+        );
+        tasks.spawn(accept_loop);
         let server = Server::builder()
             .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
+            .http2_keepalive_interval(Some(settings.server.http2_keepalive_interval))
+            .http2_keepalive_timeout(Some(settings.server.http2_keepalive_timeout))
             .layer(AuthLayer::new(authenticator))
             .add_service(health_service)
             .add_service(reflection_v1)
@@ -418,6 +429,7 @@ impl App {
 
         tokio::select! {
             result = &mut server => {
+                stop_accepting.cancel();
                 stop_tasks.cancel();
                 tasks.close();
                 tasks.wait().await;
@@ -435,6 +447,7 @@ impl App {
                 .await;
         }
         let _ = stop_tx.send(());
+        stop_accepting.cancel();
         match tokio::time::timeout(grace, &mut server).await {
             Ok(result) => result?,
             Err(_) => tracing::warn!(

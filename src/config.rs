@@ -71,6 +71,7 @@ pub struct Settings {
     pub metering: crate::metering::MeteringSettings,
     pub billing: crate::billing::BillingSettings,
     pub idempotency: crate::idempotency::IdempotencySettings,
+    pub server: crate::listener::ServerSettings,
     /// The served models (`[[models]]` tables).
     pub models: Vec<crate::serving::ModelSettings>,
     pub log: LogSettings,
@@ -187,6 +188,7 @@ impl Default for Settings {
             metering: crate::metering::MeteringSettings::default(),
             billing: crate::billing::BillingSettings::default(),
             idempotency: crate::idempotency::IdempotencySettings::default(),
+            server: crate::listener::ServerSettings::default(),
             models: vec![crate::serving::ModelSettings::default()],
             log: LogSettings::default(),
         }
@@ -407,6 +409,30 @@ impl Settings {
                 key: "idempotency.in_progress_ttl",
                 problem: "at least 1s, and longer than the longest request".to_owned(),
             });
+        }
+        if self.server.max_connections == 0 {
+            return Err(ConfigError::Invalid {
+                key: "server.max_connections",
+                problem: "at least 1".to_owned(),
+            });
+        }
+        for (key, value) in [
+            ("server.handshake_timeout", self.server.handshake_timeout),
+            (
+                "server.http2_keepalive_interval",
+                self.server.http2_keepalive_interval,
+            ),
+            (
+                "server.http2_keepalive_timeout",
+                self.server.http2_keepalive_timeout,
+            ),
+        ] {
+            if value < Duration::from_millis(10) || value > Duration::from_secs(3600) {
+                return Err(ConfigError::Invalid {
+                    key,
+                    problem: "between 10ms and 1h, e.g. \"10s\"".to_owned(),
+                });
+            }
         }
         if self.limits.replicas == 0 {
             return Err(ConfigError::Invalid {

@@ -16,6 +16,7 @@ pub mod config;
 pub mod error;
 pub mod idempotency;
 pub mod limits;
+pub mod listener;
 pub mod metering;
 pub mod metrics;
 pub mod model;

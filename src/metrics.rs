@@ -33,6 +33,8 @@ pub struct GatewayCollector {
     pub limiter: Arc<Limiter>,
     pub metering: Arc<Metering>,
     pub models: ModelRegistry,
+    pub connections: Arc<crate::listener::ConnectionStats>,
+    pub claims: Arc<crate::idempotency::Idempotency>,
 }
 
 /// One gauge family with a `model` label.
@@ -149,6 +151,43 @@ impl Collector for GatewayCollector {
             "ascend_gateway_usage_write_errors",
             "Failed attempts to write or ship usage",
             spool.write_errors.load(Ordering::Relaxed),
+        )?;
+        let connections = &self.connections;
+        gauge(
+            &mut encoder,
+            "ascend_gateway_connections_open",
+            "gRPC connections open (past the HTTP/2 preface check)",
+            as_i64(connections.open.load(Ordering::Relaxed)),
+        )?;
+        counter(
+            &mut encoder,
+            "ascend_gateway_connections_accepted",
+            "TCP connections accepted on the gRPC port",
+            connections.accepted.load(Ordering::Relaxed),
+        )?;
+        counter(
+            &mut encoder,
+            "ascend_gateway_connections_refused_over_cap",
+            "Connections closed at once because server.max_connections were open",
+            connections.refused_over_cap.load(Ordering::Relaxed),
+        )?;
+        counter(
+            &mut encoder,
+            "ascend_gateway_connections_handshake_failures",
+            "Connections closed without a complete HTTP/2 preface within server.handshake_timeout",
+            connections.handshake_failures.load(Ordering::Relaxed),
+        )?;
+        counter(
+            &mut encoder,
+            "ascend_gateway_idempotent_replays",
+            "Duplicate request ids answered with the stored answer",
+            self.claims.replay_count(),
+        )?;
+        counter(
+            &mut encoder,
+            "ascend_gateway_idempotency_conflicts",
+            "Duplicate request ids refused (still in progress, or another request)",
+            self.claims.conflict_count(),
         )?;
         counter(
             &mut encoder,

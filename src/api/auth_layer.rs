@@ -125,7 +125,9 @@ where
             {
                 Ok(principal) => {
                     request.extensions_mut().insert(principal);
-                    inner.call(request).await
+                    let mut response = inner.call(request).await?;
+                    oversized_request_is_resource_exhausted(&mut response);
+                    Ok(response)
                 }
                 Err(error) => Ok(to_status(&error).into_http()),
             }
@@ -146,6 +148,27 @@ where
                 None => call.await,
             }
         })
+    }
+}
+
+/// tonic refuses a request message over the decoding limit with
+/// OUT_OF_RANGE; gRPC specifies RESOURCE_EXHAUSTED for a message larger than
+/// the receiver accepts, which is what clients retry (or not) by. The
+/// refusal is trailers-only, so its status is in the headers.
+fn oversized_request_is_resource_exhausted<B>(response: &mut http::Response<B>) {
+    const TOO_LARGE: &[u8] = b"decoded%20message%20length%20too%20large";
+    let headers = response.headers_mut();
+    let out_of_range = headers
+        .get("grpc-status")
+        .is_some_and(|code| code.as_bytes() == b"11");
+    let too_large = headers.get("grpc-message").is_some_and(|message| {
+        message
+            .as_bytes()
+            .windows(TOO_LARGE.len())
+            .any(|w| w == TOO_LARGE)
+    });
+    if out_of_range && too_large {
+        headers.insert("grpc-status", http::HeaderValue::from_static("8"));
     }
 }
 

@@ -10,6 +10,7 @@ mod billing;
 mod common;
 mod crash;
 mod generate;
+mod hostile;
 mod idempotency;
 mod limits;
 mod metering;

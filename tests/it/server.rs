@@ -176,3 +176,126 @@ async fn graceful_shutdown_releases_the_port() {
         .await
         .expect("the port is free again after shutdown");
 }
+
+/// Reads until the server closes the connection (true) or `within` passes.
+async fn closed_within(stream: &mut tokio::net::TcpStream, within: std::time::Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 4096];
+    let until = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(until, stream.read(&mut buf)).await {
+            Ok(Ok(0) | Err(_)) => return true,
+            Ok(Ok(_)) => {}
+            Err(_) => return false,
+        }
+    }
+}
+
+/// Sockets that never finish the HTTP/2 preface are closed after
+/// `server.handshake_timeout`; past `server.max_connections` a connection
+/// is closed at once; a peer that stops answering keepalive pings is
+/// dropped; and real clients are served throughout once a slot is free.
+#[tokio::test]
+async fn idle_sockets_are_closed_and_connections_are_capped() {
+    use std::time::Duration;
+    use tokio::io::AsyncWriteExt;
+
+    let dir = tempfile::tempdir().expect("dir");
+    let mut settings = crate::common::test_settings(&dir);
+    settings.server.handshake_timeout = Duration::from_millis(300);
+    settings.server.max_connections = 4;
+    settings.server.http2_keepalive_interval = Duration::from_millis(200);
+    settings.server.http2_keepalive_timeout = Duration::from_millis(200);
+    let gateway = TestGateway::start_with(settings, dir).await;
+    // The harness's own channel holds one slot.
+
+    // Silent, trickling and wrong-protocol sockets: all closed in time.
+    let mut silent = tokio::net::TcpStream::connect(gateway.addr)
+        .await
+        .expect("tcp");
+    let mut trickle = tokio::net::TcpStream::connect(gateway.addr)
+        .await
+        .expect("tcp");
+    trickle
+        .write_all(b"PRI * HTTP/2.0\r\n")
+        .await
+        .expect("half a preface");
+    let mut http1 = tokio::net::TcpStream::connect(gateway.addr)
+        .await
+        .expect("tcp");
+    http1
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("http/1.1");
+    for (name, socket) in [
+        ("silent", &mut silent),
+        ("trickle", &mut trickle),
+        ("http1", &mut http1),
+    ] {
+        assert!(
+            closed_within(socket, Duration::from_secs(3)).await,
+            "{name} stayed open"
+        );
+    }
+
+    // The cap: three more held open (the harness channel is the fourth),
+    // then one past it is closed at once.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut socket = tokio::net::TcpStream::connect(gateway.addr)
+            .await
+            .expect("tcp");
+        socket
+            .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .await
+            .expect("preface");
+        held.push(socket);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut over = tokio::net::TcpStream::connect(gateway.addr)
+        .await
+        .expect("tcp");
+    assert!(
+        closed_within(&mut over, Duration::from_millis(500)).await,
+        "a connection past the cap is closed at once"
+    );
+    let body = crate::common::scrape(gateway.metrics_addr).await;
+    assert!(
+        body.lines().any(
+            |l| l.starts_with("ascend_gateway_connections_refused_over_cap_total")
+                && !l.ends_with(" 0")
+        ),
+        "{body}"
+    );
+
+    // Held sockets sent a preface but never answer SETTINGS or PING: the
+    // keepalive timeout closes them, and their slots come back.
+    for socket in &mut held {
+        assert!(
+            closed_within(socket, Duration::from_secs(5)).await,
+            "keepalive closed it"
+        );
+    }
+    let mut health = HealthClient::new(gateway.channel.clone());
+    health
+        .check(HealthCheckRequest::default())
+        .await
+        .expect("the harness channel was served throughout");
+    let fresh = tonic::transport::Channel::from_shared(format!("http://{}", gateway.addr))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("a slot is free again");
+    HealthClient::new(fresh)
+        .check(HealthCheckRequest::default())
+        .await
+        .expect("served");
+    let body = crate::common::scrape(gateway.metrics_addr).await;
+    let handshake_failures = body
+        .lines()
+        .find_map(|l| l.strip_prefix("ascend_gateway_connections_handshake_failures_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .expect("handshake failures counted");
+    assert!(handshake_failures >= 3.0, "{handshake_failures}");
+    gateway.stop().await.expect("clean stop");
+}
