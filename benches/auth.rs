@@ -72,7 +72,13 @@ fn setup() -> Setup {
             .expect("key");
         let admin = AdminCredential::from_token(&SecretString::from(ADMIN_TOKEN));
         let last_used = Arc::new(LastUsedRecorder::default());
-        let authenticator = Authenticator::new(tenancy, cache, Some(admin), last_used);
+        let authenticator = Authenticator::new(
+            tenancy,
+            cache,
+            Some(admin),
+            last_used,
+            ascend_gateway::auth::throttle::FailureThrottle::new(20, 60),
+        );
         (authenticator, issued.full_key)
     });
     let tenant_header = format!("Bearer {}", key.expose_secret()).into_bytes();
@@ -88,9 +94,11 @@ fn percentiles(setup: &Setup, header: &[u8], requirement: Requirement) -> (Durat
     let mut samples: Vec<Duration> = (0..50_000)
         .map(|_| {
             let start = Instant::now();
-            let result = setup
-                .runtime
-                .block_on(setup.authenticator.authenticate(Some(header), requirement));
+            let result = setup.runtime.block_on(setup.authenticator.authenticate(
+                Some(header),
+                requirement,
+                None,
+            ));
             let elapsed = start.elapsed();
             assert!(result.is_ok());
             elapsed
@@ -113,7 +121,7 @@ fn main() {
         .block_on(
             setup
                 .authenticator
-                .authenticate(Some(&setup.tenant_header), inference),
+                .authenticate(Some(&setup.tenant_header), inference, None),
         )
         .expect("warm");
 
@@ -121,20 +129,20 @@ fn main() {
     let mut group = criterion.benchmark_group("authenticate");
     group.bench_function("tenant_key_warm_cache", |b| {
         b.iter(|| {
-            setup.runtime.block_on(
-                setup
-                    .authenticator
-                    .authenticate(Some(black_box(&setup.tenant_header)), inference),
-            )
+            setup.runtime.block_on(setup.authenticator.authenticate(
+                Some(black_box(&setup.tenant_header)),
+                inference,
+                None,
+            ))
         })
     });
     group.bench_function("admin_token", |b| {
         b.iter(|| {
-            setup.runtime.block_on(
-                setup
-                    .authenticator
-                    .authenticate(Some(black_box(&admin_header)), Requirement::Admin),
-            )
+            setup.runtime.block_on(setup.authenticator.authenticate(
+                Some(black_box(&admin_header)),
+                Requirement::Admin,
+                None,
+            ))
         })
     });
     group.finish();

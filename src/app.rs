@@ -177,6 +177,14 @@ impl App {
                 "no admin token configured (auth.admin_token / ASCEND_ADMIN_TOKEN): TenantAdmin RPCs will be refused"
             );
         }
+        // The data directory holds usage and the embedded database: the
+        // gateway's user only.
+        crate::private_fs::private_dir(&settings.data_dir).map_err(|source| {
+            StoreError::DataDir {
+                path: settings.data_dir.clone(),
+                source,
+            }
+        })?;
         let db = Db::connect(&settings).await?;
         let report = db.migrate().await?;
         tracing::info!(
@@ -270,6 +278,10 @@ impl App {
             cache,
             admin,
             last_used.clone(),
+            crate::auth::throttle::FailureThrottle::new(
+                settings.auth.failed_auth_burst,
+                settings.auth.failed_auth_per_minute,
+            ),
         ));
         Ok(App {
             settings: Arc::new(settings),
@@ -349,6 +361,7 @@ impl App {
             models: registry.clone(),
             connections: connections.clone(),
             claims: claims.clone(),
+            authenticator: authenticator.clone(),
         });
         tasks.spawn(crate::metrics::serve(
             metrics_listener,
@@ -420,6 +433,8 @@ impl App {
                 db.clone(),
                 tenancy.clone(),
                 BillingService::new(db.clone(), &settings.billing),
+                limiter.clone(),
+                &settings.billing,
             )))
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = stop_rx.await;

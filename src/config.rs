@@ -104,6 +104,11 @@ pub struct AuthSettings {
     /// How often key last-use times are written to the database.
     #[serde(with = "humantime_serde")]
     pub last_used_flush: Duration,
+    /// Failed authentications a client address may make at once...
+    pub failed_auth_burst: u32,
+    /// ...and per minute after that; past them every request from the
+    /// address is refused (RESOURCE_EXHAUSTED) until its budget refills.
+    pub failed_auth_per_minute: u32,
 }
 
 impl Default for AuthSettings {
@@ -115,6 +120,8 @@ impl Default for AuthSettings {
             cache_capacity: 100_000,
             stale_if_unavailable: Duration::from_secs(600),
             last_used_flush: Duration::from_secs(30),
+            failed_auth_burst: 20,
+            failed_auth_per_minute: 60,
         }
     }
 }
@@ -348,6 +355,14 @@ impl Settings {
                     .to_owned(),
             });
         }
+        if self.auth.failed_auth_burst == 0 || self.auth.failed_auth_per_minute == 0 {
+            return Err(ConfigError::Invalid {
+                key: "auth.failed_auth_burst",
+                problem:
+                    "auth.failed_auth_burst and auth.failed_auth_per_minute must be at least 1"
+                        .to_owned(),
+            });
+        }
         if self.auth.last_used_flush.is_zero() {
             return Err(ConfigError::Invalid {
                 key: "auth.last_used_flush",
@@ -433,6 +448,23 @@ impl Settings {
                     problem: "between 10ms and 1h, e.g. \"10s\"".to_owned(),
                 });
             }
+        }
+        let rate = self.billing.tenant_requests_per_second;
+        if !(rate.is_finite()
+            && (crate::tenancy::Limits::MIN_REQUESTS_PER_SECOND
+                ..=crate::tenancy::Limits::MAX_REQUESTS_PER_SECOND)
+                .contains(&rate))
+        {
+            return Err(ConfigError::Invalid {
+                key: "billing.tenant_requests_per_second",
+                problem: "a number from 0.0000116 (one a day) to 1000000".to_owned(),
+            });
+        }
+        if !(1..=crate::tenancy::Limits::MAX_BURST).contains(&self.billing.tenant_burst) {
+            return Err(ConfigError::Invalid {
+                key: "billing.tenant_burst",
+                problem: "between 1 and 1000000".to_owned(),
+            });
         }
         if self.limits.replicas == 0 {
             return Err(ConfigError::Invalid {

@@ -21,6 +21,7 @@ pub mod metering;
 pub mod metrics;
 pub mod model;
 pub mod npu;
+pub mod private_fs;
 pub mod serving;
 pub mod store;
 pub mod telemetry;

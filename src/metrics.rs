@@ -35,6 +35,7 @@ pub struct GatewayCollector {
     pub models: ModelRegistry,
     pub connections: Arc<crate::listener::ConnectionStats>,
     pub claims: Arc<crate::idempotency::Idempotency>,
+    pub authenticator: Arc<crate::auth::Authenticator>,
 }
 
 /// One gauge family with a `model` label.
@@ -205,6 +206,18 @@ impl Collector for GatewayCollector {
         for kind in LimitKind::ALL {
             let labels = [("limit", kind.field())];
             ConstCounter::new(self.limiter.rejections(kind))
+                .encode(family.encode_family(&labels)?)?;
+        }
+        let failures = ConstCounter::new(0u64);
+        let mut family = encoder.encode_descriptor(
+            "ascend_gateway_auth_failures",
+            "Refused credentials, by kind (throttled: refused unchecked, the address failed too often)",
+            None,
+            failures.metric_type(),
+        )?;
+        for kind in crate::auth::throttle::FailureKind::ALL {
+            let labels = [("kind", kind.as_str())];
+            ConstCounter::new(self.authenticator.failure_count(kind))
                 .encode(family.encode_family(&labels)?)?;
         }
         let count = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);

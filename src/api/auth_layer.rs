@@ -119,8 +119,13 @@ where
                 .headers()
                 .get(http::header::AUTHORIZATION)
                 .map(|value| value.as_bytes().to_vec());
+            let peer = request
+                .extensions()
+                .get::<tonic::transport::server::TcpConnectInfo>()
+                .and_then(|info| info.remote_addr())
+                .map(|addr| addr.ip());
             match authenticator
-                .authenticate(header.as_deref(), requirement)
+                .authenticate(header.as_deref(), requirement, peer)
                 .await
             {
                 Ok(principal) => {

@@ -1,6 +1,7 @@
 //! The `Billing` service: usage queries, price plans, invoices, exports.
 
 use std::pin::Pin;
+use std::sync::Arc;
 
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
@@ -19,11 +20,13 @@ use super::pb::v1::{
 use super::pb::v1::{UsageBucket, UsageGrouping};
 use super::status::to_status;
 use crate::auth::Principal;
+use crate::billing::BillingSettings;
 use crate::billing::export::{CHUNK_ROWS, EventPager, LinePager, Pager};
 use crate::billing::{self, BillingService, MoneyInput, Period, PriceInput, PutPrices};
+use crate::limits::{Cost, Limiter};
 use crate::metering::{self, Grouping, HOUR_US, UsageTotals};
 use crate::store::Db;
-use crate::tenancy::{PageRequest, TenancyService};
+use crate::tenancy::{Limits, PageRequest, TenancyService};
 
 /// Handlers of `ascend.gateway.v1.Billing`.
 #[derive(Clone)]
@@ -31,15 +34,49 @@ pub struct BillingApi {
     db: Db,
     tenancy: TenancyService,
     billing: BillingService,
+    limiter: Arc<Limiter>,
+    /// The request rate each tenant's keys get on this service, apart from
+    /// their inference limits.
+    tenant_limits: Limits,
 }
 
 impl BillingApi {
-    pub fn new(db: Db, tenancy: TenancyService, billing: BillingService) -> BillingApi {
+    pub fn new(
+        db: Db,
+        tenancy: TenancyService,
+        billing: BillingService,
+        limiter: Arc<Limiter>,
+        settings: &BillingSettings,
+    ) -> BillingApi {
         BillingApi {
             db,
             tenancy,
             billing,
+            limiter,
+            tenant_limits: Limits {
+                requests_per_second: Some(settings.tenant_requests_per_second),
+                burst: Some(settings.tenant_burst),
+                ..Limits::default()
+            },
         }
+    }
+
+    /// Who is calling; a tenant key's call counts against its tenant's
+    /// `billing.tenant_requests_per_second` (exports and usage queries are
+    /// heavy reads), shared across replicas like every limit. The admin
+    /// token is not limited.
+    async fn caller<T>(&self, request: &Request<T>) -> Result<Principal, Status> {
+        let caller = principal(request)?;
+        if let Principal::Tenant(tenant) = &caller {
+            let scope = format!("{}/billing", tenant.tenant_id);
+            let permit = self
+                .limiter
+                .admit(&scope, &self.tenant_limits, Cost::default())
+                .await
+                .map_err(|e| to_status(&e))?;
+            permit.settle(0).await;
+        }
+        Ok(caller)
     }
 
     /// As [`BillingApi::scoped_tenant`], except that the admin token may
@@ -60,7 +97,7 @@ impl BillingApi {
         &self,
         request: Request<ExportRequest>,
     ) -> Result<(Option<String>, Period), Status> {
-        let caller = principal(&request)?;
+        let caller = self.caller(&request).await?;
         let r = request.into_inner();
         let period =
             BillingService::parse_period("period", &r.period).map_err(|e| to_status(&e))?;
@@ -305,7 +342,7 @@ impl Billing for BillingApi {
         &self,
         request: Request<GetUsageRequest>,
     ) -> Result<Response<GetUsageResponse>, Status> {
-        let caller = principal(&request)?;
+        let caller = self.caller(&request).await?;
         let r = request.into_inner();
         let tenant_id = self.scoped_tenant(&caller, &r.tenant).await?;
         let bound = |field: &str, ts: Option<&prost_types::Timestamp>| -> Result<i64, Status> {
@@ -353,9 +390,15 @@ impl Billing for BillingApi {
 
     async fn list_price_plans(
         &self,
-        _request: Request<ListPricePlansRequest>,
+        request: Request<ListPricePlansRequest>,
     ) -> Result<Response<ListPricePlansResponse>, Status> {
-        let plans = self.billing.list_plans().await.map_err(|e| to_status(&e))?;
+        let caller = self.caller(&request).await?;
+        let mut plans = self.billing.list_plans().await.map_err(|e| to_status(&e))?;
+        // A tenant sees the plan it is billed under, not other tenants'
+        // prices.
+        if let Principal::Tenant(tenant) = &caller {
+            plans.retain(|plan| plan.name == tenant.price_plan);
+        }
         Ok(Response::new(ListPricePlansResponse {
             plans: plans.into_iter().map(plan_pb).collect(),
         }))
@@ -365,7 +408,7 @@ impl Billing for BillingApi {
         &self,
         request: Request<PutPricesRequest>,
     ) -> Result<Response<PricePlan>, Status> {
-        let caller = principal(&request)?;
+        let caller = self.caller(&request).await?;
         require_admin(&caller, "Billing.PutPrices")?;
         let r = request.into_inner();
         let mut prices = Vec::with_capacity(r.prices.len());
@@ -404,7 +447,7 @@ impl Billing for BillingApi {
         &self,
         request: Request<ListInvoicesRequest>,
     ) -> Result<Response<ListInvoicesResponse>, Status> {
-        let caller = principal(&request)?;
+        let caller = self.caller(&request).await?;
         let r = request.into_inner();
         let tenant = self.tenant_or_all(&caller, &r.tenant).await?;
         let period = if r.period.is_empty() {
@@ -435,7 +478,7 @@ impl Billing for BillingApi {
         &self,
         request: Request<GetInvoiceRequest>,
     ) -> Result<Response<Invoice>, Status> {
-        let caller = principal(&request)?;
+        let caller = self.caller(&request).await?;
         let r = request.into_inner();
         let invoice = if !r.invoice_id.is_empty() {
             let own = match &caller {
@@ -463,7 +506,7 @@ impl Billing for BillingApi {
         &self,
         request: Request<FinalizeInvoiceRequest>,
     ) -> Result<Response<Invoice>, Status> {
-        let caller = principal(&request)?;
+        let caller = self.caller(&request).await?;
         require_admin(&caller, "Billing.FinalizeInvoice")?;
         let r = request.into_inner();
         if r.invoice_id.is_empty() {

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use super::cache::{KeyCache, Lookup};
 use super::key::{self, KeyHash};
+use super::throttle::{FailureKind, FailureThrottle};
 use super::{AdminCredential, AuthError, LastUsedRecorder, Principal, TenantPrincipal};
 use crate::error::{Classified, ErrorKind};
 use crate::store::now_us;
@@ -29,7 +30,42 @@ pub struct Authenticator {
     last_used: Arc<LastUsedRecorder>,
     /// When a lookup last found the database unreachable.
     last_outage: Mutex<Option<Instant>>,
+    failures: FailureThrottle,
 }
+
+/// A refused credential: what the client is told, and what is counted and
+/// logged (the log may say more than the client is told).
+struct Refusal {
+    error: AuthError,
+    /// `None` for a valid credential that may not do this (not a failure
+    /// to authenticate).
+    kind: Option<FailureKind>,
+    detail: String,
+}
+
+fn unauthenticated(kind: FailureKind, message: impl Into<String>) -> Refusal {
+    let message = message.into();
+    Refusal {
+        detail: message.clone(),
+        error: AuthError::Unauthenticated(message),
+        kind: Some(kind),
+    }
+}
+
+impl From<AuthError> for Refusal {
+    fn from(error: AuthError) -> Refusal {
+        Refusal {
+            detail: String::new(),
+            error,
+            kind: None,
+        }
+    }
+}
+
+/// What every client presenting a bad API key is told, whether its id is
+/// unknown or its secret wrong: the difference would tell a guesser which
+/// key ids exist.
+const INVALID_KEY: &str = "invalid API key";
 
 /// After a lookup found the database down, lookups within this long go
 /// straight to the stale cache instead of each waiting for a connection.
@@ -41,6 +77,7 @@ impl Authenticator {
         cache: Arc<KeyCache>,
         admin: Option<AdminCredential>,
         last_used: Arc<LastUsedRecorder>,
+        failures: FailureThrottle,
     ) -> Authenticator {
         Authenticator {
             tenancy,
@@ -48,7 +85,13 @@ impl Authenticator {
             admin,
             last_used,
             last_outage: Mutex::new(None),
+            failures,
         }
+    }
+
+    /// Refused credentials of `kind` so far.
+    pub fn failure_count(&self, kind: FailureKind) -> u64 {
+        self.failures.count(kind)
     }
 
     fn in_outage(&self) -> bool {
@@ -85,19 +128,48 @@ impl Authenticator {
     }
 
     /// Checks the raw `authorization` header value against `requirement`.
+    /// `peer` is the client's address: a peer that failed too often is
+    /// refused without a check until its budget refills.
     pub async fn authenticate(
         &self,
         header: Option<&[u8]>,
         requirement: Requirement,
+        peer: Option<std::net::IpAddr>,
     ) -> Result<Principal, AuthError> {
+        if let Err(retry_after) = self.failures.check(peer) {
+            self.failures.record(
+                peer,
+                FailureKind::Throttled,
+                "too many failed authentications",
+            );
+            return Err(AuthError::Throttled { retry_after });
+        }
+        match self.check(header, requirement).await {
+            Ok(principal) => Ok(principal),
+            Err(refusal) => {
+                if let Some(kind) = refusal.kind {
+                    self.failures.record(peer, kind, &refusal.detail);
+                }
+                Err(refusal.error)
+            }
+        }
+    }
+
+    async fn check(
+        &self,
+        header: Option<&[u8]>,
+        requirement: Requirement,
+    ) -> Result<Principal, Refusal> {
         let Some(header) = header else {
-            return Err(AuthError::Unauthenticated(
-                "missing credentials: send the metadata `authorization: Bearer <key>`".to_owned(),
+            return Err(unauthenticated(
+                FailureKind::Missing,
+                "missing credentials: send the metadata `authorization: Bearer <key>`",
             ));
         };
         let token = bearer_token(header).ok_or_else(|| {
-            AuthError::Unauthenticated(
-                "malformed `authorization` metadata: expected `Bearer <key>`".to_owned(),
+            unauthenticated(
+                FailureKind::Malformed,
+                "malformed `authorization` metadata: expected `Bearer <key>`",
             )
         })?;
         match key::parse(token) {
@@ -113,8 +185,9 @@ impl Authenticator {
                     .as_ref()
                     .is_some_and(|admin| admin.matches(token));
                 if !is_admin {
-                    return Err(AuthError::Unauthenticated(
-                        "invalid credentials: not a valid API key or admin token".to_owned(),
+                    return Err(unauthenticated(
+                        FailureKind::InvalidToken,
+                        "invalid credentials: not a valid API key or admin token",
                     ));
                 }
                 match requirement {
@@ -122,7 +195,8 @@ impl Authenticator {
                     Requirement::Scope(scope) => Err(AuthError::PermissionDenied(format!(
                         "the admin token cannot call this RPC; use a tenant API key with scope `{}`",
                         scope.as_str()
-                    ))),
+                    ))
+                    .into()),
                 }
             }
         }
@@ -132,31 +206,36 @@ impl Authenticator {
         &self,
         key_id: &str,
         presented: &KeyHash,
-    ) -> Result<Arc<TenantPrincipal>, AuthError> {
+    ) -> Result<Arc<TenantPrincipal>, Refusal> {
         let lookup = match self.cache.get(key_id) {
             Some(lookup) => lookup,
             None => self.lookup(key_id).await?,
         };
+        let invalid = |detail: String| Refusal {
+            error: AuthError::Unauthenticated(INVALID_KEY.to_owned()),
+            kind: Some(FailureKind::InvalidKey),
+            detail,
+        };
         let Some(record) = lookup else {
-            return Err(AuthError::Unauthenticated(format!(
-                "unknown API key {key_id}"
-            )));
+            return Err(invalid(format!("unknown API key {key_id}")));
         };
         let now = now_us();
         if !secret_matches(&record, presented, now) {
-            return Err(AuthError::Unauthenticated(format!(
-                "wrong secret for API key {key_id}"
-            )));
+            return Err(invalid(format!("wrong secret for API key {key_id}")));
         }
+        // From here on the caller holds the key's secret: telling it why
+        // its own key fails gives nothing away.
         if record.revoked_at_us.is_some() {
-            return Err(AuthError::Unauthenticated(format!(
-                "API key {key_id} is revoked"
-            )));
+            return Err(unauthenticated(
+                FailureKind::RevokedKey,
+                format!("API key {key_id} is revoked"),
+            ));
         }
         if record.expires_at_us.is_some_and(|at| at <= now) {
-            return Err(AuthError::Unauthenticated(format!(
-                "API key {key_id} has expired"
-            )));
+            return Err(unauthenticated(
+                FailureKind::ExpiredKey,
+                format!("API key {key_id} has expired"),
+            ));
         }
         match TenantStatus::parse(&record.tenant_status) {
             Some(TenantStatus::Active) => {}
@@ -164,12 +243,14 @@ impl Authenticator {
                 return Err(AuthError::PermissionDenied(format!(
                     "tenant {} is suspended",
                     record.tenant_slug
-                )));
+                ))
+                .into());
             }
             Some(TenantStatus::Deleted) | None => {
-                return Err(AuthError::Unauthenticated(format!(
-                    "API key {key_id} belongs to a deleted tenant"
-                )));
+                return Err(unauthenticated(
+                    FailureKind::DeletedTenant,
+                    format!("API key {key_id} belongs to a deleted tenant"),
+                ));
             }
         }
         Ok(Arc::new(TenantPrincipal {

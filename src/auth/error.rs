@@ -14,6 +14,9 @@ pub enum AuthError {
     PermissionDenied(String),
     #[error("cannot check the credential: {0}")]
     Lookup(#[from] TenancyError),
+    /// Too many failed authentications from this client's address.
+    #[error("too many failed authentications from this address; retry in {}", humantime::format_duration(*retry_after))]
+    Throttled { retry_after: std::time::Duration },
 }
 
 impl Classified for AuthError {
@@ -22,6 +25,27 @@ impl Classified for AuthError {
             AuthError::Unauthenticated(_) => ErrorKind::Unauthenticated,
             AuthError::PermissionDenied(_) => ErrorKind::PermissionDenied,
             AuthError::Lookup(e) => e.kind(),
+            AuthError::Throttled { .. } => ErrorKind::ResourceExhausted,
+        }
+    }
+
+    fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            // Whole seconds: a guesser learns nothing finer.
+            AuthError::Throttled { retry_after } => {
+                Some(std::time::Duration::from_secs(retry_after.as_secs() + 1))
+            }
+            _ => None,
+        }
+    }
+
+    fn quota_violation(&self) -> Option<(&'static str, String)> {
+        match self {
+            AuthError::Throttled { .. } => Some((
+                "authentication_failures",
+                "too many failed authentications from this address".to_owned(),
+            )),
+            _ => None,
         }
     }
 }

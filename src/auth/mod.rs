@@ -13,6 +13,7 @@ mod error;
 pub mod key;
 mod last_used;
 mod principal;
+pub mod throttle;
 
 pub use admin::{AdminCredential, MIN_ADMIN_TOKEN_LEN};
 pub use authenticator::{Authenticator, Requirement};

@@ -51,6 +51,11 @@ pub struct BillingSettings {
     /// answer; a price change shows in quotes within this.
     #[serde(with = "humantime_serde")]
     pub price_cache_ttl: Duration,
+    /// Billing calls per second a tenant's keys may make (the admin token is
+    /// not limited): exports and usage queries are heavy reads.
+    pub tenant_requests_per_second: f64,
+    /// And at once.
+    pub tenant_burst: u32,
 }
 
 impl Default for BillingSettings {
@@ -58,6 +63,8 @@ impl Default for BillingSettings {
         BillingSettings {
             grace_period: Duration::from_secs(3 * 24 * 3600),
             price_cache_ttl: Duration::from_secs(5),
+            tenant_requests_per_second: 5.0,
+            tenant_burst: 20,
         }
     }
 }

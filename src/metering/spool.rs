@@ -151,7 +151,7 @@ impl Spool {
     /// Opens the spool in `dir`, starting a new segment after any existing
     /// ones (which stay for replay).
     pub fn open(dir: &Path, settings: SpoolSettings) -> Result<Arc<Spool>, MeteringError> {
-        std::fs::create_dir_all(dir).map_err(io_error(dir))?;
+        crate::private_fs::private_dir(dir).map_err(io_error(dir))?;
         let existing = list_segments(dir)?;
         let stats = Arc::new(SpoolStats::default());
         let mut bytes = 0;
@@ -161,7 +161,7 @@ impl Spool {
         stats.bytes.store(bytes, Ordering::Relaxed);
         let seq = existing.last().map_or(1, |(seq, _)| seq + 1);
         let path = segment_path(dir, seq);
-        let file = OpenOptions::new()
+        let file = crate::private_fs::private_file()
             .create_new(true)
             .append(true)
             .open(&path)
@@ -451,7 +451,7 @@ impl Committer {
         self.file.sync_all()?;
         let seq = self.seq + 1;
         let path = segment_path(&self.dir, seq);
-        self.file = OpenOptions::new()
+        self.file = crate::private_fs::private_file()
             .create_new(true)
             .append(true)
             .open(&path)?;

@@ -44,10 +44,15 @@ impl Db {
             Some(url) => url.expose_secret().to_owned(),
             None => {
                 let dir = &settings.data_dir;
-                std::fs::create_dir_all(dir).map_err(|source| StoreError::DataDir {
+                let data_dir_error = |source| StoreError::DataDir {
                     path: dir.clone(),
                     source,
-                })?;
+                };
+                crate::private_fs::private_dir(dir).map_err(data_dir_error)?;
+                // 0600 before SQLite opens it; its -wal and -shm files take
+                // the database file's mode.
+                let file = dir.join("ascend-gateway.db");
+                crate::private_fs::restrict_file(&file).map_err(data_dir_error)?;
                 format!(
                     "sqlite://{}?mode=rwc",
                     dir.join("ascend-gateway.db").display()

@@ -1439,3 +1439,76 @@ async fn answers_quote_their_cost_under_the_tenants_plan() {
     assert_eq!(unpriced.cost, None, "no price for the model: no quote");
     gateway.stop().await.expect("stop");
 }
+
+/// A tenant key sees only its own plan's prices, and its Billing calls have
+/// a rate of their own (the admin token's do not).
+#[tokio::test]
+async fn tenant_keys_see_their_own_plan_and_are_rate_limited() {
+    let data_dir = tempfile::tempdir().expect("temp dir");
+    let mut settings = test_settings(&data_dir);
+    settings.billing.tenant_requests_per_second = 0.5;
+    settings.billing.tenant_burst = 3;
+    let gateway = TestGateway::start_with(settings, data_dir).await;
+    let channel = &gateway.channel;
+    let now = ascend_gateway::store::now_us();
+    put_prices(
+        channel,
+        "gold",
+        vec![price("tiny", "", now - 1_000_000, 1, 1)],
+    )
+    .await;
+    put_prices(
+        channel,
+        "silver",
+        vec![price("tiny", "", now - 1_000_000, 2, 2)],
+    )
+    .await;
+    create_tenant(channel, "golden", "gold").await;
+    let key = billing_key(channel, "golden").await;
+    let mut client = BillingClient::new(channel.clone());
+    let seen: Vec<String> = client
+        .list_price_plans(authed(ListPricePlansRequest {}, &key))
+        .await
+        .expect("own plan")
+        .into_inner()
+        .plans
+        .into_iter()
+        .map(|p| p.name)
+        .collect();
+    assert_eq!(seen, ["gold"]);
+    let all = client
+        .list_price_plans(admin(ListPricePlansRequest {}))
+        .await
+        .expect("every plan")
+        .into_inner()
+        .plans
+        .len();
+    assert!(all >= 2, "{all}");
+
+    // Burst 3, one spent above: two more, then refused with a retry time.
+    for _ in 0..2 {
+        client
+            .list_invoices(authed(ListInvoicesRequest::default(), &key))
+            .await
+            .expect("within the billing rate");
+    }
+    let status = client
+        .export_usage_events(authed(
+            ExportRequest {
+                period: months_ago(0).to_string(),
+                ..Default::default()
+            },
+            &key,
+        ))
+        .await
+        .expect_err("over the billing rate");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.metadata().get("retry-after").is_some());
+    for _ in 0..10 {
+        client
+            .list_price_plans(admin(ListPricePlansRequest {}))
+            .await
+            .expect("the admin token is not limited");
+    }
+    gateway.stop().await.expect("clean stop");
+}

@@ -92,3 +92,43 @@ async fn gateway_serves_on_postgres() {
         .expect("health on a postgres-backed gateway");
     gateway.stop().await.expect("clean stop");
 }
+
+/// The data directory, the embedded database (with its WAL) and the usage
+/// spool are readable by the gateway's user only, also when an earlier
+/// version left the directory open.
+#[cfg(unix)]
+#[tokio::test]
+async fn the_gateways_files_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let dir = tempfile::tempdir().expect("dir");
+    let data_dir = dir.path().join("data");
+    std::fs::create_dir(&data_dir).expect("data dir");
+    std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o755)).expect("open it");
+    let holder = tempfile::tempdir().expect("holder");
+    let mut settings = crate::common::test_settings(&holder);
+    settings.data_dir = data_dir.clone();
+    let gateway = crate::common::TestGateway::start_with(settings, holder).await;
+    let mode = |path: &std::path::Path| {
+        std::fs::metadata(path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode(&data_dir), 0o700);
+    assert_eq!(mode(&data_dir.join("spool")), 0o700);
+    let mut files = 0;
+    for entry in std::fs::read_dir(&data_dir)
+        .expect("list")
+        .chain(std::fs::read_dir(data_dir.join("spool")).expect("list spool"))
+    {
+        let path = entry.expect("entry").path();
+        if path.is_file() {
+            assert_eq!(mode(&path), 0o600, "{}", path.display());
+            files += 1;
+        }
+    }
+    assert!(files >= 3, "database, its WAL and a spool segment: {files}");
+    gateway.stop().await.expect("clean stop");
+}

@@ -633,3 +633,86 @@ async fn slugs_cannot_impersonate_ids_and_names_cannot_reorder_text() {
     assert!(status.message().contains("reason"), "{}", status.message());
     gateway.stop().await.expect("clean stop");
 }
+
+/// A bad API key gets one answer whether its id exists or not, and an
+/// address that keeps failing is throttled (admin-token guessing included),
+/// counted in the metrics by kind.
+#[tokio::test]
+async fn bad_credentials_tell_nothing_and_guessers_are_throttled() {
+    let dir = tempfile::tempdir().expect("dir");
+    let mut settings = test_settings(&dir);
+    settings.auth.failed_auth_burst = 5;
+    settings.auth.failed_auth_per_minute = 60;
+    let gateway = TestGateway::start_with(settings, dir).await;
+    let channel = &gateway.channel;
+    create_tenant(channel, "oracle").await;
+    let (key_id, secret) = create_key(channel, "oracle", &[]).await;
+    // A known id with a wrong secret, and an unknown id: same message.
+    let flip = |c: char| if c == 'a' { 'b' } else { 'a' };
+    let mut wrong_secret = secret.clone();
+    let last = wrong_secret.pop().expect("non-empty");
+    wrong_secret.push(flip(last));
+    let unknown_id = secret.replacen(&key_id, &"0".repeat(key_id.len()), 1);
+    assert_ne!(unknown_id, secret);
+    let answer = |key: String| async move {
+        InferenceClient::new(channel.clone())
+            .list_models(authed(ListModelsRequest {}, &key))
+            .await
+            .expect_err("bad key")
+    };
+    let (a, b) = (answer(wrong_secret).await, answer(unknown_id).await);
+    assert_eq!(a.code(), Code::Unauthenticated);
+    assert_eq!((a.code(), a.message()), (b.code(), b.message()));
+    assert!(!a.message().contains(&key_id), "{}", a.message());
+
+    // Two failures of a budget of 5 so far: three more, then throttled, even
+    // with the right admin token.
+    let mut admin_client = TenantAdminClient::new(channel.clone());
+    let mut codes = Vec::new();
+    for _ in 0..4 {
+        let status = admin_client
+            .list_tenants(authed(
+                ListTenantsRequest::default(),
+                "not-the-admin-token-at-all",
+            ))
+            .await
+            .expect_err("wrong admin token");
+        codes.push(status.code());
+    }
+    assert_eq!(
+        codes,
+        [
+            Code::Unauthenticated,
+            Code::Unauthenticated,
+            Code::Unauthenticated,
+            Code::ResourceExhausted
+        ]
+    );
+    let throttled = admin_client
+        .list_tenants(admin(ListTenantsRequest::default()))
+        .await
+        .expect_err("the address is throttled");
+    assert_eq!(throttled.code(), Code::ResourceExhausted);
+    assert!(throttled.metadata().get("retry-after").is_some());
+    let body = crate::common::scrape(gateway.metrics_addr).await;
+    let count = |kind: &str| {
+        body.lines()
+            .find_map(|l| {
+                l.strip_prefix(&format!(
+                    "ascend_gateway_auth_failures_total{{kind=\"{kind}\"}} "
+                ))
+            })
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no {kind} count in {body}"))
+    };
+    assert_eq!(count("invalid_key"), 2.0);
+    assert_eq!(count("invalid_token"), 3.0);
+    assert_eq!(count("throttled"), 2.0);
+    // The budget refills: one attempt a second.
+    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
+    admin_client
+        .list_tenants(admin(ListTenantsRequest::default()))
+        .await
+        .expect("served again once the budget refilled");
+    gateway.stop().await.expect("clean stop");
+}
