@@ -790,3 +790,45 @@ async fn extreme_rates_are_refused_or_served_never_panic() {
         assert!(first.is_ok(), "{first:?}");
     }
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+    /// Any limit tenancy accepts is served by the Redis backend without a
+    /// panic or a Redis error, and a refusal names a finite, sane wait.
+    #[test]
+    fn no_accepted_limit_breaks_the_redis_backend(
+        rps_exp in -5.0f64..6.0,
+        burst in proptest::option::of(1u32..1_000_000),
+        tpm in proptest::option::of(1u64..i64::MAX as u64),
+        concurrent in proptest::option::of(1u32..u32::MAX),
+        quota in proptest::option::of(1u64..i64::MAX as u64),
+        tokens in 0u64..100_000,
+    ) {
+        let rps = 10f64.powf(rps_exp).clamp(Limits::MIN_REQUESTS_PER_SECOND, Limits::MAX_REQUESTS_PER_SECOND);
+        let burst = burst.map(|b| b.min((rps * Limits::MAX_RATE_WINDOW_SECS as f64) as u32).max(1));
+        let limits = Limits {
+            requests_per_second: Some(rps),
+            burst,
+            tokens_per_minute: tpm,
+            max_concurrent_requests: concurrent,
+            monthly_token_quota: quota,
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        runtime.block_on(async {
+            let (limiter, _bg) = Limiter::new(
+                Some(redis_connection(&redis_url()).await),
+                settings(prefix(), FailurePolicy::FailClosed, Duration::from_secs(60)),
+            );
+            for _ in 0..3 {
+                match limiter.admit("prop", &limits, Cost { tokens }).await {
+                    Ok(permit) => permit.settle(tokens / 2).await,
+                    Err(LimitError::Exceeded { retry_after, .. }) => {
+                        assert!(retry_after <= Duration::from_secs(40 * 86_400), "{retry_after:?}");
+                    }
+                    Err(LimitError::TooLarge { .. }) => {}
+                    Err(other) => panic!("{limits:?}: {other:?}"),
+                }
+            }
+        });
+    }
+}
