@@ -472,10 +472,12 @@ impl Settings {
                 problem: "at least 1".to_owned(),
             });
         }
-        if self.limits.lease_ttl < Duration::from_secs(1) {
+        if self.limits.lease_ttl < Duration::from_secs(1)
+            || self.limits.lease_ttl > Duration::from_secs(3600)
+        {
             return Err(ConfigError::Invalid {
                 key: "limits.lease_ttl",
-                problem: "at least 1s, and longer than the longest request".to_owned(),
+                problem: "between 1s and 1h (leases are renewed every third of it while their request runs; a crashed gateway's slots come back after it)".to_owned(),
             });
         }
         if self.database.max_connections == 0 {

@@ -190,6 +190,24 @@ impl Collector for GatewayCollector {
             "Duplicate request ids refused (still in progress, or another request)",
             self.claims.conflict_count(),
         )?;
+        gauge(
+            &mut encoder,
+            "ascend_gateway_limit_permits_in_flight",
+            "Requests admitted by the limits on this replica and not yet ended",
+            as_i64(self.limiter.in_flight()),
+        )?;
+        gauge(
+            &mut encoder,
+            "ascend_gateway_limit_leases_held",
+            "Concurrency leases this replica holds in Redis; above permits_in_flight by the settlements on their way",
+            as_i64(self.limiter.leases_held()),
+        )?;
+        counter(
+            &mut encoder,
+            "ascend_gateway_limit_settlements_dropped",
+            "Settlements lost to a full queue (their leases expire by themselves)",
+            self.limiter.settlements_dropped(),
+        )?;
         counter(
             &mut encoder,
             "ascend_gateway_limit_redis_fallbacks",

@@ -73,8 +73,9 @@ pub struct LimitSettings {
     /// Gateway replicas sharing the limits; under `fail_open` each node
     /// enforces 1/replicas of every limit on its own.
     pub replicas: u32,
-    /// Lifetime of a concurrency lease in Redis: how long a crashed
-    /// gateway's slots stay taken. Longer than the longest request.
+    /// Lifetime of a concurrency lease in Redis, renewed every third of it
+    /// while its request runs: how long a crashed gateway's slots stay
+    /// taken.
     #[serde(with = "humantime_serde")]
     pub lease_ttl: Duration,
     /// Prefix of every Redis key.
@@ -86,7 +87,7 @@ impl Default for LimitSettings {
         LimitSettings {
             redis_failure: FailurePolicy::FailOpen,
             replicas: 1,
-            lease_ttl: Duration::from_secs(600),
+            lease_ttl: Duration::from_secs(30),
             redis_prefix: "agw:".to_owned(),
         }
     }
@@ -140,8 +141,19 @@ pub struct Limiter {
     fallbacks: std::sync::atomic::AtomicU64,
     /// Refusals by limit, indexed like `LimitKind::ALL`.
     rejections: [std::sync::atomic::AtomicU64; 4],
-    background: mpsc::UnboundedSender<Settlement>,
+    background: mpsc::Sender<Settlement>,
+    /// Permits admitted and not yet settled by their request (alive).
+    in_flight: std::sync::atomic::AtomicU64,
+    /// Settlements that found the queue full and were left to expire.
+    settlements_dropped: std::sync::atomic::AtomicU64,
 }
+
+/// Settlements waiting for the background task at most; past it a worker
+/// waits (back-pressure), a dropped permit's is left to its lease expiry.
+const SETTLEMENT_QUEUE: usize = 65_536;
+/// Redis settlements in flight at once over the multiplexed connection,
+/// which pipelines them.
+const SETTLEMENTS_IN_FLIGHT: usize = 512;
 
 /// An admitted request's reservations. Settle it with the tokens used.
 pub struct Permit {
@@ -158,7 +170,7 @@ impl Limiter {
         redis: Option<redis::aio::ConnectionManager>,
         settings: LimitSettings,
     ) -> (Arc<Limiter>, BackgroundSettlements) {
-        let (background, receiver) = mpsc::unbounded_channel();
+        let (background, receiver) = mpsc::channel(SETTLEMENT_QUEUE);
         let redis = redis.map(|connection| {
             RedisLimits::new(
                 connection,
@@ -176,6 +188,8 @@ impl Limiter {
             fallbacks: std::sync::atomic::AtomicU64::new(0),
             rejections: Default::default(),
             background,
+            in_flight: Default::default(),
+            settlements_dropped: Default::default(),
         });
         (limiter, BackgroundSettlements(receiver))
     }
@@ -296,6 +310,8 @@ impl Limiter {
                 }
             }
         };
+        self.in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(Permit {
             limiter: self.clone(),
             tenant_id: tenant_id.to_owned(),
@@ -362,30 +378,111 @@ impl Limiter {
         }
     }
 
-    /// Settles permits dropped without [`Permit::settle`] until `stop`, then
-    /// settles what is still queued.
+    /// Runs queued settlements (permits settled from worker threads, and
+    /// permits dropped unsettled) until `stop`, many at once so that none
+    /// waits behind another; renews this node's Redis leases every third
+    /// of `limits.lease_ttl`. Then settles what is still queued.
     pub async fn run_background(
         self: Arc<Self>,
         mut settlements: BackgroundSettlements,
         stop: tokio_util::sync::CancellationToken,
     ) {
+        let slots = Arc::new(tokio::sync::Semaphore::new(SETTLEMENTS_IN_FLIGHT));
+        let mut running = tokio::task::JoinSet::new();
+        let mut renew = tokio::time::interval(self.settings.lease_ttl / 3);
+        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut batch = Vec::with_capacity(256);
         loop {
             tokio::select! {
-                received = settlements.0.recv() => match received {
-                    Some(settlement) => self.settle_now(settlement).await,
-                    None => return,
-                },
+                received = settlements.0.recv_many(&mut batch, 256) => {
+                    if received == 0 {
+                        break;
+                    }
+                    for settlement in batch.drain(..) {
+                        self.spawn_settlement(&mut running, &slots, settlement).await;
+                    }
+                }
+                _ = renew.tick() => {
+                    if let Some(redis) = &self.redis
+                        && let Err(error) = redis.renew_leases().await
+                    {
+                        self.log_outage(&error);
+                    }
+                }
+                Some(_) = running.join_next(), if !running.is_empty() => {}
                 () = stop.cancelled() => break,
             }
         }
-        while let Ok(settlement) = settlements.0.try_recv() {
-            self.settle_now(settlement).await;
+        settlements.0.close();
+        while let Some(settlement) = settlements.0.recv().await {
+            self.spawn_settlement(&mut running, &slots, settlement)
+                .await;
         }
+        while running.join_next().await.is_some() {}
+    }
+
+    /// Settles at once if local, else on its own task once one of the
+    /// in-flight slots is free.
+    async fn spawn_settlement(
+        self: &Arc<Self>,
+        running: &mut tokio::task::JoinSet<()>,
+        slots: &Arc<tokio::sync::Semaphore>,
+        settlement: Settlement,
+    ) {
+        if matches!(settlement.grant, Grant::Local(_)) {
+            self.settle_now(settlement).await;
+            return;
+        }
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let limiter = self.clone();
+        running.spawn(async move {
+            limiter.settle_now(settlement).await;
+            drop(slot);
+        });
+    }
+
+    /// Permits alive: admitted, their request not yet ended.
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Concurrency leases this node holds in Redis (granted and not yet
+    /// released there). Above [`Limiter::in_flight`] by the settlements
+    /// still on their way: a growing gap is a settlement backlog.
+    pub fn leases_held(&self) -> u64 {
+        self.redis.as_ref().map_or(0, RedisLimits::leases_held)
+    }
+
+    /// Settlements lost to a full queue (their leases expire by themselves).
+    pub fn settlements_dropped(&self) -> u64 {
+        self.settlements_dropped
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn queue_settlement(&self, settlement: Settlement, may_block: bool) {
+        let settlement = match self.background.try_send(settlement) {
+            Ok(()) => return,
+            Err(mpsc::error::TrySendError::Closed(_)) => return,
+            Err(mpsc::error::TrySendError::Full(settlement)) => settlement,
+        };
+        if may_block && tokio::runtime::Handle::try_current().is_err() {
+            // A worker's thread: wait for room rather than lose it.
+            let _ = self.background.blocking_send(settlement);
+            return;
+        }
+        self.settlements_dropped
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::warn!(
+            tenant = %settlement.tenant_id,
+            "limit settlement queue full: a lease is left to expire"
+        );
     }
 }
 
-/// Receiver of settlements for permits that were dropped unsettled.
-pub struct BackgroundSettlements(mpsc::UnboundedReceiver<Settlement>);
+/// Receiver of the settlements the background task runs.
+pub struct BackgroundSettlements(mpsc::Receiver<Settlement>);
 
 impl std::fmt::Debug for Permit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -401,35 +498,45 @@ impl Permit {
         self.rate
     }
 
+    /// The grant, taken once: the request it admitted has ended.
+    fn end(&mut self) -> Option<(String, Grant)> {
+        let grant = self.grant.take()?;
+        self.limiter
+            .in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        Some((std::mem::take(&mut self.tenant_id), grant))
+    }
+
     /// Returns the concurrency slot and refunds what was reserved but not
     /// used. `used_tokens` beyond the reservation are not charged here.
     pub async fn settle(mut self, used_tokens: u64) {
-        if let Some(grant) = self.grant.take() {
+        if let Some((tenant_id, grant)) = self.end() {
             let settlement = Settlement {
-                tenant_id: std::mem::take(&mut self.tenant_id),
+                tenant_id,
                 grant,
                 used_tokens,
             };
             self.limiter.settle_now(settlement).await;
         }
     }
-}
 
-impl Permit {
     /// Settles from a thread outside the async runtime without blocking it:
-    /// a local grant at once (a short lock), a Redis one through the
-    /// background task, both with the exact tokens used.
+    /// a local grant at once (a short lock), a Redis one on the background
+    /// task (a worker waits only if that task's queue is full), both with
+    /// the exact tokens used.
     pub fn settle_detached(mut self, used_tokens: u64) {
-        let tenant_id = std::mem::take(&mut self.tenant_id);
-        match self.grant.take() {
-            Some(Grant::Local(grant)) => self.limiter.local.settle(&tenant_id, &grant, used_tokens),
-            Some(grant) => {
-                let _ = self.limiter.background.send(Settlement {
+        match self.end() {
+            Some((tenant_id, Grant::Local(grant))) => {
+                self.limiter.local.settle(&tenant_id, &grant, used_tokens);
+            }
+            Some((tenant_id, grant)) => self.limiter.queue_settlement(
+                Settlement {
                     tenant_id,
                     grant,
                     used_tokens,
-                });
-            }
+                },
+                true,
+            ),
             None => {}
         }
     }
@@ -437,18 +544,21 @@ impl Permit {
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        if let Some(grant) = self.grant.take() {
+        if let Some((tenant_id, grant)) = self.end() {
             let used_tokens = match &grant {
                 Grant::Local(g) => g.bucket_tokens.max(g.quota_tokens),
                 Grant::Redis(g) => g.bucket_tokens.max(g.quota_tokens),
             };
             // If the background task is gone the process is shutting down;
             // leases expire and local state dies with the process.
-            let _ = self.limiter.background.send(Settlement {
-                tenant_id: std::mem::take(&mut self.tenant_id),
-                grant,
-                used_tokens,
-            });
+            self.limiter.queue_settlement(
+                Settlement {
+                    tenant_id,
+                    grant,
+                    used_tokens,
+                },
+                false,
+            );
         }
     }
 }

@@ -3,8 +3,11 @@
 //! Each admission is one Lua script that checks every limit and applies the
 //! reservations only if all pass, atomically, with Redis's own clock (so
 //! replicas with skewed clocks agree). Concurrency slots are leases in a
-//! sorted set scored by expiry: a gateway that dies holding slots loses them
-//! when the lease runs out. Settlement is a second script. Keys carry the
+//! sorted set scored by expiry, short and renewed every third of their
+//! lifetime while their request runs: a gateway that dies holding slots
+//! loses them when its leases run out, and a long request keeps its slot.
+//! Settlement is a second script; settlements run concurrently over the
+//! multiplexed connection, which pipelines them. Keys carry the
 //! tenant id in a hash tag so one tenant's keys share a cluster slot.
 
 use std::time::Duration;
@@ -109,6 +112,23 @@ end
 return 0
 ";
 
+/// Pushes the expiry of this node's live leases of one tenant to now + the
+/// lease lifetime. `XX`: a lease already released (or expired and swept)
+/// is not brought back. KEYS[1] the tenant's leases; ARGV[1] the lifetime
+/// in microseconds, then the lease ids.
+const RENEW: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local ttl = tonumber(ARGV[1])
+local until_us = string.format('%.0f', now + ttl)
+local renewed = 0
+for i = 2, #ARGV do
+  renewed = renewed + redis.call('ZADD', KEYS[1], 'XX', 'CH', until_us, ARGV[i])
+end
+redis.call('PEXPIRE', KEYS[1], math.ceil(ttl / 1000) + 1000)
+return renewed
+";
+
 /// Raises a quota counter's `used` to at least the metered usage; never
 /// lowers it. KEYS[1] the month's quota hash; ARGV: used, expiry seconds.
 const SEED: &str = r"
@@ -128,6 +148,9 @@ pub struct RedisLimits {
     admit: Script,
     settle: Script,
     seed: Script,
+    renew: Script,
+    /// This node's leases not yet released, by lease id: the tenant.
+    live: std::sync::Mutex<std::collections::HashMap<String, String>>,
 }
 
 /// What an admission reserved in Redis.
@@ -150,7 +173,47 @@ impl RedisLimits {
             admit: Script::new(ADMIT),
             settle: Script::new(SETTLE),
             seed: Script::new(SEED),
+            renew: Script::new(RENEW),
+            live: std::sync::Mutex::new(std::collections::HashMap::new()),
         }
+    }
+
+    fn live(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, String>> {
+        self.live.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Leases this node holds in Redis (granted, not yet released).
+    pub fn leases_held(&self) -> u64 {
+        self.live().len() as u64
+    }
+
+    /// Renews every live lease of this node, one script per tenant, all
+    /// pipelined.
+    pub async fn renew_leases(&self) -> Result<(), redis::RedisError> {
+        let mut by_tenant: std::collections::HashMap<String, Vec<String>> =
+            std::collections::HashMap::new();
+        for (lease, tenant) in self.live().iter() {
+            by_tenant
+                .entry(tenant.clone())
+                .or_default()
+                .push(lease.clone());
+        }
+        if by_tenant.is_empty() {
+            return Ok(());
+        }
+        let lease_ttl_us = u64::try_from(self.lease_ttl.as_micros()).unwrap_or(u64::MAX);
+        let mut pipeline = redis::pipe();
+        // Loaded first: a Redis restarted (or SCRIPT FLUSHed) since the
+        // last round has forgotten it.
+        pipeline.load_script(&self.renew).ignore();
+        for (tenant, leases) in &by_tenant {
+            let mut invocation = self.renew.key(self.key(tenant, "leases"));
+            invocation.arg(lease_ttl_us).arg(leases);
+            pipeline.invoke_script(&invocation);
+        }
+        let mut connection = self.connection.clone();
+        let _: Vec<i64> = pipeline.query_async(&mut connection).await?;
+        Ok(())
     }
 
     fn key(&self, tenant_id: &str, what: &str) -> String {
@@ -226,6 +289,9 @@ impl RedisLimits {
                 }));
             }
         }
+        if max_concurrent > 0 {
+            self.live().insert(lease_id.clone(), tenant_id.to_owned());
+        }
         let rate_state = gcra.map(|gcra| RateState {
             limit: gcra.burst,
             remaining: u32::try_from(remaining.max(0)).unwrap_or(0),
@@ -270,6 +336,11 @@ impl RedisLimits {
         grant: &RedisGrant,
         used_tokens: u64,
     ) -> Result<(), redis::RedisError> {
+        if grant.concurrency {
+            // Ended: never renewed again, whether or not Redis answers now
+            // (then the lease expires by itself).
+            self.live().remove(&grant.lease_id);
+        }
         let mut connection = self.connection.clone();
         let () = self
             .settle

@@ -832,3 +832,92 @@ proptest::proptest! {
         });
     }
 }
+
+/// Leases are short and renewed: a request running past the lease keeps its
+/// slot, and thousands of settlements from a worker's thread are all
+/// applied (none queues behind another), leaving no lease in Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_are_renewed_while_held_and_released_promptly() {
+    let prefix = prefix();
+    let lease = Duration::from_secs(1);
+    let (limiter, bg) = Limiter::new(
+        Some(redis_connection(&redis_url()).await),
+        settings(prefix.clone(), FailurePolicy::FailClosed, lease),
+    );
+    let stop = tokio_util::sync::CancellationToken::new();
+    let background = tokio::spawn(limiter.clone().run_background(bg, stop.clone()));
+    let one = Limits {
+        max_concurrent_requests: Some(1),
+        ..Limits::default()
+    };
+    let long = limiter
+        .admit("long", &one, Cost::default())
+        .await
+        .expect("the slot");
+    tokio::time::sleep(lease * 3).await;
+    let refused = limiter.admit("long", &one, Cost::default()).await;
+    assert!(
+        matches!(
+            refused,
+            Err(LimitError::Exceeded {
+                kind: LimitKind::Concurrency,
+                ..
+            })
+        ),
+        "the long request still holds its slot after three lease lifetimes: {refused:?}"
+    );
+    assert_eq!((limiter.in_flight(), limiter.leases_held()), (1, 1));
+    long.settle(0).await;
+    limiter
+        .admit("long", &one, Cost::default())
+        .await
+        .expect("free once settled")
+        .settle(0)
+        .await;
+
+    let many = Limits {
+        max_concurrent_requests: Some(100_000),
+        tokens_per_minute: Some(1_000_000_000),
+        ..Limits::default()
+    };
+    let mut permits = Vec::new();
+    for i in 0..3_000 {
+        let tenant = format!("busy-{}", i % 8);
+        permits.push(
+            limiter
+                .admit(&tenant, &many, Cost { tokens: 10 })
+                .await
+                .expect("admitted"),
+        );
+    }
+    assert_eq!(limiter.leases_held(), 3_000);
+    // Settled from a plain thread, as serving's workers do.
+    std::thread::spawn(move || {
+        for permit in permits {
+            permit.settle_detached(5);
+        }
+    })
+    .join()
+    .expect("worker thread");
+    assert_eq!(limiter.in_flight(), 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while limiter.leases_held() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "{} leases left",
+            limiter.leases_held()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut connection = redis_connection(&redis_url()).await;
+    for t in 0..8 {
+        let held: u64 = redis::cmd("ZCARD")
+            .arg(format!("{prefix}{{busy-{t}}}:leases"))
+            .query_async(&mut connection)
+            .await
+            .expect("zcard");
+        assert_eq!(held, 0, "no lease left in Redis for busy-{t}");
+    }
+    stop.cancel();
+    background.await.expect("background task");
+}
