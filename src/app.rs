@@ -64,6 +64,10 @@ pub enum StartupError {
         url: String,
         source: redis::RedisError,
     },
+    #[error(
+        "Redis at {url} is a read-only {role} (setting `redis.url`): limits write on every request; point redis.url at the primary"
+    )]
+    RedisReadOnly { url: String, role: String },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -154,9 +158,27 @@ async fn connect_redis(
     let config = redis::aio::ConnectionManagerConfig::new()
         .set_connection_timeout(Some(timeout))
         .set_response_timeout(Some(timeout));
-    redis::aio::ConnectionManager::new_with_config(client, config)
+    let mut connection = redis::aio::ConnectionManager::new_with_config(client, config)
         .await
-        .map_err(error)
+        .map_err(error)?;
+    // Limits write on every admission: a read-only replica would refuse
+    // each one. Say so now rather than at the first request.
+    let role: Vec<redis::Value> = redis::cmd("ROLE")
+        .query_async(&mut connection)
+        .await
+        .map_err(error)?;
+    let role = match role.first() {
+        Some(redis::Value::BulkString(bytes)) => String::from_utf8_lossy(bytes).into_owned(),
+        Some(redis::Value::SimpleString(text)) => text.clone(),
+        _ => String::new(),
+    };
+    if role != "master" {
+        return Err(StartupError::RedisReadOnly {
+            url: redact_url(url),
+            role,
+        });
+    }
+    Ok(connection)
 }
 
 impl App {

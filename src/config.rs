@@ -281,7 +281,7 @@ impl Settings {
             .filter(|(var, _)| !var.starts_with("ASCEND_"))
         {
             if let Some(value) = env(var) {
-                figment = figment.merge(Serialized::global(key, env_value(value)));
+                figment = figment.merge(Serialized::global(key, env_value(key, value)));
             }
         }
         for (var, key) in ENV_VARS
@@ -289,7 +289,7 @@ impl Settings {
             .filter(|(var, _)| var.starts_with("ASCEND_"))
         {
             if let Some(value) = env(var) {
-                figment = figment.merge(Serialized::global(key, env_value(value)));
+                figment = figment.merge(Serialized::global(key, env_value(key, value)));
             }
         }
         for (key, value) in flags.as_keys() {
@@ -576,7 +576,16 @@ fn describe(
 
 /// Environment values are strings; figment's `Env` would guess types (so
 /// `ASCEND_LOG=1` became a number), but every setting parses from a string.
-fn env_value(value: String) -> figment::value::Value {
+/// Settings set by environment variables whose type is a number: their
+/// value is read as one (an environment variable is always text).
+const NUMERIC_ENV_KEYS: &[&str] = &["database.max_connections", "limits.replicas"];
+
+fn env_value(key: &str, value: String) -> figment::value::Value {
+    if NUMERIC_ENV_KEYS.contains(&key)
+        && let Ok(number) = value.trim().parse::<u64>()
+    {
+        return figment::value::Value::from(number);
+    }
     figment::value::Value::from(value)
 }
 
@@ -694,6 +703,24 @@ mod tests {
         assert_eq!(from_flags.listen.port(), 7002);
         let url = from_flags.database.url.as_ref().expect("url");
         assert_eq!(url.expose_secret(), "postgres://flag@h/db");
+    }
+
+    #[test]
+    fn numeric_settings_read_from_the_environment() {
+        let env = &[
+            ("ASCEND_LIMITS_REPLICAS", "3"),
+            ("ASCEND_DATABASE_MAX_CONNECTIONS", "32"),
+        ];
+        let settings = load(None, &FlagOverrides::default(), env).expect("load");
+        assert_eq!(settings.limits.replicas, 3);
+        assert_eq!(settings.database.max_connections, 32);
+        let bad = load(
+            None,
+            &FlagOverrides::default(),
+            &[("ASCEND_LIMITS_REPLICAS", "three")],
+        )
+        .expect_err("not a number");
+        assert!(bad.to_string().contains("limits.replicas"), "{bad}");
     }
 
     #[test]

@@ -264,6 +264,9 @@ fn bench_command(command: &BenchCommand) -> ExitCode {
                     BenchCommand::Overhead(args) => {
                         print!("{}", bench::overhead_suite(args, &invocation).await?.1);
                     }
+                    BenchCommand::Replicas(args) => {
+                        print!("{}", bench::replicas_suite(args, &invocation).await?.1);
+                    }
                 }
                 anyhow::Ok(())
             })

@@ -15,6 +15,8 @@ mod offline;
 mod overhead;
 mod percentile;
 mod plot;
+mod process;
+mod replicas;
 mod report;
 mod scenarios;
 mod scrape;
@@ -89,6 +91,41 @@ pub enum BenchCommand {
     /// Tenants of different weights (and one rate-limited) sharing a
     /// contended model: each one's token share against its weight.
     Tenants(TenantsArgs),
+    /// The production topology: gateway processes on one PostgreSQL and one
+    /// Redis (one, then --replicas of them) against the embedded default
+    /// and a bare tonic server, same load, with the CPU each part used.
+    Replicas(ReplicasArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ReplicasArgs {
+    /// PostgreSQL shared by the replicas (tenants, metering)
+    #[arg(long)]
+    pub database_url: String,
+    /// Redis shared by the replicas (limits)
+    #[arg(long)]
+    pub redis_url: String,
+    /// Gateway processes of the multi-replica configuration
+    #[arg(long, default_value_t = 3)]
+    pub replicas: u32,
+    /// Clients of each closed loop, spread over the replicas
+    #[arg(long, default_value_t = 64)]
+    pub clients: usize,
+    /// HTTP/2 connections from the load generator to each replica
+    #[arg(long, default_value_t = 2)]
+    pub connections_per_replica: usize,
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub warmup: Duration,
+    /// Any model directory: the echo engine uses its tokenizer only
+    #[arg(long, default_value = "data/models/small")]
+    pub model_dir: PathBuf,
+    #[arg(long, default_value = "benchmarks/replicas")]
+    pub out_dir: PathBuf,
+    /// The `ascend-gateway` binary to start (default: this one)
+    #[arg(long)]
+    pub gateway_binary: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -220,6 +257,9 @@ pub struct OverheadArgs {
     /// Metering database of the gateway (default: embedded SQLite)
     #[arg(long)]
     pub database_url: Option<String>,
+    /// Redis for the gateway's limits (default: in process)
+    #[arg(long)]
+    pub redis_url: Option<String>,
     /// Any model directory: the echo engine uses its tokenizer only
     #[arg(long, default_value = "data/models/small")]
     pub model_dir: PathBuf,
@@ -507,6 +547,7 @@ pub use device::{DeviceReport, LaunchReading, device_report, launch_shape};
 pub use offline::{OfflineReport, offline_scenario};
 pub use overhead::{OverheadReport, overhead_suite};
 pub use plot::replot;
+pub use replicas::{ReplicasReport, replicas_suite};
 pub use scenarios::{
     ServerReport, TenantsReport, server_scenario, tenants_scenario, within_bounds,
 };

@@ -119,7 +119,12 @@ pub async fn overhead_suite(
         max_queue_requests: 100_000,
         ..ModelSettings::default()
     };
-    let hosted = SelfHosted::start_with(vec![model], args.database_url.clone()).await?;
+    let hosted = SelfHosted::start_with(
+        vec![model],
+        args.database_url.clone(),
+        args.redis_url.clone(),
+    )
+    .await?;
     let tenants: Vec<TenantSpec> = (0..TENANTS)
         .map(|i| TenantSpec {
             slug: format!("overhead-{i}"),
@@ -158,11 +163,13 @@ pub async fn overhead_suite(
         command: command.to_owned(),
         git_revision: git_revision(),
         machine: machine(),
-        database: if args.database_url.is_some() {
-            "PostgreSQL (--database-url)".to_owned()
-        } else {
-            "embedded SQLite".to_owned()
-        },
+        database: match (&args.database_url, &args.redis_url) {
+            (Some(_), Some(_)) => "PostgreSQL (--database-url), limits in Redis (--redis-url)",
+            (Some(_), None) => "PostgreSQL (--database-url), limits in process",
+            (None, Some(_)) => "embedded SQLite, limits in Redis (--redis-url)",
+            (None, None) => "embedded SQLite, limits in process",
+        }
+        .to_owned(),
         closed_loop_clients: args.clients,
         throughput_ratio: round(
             gateway_max.requests_per_s / bare_max.requests_per_s.max(f64::MIN_POSITIVE),

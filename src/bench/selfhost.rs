@@ -70,13 +70,15 @@ impl SelfHosted {
     /// Starts a gateway serving `models` on loopback ports chosen by the OS,
     /// on the embedded SQLite default.
     pub async fn start(models: Vec<ModelSettings>) -> Result<SelfHosted, BenchError> {
-        Self::start_with(models, None).await
+        Self::start_with(models, None, None).await
     }
 
-    /// As [`SelfHosted::start`], on the database at `database_url` if given.
+    /// As [`SelfHosted::start`], on the database at `database_url` and with
+    /// limits in the Redis at `redis_url`, when given.
     pub async fn start_with(
         models: Vec<ModelSettings>,
         database_url: Option<String>,
+        redis_url: Option<String>,
     ) -> Result<SelfHosted, BenchError> {
         let admin_token = uuid::Uuid::new_v4().simple().to_string();
         let data_dir = std::env::temp_dir().join(format!(
@@ -93,6 +95,11 @@ impl SelfHosted {
         };
         settings.auth.admin_token = Some(SecretString::from(admin_token.clone()));
         settings.database.url = database_url.map(SecretString::from);
+        if let Some(url) = redis_url {
+            settings.redis.url = Some(SecretString::from(url));
+            // A prefix of this run's own: earlier runs' counters stay apart.
+            settings.limits.redis_prefix = format!("agwbench:{}:", uuid::Uuid::now_v7().simple());
+        }
         let app = App::build(settings)
             .await
             .map_err(|e| BenchError::Gateway(crate::error::one_line(&e)))?;
@@ -119,33 +126,7 @@ impl SelfHosted {
     /// Creates the tenants, each with one inference key; returns the keys
     /// in the same order.
     pub async fn provision(&self, tenants: &[TenantSpec]) -> Result<Vec<String>, BenchError> {
-        let channel = connect(&self.endpoint(), 1).await?.remove(0);
-        let mut admin = TenantAdminClient::new(channel);
-        let failed = |e: tonic::Status| BenchError::Admin(e.message().to_owned());
-        let mut keys = Vec::new();
-        for tenant in tenants {
-            let create = CreateTenantRequest {
-                slug: tenant.slug.clone(),
-                scheduling_weight: Some(tenant.weight),
-                limits: Some(tenant.limits),
-                ..Default::default()
-            };
-            admin
-                .create_tenant(bearer(create, &self.admin_token)?)
-                .await
-                .map_err(failed)?;
-            let key = CreateApiKeyRequest {
-                tenant: tenant.slug.clone(),
-                name: "bench".to_owned(),
-                ..Default::default()
-            };
-            let created = admin
-                .create_api_key(bearer(key, &self.admin_token)?)
-                .await
-                .map_err(failed)?;
-            keys.push(created.into_inner().secret);
-        }
-        Ok(keys)
+        provision(&self.endpoint(), &self.admin_token, tenants).await
     }
 
     /// Drains and stops the gateway and removes its data directory.
@@ -161,4 +142,40 @@ impl SelfHosted {
             Err(e) => Err(BenchError::Gateway(e.to_string())),
         }
     }
+}
+
+/// Creates the tenants on the gateway at `endpoint` with the admin token,
+/// each with one inference key; returns the keys in the same order.
+pub async fn provision(
+    endpoint: &str,
+    admin_token: &str,
+    tenants: &[TenantSpec],
+) -> Result<Vec<String>, BenchError> {
+    let channel = connect(endpoint, 1).await?.remove(0);
+    let mut admin = TenantAdminClient::new(channel);
+    let failed = |e: tonic::Status| BenchError::Admin(e.message().to_owned());
+    let mut keys = Vec::new();
+    for tenant in tenants {
+        let create = CreateTenantRequest {
+            slug: tenant.slug.clone(),
+            scheduling_weight: Some(tenant.weight),
+            limits: Some(tenant.limits),
+            ..Default::default()
+        };
+        admin
+            .create_tenant(bearer(create, admin_token)?)
+            .await
+            .map_err(failed)?;
+        let key = CreateApiKeyRequest {
+            tenant: tenant.slug.clone(),
+            name: "bench".to_owned(),
+            ..Default::default()
+        };
+        let created = admin
+            .create_api_key(bearer(key, admin_token)?)
+            .await
+            .map_err(failed)?;
+        keys.push(created.into_inner().secret);
+    }
+    Ok(keys)
 }

@@ -109,6 +109,7 @@ async fn the_overhead_comparison_runs_both_servers_and_writes_its_report() {
         duration: Duration::from_millis(600),
         warmup: Duration::ZERO,
         database_url: None,
+        redis_url: None,
         model_dir: crate::common::tiny_model_dir(),
         out_dir: out.path().to_owned(),
     };
@@ -292,5 +293,37 @@ async fn the_offline_scenario_reports_its_best_run() {
         .expect("a tried count")];
     assert_eq!(best_run.output_tokens_per_s, most);
     assert!(markdown.contains("Maximum:"));
+    assert!(out.path().join("results.json").exists());
+}
+
+/// `bench replicas` starts real gateway processes on one PostgreSQL and one
+/// Redis, spreads the load over them and reports every configuration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_replicas_comparison_runs_gateway_processes_on_shared_backends() {
+    let db = crate::common::PgTestDb::create().await;
+    let out = tempfile::tempdir().expect("dir");
+    let args = ascend_gateway::bench::ReplicasArgs {
+        database_url: db.url.clone(),
+        redis_url: std::env::var("TEST_REDIS_URL")
+            .unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned()),
+        replicas: 2,
+        clients: 4,
+        connections_per_replica: 1,
+        duration: Duration::from_millis(800),
+        warmup: Duration::ZERO,
+        model_dir: crate::common::tiny_model_dir(),
+        out_dir: out.path().to_owned(),
+        gateway_binary: Some(env!("CARGO_BIN_EXE_ascend-gateway").into()),
+    };
+    let (report, markdown) = ascend_gateway::bench::replicas_suite(&args, "test")
+        .await
+        .expect("replicas suite");
+    assert_eq!(report.configurations.len(), 4);
+    for c in &report.configurations {
+        assert!(c.run.requests_ok > 0, "{}: {:?}", c.name, c.run);
+        assert!(c.run.errors.is_empty(), "{}: {:?}", c.name, c.run.errors);
+    }
+    assert_eq!(report.configurations[1].vs_embedded, 1.0);
+    assert!(markdown.contains("PostgreSQL + Redis x2"), "{markdown}");
     assert!(out.path().join("results.json").exists());
 }

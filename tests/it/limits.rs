@@ -921,3 +921,55 @@ async fn leases_are_renewed_while_held_and_released_promptly() {
     stop.cancel();
     background.await.expect("background task");
 }
+
+/// A Redis that forgot the scripts (SCRIPT FLUSH, a restart) or answers
+/// with an error is handled: scripts are loaded again, errors follow the
+/// failure policy, nothing panics.
+#[tokio::test]
+async fn a_redis_that_forgot_its_scripts_or_errors_is_handled() {
+    let redis = PrivateRedis::start();
+    let prefix = prefix();
+    let (limiter, _bg) = Limiter::new(
+        Some(redis_connection(&redis.url()).await),
+        settings(
+            prefix.clone(),
+            FailurePolicy::FailClosed,
+            Duration::from_secs(30),
+        ),
+    );
+    let limits = Limits {
+        max_concurrent_requests: Some(10),
+        tokens_per_minute: Some(1_000_000),
+        ..Limits::default()
+    };
+    let permit = limiter
+        .admit("flushed", &limits, Cost { tokens: 10 })
+        .await
+        .expect("admitted");
+    let mut admin = redis_connection(&redis.url()).await;
+    let () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut admin)
+        .await
+        .expect("script flush");
+    permit.settle(5).await;
+    limiter
+        .admit("flushed", &limits, Cost { tokens: 10 })
+        .await
+        .expect("the script is loaded again")
+        .settle(5)
+        .await;
+    // A key of the wrong type makes the script fail: an error, not a panic.
+    let () = redis::cmd("SET")
+        .arg(format!("{prefix}{{broken}}:leases"))
+        .arg("not a sorted set")
+        .query_async(&mut admin)
+        .await
+        .expect("set");
+    let refused = limiter.admit("broken", &limits, Cost { tokens: 10 }).await;
+    assert!(
+        matches!(refused, Err(LimitError::Unavailable(_))),
+        "fail_closed: {refused:?}"
+    );
+    drop(redis);
+}
