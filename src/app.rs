@@ -483,6 +483,21 @@ impl App {
                 .set_service_status(*name, ServingStatus::NotServing)
                 .await;
         }
+        // Still serving, NOT_SERVING on health: balancers that poll it move
+        // traffic away before this replica stops accepting.
+        if !settings.shutdown_delay.is_zero() {
+            tokio::select! {
+                result = &mut server => {
+                    stop_accepting.cancel();
+                    stop_tasks.cancel();
+                    tasks.close();
+                    tasks.wait().await;
+                    db.close().await;
+                    return result.map_err(ServeError::from);
+                }
+                () = tokio::time::sleep(settings.shutdown_delay) => {}
+            }
+        }
         let _ = stop_tx.send(());
         stop_accepting.cancel();
         match tokio::time::timeout(grace, &mut server).await {

@@ -25,6 +25,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("ASCEND_DATA_DIR", "data_dir"),
     ("ASCEND_METRICS_LISTEN", "metrics_listen"),
     ("ASCEND_SHUTDOWN_GRACE", "shutdown_grace"),
+    ("ASCEND_SHUTDOWN_DELAY", "shutdown_delay"),
     ("ASCEND_DATABASE_URL", "database.url"),
     ("DATABASE_URL", "database.url"),
     (
@@ -63,6 +64,11 @@ pub struct Settings {
     /// How long a graceful shutdown waits for in-flight requests.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// How long a shutting-down gateway keeps accepting after its health
+    /// turned NOT_SERVING, so load balancers that poll health move traffic
+    /// away before it stops accepting.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_delay: Duration,
     pub database: DatabaseSettings,
     pub redis: RedisSettings,
     pub auth: AuthSettings,
@@ -187,6 +193,7 @@ impl Default for Settings {
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
             data_dir: PathBuf::from("data"),
             shutdown_grace: Duration::from_secs(30),
+            shutdown_delay: Duration::ZERO,
             database: DatabaseSettings::default(),
             redis: RedisSettings::default(),
             auth: AuthSettings::default(),
@@ -490,6 +497,12 @@ impl Settings {
             return Err(ConfigError::Invalid {
                 key: "database.connect_timeout",
                 problem: "must be positive, e.g. \"5s\"".to_owned(),
+            });
+        }
+        if self.shutdown_delay > Duration::from_secs(60) {
+            return Err(ConfigError::Invalid {
+                key: "shutdown_delay",
+                problem: "at most 60s, e.g. \"5s\"".to_owned(),
             });
         }
         if self.shutdown_grace > Duration::from_secs(3600) {
