@@ -377,6 +377,7 @@ impl App {
         let metering_handle = metering.clone();
         let usage_barrier = metering.clone();
         let connections = Arc::new(crate::listener::ConnectionStats::default());
+        let refusals = Arc::new(crate::api::refusals::Refusals::default());
         let metrics_registry = crate::metrics::registry(crate::metrics::GatewayCollector {
             limiter: limiter.clone(),
             metering,
@@ -384,6 +385,7 @@ impl App {
             connections: connections.clone(),
             claims: claims.clone(),
             authenticator: authenticator.clone(),
+            refusals: refusals.clone(),
         });
         tasks.spawn(crate::metrics::serve(
             metrics_listener,
@@ -436,7 +438,7 @@ impl App {
             .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
             .http2_keepalive_interval(Some(settings.server.http2_keepalive_interval))
             .http2_keepalive_timeout(Some(settings.server.http2_keepalive_timeout))
-            .layer(AuthLayer::new(authenticator))
+            .layer(AuthLayer::new(authenticator, refusals))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)

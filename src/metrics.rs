@@ -36,6 +36,7 @@ pub struct GatewayCollector {
     pub connections: Arc<crate::listener::ConnectionStats>,
     pub claims: Arc<crate::idempotency::Idempotency>,
     pub authenticator: Arc<crate::auth::Authenticator>,
+    pub refusals: Arc<crate::api::refusals::Refusals>,
 }
 
 /// One gauge family with a `model` label.
@@ -237,6 +238,17 @@ impl Collector for GatewayCollector {
             let labels = [("kind", kind.as_str())];
             ConstCounter::new(self.authenticator.failure_count(kind))
                 .encode(family.encode_family(&labels)?)?;
+        }
+        let exhausted = ConstCounter::new(0u64);
+        let mut family = encoder.encode_descriptor(
+            "ascend_gateway_resource_exhausted",
+            "Every RESOURCE_EXHAUSTED answered, by cause",
+            None,
+            exhausted.metric_type(),
+        )?;
+        for cause in crate::api::refusals::RefusalCause::ALL {
+            let labels = [("cause", cause.as_str())];
+            ConstCounter::new(self.refusals.count(cause)).encode(family.encode_family(&labels)?)?;
         }
         let count = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         per_model(

@@ -15,6 +15,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use super::deadline::{self, ClientDeadline};
+use super::refusals::Refusals;
 use super::status::to_status;
 use crate::auth::{Authenticator, Requirement};
 use crate::tenancy::Scope;
@@ -50,11 +51,16 @@ pub fn requirement_for(path: &str) -> Option<Requirement> {
 #[derive(Clone)]
 pub struct AuthLayer {
     authenticator: Arc<Authenticator>,
+    refusals: Arc<Refusals>,
 }
 
 impl AuthLayer {
-    pub fn new(authenticator: Arc<Authenticator>) -> AuthLayer {
-        AuthLayer { authenticator }
+    /// `refusals` counts every RESOURCE_EXHAUSTED that leaves.
+    pub fn new(authenticator: Arc<Authenticator>, refusals: Arc<Refusals>) -> AuthLayer {
+        AuthLayer {
+            authenticator,
+            refusals,
+        }
     }
 }
 
@@ -65,6 +71,7 @@ impl<S> Layer<S> for AuthLayer {
         AuthService {
             inner,
             authenticator: self.authenticator.clone(),
+            refusals: self.refusals.clone(),
         }
     }
 }
@@ -73,6 +80,7 @@ impl<S> Layer<S> for AuthLayer {
 pub struct AuthService<S> {
     inner: S,
     authenticator: Arc<Authenticator>,
+    refusals: Arc<Refusals>,
 }
 
 type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
@@ -137,11 +145,12 @@ where
                 Err(error) => Ok(to_status(&error).into_http()),
             }
         };
+        let refusals = self.refusals.clone();
         Box::pin(async move {
             // Authentication and the handler together answer by the
             // client's deadline (a stream's deadline covers its first
             // response; the worker bounds the rest).
-            match deadline {
+            let answered = match deadline {
                 Some(at) => tokio::time::timeout_at(at.into(), call)
                     .await
                     .unwrap_or_else(|_| {
@@ -151,7 +160,11 @@ where
                         .into_http())
                     }),
                 None => call.await,
+            };
+            if let Ok(response) = &answered {
+                refusals.observe(response);
             }
+            answered
         })
     }
 }

@@ -13,6 +13,7 @@ mod convert;
 mod deadline;
 mod inference;
 pub mod pb;
+pub mod refusals;
 pub mod status;
 
 pub use admin::TenantAdminApi;

@@ -19,6 +19,16 @@ fn generate(prompt: String) -> GenerateRequest {
     }
 }
 
+/// `ascend_gateway_resource_exhausted_total{cause}` from the metrics.
+async fn exhausted(gateway: &TestGateway, cause: &str) -> f64 {
+    let body = crate::common::scrape(gateway.metrics_addr).await;
+    let line = format!("ascend_gateway_resource_exhausted_total{{cause=\"{cause}\"}} ");
+    body.lines()
+        .find_map(|l| l.strip_prefix(&line))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {cause} count in {body}"))
+}
+
 #[tokio::test]
 async fn giant_prompts_are_refused_by_size_before_tokenizing() {
     let gateway = TestGateway::start().await;
@@ -33,6 +43,7 @@ async fn giant_prompts_are_refused_by_size_before_tokenizing() {
         .await
         .expect_err("over the decoding limit");
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_eq!(exhausted(&gateway, "message_too_large").await, 1.0);
 
     // Under it, but more bytes than the context window can hold: refused
     // by length, naming the field, without tokenizing 3 MB.
@@ -179,5 +190,6 @@ async fn bad_requests_count_against_the_request_rate() {
         .await
         .expect_err("the burst is spent");
     assert_eq!(status.code(), Code::ResourceExhausted);
+    assert_eq!(exhausted(&gateway, "tenant_limit").await, 3.0);
     gateway.stop().await.expect("clean stop");
 }
