@@ -113,6 +113,15 @@ async fn one_request(
                         sample.device_time_us = usage.device_time_us;
                         sample.energy_mj = usage.energy_mj;
                     }
+                    // Read the stream to its end (the trailers): a stream
+                    // dropped before them is reset by this client's HTTP/2
+                    // layer, and after 1,024 such resets on a connection h2
+                    // closes it with ENHANCE_YOUR_CALM, failing every call
+                    // on it with RESOURCE_EXHAUSTED. That was the source of
+                    // the refusals no gateway metric counted.
+                    while let Some(rest) = stream.next().await {
+                        rest?;
+                    }
                     return Ok(());
                 }
                 None => {}
