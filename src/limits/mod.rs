@@ -398,9 +398,7 @@ impl Limiter {
                     if received == 0 {
                         break;
                     }
-                    for settlement in batch.drain(..) {
-                        self.spawn_settlement(&mut running, &slots, settlement).await;
-                    }
+                    self.spawn_settlements(&mut running, &slots, batch.drain(..)).await;
                 }
                 _ = renew.tick() => {
                     if let Some(redis) = &self.redis
@@ -414,33 +412,57 @@ impl Limiter {
             }
         }
         settlements.0.close();
-        while let Some(settlement) = settlements.0.recv().await {
-            self.spawn_settlement(&mut running, &slots, settlement)
+        while settlements.0.recv_many(&mut batch, 256).await > 0 {
+            self.spawn_settlements(&mut running, &slots, batch.drain(..))
                 .await;
         }
         while running.join_next().await.is_some() {}
     }
 
-    /// Settles at once if local, else on its own task once one of the
-    /// in-flight slots is free.
-    async fn spawn_settlement(
+    /// Settles local grants at once; Redis ones grouped by what one script
+    /// call can settle together (tenant, month, tokens-per-minute), each
+    /// group on its own task once one of the in-flight slots is free.
+    async fn spawn_settlements(
         self: &Arc<Self>,
         running: &mut tokio::task::JoinSet<()>,
         slots: &Arc<tokio::sync::Semaphore>,
-        settlement: Settlement,
+        batch: impl Iterator<Item = Settlement>,
     ) {
-        if matches!(settlement.grant, Grant::Local(_)) {
-            self.settle_now(settlement).await;
-            return;
+        let mut groups: HashMap<redis_store::SettleGroup, Vec<(RedisGrant, u64)>> = HashMap::new();
+        for settlement in batch {
+            match settlement.grant {
+                Grant::Local(grant) => {
+                    self.local
+                        .settle(&settlement.tenant_id, &grant, settlement.used_tokens);
+                }
+                Grant::Redis(grant) => groups
+                    .entry((
+                        settlement.tenant_id,
+                        grant.month.clone(),
+                        grant.tokens_per_minute,
+                    ))
+                    .or_default()
+                    .push((grant, settlement.used_tokens)),
+            }
         }
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let limiter = self.clone();
-        running.spawn(async move {
-            limiter.settle_now(settlement).await;
-            drop(slot);
-        });
+        for ((tenant_id, _, _), grants) in groups {
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            let limiter = self.clone();
+            running.spawn(async move {
+                if let Some(redis) = &limiter.redis {
+                    let grants: Vec<(&RedisGrant, u64)> =
+                        grants.iter().map(|(g, used)| (g, *used)).collect();
+                    if let Err(error) = redis.settle_many(&tenant_id, &grants).await {
+                        // As in settle_now: leases and buckets heal by
+                        // themselves; logged, never retried twice.
+                        tracing::warn!(error = %error, tenant = %tenant_id, settlements = grants.len(), "cannot settle limits in Redis");
+                    }
+                }
+                drop(slot);
+            });
+        }
     }
 
     /// Permits alive: admitted, their request not yet ended.
