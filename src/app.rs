@@ -155,9 +155,15 @@ async fn connect_redis(
         source,
     };
     let client = redis::Client::open(url).map_err(error)?;
+    // One quick reconnect attempt per command, not the library's six with
+    // doubling delays (about 6 s): a request must not wait that long for a
+    // limit decision while Redis is away; the failure policy answers.
     let config = redis::aio::ConnectionManagerConfig::new()
         .set_connection_timeout(Some(timeout))
-        .set_response_timeout(Some(timeout));
+        .set_response_timeout(Some(timeout))
+        .set_number_of_retries(1)
+        .set_min_delay(std::time::Duration::from_millis(10))
+        .set_max_delay(timeout);
     let mut connection = redis::aio::ConnectionManager::new_with_config(client, config)
         .await
         .map_err(error)?;
@@ -250,9 +256,7 @@ impl App {
         let mut tenancy = TenancyService::new(db.clone(), &settings.tenancy.default_price_plan);
         tenancy.add_listener(cache.clone());
         let redis = match &settings.redis.url {
-            Some(url) => {
-                Some(connect_redis(url.expose_secret(), settings.database.connect_timeout).await?)
-            }
+            Some(url) => Some(connect_redis(url.expose_secret(), settings.redis.timeout).await?),
             None => None,
         };
         let (limiter, settlements) = Limiter::new(redis, settings.limits.clone());

@@ -157,15 +157,34 @@ pub struct DatabaseSettings {
     pub max_connections: u32,
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// How long a running query waits for a connection: what a request
+    /// waits at most on an unreachable database before its fallback (the
+    /// stale key cache, local claims) or UNAVAILABLE.
+    #[serde(with = "humantime_serde")]
+    pub acquire_timeout: Duration,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedisSettings {
     /// Shared rate-limit state across gateway replicas; unset means limits
     /// are kept in process.
     #[serde(serialize_with = "serialize_redacted_url")]
     pub url: Option<SecretString>,
+    /// How long one limit decision waits for Redis before the
+    /// `limits.redis_failure` policy applies: every request waits at most
+    /// this on an unreachable Redis (then, for a second, not at all).
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for RedisSettings {
+    fn default() -> Self {
+        RedisSettings {
+            url: None,
+            timeout: Duration::from_millis(250),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -215,6 +234,7 @@ impl Default for DatabaseSettings {
             url: None,
             max_connections: 16,
             connect_timeout: Duration::from_secs(5),
+            acquire_timeout: Duration::from_secs(1),
         }
     }
 }
@@ -473,6 +493,14 @@ impl Settings {
                 problem: "between 1 and 1000000".to_owned(),
             });
         }
+        if self.redis.timeout < Duration::from_millis(10)
+            || self.redis.timeout > Duration::from_secs(30)
+        {
+            return Err(ConfigError::Invalid {
+                key: "redis.timeout",
+                problem: "between 10ms and 30s, e.g. \"250ms\"".to_owned(),
+            });
+        }
         if self.limits.replicas == 0 {
             return Err(ConfigError::Invalid {
                 key: "limits.replicas",
@@ -491,6 +519,14 @@ impl Settings {
             return Err(ConfigError::Invalid {
                 key: "database.max_connections",
                 problem: "must be at least 1".to_owned(),
+            });
+        }
+        if self.database.acquire_timeout < Duration::from_millis(10)
+            || self.database.acquire_timeout > Duration::from_secs(60)
+        {
+            return Err(ConfigError::Invalid {
+                key: "database.acquire_timeout",
+                problem: "between 10ms and 60s, e.g. \"1s\"".to_owned(),
             });
         }
         if self.database.connect_timeout.is_zero() {

@@ -33,7 +33,7 @@ use tokio::sync::mpsc;
 
 pub use error::{LimitError, LimitKind};
 use local::{LocalGrant, LocalLimits};
-use redis_store::{RedisGrant, RedisLimits};
+use redis_store::{Admission, RedisGrant, RedisLimits};
 
 use crate::calendar;
 use crate::tenancy::Limits;
@@ -93,6 +93,23 @@ impl Default for LimitSettings {
     }
 }
 
+/// After Redis was found unreachable, decisions within this long apply the
+/// failure policy at once; the next one after it tries Redis again.
+const OUTAGE_SHORTCUT: Duration = Duration::from_secs(1);
+
+/// Whether an error means Redis could not be reached (rather than that it
+/// answered with an error).
+fn is_unreachable(error: &redis::RedisError) -> bool {
+    error.is_io_error()
+        || error.is_timeout()
+        || error.is_connection_dropped()
+        || error.is_connection_refusal()
+}
+
+/// How often a node raises a tenant's local quota share from the metered
+/// usage while it decides alone.
+const FALLBACK_RESEED: Duration = Duration::from_secs(10);
+
 /// How often a Redis outage is logged while it lasts.
 const OUTAGE_LOG_INTERVAL: Duration = Duration::from_secs(30);
 
@@ -138,6 +155,10 @@ pub struct Limiter {
     redis: Option<RedisLimits>,
     settings: LimitSettings,
     outage_logged_at: Mutex<Option<Instant>>,
+    /// When a decision last found Redis unreachable.
+    redis_down_at: Mutex<Option<Instant>>,
+    /// By tenant: when the local quota share was last raised for fail_open.
+    fallback_reseeded: Mutex<HashMap<String, Instant>>,
     fallbacks: std::sync::atomic::AtomicU64,
     /// Refusals by limit, indexed like `LimitKind::ALL`.
     rejections: [std::sync::atomic::AtomicU64; 4],
@@ -185,6 +206,8 @@ impl Limiter {
             redis,
             settings,
             outage_logged_at: Mutex::new(None),
+            redis_down_at: Mutex::new(None),
+            fallback_reseeded: Mutex::new(HashMap::new()),
             fallbacks: std::sync::atomic::AtomicU64::new(0),
             rejections: Default::default(),
             background,
@@ -204,17 +227,27 @@ impl Limiter {
     /// Seeds the tenant's counter for the current month once per node.
     /// What the usage writer has not shipped yet is not counted: at most
     /// one ship interval of usage.
-    async fn seed_quota(&self, tenant_id: &str, now: i64) {
-        let Some(seed) = self.quota_seed.get() else {
-            return;
-        };
+    ///
+    /// `again`: Redis has no counter although this node seeded one (Redis
+    /// lost its keys): seed it anew. Returns whether the counter is seeded.
+    async fn seed_quota(&self, tenant_id: &str, now: i64, again: bool) -> bool {
         let month = calendar::month_key(now);
+        let Some(seed) = self.quota_seed.get() else {
+            // Nothing metered to start from: the counter starts at zero.
+            return match &self.redis {
+                Some(redis) if again => redis
+                    .seed_quota(tenant_id, &month, 0, calendar::secs_until_month_end(now))
+                    .await
+                    .is_ok(),
+                _ => true,
+            };
+        };
         {
             let seeded = self.seeded.lock().unwrap_or_else(|e| e.into_inner());
             match seeded.get(tenant_id) {
-                Some((m, Seeded::Done)) if *m == month => return,
+                Some((m, Seeded::Done)) if *m == month && !again => return true,
                 Some((m, Seeded::FailedAt(at))) if *m == month && at.elapsed() < SEED_RETRY => {
-                    return;
+                    return false;
                 }
                 _ => {}
             }
@@ -240,6 +273,7 @@ impl Limiter {
             }
             Err(e) => Err(e),
         };
+        let ok = outcome.is_ok();
         let state = match outcome {
             Ok(()) => Seeded::Done,
             Err(error) => {
@@ -251,6 +285,7 @@ impl Limiter {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(tenant_id.to_owned(), (month, state));
+        ok
     }
 
     /// Admissions decided locally because Redis failed (fail_open).
@@ -288,7 +323,7 @@ impl Limiter {
     ) -> Result<Permit, LimitError> {
         let now = unix_secs();
         if limits.monthly_token_quota.is_some() && cost.tokens > 0 {
-            self.seed_quota(tenant_id, now).await;
+            self.seed_quota(tenant_id, now, false).await;
         }
         let (grant, rate) = match &self.redis {
             None => {
@@ -298,26 +333,118 @@ impl Limiter {
             Some(redis) => {
                 let month = calendar::month_key(now);
                 let until_end = calendar::secs_until_month_end(now);
-                match redis
-                    .admit(tenant_id, limits, cost, &month, until_end)
-                    .await
-                {
-                    Ok(decision) => {
-                        let (grant, rate) = decision?;
-                        (Grant::Redis(grant), rate)
+                let mut reseeded = false;
+                if let Some(error) = self.recently_unreachable() {
+                    // Redis failed under a second ago: decide by the
+                    // policy now instead of waiting for it again.
+                    self.before_fallback(tenant_id, limits, cost, now).await;
+                    let (grant, rate) =
+                        self.on_redis_failure(tenant_id, limits, cost, now, &error)?;
+                    return Ok(self.permit(tenant_id, grant, rate));
+                }
+                loop {
+                    match redis
+                        .admit(tenant_id, limits, cost, &month, until_end)
+                        .await
+                    {
+                        Ok(Admission::Granted(grant, rate)) => break (Grant::Redis(grant), rate),
+                        Ok(Admission::Refused(refusal)) => return Err(refusal),
+                        // Redis lost the month's counter: start it again from
+                        // the metered usage, never from zero.
+                        Ok(Admission::Unseeded) if !reseeded => {
+                            reseeded = true;
+                            if !self.seed_quota(tenant_id, now, true).await {
+                                return Err(LimitError::Unavailable(
+                                    "the monthly quota counter is lost and the metered usage cannot be read".to_owned(),
+                                ));
+                            }
+                        }
+                        Ok(Admission::Unseeded) => {
+                            return Err(LimitError::Unavailable(
+                                "the monthly quota counter could not be seeded".to_owned(),
+                            ));
+                        }
+                        Err(error) => {
+                            if is_unreachable(&error) {
+                                *self.redis_down_at.lock().unwrap_or_else(|e| e.into_inner()) =
+                                    Some(Instant::now());
+                            }
+                            self.before_fallback(tenant_id, limits, cost, now).await;
+                            break self.on_redis_failure(tenant_id, limits, cost, now, &error)?;
+                        }
                     }
-                    Err(error) => self.on_redis_failure(tenant_id, limits, cost, now, &error)?,
                 }
             }
         };
+        Ok(self.permit(tenant_id, grant, rate))
+    }
+
+    fn permit(self: &Arc<Self>, tenant_id: &str, grant: Grant, rate: Option<RateState>) -> Permit {
         self.in_flight
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Ok(Permit {
+        Permit {
             limiter: self.clone(),
             tenant_id: tenant_id.to_owned(),
             grant: Some(grant),
             rate,
-        })
+        }
+    }
+
+    /// Under `fail_open`, a node's local quota counter for a tenant knows
+    /// only what this node admitted while Redis was away; before it decides
+    /// alone, it is raised to this node's share of the month's metered
+    /// usage (at most once per [`FALLBACK_RESEED`] per tenant), so the
+    /// nodes together hand out only what is left of the quota, not a whole
+    /// quota again.
+    async fn before_fallback(&self, tenant_id: &str, limits: &Limits, cost: Cost, now: i64) {
+        if self.settings.redis_failure != FailurePolicy::FailOpen
+            || limits.monthly_token_quota.is_none()
+            || cost.tokens == 0
+        {
+            return;
+        }
+        let Some(seed) = self.quota_seed.get() else {
+            return;
+        };
+        {
+            let mut reseeded = self
+                .fallback_reseeded
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if reseeded
+                .get(tenant_id)
+                .is_some_and(|at| at.elapsed() < FALLBACK_RESEED)
+            {
+                return;
+            }
+            reseeded.insert(tenant_id.to_owned(), Instant::now());
+        }
+        let month = calendar::month_key(now);
+        let (month_start_us, _, _) = calendar::month_bounds_us(now.saturating_mul(1_000_000));
+        let asked = tokio::time::timeout(SEED_TIMEOUT, seed(tenant_id.to_owned(), month_start_us));
+        match asked.await.unwrap_or_else(|_| Err("timed out".to_owned())) {
+            Ok(used) => {
+                let share = used / u64::from(self.settings.replicas.max(1));
+                self.local.seed_quota(tenant_id, &month, share);
+            }
+            Err(error) => {
+                tracing::warn!(%error, tenant = tenant_id, "fail_open: the local quota share is not seeded from metered usage");
+            }
+        }
+    }
+
+    /// An error standing for Redis's last failure, when that was under
+    /// [`OUTAGE_SHORTCUT`] ago.
+    fn recently_unreachable(&self) -> Option<redis::RedisError> {
+        let down_at = *self.redis_down_at.lock().unwrap_or_else(|e| e.into_inner());
+        down_at
+            .filter(|at| at.elapsed() < OUTAGE_SHORTCUT)
+            .map(|_| {
+                redis::RedisError::from((
+                    redis::ErrorKind::Io,
+                    "Redis was unreachable less than a second ago",
+                ))
+            })
     }
 
     fn on_redis_failure(

@@ -53,6 +53,12 @@ if tpm > 0 then
 end
 
 if quota > 0 then
+  -- No counter: this month's was never seeded here, or Redis lost it (a
+  -- restart without persistence). Counting from zero would hand the month's
+  -- quota out again: the caller seeds it from the metered usage first.
+  if redis.call('EXISTS', KEYS[4]) == 0 then
+    return {5, 0, 0}
+  end
   local q = redis.call('HMGET', KEYS[4], 'used', 'reserved')
   local used = tonumber(q[1]) or 0
   local reserved = tonumber(q[2]) or 0
@@ -115,7 +121,10 @@ if tpm > 0 and refund > 0 then
 end
 local reserved = tonumber(ARGV[3])
 if reserved > 0 then
-  redis.call('HINCRBY', KEYS[3], 'reserved', -reserved)
+  -- A counter re-seeded after Redis lost it never held this reservation.
+  if redis.call('HINCRBY', KEYS[3], 'reserved', -reserved) < 0 then
+    redis.call('HSET', KEYS[3], 'reserved', 0)
+  end
   redis.call('HINCRBY', KEYS[3], 'used', tonumber(ARGV[4]))
 end
 return 0
@@ -141,10 +150,14 @@ return renewed
 /// Raises a quota counter's `used` to at least the metered usage; never
 /// lowers it. KEYS[1] the month's quota hash; ARGV: used, expiry seconds.
 const SEED: &str = r"
-local used = tonumber(redis.call('HGET', KEYS[1], 'used')) or 0
 local seed = tonumber(ARGV[1])
-if seed > used then
-  redis.call('HSET', KEYS[1], 'used', seed)
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('HSET', KEYS[1], 'used', seed, 'reserved', 0)
+else
+  local used = tonumber(redis.call('HGET', KEYS[1], 'used')) or 0
+  if seed > used then
+    redis.call('HSET', KEYS[1], 'used', seed)
+  end
 end
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
 return 0
@@ -160,6 +173,16 @@ pub struct RedisLimits {
     renew: Script,
     /// This node's leases not yet released, by lease id: the tenant.
     live: std::sync::Mutex<std::collections::HashMap<String, String>>,
+}
+
+/// What the admission script decided.
+#[derive(Debug)]
+pub enum Admission {
+    Granted(RedisGrant, Option<RateState>),
+    Refused(LimitError),
+    /// The tenant's monthly quota counter does not exist in Redis: seed it
+    /// from the metered usage, then ask again.
+    Unseeded,
 }
 
 /// Grants that one settlement script can settle together: one tenant, one
@@ -240,7 +263,7 @@ impl RedisLimits {
         cost: Cost,
         month: &str,
         secs_until_month_end: i64,
-    ) -> Result<Result<(RedisGrant, Option<RateState>), LimitError>, redis::RedisError> {
+    ) -> Result<Admission, redis::RedisError> {
         let gcra = Gcra::of(limits);
         let burst = gcra.map_or(1, |g| g.burst);
         let interval_us = gcra.map_or(0, |g| g.interval_us());
@@ -254,7 +277,7 @@ impl RedisLimits {
             .filter(|_| cost.tokens > 0)
             .unwrap_or(0);
         if tpm > 0 && cost.tokens > tpm {
-            return Ok(Err(LimitError::TooLarge {
+            return Ok(Admission::Refused(LimitError::TooLarge {
                 kind: LimitKind::TokensPerMinute,
                 needed: cost.tokens,
                 limit: tpm,
@@ -283,7 +306,7 @@ impl RedisLimits {
             .await?;
         let wait = Duration::from_micros(u64::try_from(wait_us).unwrap_or(0));
         let refusal = |kind| {
-            Ok(Err(LimitError::Exceeded {
+            Ok(Admission::Refused(LimitError::Exceeded {
                 kind,
                 retry_after: wait,
             }))
@@ -293,8 +316,9 @@ impl RedisLimits {
             1 => return refusal(LimitKind::Requests),
             2 => return refusal(LimitKind::Concurrency),
             3 => return refusal(LimitKind::TokensPerMinute),
+            5 => return Ok(Admission::Unseeded),
             _ => {
-                return Ok(Err(LimitError::Exceeded {
+                return Ok(Admission::Refused(LimitError::Exceeded {
                     kind: LimitKind::MonthlyQuota,
                     retry_after: Duration::from_secs(
                         u64::try_from(secs_until_month_end).unwrap_or(1),
@@ -310,7 +334,7 @@ impl RedisLimits {
             remaining: u32::try_from(remaining.max(0)).unwrap_or(0),
             window: gcra.window(),
         });
-        Ok(Ok((
+        Ok(Admission::Granted(
             RedisGrant {
                 lease_id,
                 concurrency: max_concurrent > 0,
@@ -320,7 +344,7 @@ impl RedisLimits {
                 tokens_per_minute: tpm,
             },
             rate_state,
-        )))
+        ))
     }
 
     /// Raises the tenant's `month` quota usage to at least `used` (the

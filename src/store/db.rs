@@ -59,10 +59,11 @@ impl Db {
                 )
             }
         };
-        Self::connect_url(
+        Self::connect_url_with(
             &url,
             settings.database.max_connections,
             settings.database.connect_timeout,
+            settings.database.acquire_timeout,
         )
         .await
     }
@@ -72,6 +73,18 @@ impl Db {
         url: &str,
         max_connections: u32,
         connect_timeout: Duration,
+    ) -> Result<Db, StoreError> {
+        Self::connect_url_with(url, max_connections, connect_timeout, connect_timeout).await
+    }
+
+    /// As [`Db::connect_url`]; a query waits at most `acquire_timeout` for a
+    /// connection once running (a database outage must not hold requests
+    /// for the whole `connect_timeout`).
+    pub async fn connect_url_with(
+        url: &str,
+        max_connections: u32,
+        connect_timeout: Duration,
+        acquire_timeout: Duration,
     ) -> Result<Db, StoreError> {
         install_default_drivers();
         let backend = if url.starts_with("sqlite:") {
@@ -99,7 +112,7 @@ impl Db {
         probe.close().await.map_err(connect_error)?;
         let pool = AnyPoolOptions::new()
             .max_connections(max_connections)
-            .acquire_timeout(connect_timeout)
+            .acquire_timeout(acquire_timeout)
             .after_connect(move |conn, _meta| {
                 Box::pin(async move {
                     if backend == Backend::Sqlite {
@@ -122,7 +135,7 @@ impl Db {
             Backend::Postgres => Some(
                 sqlx::postgres::PgPoolOptions::new()
                     .max_connections(4)
-                    .acquire_timeout(connect_timeout)
+                    .acquire_timeout(acquire_timeout)
                     .connect_lazy(url)
                     .map_err(connect_error)?,
             ),

@@ -973,3 +973,56 @@ async fn a_redis_that_forgot_its_scripts_or_errors_is_handled() {
     );
     drop(redis);
 }
+
+/// A Redis that loses its keys while the gateways run (a restart without
+/// persistence) does not hand the month's quota out again: the next
+/// admission finds the counter missing and seeds it from the metered usage.
+#[tokio::test]
+async fn a_quota_counter_lost_by_redis_is_seeded_again() {
+    let redis = PrivateRedis::start();
+    let (limiter, _bg) = Limiter::new(
+        Some(redis_connection(&redis.url()).await),
+        settings(prefix(), FailurePolicy::FailClosed, Duration::from_secs(30)),
+    );
+    // What the metering database says this month's usage is.
+    let metered = Arc::new(AtomicU64::new(900));
+    let seen = metered.clone();
+    limiter.set_quota_seed(Arc::new(move |_tenant: String, _since: i64| {
+        let used = seen.load(Ordering::Relaxed);
+        Box::pin(async move { Ok(used) })
+    }));
+    let limits = Limits {
+        monthly_token_quota: Some(1_000),
+        ..Limits::default()
+    };
+    limiter
+        .admit("lossy", &limits, Cost { tokens: 50 })
+        .await
+        .expect("within the quota")
+        .settle(50)
+        .await;
+    metered.store(950, Ordering::Relaxed);
+    let mut admin = redis_connection(&redis.url()).await;
+    let () = redis::cmd("FLUSHALL")
+        .query_async(&mut admin)
+        .await
+        .expect("Redis loses every key");
+    let refused = limiter.admit("lossy", &limits, Cost { tokens: 100 }).await;
+    assert!(
+        matches!(
+            refused,
+            Err(LimitError::Exceeded {
+                kind: LimitKind::MonthlyQuota,
+                ..
+            })
+        ),
+        "950 metered + 100 > 1000: {refused:?}"
+    );
+    limiter
+        .admit("lossy", &limits, Cost { tokens: 50 })
+        .await
+        .expect("exactly the rest")
+        .settle(50)
+        .await;
+    drop(redis);
+}
