@@ -163,6 +163,10 @@ redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
 return 0
 ";
 
+/// Renewal rounds that remove a lease an unanswered admission may have
+/// added (three rounds span a whole lease lifetime).
+const ORPHAN_ROUNDS: u32 = 3;
+
 pub struct RedisLimits {
     connection: ConnectionManager,
     prefix: String,
@@ -173,6 +177,9 @@ pub struct RedisLimits {
     renew: Script,
     /// This node's leases not yet released, by lease id: the tenant.
     live: std::sync::Mutex<std::collections::HashMap<String, String>>,
+    /// (tenant, lease id, removals left) of admissions that failed without
+    /// an answer.
+    orphans: std::sync::Mutex<Vec<(String, String, u32)>>,
 }
 
 /// What the admission script decided.
@@ -211,6 +218,7 @@ impl RedisLimits {
             seed: Script::new(SEED),
             renew: Script::new(RENEW),
             live: std::sync::Mutex::new(std::collections::HashMap::new()),
+            orphans: std::sync::Mutex::new(Vec::new()),
         }
     }
 
@@ -225,7 +233,36 @@ impl RedisLimits {
 
     /// Renews every live lease of this node, one script per tenant, all
     /// pipelined.
+    fn orphans(&self) -> std::sync::MutexGuard<'_, Vec<(String, String, u32)>> {
+        self.orphans.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Removes leases that admissions we gave up on may have added.
+    async fn remove_orphans(&self) -> Result<(), redis::RedisError> {
+        let orphans = std::mem::take(&mut *self.orphans());
+        if orphans.is_empty() {
+            return Ok(());
+        }
+        let mut pipeline = redis::pipe();
+        for (tenant, lease, _) in &orphans {
+            pipeline.zrem(self.key(tenant, "leases"), lease).ignore();
+        }
+        let mut connection = self.connection.clone();
+        let result: Result<(), redis::RedisError> = pipeline.query_async(&mut connection).await;
+        // Unreachable: all again next round. Reached: again for a few rounds
+        // all the same, since the lost script may land after this removal.
+        let again = orphans
+            .into_iter()
+            .filter_map(|(tenant, lease, rounds)| match result {
+                Ok(()) => (rounds > 1).then(|| (tenant, lease, rounds - 1)),
+                Err(_) => Some((tenant, lease, rounds)),
+            });
+        self.orphans().extend(again);
+        result
+    }
+
     pub async fn renew_leases(&self) -> Result<(), redis::RedisError> {
+        self.remove_orphans().await?;
         let mut by_tenant: std::collections::HashMap<String, Vec<String>> =
             std::collections::HashMap::new();
         for (lease, tenant) in self.live().iter() {
@@ -303,7 +340,16 @@ impl RedisLimits {
             // Quota counters outlive their month by a week for late settlements.
             .arg(secs_until_month_end + 7 * 86_400)
             .invoke_async(&mut connection)
-            .await?;
+            .await
+            .inspect_err(|_| {
+                // The script may still run after we gave up on its answer
+                // (it sat in a socket buffer while the link was down): the
+                // lease it would add is removed on the next renewal round.
+                if max_concurrent > 0 {
+                    self.orphans()
+                        .push((tenant_id.to_owned(), lease_id.clone(), ORPHAN_ROUNDS));
+                }
+            })?;
         let wait = Duration::from_micros(u64::try_from(wait_us).unwrap_or(0));
         let refusal = |kind| {
             Ok(Admission::Refused(LimitError::Exceeded {
