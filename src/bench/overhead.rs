@@ -189,7 +189,7 @@ fn markdown(r: &OverheadReport) -> String {
         "# Gateway overhead\n\n\
          Command: `{}`  \nRevision: `{}`  \nMachine: {}  \n\
          Gateway: echo engine, {TENANTS} tenants with limits set (none binding), \
-         authentication on, usage metered to {} through the durable spool. \
+         authentication on, usage metered through the durable spool; backends: {}. \
          Reference: a bare tonic server with the same contract echoing the prompt. \
          Load generator, servers and database share the machine.\n\n\
          Closed loop, {} clients: gateway {:.0} req/s, bare {:.0} req/s: ratio **{:.2}**.\n\n\
