@@ -44,9 +44,10 @@ pub struct OverheadReport {
     pub rates: Vec<RateComparison>,
 }
 
-fn limits() -> TenantLimits {
-    // Set, so every request passes through the limiter, and generous, so
-    // none is refused: the cost of checking, not of refusing.
+/// Tenant limits for measuring the gateway's own cost: set, so every
+/// request passes through the limiter, and generous, so none is refused:
+/// the cost of checking, not of refusing.
+pub(super) fn limits() -> TenantLimits {
     TenantLimits {
         requests_per_second: Some(1_000_000.0),
         burst: Some(1_000_000),
@@ -56,20 +57,26 @@ fn limits() -> TenantLimits {
     }
 }
 
-/// Runs the comparison; writes results.json and results.md; returns the
-/// report and its Markdown.
-pub async fn overhead_suite(
-    args: &OverheadArgs,
-    command: &str,
-) -> Result<(OverheadReport, String), BenchError> {
-    let workload = WorkloadSpec {
+/// The echo engine's workload of the overhead measurements: short prompts,
+/// 16 output tokens each.
+pub(super) fn echo_workload() -> WorkloadSpec {
+    WorkloadSpec {
         model: "echo".to_owned(),
         prompt_words: (4, 16),
         output_tokens: (16, 16),
         output_distribution: super::LengthDistribution::Uniform,
         temperature: 0.0,
         seed: 7,
-    };
+    }
+}
+
+/// Runs the comparison; writes results.json and results.md; returns the
+/// report and its Markdown.
+pub async fn overhead_suite(
+    args: &OverheadArgs,
+    command: &str,
+) -> Result<(OverheadReport, String), BenchError> {
+    let workload = echo_workload();
     let closed = Arrival::Closed {
         clients: args.clients,
     };

@@ -24,6 +24,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use super::bare::BareServer;
+use super::overhead::{echo_workload, limits};
 use super::process::{GatewayProcess, ProcessSpec, cpu_seconds, group_cpu_seconds, pids_named};
 use super::report::round;
 use super::selfhost::{TenantSpec, connect, provision};
@@ -31,7 +32,6 @@ use super::suite::{git_revision, machine};
 use super::{
     Arrival, BenchError, ReplicasArgs, RunReport, Target, WorkloadSpec, measured_run, write_results,
 };
-use crate::api::pb::v1::TenantLimits;
 
 const TENANTS: usize = 4;
 
@@ -63,16 +63,6 @@ pub struct ReplicasReport {
     pub clients: usize,
     pub replicas: u32,
     pub configurations: Vec<Configuration>,
-}
-
-fn limits() -> TenantLimits {
-    TenantLimits {
-        requests_per_second: Some(1_000_000.0),
-        burst: Some(1_000_000),
-        tokens_per_minute: Some(10_000_000_000),
-        max_concurrent_requests: Some(100_000),
-        monthly_token_quota: Some(1_000_000_000_000),
-    }
 }
 
 /// CPU seconds so far of: this process, the gateways, PostgreSQL, Redis.
@@ -187,14 +177,7 @@ pub async fn replicas_suite(
             message: "at least 1".to_owned(),
         });
     }
-    let workload = WorkloadSpec {
-        model: "echo".to_owned(),
-        prompt_words: (4, 16),
-        output_tokens: (16, 16),
-        output_distribution: super::LengthDistribution::Uniform,
-        temperature: 0.0,
-        seed: 7,
-    };
+    let workload = echo_workload();
     let config = std::env::temp_dir().join(format!(
         "agw-bench-replicas-{}.toml",
         uuid::Uuid::now_v7().simple()
