@@ -237,7 +237,18 @@ fn kill_and_reap(child: &mut Child) {
     let _ = child.wait();
 }
 
-const POSTGRES_BIN: &str = "/usr/lib/postgresql/15/bin";
+/// The installed PostgreSQL's server binaries: the newest version under
+/// /usr/lib/postgresql (Debian's layout).
+fn postgres_bin() -> String {
+    let newest = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .max()
+        .expect("PostgreSQL server binaries under /usr/lib/postgresql/<version>/bin");
+    format!("/usr/lib/postgresql/{newest}/bin")
+}
 
 /// A PostgreSQL server of the test's own in a namespace, run as `postgres`
 /// (initdb refuses root), trusting every connection, without fsync.
@@ -269,7 +280,7 @@ impl PrivatePostgres {
         };
         let data = postgres.data_dir();
         run(postgres
-            .as_postgres(format!("{POSTGRES_BIN}/initdb"))
+            .as_postgres(format!("{}/initdb", postgres_bin()))
             .arg("-D")
             .arg(&data)
             .args(["-A", "trust", "-U", "postgres", "--no-sync"])
@@ -307,7 +318,7 @@ impl PrivatePostgres {
     }
 
     fn pg_ctl(&self) -> Command {
-        let mut command = self.as_postgres(format!("{POSTGRES_BIN}/pg_ctl"));
+        let mut command = self.as_postgres(format!("{}/pg_ctl", postgres_bin()));
         command.arg("-D").arg(self.data_dir());
         command
     }
