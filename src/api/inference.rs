@@ -339,8 +339,9 @@ impl InferenceApi {
         } = prepared;
         let settings = &served.settings;
         let max_tokens = params.max_tokens as u64;
-        // Duplicates are decided before any limit or work: a replay costs
-        // nothing, a refusal consumes nothing.
+        // Duplicates are decided before any work: a replay costs no work, no
+        // tokens and no billing, only a request against the rate, as a
+        // refusal does.
         let claim = if r.request_id.is_empty() {
             None
         } else {
@@ -348,14 +349,17 @@ impl InferenceApi {
                 tenant_id: tenant.tenant_id.clone(),
                 request_id: request_id.clone(),
             };
-            match self
-                .claims
-                .claim(key, &fingerprint(&r))
-                .await
-                .map_err(|e| to_status(&e))?
-            {
+            let claimed = match self.claims.claim(key, &fingerprint(&r)).await {
+                Ok(claimed) => claimed,
+                Err(refused) => return Err(self.refused(&tenant, to_status(&refused)).await),
+            };
+            match claimed {
                 Claimed::New(claim) => Some(claim),
                 Claimed::Replay(answer) => {
+                    // Free, but not unlimited: a replay counts against the
+                    // tenant's request rate like any call.
+                    let permit = self.admit(&tenant, Cost::default()).await?;
+                    permit.settle(0).await;
                     let stored = GenerateResponse::decode(answer.as_slice()).map_err(|e| {
                         tracing::error!(error = %e, "a stored answer does not decode");
                         Status::internal("the stored answer of this request_id is unreadable")

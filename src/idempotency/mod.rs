@@ -206,7 +206,7 @@ impl Claim {
                 attempt,
                 finish: Finish::Complete(answer),
             };
-            self.owner.finish(pending).await;
+            finish_uncancellable(&self.owner, pending).await;
         }
     }
 }
@@ -223,7 +223,7 @@ impl Claim {
                     worked: self.worked,
                 },
             };
-            self.owner.finish(pending).await;
+            finish_uncancellable(&self.owner, pending).await;
         }
     }
 }
@@ -427,6 +427,13 @@ impl Idempotency {
             self.finish(finish).await;
         }
     }
+}
+
+/// Finishes a claim on a task of its own and waits for it: a caller cut off
+/// by its deadline or a disconnect must not leave the id "in progress".
+async fn finish_uncancellable(owner: &Arc<Idempotency>, pending: Pending) {
+    let owner = owner.clone();
+    let _ = tokio::spawn(async move { owner.finish(pending).await }).await;
 }
 
 fn micros(d: Duration) -> i64 {

@@ -514,36 +514,48 @@ impl Limiter {
         mut settlements: BackgroundSettlements,
         stop: tokio_util::sync::CancellationToken,
     ) {
-        let slots = Arc::new(tokio::sync::Semaphore::new(SETTLEMENTS_IN_FLIGHT));
-        let mut running = tokio::task::JoinSet::new();
-        let mut renew = tokio::time::interval(self.settings.lease_ttl / 3);
-        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut batch = Vec::with_capacity(256);
-        loop {
-            tokio::select! {
-                received = settlements.0.recv_many(&mut batch, 256) => {
-                    if received == 0 {
-                        break;
+        // Renewal runs beside the settlements, so a busy or slow settlement
+        // loop can never let live leases lapse.
+        let renewer = async {
+            let mut renew = tokio::time::interval(self.settings.lease_ttl / 3);
+            renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = renew.tick() => {
+                        if let Some(redis) = &self.redis
+                            && let Err(error) = redis.renew_leases().await
+                        {
+                            self.log_outage(&error);
+                        }
                     }
-                    self.spawn_settlements(&mut running, &slots, batch.drain(..)).await;
+                    () = stop.cancelled() => break,
                 }
-                _ = renew.tick() => {
-                    if let Some(redis) = &self.redis
-                        && let Err(error) = redis.renew_leases().await
-                    {
-                        self.log_outage(&error);
-                    }
-                }
-                Some(_) = running.join_next(), if !running.is_empty() => {}
-                () = stop.cancelled() => break,
             }
-        }
-        settlements.0.close();
-        while settlements.0.recv_many(&mut batch, 256).await > 0 {
-            self.spawn_settlements(&mut running, &slots, batch.drain(..))
-                .await;
-        }
-        while running.join_next().await.is_some() {}
+        };
+        let settler = async {
+            let slots = Arc::new(tokio::sync::Semaphore::new(SETTLEMENTS_IN_FLIGHT));
+            let mut running = tokio::task::JoinSet::new();
+            let mut batch = Vec::with_capacity(256);
+            loop {
+                tokio::select! {
+                    received = settlements.0.recv_many(&mut batch, 256) => {
+                        if received == 0 {
+                            break;
+                        }
+                        self.spawn_settlements(&mut running, &slots, batch.drain(..)).await;
+                    }
+                    Some(_) = running.join_next(), if !running.is_empty() => {}
+                    () = stop.cancelled() => break,
+                }
+            }
+            settlements.0.close();
+            while settlements.0.recv_many(&mut batch, 256).await > 0 {
+                self.spawn_settlements(&mut running, &slots, batch.drain(..))
+                    .await;
+            }
+            while running.join_next().await.is_some() {}
+        };
+        tokio::join!(renewer, settler);
     }
 
     /// Settles local grants at once; Redis ones grouped by what one script
@@ -610,10 +622,23 @@ impl Limiter {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// A settlement that will not run: its lease must not be renewed, so
+    /// that it expires by itself.
+    fn forget(&self, settlement: &Settlement) {
+        if let (Some(redis), Grant::Redis(grant)) = (&self.redis, &settlement.grant)
+            && grant.concurrency
+        {
+            redis.forget(&grant.lease_id);
+        }
+    }
+
     fn queue_settlement(&self, settlement: Settlement, may_block: bool) {
         let settlement = match self.background.try_send(settlement) {
             Ok(()) => return,
-            Err(mpsc::error::TrySendError::Closed(_)) => return,
+            Err(mpsc::error::TrySendError::Closed(settlement)) => {
+                self.forget(&settlement);
+                return;
+            }
             Err(mpsc::error::TrySendError::Full(settlement)) => settlement,
         };
         if may_block && tokio::runtime::Handle::try_current().is_err() {
@@ -621,6 +646,7 @@ impl Limiter {
             let _ = self.background.blocking_send(settlement);
             return;
         }
+        self.forget(&settlement);
         self.settlements_dropped
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tracing::warn!(

@@ -120,7 +120,9 @@ if tpm > 0 and refund > 0 then
   end
 end
 local reserved = tonumber(ARGV[3])
-if reserved > 0 then
+-- No counter: Redis lost it since admission; writing here would create it
+-- near zero. The next admission seeds it from the metered usage instead.
+if reserved > 0 and redis.call('EXISTS', KEYS[3]) == 1 then
   -- A counter re-seeded after Redis lost it never held this reservation.
   if redis.call('HINCRBY', KEYS[3], 'reserved', -reserved) < 0 then
     redis.call('HSET', KEYS[3], 'reserved', 0)
@@ -220,6 +222,12 @@ impl RedisLimits {
             live: std::sync::Mutex::new(std::collections::HashMap::new()),
             orphans: std::sync::Mutex::new(Vec::new()),
         }
+    }
+
+    /// Forgets a lease whose settlement is lost, so it is no longer renewed
+    /// and expires by itself.
+    pub fn forget(&self, lease_id: &str) {
+        self.live().remove(lease_id);
     }
 
     fn live(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, String>> {

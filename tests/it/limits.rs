@@ -980,9 +980,14 @@ async fn a_redis_that_forgot_its_scripts_or_errors_is_handled() {
 #[tokio::test]
 async fn a_quota_counter_lost_by_redis_is_seeded_again() {
     let redis = PrivateRedis::start();
+    let prefix = prefix();
     let (limiter, _bg) = Limiter::new(
         Some(redis_connection(&redis.url()).await),
-        settings(prefix(), FailurePolicy::FailClosed, Duration::from_secs(30)),
+        settings(
+            prefix.clone(),
+            FailurePolicy::FailClosed,
+            Duration::from_secs(30),
+        ),
     );
     // What the metering database says this month's usage is.
     let metered = Arc::new(AtomicU64::new(900));
@@ -1018,11 +1023,28 @@ async fn a_quota_counter_lost_by_redis_is_seeded_again() {
         ),
         "950 metered + 100 > 1000: {refused:?}"
     );
-    limiter
+    // A request admitted before Redis lost its keys settles after: that
+    // must not recreate the counter near zero (the next admission seeds it).
+    let held = limiter
         .admit("lossy", &limits, Cost { tokens: 50 })
         .await
-        .expect("exactly the rest")
-        .settle(50)
-        .await;
+        .expect("exactly the rest");
+    metered.store(1_000, Ordering::Relaxed);
+    let () = redis::cmd("FLUSHALL")
+        .query_async(&mut admin)
+        .await
+        .expect("Redis loses every key again");
+    held.settle(50).await;
+    let refused = limiter.admit("lossy", &limits, Cost { tokens: 10 }).await;
+    assert!(
+        matches!(
+            refused,
+            Err(LimitError::Exceeded {
+                kind: LimitKind::MonthlyQuota,
+                ..
+            })
+        ),
+        "the month is used up: {refused:?}"
+    );
     drop(redis);
 }
