@@ -470,6 +470,20 @@ impl App {
         tokio::pin!(server);
         tracing::info!(address = %local_addr, "gateway listening");
 
+        let grace = settings.shutdown_grace;
+        // The shutdown signal, then health NOT_SERVING while still serving
+        // for `shutdown_delay`: balancers that poll health move traffic away
+        // before this replica stops accepting.
+        let announce_shutdown = async {
+            shutdown.await;
+            tracing::info!(?grace, "shutting down: draining in-flight requests");
+            for name in api::SERVICE_NAMES.iter().chain(std::iter::once(&"")) {
+                health_reporter
+                    .set_service_status(*name, ServingStatus::NotServing)
+                    .await;
+            }
+            tokio::time::sleep(settings.shutdown_delay).await;
+        };
         tokio::select! {
             result = &mut server => {
                 stop_accepting.cancel();
@@ -479,30 +493,7 @@ impl App {
                 db.close().await;
                 return result.map_err(ServeError::from);
             }
-            () = shutdown => {}
-        }
-
-        let grace = settings.shutdown_grace;
-        tracing::info!(?grace, "shutting down: draining in-flight requests");
-        for name in api::SERVICE_NAMES.iter().chain(std::iter::once(&"")) {
-            health_reporter
-                .set_service_status(*name, ServingStatus::NotServing)
-                .await;
-        }
-        // Still serving, NOT_SERVING on health: balancers that poll it move
-        // traffic away before this replica stops accepting.
-        if !settings.shutdown_delay.is_zero() {
-            tokio::select! {
-                result = &mut server => {
-                    stop_accepting.cancel();
-                    stop_tasks.cancel();
-                    tasks.close();
-                    tasks.wait().await;
-                    db.close().await;
-                    return result.map_err(ServeError::from);
-                }
-                () = tokio::time::sleep(settings.shutdown_delay) => {}
-            }
+            () = announce_shutdown => {}
         }
         let _ = stop_tx.send(());
         stop_accepting.cancel();

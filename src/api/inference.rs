@@ -325,7 +325,7 @@ impl InferenceApi {
     async fn run(
         &self,
         tenant: Arc<TenantPrincipal>,
-        r: GenerateRequest,
+        mut r: GenerateRequest,
         prepared: Prepared,
         received_at: Instant,
         deadline: Option<Instant>,
@@ -349,7 +349,7 @@ impl InferenceApi {
                 tenant_id: tenant.tenant_id.clone(),
                 request_id: request_id.clone(),
             };
-            let claimed = match self.claims.claim(key, &fingerprint(&r)).await {
+            let claimed = match self.claims.claim(key, &fingerprint(&mut r)).await {
                 Ok(claimed) => claimed,
                 Err(refused) => return Err(self.refused(&tenant, to_status(&refused)).await),
             };
@@ -437,12 +437,13 @@ impl InferenceApi {
 
 /// The request as the client sent it, without its id, for telling a retry
 /// from another request under the same id.
-fn fingerprint(request: &GenerateRequest) -> Fingerprint {
-    let without_id = GenerateRequest {
-        request_id: String::new(),
-        ..request.clone()
-    };
-    Fingerprint::of(&without_id.encode_to_vec())
+fn fingerprint(request: &mut GenerateRequest) -> Fingerprint {
+    // The id is taken out and put back rather than the request cloned: a
+    // prompt may be megabytes.
+    let id = std::mem::take(&mut request.request_id);
+    let fingerprint = Fingerprint::of(&request.encode_to_vec());
+    request.request_id = id;
+    fingerprint
 }
 
 fn replayed<T>(message: T) -> Response<T> {

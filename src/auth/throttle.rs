@@ -80,6 +80,8 @@ pub struct FailureThrottle {
     burst: f64,
     per_second: f64,
     peers: Mutex<HashMap<IpAddr, Bucket>>,
+    /// How many addresses `peers` holds, readable without its lock.
+    tracked: std::sync::atomic::AtomicUsize,
     counts: [AtomicU64; FailureKind::ALL.len()],
     log: Mutex<LogState>,
 }
@@ -105,6 +107,7 @@ impl FailureThrottle {
             burst: f64::from(burst.max(1)),
             per_second: f64::from(per_minute.max(1)) / 60.0,
             peers: Mutex::new(HashMap::new()),
+            tracked: Default::default(),
             counts: Default::default(),
             log: Mutex::new(LogState {
                 last: None,
@@ -123,6 +126,10 @@ impl FailureThrottle {
     /// checking the credential.
     pub fn check(&self, peer: Option<IpAddr>) -> Result<(), Duration> {
         let Some(ip) = peer else { return Ok(()) };
+        // Every request asks; while no address has failed, none takes the lock.
+        if self.tracked.load(Ordering::Relaxed) == 0 {
+            return Ok(());
+        }
         let now = Instant::now();
         let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
         let Some(bucket) = peers.get_mut(&peer_key(ip)) else {
@@ -159,6 +166,7 @@ impl FailureThrottle {
             });
             self.refill(bucket, now);
             bucket.level = (bucket.level - 1.0).max(0.0);
+            self.tracked.store(peers.len(), Ordering::Relaxed);
         }
         let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
         log.since += 1;

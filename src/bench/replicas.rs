@@ -111,17 +111,24 @@ async fn measure(
     ))
 }
 
-/// Starts `count` gateway processes sharing the given backends, provisions
+/// Starts `count` gateway processes (on `--database-url` and `--redis-url`
+/// when `shared_backends`, else each on its embedded default), provisions
 /// tenants on them, and measures the load spread over all of them.
 async fn gateways(
     name: &str,
     count: u32,
+    shared_backends: bool,
     config: &std::path::Path,
-    database_url: Option<&str>,
-    redis_url: Option<&str>,
     workload: &WorkloadSpec,
     args: &ReplicasArgs,
 ) -> Result<(RunReport, CpuUse), BenchError> {
+    let (database_url, redis_url) = match shared_backends {
+        true => (
+            Some(args.database_url.as_str()),
+            Some(args.redis_url.as_str()),
+        ),
+        false => (None, None),
+    };
     let admin_token = uuid::Uuid::new_v4().simple().to_string();
     let spec = ProcessSpec {
         binary: args.gateway_binary.as_deref(),
@@ -204,49 +211,23 @@ pub async fn replicas_suite(
     };
     let bare_run = measure("bare tonic echo", &bare_target, &[], &workload, args).await;
     bare.stop().await;
-    let (db, redis) = (
-        Some(args.database_url.as_str()),
-        Some(args.redis_url.as_str()),
-    );
-    let runs = async {
-        let bare_run = bare_run?;
-        let embedded = gateways(
-            "embedded (SQLite, local limits) x1",
-            1,
-            &config,
-            None,
-            None,
-            &workload,
-            args,
-        )
-        .await?;
-        let one = gateways(
-            "PostgreSQL + Redis x1",
-            1,
-            &config,
-            db,
-            redis,
-            &workload,
-            args,
-        )
-        .await?;
-        let many_name = format!("PostgreSQL + Redis x{}", args.replicas);
-        let many = gateways(
-            &many_name,
+    // (name, processes, on the shared PostgreSQL and Redis)
+    let topologies = [
+        ("embedded (SQLite, local limits) x1".to_owned(), 1, false),
+        ("PostgreSQL + Redis x1".to_owned(), 1, true),
+        (
+            format!("PostgreSQL + Redis x{}", args.replicas),
             args.replicas,
-            &config,
-            db,
-            redis,
-            &workload,
-            args,
-        )
-        .await?;
-        Ok::<_, BenchError>([
-            ("bare tonic echo".to_owned(), bare_run),
-            ("embedded x1".to_owned(), embedded),
-            ("PostgreSQL + Redis x1".to_owned(), one),
-            (many_name, many),
-        ])
+            true,
+        ),
+    ];
+    let runs = async {
+        let mut runs = vec![("bare tonic echo".to_owned(), bare_run?)];
+        for (name, count, shared) in topologies {
+            let run = gateways(&name, count, shared, &config, &workload, args).await?;
+            runs.push((name, run));
+        }
+        Ok::<_, BenchError>(runs)
     }
     .await;
     let _ = std::fs::remove_file(&config);

@@ -139,6 +139,15 @@ const SEED_RETRY: Duration = Duration::from_secs(30);
 /// without it (the counter is then seeded on a later try).
 const SEED_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// The tokens `seed` says the tenant used this month, waiting at most
+/// [`SEED_TIMEOUT`].
+async fn metered_this_month(seed: &QuotaSeed, tenant_id: &str, now: i64) -> Result<u64, String> {
+    let (month_start_us, _, _) = calendar::month_bounds_us(now.saturating_mul(1_000_000));
+    tokio::time::timeout(SEED_TIMEOUT, seed(tenant_id.to_owned(), month_start_us))
+        .await
+        .unwrap_or_else(|_| Err("timed out".to_owned()))
+}
+
 /// Whether a tenant's quota counter for a month has been seeded on this
 /// node.
 enum Seeded {
@@ -252,9 +261,7 @@ impl Limiter {
                 _ => {}
             }
         }
-        let (month_start_us, _, _) = calendar::month_bounds_us(now.saturating_mul(1_000_000));
-        let asked = tokio::time::timeout(SEED_TIMEOUT, seed(tenant_id.to_owned(), month_start_us));
-        let outcome = match asked.await.unwrap_or_else(|_| Err("timed out".to_owned())) {
+        let outcome = match metered_this_month(seed, tenant_id, now).await {
             Ok(used) => {
                 // With Redis, local counters serve only the fail-open
                 // fallback, which holds each node to its share.
@@ -337,9 +344,8 @@ impl Limiter {
                 if let Some(error) = self.recently_unreachable() {
                     // Redis failed under a second ago: decide by the
                     // policy now instead of waiting for it again.
-                    self.before_fallback(tenant_id, limits, cost, now).await;
                     let (grant, rate) =
-                        self.on_redis_failure(tenant_id, limits, cost, now, &error)?;
+                        self.fall_back(tenant_id, limits, cost, now, &error).await?;
                     return Ok(self.permit(tenant_id, grant, rate));
                 }
                 loop {
@@ -369,8 +375,7 @@ impl Limiter {
                                 *self.redis_down_at.lock().unwrap_or_else(|e| e.into_inner()) =
                                     Some(Instant::now());
                             }
-                            self.before_fallback(tenant_id, limits, cost, now).await;
-                            break self.on_redis_failure(tenant_id, limits, cost, now, &error)?;
+                            break self.fall_back(tenant_id, limits, cost, now, &error).await?;
                         }
                     }
                 }
@@ -388,6 +393,20 @@ impl Limiter {
             grant: Some(grant),
             rate,
         }
+    }
+
+    /// The decision without Redis: the failure policy, after raising the
+    /// local quota share (see [`Limiter::before_fallback`]).
+    async fn fall_back(
+        &self,
+        tenant_id: &str,
+        limits: &Limits,
+        cost: Cost,
+        now: i64,
+        error: &redis::RedisError,
+    ) -> Result<(Grant, Option<RateState>), LimitError> {
+        self.before_fallback(tenant_id, limits, cost, now).await;
+        self.on_redis_failure(tenant_id, limits, cost, now, error)
     }
 
     /// Under `fail_open`, a node's local quota counter for a tenant knows
@@ -419,13 +438,11 @@ impl Limiter {
             }
             reseeded.insert(tenant_id.to_owned(), Instant::now());
         }
-        let month = calendar::month_key(now);
-        let (month_start_us, _, _) = calendar::month_bounds_us(now.saturating_mul(1_000_000));
-        let asked = tokio::time::timeout(SEED_TIMEOUT, seed(tenant_id.to_owned(), month_start_us));
-        match asked.await.unwrap_or_else(|_| Err("timed out".to_owned())) {
+        match metered_this_month(seed, tenant_id, now).await {
             Ok(used) => {
                 let share = used / u64::from(self.settings.replicas.max(1));
-                self.local.seed_quota(tenant_id, &month, share);
+                self.local
+                    .seed_quota(tenant_id, &calendar::month_key(now), share);
             }
             Err(error) => {
                 tracing::warn!(%error, tenant = tenant_id, "fail_open: the local quota share is not seeded from metered usage");
@@ -491,17 +508,21 @@ impl Limiter {
                     .settle(&settlement.tenant_id, grant, settlement.used_tokens);
             }
             Grant::Redis(grant) => {
-                if let Some(redis) = &self.redis
-                    && let Err(error) = redis
-                        .settle(&settlement.tenant_id, grant, settlement.used_tokens)
-                        .await
-                {
-                    // The lease expires by itself; the bucket refills by
-                    // itself; only the quota reservation stays until the
-                    // month's counters expire. Logged, never retried twice.
-                    tracing::warn!(error = %error, tenant = %settlement.tenant_id, "cannot settle limits in Redis");
-                }
+                self.settle_in_redis(&settlement.tenant_id, &[(grant, settlement.used_tokens)])
+                    .await;
             }
+        }
+    }
+
+    /// Settles grants of one [`redis_store::SettleGroup`] in one call.
+    async fn settle_in_redis(&self, tenant_id: &str, grants: &[(&RedisGrant, u64)]) {
+        if let Some(redis) = &self.redis
+            && let Err(error) = redis.settle_many(tenant_id, grants).await
+        {
+            // The lease expires by itself; the bucket refills by itself;
+            // only the quota reservation stays until the month's counters
+            // expire. Logged, never retried twice.
+            tracing::warn!(error = %error, tenant = %tenant_id, settlements = grants.len(), "cannot settle limits in Redis");
         }
     }
 
@@ -590,15 +611,9 @@ impl Limiter {
             };
             let limiter = self.clone();
             running.spawn(async move {
-                if let Some(redis) = &limiter.redis {
-                    let grants: Vec<(&RedisGrant, u64)> =
-                        grants.iter().map(|(g, used)| (g, *used)).collect();
-                    if let Err(error) = redis.settle_many(&tenant_id, &grants).await {
-                        // As in settle_now: leases and buckets heal by
-                        // themselves; logged, never retried twice.
-                        tracing::warn!(error = %error, tenant = %tenant_id, settlements = grants.len(), "cannot settle limits in Redis");
-                    }
-                }
+                let grants: Vec<(&RedisGrant, u64)> =
+                    grants.iter().map(|(g, used)| (g, *used)).collect();
+                limiter.settle_in_redis(&tenant_id, &grants).await;
                 drop(slot);
             });
         }

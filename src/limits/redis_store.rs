@@ -421,15 +421,6 @@ impl RedisLimits {
             .map(|_| ())
     }
 
-    pub async fn settle(
-        &self,
-        tenant_id: &str,
-        grant: &RedisGrant,
-        used_tokens: u64,
-    ) -> Result<(), redis::RedisError> {
-        self.settle_many(tenant_id, &[(grant, used_tokens)]).await
-    }
-
     /// Settles grants of one tenant that share a month and a
     /// tokens-per-minute limit (see [`SettleGroup`]) in one script call.
     pub async fn settle_many(

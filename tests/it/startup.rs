@@ -95,48 +95,6 @@ fn migrate_command_applies_the_embedded_schema() {
     assert!(dir.path().join("ascend-gateway.db").exists());
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
-}
-
-/// A Redis server of this test's own, killed when dropped.
-struct OwnRedis(std::process::Child);
-
-impl OwnRedis {
-    fn start(port: u16, extra: &[&str]) -> OwnRedis {
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-            ])
-            .args(extra)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-server on PATH");
-        let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(std::time::Instant::now() < until, "redis did not start");
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        OwnRedis(child)
-    }
-}
-
-impl Drop for OwnRedis {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn unreachable_or_read_only_redis_names_the_setting() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -151,14 +109,16 @@ fn unreachable_or_read_only_redis_names_the_setting() {
     let line = one_error_line(&output);
     assert!(line.contains("redis.url"), "{line}");
 
-    let primary_port = free_port();
-    let _primary = OwnRedis::start(primary_port, &[]);
-    let replica_port = free_port();
-    let _replica = OwnRedis::start(
+    let primary = crate::common::PrivateRedis::start();
+    let replica_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let replica = crate::common::PrivateRedis::start_with(
         replica_port,
-        &["--replicaof", "127.0.0.1", &primary_port.to_string()],
+        &["--replicaof", "127.0.0.1", &primary.port().to_string()],
     );
-    let output = serve(&format!("redis://127.0.0.1:{replica_port}"));
+    let output = serve(&replica.url());
     assert_eq!(output.status.code(), Some(1));
     let line = one_error_line(&output);
     assert!(
