@@ -80,7 +80,7 @@ pub struct RequestKey {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClaimError {
-    #[error("request_id {0:?} is already in progress; wait for it, or use a new request_id")]
+    #[error("request_id already in progress ({0:?}); wait for it, or use a new request_id")]
     InProgress(String),
     #[error(
         "invalid `request_id`: {0:?} was already used for a different request (within idempotency.retention); use a new request_id"
