@@ -158,6 +158,7 @@ fn main() {
         let mut settings = Settings {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            http_listen: None,
             data_dir: data_dir.path().to_owned(),
             ..Settings::default()
         };

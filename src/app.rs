@@ -22,6 +22,7 @@ use crate::auth::{AdminCredential, Authenticator, KeyCache, LastUsedRecorder};
 use crate::billing::BillingService;
 use crate::billing::quote::PriceCache;
 use crate::config::{Settings, redact_url};
+use crate::generation::Generation;
 use crate::idempotency::{Idempotency, PendingFinishes};
 use crate::limits::{BackgroundSettlements, Limiter};
 use crate::metering::{Metering, Spool, UsageEvent, UsageWriter};
@@ -48,6 +49,13 @@ pub enum StartupError {
         "cannot listen on {addr} (setting `metrics_listen`): {source}; choose another port with ASCEND_METRICS_LISTEN (port 0 picks a free one)"
     )]
     MetricsBind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(
+        "cannot listen on {addr} (setting `http_listen`): {source}; choose another port with ASCEND_HTTP_LISTEN (port 0 picks a free one, the empty string turns the HTTP API off)"
+    )]
+    HttpBind {
         addr: SocketAddr,
         source: std::io::Error,
     },
@@ -94,6 +102,8 @@ pub struct App {
     usage_writer: UsageWriter,
     metrics_listener: TcpListener,
     metrics_addr: SocketAddr,
+    http_listener: Option<TcpListener>,
+    http_addr: Option<SocketAddr>,
     registry: ModelRegistry,
     claims: Arc<Idempotency>,
     pending_claims: PendingFinishes,
@@ -249,6 +259,15 @@ impl App {
             .await
             .map_err(metrics_error)?;
         let metrics_addr = metrics_listener.local_addr().map_err(metrics_error)?;
+        let (http_listener, http_addr) = match settings.http_listen {
+            Some(addr) => {
+                let http_error = |source| StartupError::HttpBind { addr, source };
+                let listener = TcpListener::bind(addr).await.map_err(http_error)?;
+                let bound = listener.local_addr().map_err(http_error)?;
+                (Some(listener), Some(bound))
+            }
+            None => (None, None),
+        };
         let cache = Arc::new(
             KeyCache::new(settings.auth.cache_ttl, settings.auth.cache_capacity)
                 .with_stale_window(settings.auth.stale_if_unavailable),
@@ -323,6 +342,8 @@ impl App {
             usage_writer,
             metrics_listener,
             metrics_addr,
+            http_listener,
+            http_addr,
             registry,
             claims,
             pending_claims,
@@ -342,6 +363,12 @@ impl App {
     /// The address of the `/metrics` endpoint actually bound.
     pub fn metrics_addr(&self) -> SocketAddr {
         self.metrics_addr
+    }
+
+    /// The address of the OpenAI-compatible HTTP API actually bound;
+    /// `None` when `http_listen` turned it off.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
     }
 
     /// The served models.
@@ -372,6 +399,8 @@ impl App {
             usage_writer,
             metrics_listener,
             metrics_addr,
+            http_listener,
+            http_addr,
             registry,
             claims,
             pending_claims,
@@ -429,6 +458,16 @@ impl App {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()?;
 
+        let generation = Generation::new(
+            limiter.clone(),
+            registry.clone(),
+            metering_handle,
+            Arc::new(PriceCache::new(
+                db.clone(),
+                settings.billing.price_cache_ttl,
+            )),
+            claims.clone(),
+        );
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let stop_accepting = CancellationToken::new();
         let (incoming, accept_loop) = crate::listener::accept(
@@ -442,20 +481,11 @@ impl App {
             .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
             .http2_keepalive_interval(Some(settings.server.http2_keepalive_interval))
             .http2_keepalive_timeout(Some(settings.server.http2_keepalive_timeout))
-            .layer(AuthLayer::new(authenticator, refusals))
+            .layer(AuthLayer::new(authenticator.clone(), refusals.clone()))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(InferenceServer::new(InferenceApi::new(
-                limiter.clone(),
-                registry.clone(),
-                metering_handle,
-                Arc::new(PriceCache::new(
-                    db.clone(),
-                    settings.billing.price_cache_ttl,
-                )),
-                claims.clone(),
-            )))
+            .add_service(InferenceServer::new(InferenceApi::new(generation.clone())))
             .add_service(TenantAdminServer::new(TenantAdminApi::new(tenancy.clone())))
             .add_service(BillingServer::new(BillingApi::new(
                 db.clone(),
@@ -469,6 +499,25 @@ impl App {
             });
         tokio::pin!(server);
         tracing::info!(address = %local_addr, "gateway listening");
+        let http_api = crate::http::HttpApi::new(
+            generation,
+            authenticator,
+            refusals,
+            settings.http_max_body_bytes,
+        );
+        let stop_http = CancellationToken::new();
+        let mut http_server = http_listener.map(|listener| {
+            tokio::spawn(crate::http::serve(
+                listener,
+                http_api.router(),
+                settings.server.clone(),
+                connections.clone(),
+                stop_http.clone(),
+            ))
+        });
+        if let Some(address) = http_addr {
+            tracing::info!(%address, "http listening");
+        }
 
         let grace = settings.shutdown_grace;
         // The shutdown signal, then health NOT_SERVING while still serving
@@ -482,11 +531,13 @@ impl App {
                     .set_service_status(*name, ServingStatus::NotServing)
                     .await;
             }
+            http_api.set_not_serving();
             tokio::time::sleep(settings.shutdown_delay).await;
         };
         tokio::select! {
             result = &mut server => {
                 stop_accepting.cancel();
+                stop_http.cancel();
                 stop_tasks.cancel();
                 tasks.close();
                 tasks.wait().await;
@@ -497,12 +548,26 @@ impl App {
         }
         let _ = stop_tx.send(());
         stop_accepting.cancel();
-        match tokio::time::timeout(grace, &mut server).await {
+        stop_http.cancel();
+        // Both ports drain together within the one grace period.
+        let drained = async {
+            let grpc = (&mut server).await;
+            if let Some(http) = http_server.as_mut() {
+                let _ = http.await;
+            }
+            grpc
+        };
+        match tokio::time::timeout(grace, drained).await {
             Ok(result) => result?,
-            Err(_) => tracing::warn!(
-                ?grace,
-                "grace period over with requests still running; closing their connections"
-            ),
+            Err(_) => {
+                if let Some(http) = &http_server {
+                    http.abort();
+                }
+                tracing::warn!(
+                    ?grace,
+                    "grace period over with requests still running; closing their connections"
+                );
+            }
         }
         // Workers finish what they run (recording its usage) before the
         // usage writer's last round.

@@ -24,6 +24,8 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("ASCEND_LISTEN", "listen"),
     ("ASCEND_DATA_DIR", "data_dir"),
     ("ASCEND_METRICS_LISTEN", "metrics_listen"),
+    ("ASCEND_HTTP_LISTEN", "http_listen"),
+    ("ASCEND_HTTP_MAX_BODY_BYTES", "http_max_body_bytes"),
     ("ASCEND_SHUTDOWN_GRACE", "shutdown_grace"),
     ("ASCEND_SHUTDOWN_DELAY", "shutdown_delay"),
     ("ASCEND_DATABASE_URL", "database.url"),
@@ -59,6 +61,13 @@ pub struct Settings {
     pub listen: SocketAddr,
     /// Address of the HTTP admin port serving Prometheus `/metrics`.
     pub metrics_listen: SocketAddr,
+    /// Address of the OpenAI-compatible HTTP API (HTTP/1.1 and cleartext
+    /// HTTP/2 on one port). Port 0 picks a free port; the empty string
+    /// turns it off.
+    #[serde(with = "optional_addr")]
+    pub http_listen: Option<SocketAddr>,
+    /// Largest request body the HTTP API reads; a larger one is answered 413.
+    pub http_max_body_bytes: usize,
     /// Where the embedded database and other local state live.
     pub data_dir: PathBuf,
     /// How long a graceful shutdown waits for in-flight requests.
@@ -210,6 +219,8 @@ impl Default for Settings {
         Settings {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
+            http_listen: Some(SocketAddr::from(([127, 0, 0, 1], 8000))),
+            http_max_body_bytes: 4 * 1024 * 1024,
             data_dir: PathBuf::from("data"),
             shutdown_grace: Duration::from_secs(30),
             shutdown_delay: Duration::ZERO,
@@ -535,6 +546,24 @@ impl Settings {
                 problem: "must be positive, e.g. \"5s\"".to_owned(),
             });
         }
+        if !(1024..=256 * 1024 * 1024).contains(&self.http_max_body_bytes) {
+            return Err(ConfigError::Invalid {
+                key: "http_max_body_bytes",
+                problem: "between 1024 and 268435456 (256 MiB)".to_owned(),
+            });
+        }
+        if self
+            .http_listen
+            .is_some_and(|http| http == self.listen && http.port() != 0)
+        {
+            return Err(ConfigError::Invalid {
+                key: "http_listen",
+                problem: format!(
+                    "{} is also `listen`, the gRPC port; choose another port",
+                    self.listen
+                ),
+            });
+        }
         if self.shutdown_delay > Duration::from_secs(60) {
             return Err(ConfigError::Invalid {
                 key: "shutdown_delay",
@@ -627,7 +656,38 @@ fn describe(
 /// `ASCEND_LOG=1` became a number), but every setting parses from a string.
 /// Settings set by environment variables whose type is a number: their
 /// value is read as one (an environment variable is always text).
-const NUMERIC_ENV_KEYS: &[&str] = &["database.max_connections", "limits.replicas"];
+const NUMERIC_ENV_KEYS: &[&str] = &[
+    "database.max_connections",
+    "limits.replicas",
+    "http_max_body_bytes",
+];
+
+/// An address that may be turned off: the empty string is `None`.
+mod optional_addr {
+    use std::net::SocketAddr;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(addr: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
+        match addr {
+            Some(addr) => s.collect_str(addr),
+            None => s.serialize_str(""),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+        let text = String::deserialize(d)?;
+        let text = text.trim();
+        if text.is_empty() {
+            return Ok(None);
+        }
+        text.parse().map(Some).map_err(|_| {
+            serde::de::Error::custom(format!(
+                "{text:?} is not an address such as \"127.0.0.1:8000\" (port 0 picks a free port; the empty string turns it off)"
+            ))
+        })
+    }
+}
 
 fn env_value(key: &str, value: String) -> figment::value::Value {
     if NUMERIC_ENV_KEYS.contains(&key)

@@ -2,7 +2,8 @@
 //!
 //! Each module has its own `thiserror` enum and says, through [`Classified`],
 //! which [`ErrorKind`] each variant is. The single translation of a kind into
-//! a gRPC status lives in `api::status`; nothing here knows about gRPC.
+//! a gRPC status lives in `api::status`, into an HTTP status in `http::error`;
+//! nothing here knows about either.
 
 use std::time::Duration;
 
@@ -24,6 +25,8 @@ pub enum ErrorKind {
     /// A limit, quota or queue is full; retrying later may succeed.
     ResourceExhausted,
     DeadlineExceeded,
+    /// The client went away or cancelled the request.
+    Cancelled,
     /// A dependency (database, Redis) is down. The client sees an opaque
     /// message; the cause chain goes to the log.
     Unavailable,
@@ -50,6 +53,12 @@ pub trait Classified: std::error::Error {
 
     /// For limit refusals: which limit (subject) and why (description).
     fn quota_violation(&self) -> Option<(&'static str, String)> {
+        None
+    }
+
+    /// For invalid arguments: the request field at fault, as the API names
+    /// it (OpenAI's error `param`).
+    fn field(&self) -> Option<&str> {
         None
     }
 }

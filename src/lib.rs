@@ -14,6 +14,8 @@ pub mod billing;
 pub mod calendar;
 pub mod config;
 pub mod error;
+pub mod generation;
+pub mod http;
 pub mod idempotency;
 pub mod limits;
 pub mod listener;

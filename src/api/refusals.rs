@@ -1,7 +1,8 @@
 //! Every RESOURCE_EXHAUSTED this gateway answers, counted by cause for
 //! `/metrics`: read off the response as it leaves (a refusal is always a
 //! trailers-only response, its status in the headers), so no handler can
-//! refuse without being counted.
+//! refuse without being counted. The HTTP front end's 429s are counted by
+//! its one error mapping.
 //!
 //! Knows gRPC response headers and the messages of our refusals; nothing
 //! of the components that refused.
@@ -83,6 +84,11 @@ impl Refusals {
                 .map_or(&b""[..], |m| m.as_bytes());
             self.counts[RefusalCause::of(message).index()].fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Counts a refusal the HTTP front end answered (429).
+    pub fn record(&self, cause: RefusalCause) {
+        self.counts[cause.index()].fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn count(&self, cause: RefusalCause) -> u64 {

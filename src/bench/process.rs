@@ -49,6 +49,7 @@ impl GatewayProcess {
             .arg(spec.config)
             .env("ASCEND_ADMIN_TOKEN", spec.admin_token)
             .env("ASCEND_METRICS_LISTEN", "127.0.0.1:0")
+            .env("ASCEND_HTTP_LISTEN", "127.0.0.1:0")
             .env("ASCEND_DATA_DIR", &data_dir)
             .env("ASCEND_LIMITS_REPLICAS", spec.replicas.to_string())
             .env("ASCEND_LOG", "warn,ascend_gateway::app=info")

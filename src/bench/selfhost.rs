@@ -89,6 +89,7 @@ impl SelfHosted {
         let mut settings = Settings {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            http_listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
             data_dir: data_dir.clone(),
             models,
             ..Settings::default()

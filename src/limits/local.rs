@@ -20,7 +20,7 @@ use governor::{Quota, RateLimiter};
 
 use super::error::{LimitError, LimitKind};
 use super::rate::Gcra;
-use super::{Cost, RateState};
+use super::{Cost, Headroom, RateState, TokenState};
 use crate::calendar;
 use crate::tenancy::Limits;
 
@@ -101,7 +101,7 @@ impl LocalLimits {
         limits: &Limits,
         cost: Cost,
         now_unix_secs: i64,
-    ) -> Result<(LocalGrant, Option<RateState>), LimitError> {
+    ) -> Result<(LocalGrant, Headroom), LimitError> {
         let now = Instant::now();
         let mut tenants = self.tenants.lock().unwrap_or_else(|e| e.into_inner());
         let count = self
@@ -225,8 +225,13 @@ impl LocalLimits {
         if concurrency {
             state.in_flight += 1;
         }
-        if let (Some(_), Some(bucket)) = (tpm, state.bucket.as_mut()) {
+        let mut tokens = None;
+        if let (Some(tpm), Some(bucket)) = (tpm, state.bucket.as_mut()) {
             bucket.level -= cost.tokens as f64;
+            tokens = Some(TokenState {
+                limit: tpm,
+                remaining: bucket.level.max(0.0) as u64,
+            });
         }
         if quota.is_some() {
             state.quota.reserved += cost.tokens;
@@ -239,7 +244,10 @@ impl LocalLimits {
                 month,
                 tokens_per_minute: tpm.unwrap_or(0),
             },
-            rate_state,
+            Headroom {
+                requests: rate_state,
+                tokens,
+            },
         ))
     }
 
@@ -308,8 +316,8 @@ mod tests {
         fn no_limit_value_panics(limits in any_limits(), tokens in 0u64..1_000_000) {
             let local = LocalLimits::default();
             for _ in 0..3 {
-                if let Ok((grant, rate)) = local.admit("t", &limits, Cost { tokens }, 1_800_000_000) {
-                    if let Some(rate) = rate {
+                if let Ok((grant, headroom)) = local.admit("t", &limits, Cost { tokens }, 1_800_000_000) {
+                    if let Some(rate) = headroom.requests {
                         prop_assert!(rate.remaining <= rate.limit);
                     }
                     local.settle("t", &grant, tokens / 2);

@@ -56,6 +56,31 @@ pub struct RateState {
     pub window: Duration,
 }
 
+/// The tokens-per-minute bucket after an admission took its reservation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenState {
+    /// Tokens per minute, which is also what a full bucket holds.
+    pub limit: u64,
+    pub remaining: u64,
+}
+
+impl TokenState {
+    /// Time for the bucket to refill completely.
+    pub fn until_full(&self) -> Duration {
+        let missing = self.limit.saturating_sub(self.remaining);
+        Duration::from_secs_f64(60.0 * missing as f64 / self.limit.max(1) as f64)
+    }
+}
+
+/// What an admission left of the tenant's rate limits, for the response's
+/// rate-limit headers: each is `None` when the tenant has no such limit (or
+/// the call reserved no tokens).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Headroom {
+    pub requests: Option<RateState>,
+    pub tokens: Option<TokenState>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FailurePolicy {
@@ -190,7 +215,7 @@ pub struct Permit {
     limiter: Arc<Limiter>,
     tenant_id: String,
     grant: Option<Grant>,
-    rate: Option<RateState>,
+    headroom: Headroom,
 }
 
 impl Limiter {
@@ -384,14 +409,14 @@ impl Limiter {
         Ok(self.permit(tenant_id, grant, rate))
     }
 
-    fn permit(self: &Arc<Self>, tenant_id: &str, grant: Grant, rate: Option<RateState>) -> Permit {
+    fn permit(self: &Arc<Self>, tenant_id: &str, grant: Grant, headroom: Headroom) -> Permit {
         self.in_flight
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Permit {
             limiter: self.clone(),
             tenant_id: tenant_id.to_owned(),
             grant: Some(grant),
-            rate,
+            headroom,
         }
     }
 
@@ -404,7 +429,7 @@ impl Limiter {
         cost: Cost,
         now: i64,
         error: &redis::RedisError,
-    ) -> Result<(Grant, Option<RateState>), LimitError> {
+    ) -> Result<(Grant, Headroom), LimitError> {
         self.before_fallback(tenant_id, limits, cost, now).await;
         self.on_redis_failure(tenant_id, limits, cost, now, error)
     }
@@ -471,7 +496,7 @@ impl Limiter {
         cost: Cost,
         now: i64,
         error: &redis::RedisError,
-    ) -> Result<(Grant, Option<RateState>), LimitError> {
+    ) -> Result<(Grant, Headroom), LimitError> {
         self.log_outage(error);
         match self.settings.redis_failure {
             FailurePolicy::FailClosed => Err(LimitError::Unavailable(error.to_string())),
@@ -678,14 +703,14 @@ impl std::fmt::Debug for Permit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Permit")
             .field("tenant_id", &self.tenant_id)
-            .field("rate", &self.rate)
+            .field("headroom", &self.headroom)
             .finish_non_exhaustive()
     }
 }
 
 impl Permit {
-    pub fn rate_state(&self) -> Option<RateState> {
-        self.rate
+    pub fn headroom(&self) -> Headroom {
+        self.headroom
     }
 
     /// The grant, taken once: the request it admitted has ended.

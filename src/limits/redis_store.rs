@@ -17,7 +17,7 @@ use redis::aio::ConnectionManager;
 
 use super::error::{LimitError, LimitKind};
 use super::rate::Gcra;
-use super::{Cost, RateState};
+use super::{Cost, Headroom, RateState, TokenState};
 use crate::tenancy::Limits;
 
 const ADMIT: &str = r"
@@ -36,7 +36,7 @@ if maxc > 0 then
   if redis.call('ZCARD', KEYS[2]) >= maxc then
     -- A slot frees at the latest when the earliest lease expires.
     local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
-    return {2, math.max(1000, tonumber(first[2]) - now), 0}
+    return {2, math.max(1000, tonumber(first[2]) - now), 0, -1}
   end
 end
 
@@ -48,7 +48,7 @@ if tpm > 0 then
   if level == nil or at == nil then level = tpm; at = now end
   level = math.min(tpm, level + (now - at) * tpm / 60000000)
   if level < tokens then
-    return {3, math.ceil((tokens - level) * 60000000 / tpm), 0}
+    return {3, math.ceil((tokens - level) * 60000000 / tpm), 0, -1}
   end
 end
 
@@ -57,13 +57,13 @@ if quota > 0 then
   -- restart without persistence). Counting from zero would hand the month's
   -- quota out again: the caller seeds it from the metered usage first.
   if redis.call('EXISTS', KEYS[4]) == 0 then
-    return {5, 0, 0}
+    return {5, 0, 0, -1}
   end
   local q = redis.call('HMGET', KEYS[4], 'used', 'reserved')
   local used = tonumber(q[1]) or 0
   local reserved = tonumber(q[2]) or 0
   if used + reserved + tokens > quota then
-    return {4, 0, 0}
+    return {4, 0, 0, -1}
   end
 end
 
@@ -74,7 +74,7 @@ if interval > 0 then
   local new_tat = tat + interval
   local allow_at = new_tat - burst * interval
   if now < allow_at then
-    return {1, allow_at - now, 0}
+    return {1, allow_at - now, 0, -1}
   end
   redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1000)
   remaining = math.floor((burst * interval - (new_tat - now)) / interval)
@@ -92,7 +92,9 @@ if quota > 0 then
   redis.call('HINCRBY', KEYS[4], 'reserved', tokens)
   redis.call('EXPIRE', KEYS[4], tonumber(ARGV[9]))
 end
-return {0, 0, remaining}
+local tokens_left = -1
+if tpm > 0 then tokens_left = math.floor(math.max(0, level - tokens)) end
+return {0, 0, remaining, tokens_left}
 ";
 
 /// Settles one or more grants of one tenant (same month, same
@@ -187,7 +189,7 @@ pub struct RedisLimits {
 /// What the admission script decided.
 #[derive(Debug)]
 pub enum Admission {
-    Granted(RedisGrant, Option<RateState>),
+    Granted(RedisGrant, Headroom),
     Refused(LimitError),
     /// The tenant's monthly quota counter does not exist in Redis: seed it
     /// from the metered usage, then ask again.
@@ -331,7 +333,7 @@ impl RedisLimits {
         let lease_id = uuid::Uuid::new_v4().simple().to_string();
         let lease_ttl_us = u64::try_from(self.lease_ttl.as_micros()).unwrap_or(u64::MAX);
         let mut connection = self.connection.clone();
-        let (outcome, wait_us, remaining): (i64, i64, i64) = self
+        let (outcome, wait_us, remaining, tokens_left): (i64, i64, i64, i64) = self
             .admit
             .key(self.key(tenant_id, "rate"))
             .key(self.key(tenant_id, "leases"))
@@ -383,11 +385,17 @@ impl RedisLimits {
         if max_concurrent > 0 {
             self.live().insert(lease_id.clone(), tenant_id.to_owned());
         }
-        let rate_state = gcra.map(|gcra| RateState {
-            limit: gcra.burst,
-            remaining: u32::try_from(remaining.max(0)).unwrap_or(0),
-            window: gcra.window(),
-        });
+        let headroom = Headroom {
+            requests: gcra.map(|gcra| RateState {
+                limit: gcra.burst,
+                remaining: u32::try_from(remaining.max(0)).unwrap_or(0),
+                window: gcra.window(),
+            }),
+            tokens: (tpm > 0).then(|| TokenState {
+                limit: tpm,
+                remaining: u64::try_from(tokens_left.max(0)).unwrap_or(0),
+            }),
+        };
         Ok(Admission::Granted(
             RedisGrant {
                 lease_id,
@@ -397,7 +405,7 @@ impl RedisLimits {
                 month: month.to_owned(),
                 tokens_per_minute: tpm,
             },
-            rate_state,
+            headroom,
         ))
     }
 

@@ -18,6 +18,8 @@ use tonic::transport::Channel;
 pub struct TestGateway {
     pub addr: SocketAddr,
     pub metrics_addr: SocketAddr,
+    /// The OpenAI-compatible HTTP API.
+    pub http_addr: SocketAddr,
     pub channel: Channel,
     /// The gateway's own database, for asserting on stored rows.
     pub db: ascend_gateway::store::Db,
@@ -67,6 +69,7 @@ pub fn test_settings(data_dir: &TempDir) -> Settings {
     let mut settings = Settings {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         metrics_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        http_listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
         data_dir: data_dir.path().to_owned(),
         shutdown_grace: Duration::from_secs(5),
         ..Settings::default()
@@ -103,6 +106,7 @@ impl TestGateway {
         let app = App::build(settings).await.expect("gateway builds");
         let addr = app.local_addr();
         let metrics_addr = app.metrics_addr();
+        let http_addr = app.http_addr().expect("test gateways serve HTTP");
         let db = app.db().clone();
         let models = app.models().clone();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -117,6 +121,7 @@ impl TestGateway {
         TestGateway {
             addr,
             metrics_addr,
+            http_addr,
             channel,
             db,
             models,
@@ -279,6 +284,7 @@ impl GatewayProcess {
             .args(["serve", "--listen", "127.0.0.1:0"])
             .env("ASCEND_ADMIN_TOKEN", ADMIN_TOKEN)
             .env("ASCEND_METRICS_LISTEN", "127.0.0.1:0")
+            .env("ASCEND_HTTP_LISTEN", "127.0.0.1:0")
             .env_remove("DATABASE_URL")
             .env_remove("RUST_LOG")
             .stderr(Stdio::piped())

@@ -12,6 +12,7 @@ mod crash;
 mod generate;
 mod hostile;
 mod hosts;
+mod http;
 mod idempotency;
 mod limits;
 mod metering;

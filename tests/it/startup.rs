@@ -7,6 +7,7 @@ fn gateway(args: &[&str], data_dir: &std::path::Path) -> Output {
     Command::new(env!("CARGO_BIN_EXE_ascend-gateway"))
         .args(args)
         .env("ASCEND_METRICS_LISTEN", "127.0.0.1:0")
+        .env("ASCEND_HTTP_LISTEN", "127.0.0.1:0")
         .arg("--data-dir")
         .arg(data_dir)
         .env_remove("DATABASE_URL")

@@ -78,11 +78,13 @@ impl Policy {
     /// has lost the bucket (and under fail_open a bucket Redis kept would
     /// have refilled during an outage that Redis never saw). Under
     /// fail_open one more: the fallback starts every node's own bucket
-    /// full (each with burst / replicas).
-    fn bursts_allowed(self) -> u32 {
+    /// full (each with burst / replicas), and a third of one for the cut
+    /// link, when one node falls back again on its own bucket, refilled
+    /// since the Redis outage.
+    fn bursts_allowed(self) -> f64 {
         match self {
-            Policy::FailOpen => 3,
-            Policy::FailClosed => 2,
+            Policy::FailOpen => 3.0 + 1.0 / REPLICAS as f64,
+            Policy::FailClosed => 2.0,
         }
     }
 }
@@ -279,6 +281,7 @@ impl Replica {
                 "ASCEND_METRICS_LISTEN",
                 format!("{}:{METRICS_PORT}", self.ip),
             )
+            .env("ASCEND_HTTP_LISTEN", format!("{}:0", self.ip))
             .env("ASCEND_DATA_DIR", self.data_dir.path())
             .env("ASCEND_DATABASE_URL", &launch.database_url)
             .env("ASCEND_REDIS_URL", &launch.redis_url)
@@ -1032,7 +1035,7 @@ fn check_limits(
     // answers or by the metered events (which include requests whose
     // answer was lost), within rate x elapsed + the bursts the policy
     // allows, + 1%.
-    let allowed = (RATE * load_secs + f64::from(policy.bursts_allowed() * BURST)) * 1.01;
+    let allowed = (RATE * load_secs + policy.bursts_allowed() * f64::from(BURST)) * 1.01;
     let rate_answered = outcomes_of(Role::Rate)
         .filter(|o| matches!(o.answer, Answer::Ok { .. }))
         .count() as f64;
@@ -1052,7 +1055,7 @@ fn check_limits(
     // one replica that did not share the limit would double it here.
     let (busiest_from, busiest) = most_answered_within(outcomes_of(Role::Rate), RATE_WINDOW);
     let window_allowed =
-        (RATE * RATE_WINDOW.as_secs_f64() + f64::from(policy.bursts_allowed() * BURST)) * 1.01;
+        (RATE * RATE_WINDOW.as_secs_f64() + policy.bursts_allowed() * f64::from(BURST)) * 1.01;
     eprintln!(
         "[{tag}] rate: at most {busiest} answered within {RATE_WINDOW:?} (from {busiest_from:.1} s), allowed {window_allowed:.0}"
     );
@@ -1095,7 +1098,7 @@ fn check_limits(
         .map(|e| e.tokens())
         .sum();
     let tpm_allowed = (TOKENS_PER_MINUTE as f64 * load_secs / 60.0
-        + f64::from(policy.bursts_allowed()) * TOKENS_PER_MINUTE as f64)
+        + policy.bursts_allowed() * TOKENS_PER_MINUTE as f64)
         * 1.01;
     eprintln!(
         "[{tag}] tokens per minute: metered {tpm_metered}, allowed {tpm_allowed:.0}; {} refusals",

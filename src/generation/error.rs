@@ -1,0 +1,90 @@
+//! Why a generation request was refused or did not finish, whichever
+//! component said so; each front end maps it once (`api::status`,
+//! `http::error`).
+
+use std::time::Duration;
+
+use crate::error::{Classified, ErrorKind};
+use crate::idempotency::ClaimError;
+use crate::limits::LimitError;
+use crate::metering::MeteringError;
+use crate::serving::ServingError;
+use crate::serving::tokenize::TokenizeError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GenerationError {
+    /// A request field is wrong; the message names it.
+    #[error("invalid `{field}`: {problem}")]
+    Invalid { field: String, problem: String },
+    #[error(transparent)]
+    Limit(#[from] LimitError),
+    #[error(transparent)]
+    Claim(#[from] ClaimError),
+    #[error(transparent)]
+    Serving(#[from] ServingError),
+    #[error(transparent)]
+    Metering(#[from] MeteringError),
+    #[error(transparent)]
+    Tokenize(#[from] TokenizeError),
+    #[error("the request's deadline passed before it finished")]
+    DeadlineExceeded,
+    #[error("the request was cancelled")]
+    Cancelled,
+    #[error("generation failed: {0}")]
+    Failed(String),
+    #[error("the stored answer of this request_id is unreadable")]
+    StoredAnswerUnreadable,
+    #[error("the worker ended the request without an answer")]
+    NoAnswer,
+}
+
+impl GenerationError {
+    pub fn invalid(field: impl Into<String>, problem: impl std::fmt::Display) -> GenerationError {
+        GenerationError::Invalid {
+            field: field.into(),
+            problem: problem.to_string(),
+        }
+    }
+
+    fn inner(&self) -> Option<&dyn Classified> {
+        match self {
+            GenerationError::Limit(e) => Some(e),
+            GenerationError::Claim(e) => Some(e),
+            GenerationError::Serving(e) => Some(e),
+            GenerationError::Metering(e) => Some(e),
+            GenerationError::Tokenize(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl Classified for GenerationError {
+    fn kind(&self) -> ErrorKind {
+        if let Some(inner) = self.inner() {
+            return inner.kind();
+        }
+        match self {
+            GenerationError::Invalid { .. } => ErrorKind::InvalidArgument,
+            GenerationError::DeadlineExceeded => ErrorKind::DeadlineExceeded,
+            GenerationError::Cancelled => ErrorKind::Cancelled,
+            _ => ErrorKind::Internal,
+        }
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        self.inner().and_then(Classified::retry_after)
+    }
+
+    fn quota_violation(&self) -> Option<(&'static str, String)> {
+        self.inner().and_then(Classified::quota_violation)
+    }
+
+    fn field(&self) -> Option<&str> {
+        match self {
+            GenerationError::Invalid { field, .. } => Some(field),
+            GenerationError::Claim(ClaimError::Mismatch(_)) => Some("request_id"),
+            GenerationError::Serving(ServingError::UnknownModel(_)) => Some("model"),
+            _ => self.inner().and_then(Classified::field),
+        }
+    }
+}

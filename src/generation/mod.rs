@@ -1,0 +1,442 @@
+//! The request path of a generation, shared by every front end: one
+//! validation and tokenization (a [`ValidRequest`] from a [`GenerateInput`],
+//! whichever wire format it came in), the request id's claim, the tenant's
+//! limits, the hand-off to serving, and the job's events back as
+//! [`Update`]s ending in one [`Answer`], which is kept for duplicates before
+//! the client sees its end.
+//!
+//! The gRPC (`api::inference`) and HTTP (`http`) front ends only translate
+//! their formats to and from these types, so the two cannot drift. Knows
+//! neither protobuf nor HTTP.
+
+mod answer;
+mod error;
+mod request;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+
+pub use answer::{Answer, AnswerUsage, Cost, Finish, LogprobEntry, Update};
+pub use error::GenerationError;
+pub use request::{GenerateInput, MAX_REQUEST_ID_LEN, ValidRequest};
+
+use crate::auth::TenantPrincipal;
+use crate::billing::quote::{Consumption, PlanPrices, PriceCache};
+use crate::idempotency::{Claim, Claimed, Idempotency, RequestKey};
+use crate::limits::{Cost as LimitCost, Headroom, Limiter, Permit};
+use crate::metering::Metering;
+use crate::model::sampling::TokenLogprob;
+use crate::serving::tokenize::TokenizePool;
+use crate::serving::{Failure, Job, JobEvent, JobUsage, ModelRegistry, Requester, ServedModel};
+use crate::store::now_us;
+
+/// The shared request path; cheap to clone.
+#[derive(Clone)]
+pub struct Generation {
+    limiter: Arc<Limiter>,
+    registry: ModelRegistry,
+    metering: Arc<Metering>,
+    prices: Arc<PriceCache>,
+    claims: Arc<Idempotency>,
+    tokenize_pool: TokenizePool,
+}
+
+/// What a generation request turned into.
+pub enum Start {
+    /// A job is running.
+    Run(Running),
+    /// The stored answer of the completed request that first used this
+    /// `request_id`: no work, no tokens, no billing.
+    Replay(Answer),
+}
+
+/// A request admitted and handed to serving.
+pub struct Running {
+    request_id: String,
+    model: String,
+    served: Arc<ServedModel>,
+    events: mpsc::UnboundedReceiver<JobEvent>,
+    logprobs: bool,
+    headroom: Headroom,
+    /// The tenant's plan, for quoting the cost with the answer.
+    prices: Option<Arc<PlanPrices>>,
+    /// The client's request id, owned until the answer is kept for
+    /// duplicates.
+    claim: Option<Claim>,
+    text: String,
+    kept_logprobs: Vec<LogprobEntry>,
+    ended: bool,
+}
+
+impl Generation {
+    pub fn new(
+        limiter: Arc<Limiter>,
+        registry: ModelRegistry,
+        metering: Arc<Metering>,
+        prices: Arc<PriceCache>,
+        claims: Arc<Idempotency>,
+    ) -> Generation {
+        Generation {
+            limiter,
+            registry,
+            metering,
+            prices,
+            claims,
+            tokenize_pool: TokenizePool::for_this_machine(),
+        }
+    }
+
+    /// The served models.
+    pub fn models(&self) -> impl Iterator<Item = &Arc<ServedModel>> {
+        self.registry.iter()
+    }
+
+    /// The served model `id`; the error names the `model` field.
+    pub fn model(&self, id: &str) -> Result<Arc<ServedModel>, GenerationError> {
+        if id.is_empty() {
+            return Err(GenerationError::invalid(
+                "model",
+                "required; the model list shows the served ones",
+            ));
+        }
+        Ok(self.registry.get(id)?.clone())
+    }
+
+    /// Admits a call that generates nothing (a count, a listing) against the
+    /// tenant's request rate.
+    pub async fn admit_call(&self, tenant: &TenantPrincipal) -> Result<Headroom, GenerationError> {
+        let permit = self.admit(tenant, LimitCost::default()).await?;
+        let headroom = permit.headroom();
+        permit.settle(0).await;
+        Ok(headroom)
+    }
+
+    async fn admit(
+        &self,
+        tenant: &TenantPrincipal,
+        cost: LimitCost,
+    ) -> Result<Permit, GenerationError> {
+        Ok(self
+            .limiter
+            .admit(&tenant.tenant_id, &tenant.limits, cost)
+            .await?)
+    }
+
+    /// A request refused before admission still counts against the
+    /// tenant's request rate, so a flood of bad requests is throttled like
+    /// a flood of good ones; over the rate, the rate refusal is the answer.
+    pub async fn refused(
+        &self,
+        tenant: &TenantPrincipal,
+        error: GenerationError,
+    ) -> GenerationError {
+        match self.admit_call(tenant).await {
+            Ok(_) => error,
+            Err(limited) => limited,
+        }
+    }
+
+    /// The prompt or chat messages of `input` as token ids: refused by its
+    /// size alone when it cannot fit the context window, tokenized off the
+    /// async runtime.
+    pub async fn tokenize(
+        &self,
+        served: &Arc<ServedModel>,
+        input: &GenerateInput,
+    ) -> Result<Vec<u32>, GenerationError> {
+        let chat = match (input.prompt.is_empty(), input.messages.is_empty()) {
+            (false, false) => {
+                return Err(GenerationError::invalid(
+                    "prompt",
+                    "set either prompt or messages, not both",
+                ));
+            }
+            (true, true) => {
+                return Err(GenerationError::invalid(
+                    "prompt",
+                    "required (or messages); it must not be empty",
+                ));
+            }
+            (false, true) => None,
+            (true, false) => Some(input.messages.clone()),
+        };
+        let field = if chat.is_some() { "messages" } else { "prompt" };
+        let bytes = input.prompt_bytes();
+        let context = served.context_length;
+        if let Some(at_least) = served.tokenizer.min_tokens_for_bytes(bytes)
+            && at_least >= context
+        {
+            return Err(GenerationError::invalid(
+                field,
+                format!(
+                    "{bytes} bytes encode to at least {at_least} tokens; the context window is {context} tokens"
+                ),
+            ));
+        }
+        let tokenizer = served.tokenizer.clone();
+        let prompt = input.prompt.clone();
+        let parse_special_tokens = input.parse_special_tokens;
+        let tokens = self
+            .tokenize_pool
+            .run(bytes, move || match chat {
+                None if parse_special_tokens => tokenizer.encode(&prompt, true),
+                None => tokenizer.encode_plain(&prompt, true),
+                Some(chat) => tokenizer.encode_chat(&chat),
+            })
+            .await?
+            .map_err(|e| GenerationError::invalid(field, e))?;
+        if tokens.is_empty() {
+            return Err(GenerationError::invalid(field, "encodes to no tokens"));
+        }
+        Ok(tokens)
+    }
+
+    /// Validation and tokenization: everything a request can be refused for
+    /// before it claims its id or touches a limit.
+    pub async fn validate(&self, input: &GenerateInput) -> Result<ValidRequest, GenerationError> {
+        let served = self.model(&input.model)?;
+        let (request_id, client_request_id) = request::request_id(input.request_id.as_deref())?;
+        let prompt = self.tokenize(&served, input).await?;
+        let params = request::sampling(input, &served, prompt.len())?;
+        Ok(ValidRequest {
+            served,
+            prompt,
+            params,
+            priority: input.priority,
+            request_id,
+            client_request_id,
+        })
+    }
+
+    /// Validates `input`, claims its request id, admits it against the
+    /// tenant's limits and hands it to serving. `received_at` is when the
+    /// front end received it; `deadline`, when the client stops waiting.
+    pub async fn start(
+        &self,
+        tenant: Arc<TenantPrincipal>,
+        input: &GenerateInput,
+        received_at: Instant,
+        deadline: Option<Instant>,
+    ) -> Result<Start, GenerationError> {
+        let valid = match self.validate(input).await {
+            Ok(valid) => valid,
+            Err(error) => return Err(self.refused(&tenant, error).await),
+        };
+        let ValidRequest {
+            served,
+            prompt,
+            params,
+            priority,
+            request_id,
+            client_request_id,
+        } = valid;
+        // Duplicates are decided before any work: a replay costs no work, no
+        // tokens and no billing, only a request against the rate, as a
+        // refusal does.
+        let claim = if client_request_id {
+            let key = RequestKey {
+                tenant_id: tenant.tenant_id.clone(),
+                request_id: request_id.clone(),
+            };
+            match self.claims.claim(key, &input.fingerprint()).await {
+                Ok(Claimed::New(claim)) => Some(claim),
+                Ok(Claimed::Replay(bytes)) => {
+                    self.admit_call(&tenant).await?;
+                    let Some(answer) = Answer::decode(&bytes) else {
+                        tracing::error!(request_id, "a stored answer does not decode");
+                        return Err(GenerationError::StoredAnswerUnreadable);
+                    };
+                    return Ok(Start::Replay(answer));
+                }
+                Err(refused) => return Err(self.refused(&tenant, refused.into()).await),
+            }
+        } else {
+            None
+        };
+        let metered_id = claim
+            .as_ref()
+            .map_or_else(|| request_id.clone(), Claim::metered_request_id);
+        let cost = LimitCost {
+            tokens: prompt.len() as u64 + params.max_tokens as u64,
+        };
+        let admitted = match self.metering.admitting() {
+            Ok(()) => self.admit(&tenant, cost).await,
+            Err(e) => Err(e.into()),
+        };
+        let permit = match admitted {
+            Ok(permit) => permit,
+            Err(error) => {
+                // Freed before the answer, so the client's retry finds it free.
+                if let Some(claim) = claim {
+                    claim.release().await;
+                }
+                return Err(error);
+            }
+        };
+        let headroom = permit.headroom();
+        let prices = self.prices.plan(&tenant.price_plan).await;
+        let (sender, events) = mpsc::unbounded_channel();
+        let logprobs = params.logprobs.is_some();
+        let job = Job {
+            requester: Requester {
+                request_id: metered_id,
+                tenant_id: tenant.tenant_id.clone(),
+                key_id: tenant.key_id.clone(),
+                model: served.settings.id.clone(),
+                weight: tenant.scheduling_weight,
+            },
+            prompt,
+            params,
+            priority,
+            deadline,
+            received_at,
+            started_at_us: now_us(),
+            permit: Some(permit),
+            events: sender,
+        };
+        if let Err(refused) = served.submit(job, priority) {
+            let (full, mut job) = *refused;
+            if let Some(permit) = job.permit.take() {
+                permit.settle(0).await;
+            }
+            if let Some(claim) = claim {
+                claim.release().await;
+            }
+            return Err(crate::serving::ServingError::from(full).into());
+        }
+        let mut claim = claim;
+        if let Some(claim) = claim.as_mut() {
+            claim.mark_started();
+        }
+        Ok(Start::Run(Running {
+            request_id,
+            model: served.settings.id.clone(),
+            served,
+            events,
+            logprobs,
+            headroom,
+            prices,
+            claim,
+            text: String::new(),
+            kept_logprobs: Vec::new(),
+            ended: false,
+        }))
+    }
+}
+
+impl Running {
+    /// The request's id (the client's, or the one given to it).
+    pub fn request_id(&self) -> &str {
+        &self.request_id
+    }
+
+    pub fn model(&self) -> &str {
+        &self.model
+    }
+
+    /// What the admission left of the tenant's rate limits.
+    pub fn headroom(&self) -> Headroom {
+        self.headroom
+    }
+
+    /// The next update; `None` after the last. The answer is kept for
+    /// duplicates before [`Update::Done`] is returned.
+    pub async fn next(&mut self) -> Option<Result<Update, GenerationError>> {
+        if self.ended {
+            return None;
+        }
+        let Some(event) = self.events.recv().await else {
+            self.ended = true;
+            return Some(Err(GenerationError::NoAnswer));
+        };
+        match event {
+            JobEvent::Delta { text, logprob } => {
+                let logprobs = match logprob {
+                    Some((token, lp)) if self.logprobs => Some(self.logprob_entry(token, &lp)),
+                    _ => None,
+                };
+                self.text.push_str(&text);
+                if let Some(entry) = &logprobs {
+                    self.kept_logprobs.push(entry.clone());
+                }
+                Some(Ok(Update::Delta { text, logprobs }))
+            }
+            JobEvent::Finished { reason, usage } => {
+                self.ended = true;
+                let answer = Answer {
+                    request_id: self.request_id.clone(),
+                    model: self.model.clone(),
+                    text: std::mem::take(&mut self.text),
+                    finish: reason.into(),
+                    usage: self.usage(&usage),
+                    logprobs: std::mem::take(&mut self.kept_logprobs),
+                };
+                if let Some(claim) = self.claim.take() {
+                    claim.complete(answer.encode()).await;
+                }
+                Some(Ok(Update::Done(Box::new(answer))))
+            }
+            JobEvent::Failed { failure, .. } => {
+                self.ended = true;
+                Some(Err(match failure {
+                    Failure::DeadlineExceeded => GenerationError::DeadlineExceeded,
+                    Failure::Cancelled => GenerationError::Cancelled,
+                    Failure::Internal(message) => GenerationError::Failed(message),
+                }))
+            }
+        }
+    }
+
+    /// Runs the request to its end: the whole answer.
+    pub async fn finish(mut self) -> Result<Answer, GenerationError> {
+        while let Some(update) = self.next().await {
+            if let Update::Done(answer) = update? {
+                return Ok(*answer);
+            }
+        }
+        Err(GenerationError::NoAnswer)
+    }
+
+    fn logprob_entry(&self, token: u32, lp: &TokenLogprob) -> LogprobEntry {
+        let text = |id: u32| {
+            self.served
+                .tokenizer
+                .decode(&[id], false)
+                .unwrap_or_default()
+        };
+        LogprobEntry {
+            token_id: token,
+            token: text(token),
+            logprob: lp.logprob,
+            top: lp.top.iter().map(|&(id, p)| (id, text(id), p)).collect(),
+        }
+    }
+
+    fn usage(&self, usage: &JobUsage) -> AnswerUsage {
+        let cost = self.prices.as_deref().and_then(|plan| {
+            plan.quote(
+                &self.model,
+                &usage.device_profile,
+                now_us(),
+                Consumption {
+                    prompt_tokens: u64::from(usage.prompt_tokens),
+                    completion_tokens: u64::from(usage.completion_tokens),
+                    energy_mj: usage.energy_mj,
+                },
+            )
+        });
+        AnswerUsage {
+            prompt_tokens: usage.prompt_tokens,
+            completion_tokens: usage.completion_tokens,
+            cached_prompt_tokens: 0,
+            device_time_us: usage.device_time_us,
+            energy_mj: usage.energy_mj,
+            cost: cost.map(Cost::from),
+            queue_time_us: usage.queue_time_us,
+            time_to_first_token_us: usage.ttft_us,
+            total_time_us: usage.total_time_us,
+        }
+    }
+}

@@ -1,0 +1,187 @@
+//! The OpenAI- and DeepSeek-compatible HTTP API, a second front end of the
+//! same request path as gRPC: `POST /v1/chat/completions`,
+//! `POST /v1/completions`, `GET /v1/models`, `GET /v1/models/{id}`, and
+//! `GET /health` for load balancers.
+//!
+//! It authenticates with the same `Authorization: Bearer agw_…` keys and
+//! the same `Authenticator` (failed attempts throttled by address), and
+//! hands every generation to `generation`, so limits, fairness, deadlines,
+//! cancellation, request ids, metering and cost quotes are the gRPC path's.
+//! JSON in and out lives here (`wire`, `response`), as does the one mapping
+//! of errors to HTTP statuses (`error`); no request rule does.
+
+mod completions;
+mod error;
+mod headers;
+mod models;
+mod response;
+mod server;
+mod wire;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+
+pub use error::status_of;
+pub use server::serve;
+
+use crate::api::refusals::Refusals;
+use crate::auth::{Authenticator, Principal, Requirement, TenantPrincipal};
+use crate::generation::{Generation, GenerationError};
+use crate::tenancy::Scope;
+use error::{ApiError, Context, to_api_error};
+
+/// The peer address of a connection, put into each request by the server.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub SocketAddr);
+
+/// The HTTP API's shared state; cheap to clone.
+#[derive(Clone)]
+pub struct HttpApi {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    generation: Generation,
+    authenticator: Arc<Authenticator>,
+    refusals: Arc<Refusals>,
+    max_body_bytes: usize,
+    serving: AtomicBool,
+}
+
+impl HttpApi {
+    pub fn new(
+        generation: Generation,
+        authenticator: Arc<Authenticator>,
+        refusals: Arc<Refusals>,
+        max_body_bytes: usize,
+    ) -> HttpApi {
+        HttpApi {
+            inner: Arc::new(Inner {
+                generation,
+                authenticator,
+                refusals,
+                max_body_bytes,
+                serving: AtomicBool::new(true),
+            }),
+        }
+    }
+
+    /// The routes, with OpenAI-shaped answers for unknown paths and methods.
+    pub fn router(&self) -> Router {
+        Router::new()
+            .route("/v1/chat/completions", post(completions::chat))
+            .route("/v1/completions", post(completions::completions))
+            .route("/v1/models", get(models::list))
+            .route("/v1/models/{id}", get(models::one))
+            .route("/health", get(health))
+            .fallback(not_found)
+            .method_not_allowed_fallback(method_not_allowed)
+            .with_state(self.clone())
+    }
+
+    /// Turns `/health` to 503, for a shutdown that lets balancers move
+    /// traffic first.
+    pub fn set_not_serving(&self) {
+        self.inner.serving.store(false, Ordering::Relaxed);
+    }
+
+    fn generation(&self) -> &Generation {
+        &self.inner.generation
+    }
+
+    fn refusals(&self) -> &Refusals {
+        &self.inner.refusals
+    }
+
+    fn max_body_bytes(&self) -> usize {
+        self.inner.max_body_bytes
+    }
+
+    /// The tenant behind the request's `Authorization` header.
+    async fn tenant(&self, parts: &Parts) -> Result<Arc<TenantPrincipal>, ApiError> {
+        let header = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .map(|v| v.as_bytes());
+        let peer = parts.extensions.get::<Peer>().map(|p| p.0.ip());
+        let context = Context {
+            limits: None,
+            refusals: &self.inner.refusals,
+        };
+        match self
+            .inner
+            .authenticator
+            .authenticate(header, Requirement::Scope(Scope::Inference), peer)
+            .await
+        {
+            Ok(Principal::Tenant(tenant)) => Ok(tenant),
+            Ok(Principal::Admin) => Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "permission_error",
+                "the admin token cannot call the inference API; use a tenant API key",
+            )
+            .code("permission_denied")),
+            Err(error) => Err(to_api_error(&error, &context)),
+        }
+    }
+
+    /// The answer for `error`, with the tenant's rate-limit headers on a 429.
+    fn error(&self, error: &GenerationError, tenant: &TenantPrincipal) -> ApiError {
+        to_api_error(
+            error,
+            &Context {
+                limits: Some(&tenant.limits),
+                refusals: &self.inner.refusals,
+            },
+        )
+    }
+
+    /// A request refused before admission counts against the tenant's
+    /// request rate like one admitted; over the rate, that is the answer.
+    async fn refused_before_admission(
+        &self,
+        tenant: &TenantPrincipal,
+        error: ApiError,
+    ) -> ApiError {
+        match self.generation().admit_call(tenant).await {
+            Ok(_) => error,
+            Err(limited) => self.error(&limited, tenant),
+        }
+    }
+}
+
+async fn health(axum::extract::State(api): axum::extract::State<HttpApi>) -> impl IntoResponse {
+    if api.inner.serving.load(Ordering::Relaxed) {
+        (StatusCode::OK, "serving\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not serving\n")
+    }
+}
+
+async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        format!(
+            "unknown path {}; the API serves /v1/chat/completions, /v1/completions and /v1/models",
+            uri.path()
+        ),
+    )
+    .code("unknown_url")
+}
+
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "invalid_request_error",
+        format!("{method} is not allowed on {}", uri.path()),
+    )
+    .code("method_not_allowed")
+}

@@ -1,0 +1,101 @@
+//! `GET /v1/models` and `GET /v1/models/{id}` in OpenAI's shape, with the
+//! gateway's own facts about each model beside the standard fields.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Request, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use super::HttpApi;
+use super::error::ApiError;
+use super::headers;
+use crate::serving::ServedModel;
+
+#[derive(Debug, Serialize)]
+struct ModelBody<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: i64,
+    owned_by: &'static str,
+    description: &'a str,
+    context_length: usize,
+    max_output_tokens: u32,
+    device_profile: &'a str,
+}
+
+#[derive(Debug, Serialize)]
+struct ListBody<'a> {
+    object: &'static str,
+    data: Vec<ModelBody<'a>>,
+}
+
+fn model_body(served: &ServedModel) -> ModelBody<'_> {
+    ModelBody {
+        id: &served.settings.id,
+        object: "model",
+        created: 0,
+        owned_by: "ascend-gateway",
+        description: &served.settings.description,
+        context_length: served.context_length,
+        max_output_tokens: served.settings.max_output_tokens,
+        device_profile: &served.device_profile,
+    }
+}
+
+fn json<T: Serialize>(body: &T) -> Response {
+    // Strings and numbers only: serializing cannot fail.
+    let text = serde_json::to_string(body).unwrap_or_default();
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        text,
+    )
+        .into_response()
+}
+
+pub async fn list(State(api): State<HttpApi>, request: Request) -> Response {
+    let (parts, _) = request.into_parts();
+    let tenant = match api.tenant(&parts).await {
+        Ok(tenant) => tenant,
+        Err(error) => return error.into_response(),
+    };
+    let headroom = match api.generation().admit_call(&tenant).await {
+        Ok(headroom) => headroom,
+        Err(error) => return api.error(&error, &tenant).into_response(),
+    };
+    let models: Vec<&Arc<ServedModel>> = api.generation().models().collect();
+    let mut response = json(&ListBody {
+        object: "list",
+        data: models.iter().map(|m| model_body(m)).collect(),
+    });
+    headers::admitted(response.headers_mut(), headroom);
+    response
+}
+
+pub async fn one(State(api): State<HttpApi>, Path(id): Path<String>, request: Request) -> Response {
+    let (parts, _) = request.into_parts();
+    let tenant = match api.tenant(&parts).await {
+        Ok(tenant) => tenant,
+        Err(error) => return error.into_response(),
+    };
+    let headroom = match api.generation().admit_call(&tenant).await {
+        Ok(headroom) => headroom,
+        Err(error) => return api.error(&error, &tenant).into_response(),
+    };
+    match api.generation().models().find(|m| m.settings.id == id) {
+        Some(served) => {
+            let mut response = json(&model_body(served));
+            headers::admitted(response.headers_mut(), headroom);
+            response
+        }
+        None => ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            format!("the model `{id}` does not exist; GET /v1/models lists the served ones"),
+        )
+        .param("model")
+        .code("model_not_found")
+        .into_response(),
+    }
+}
