@@ -63,6 +63,25 @@ pub trait Classified: std::error::Error {
     }
 }
 
+/// For an error whose own message the client must not see (an outage, a
+/// bug): logs its whole cause chain and returns the opaque message the
+/// client gets instead. The one place both front ends take it from.
+pub fn hidden_message<E: Classified + ?Sized>(error: &E) -> &'static str {
+    let kind = error.kind();
+    let mut chain = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        chain.push_str(": ");
+        chain.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    tracing::error!(error = %chain, ?kind, "request failed");
+    match kind {
+        ErrorKind::Unavailable => "a backing service is unavailable; retry later",
+        _ => "internal error",
+    }
+}
+
 /// An error and its causes on one line, most specific last, skipping a cause
 /// whose text its parent already repeats (sqlx and io errors often do). For
 /// the binaries' last words.

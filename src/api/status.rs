@@ -19,19 +19,7 @@ pub fn to_status<E: Classified>(error: &E) -> Status {
     if kind.is_client_visible() {
         return Status::new(code, error.to_string());
     }
-    let mut chain = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        chain.push_str(": ");
-        chain.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    tracing::error!(error = %chain, ?kind, "request failed");
-    let message = match kind {
-        ErrorKind::Unavailable => "a backing service is unavailable; retry later",
-        _ => "internal error",
-    };
-    Status::new(code, message)
+    Status::new(code, crate::error::hidden_message(error))
 }
 
 /// RESOURCE_EXHAUSTED with `google.rpc.RetryInfo` and `google.rpc.QuotaFailure`

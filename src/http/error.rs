@@ -146,18 +146,7 @@ pub fn to_api_error<E: Classified>(error: &E, context: &Context<'_>) -> ApiError
     let status = status_of(kind);
     let (mut kind_name, mut code) = type_and_code(kind);
     if !kind.is_client_visible() {
-        let mut chain = error.to_string();
-        let mut source = error.source();
-        while let Some(cause) = source {
-            chain.push_str(": ");
-            chain.push_str(&cause.to_string());
-            source = cause.source();
-        }
-        tracing::error!(error = %chain, ?kind, "request failed");
-        let message = match kind {
-            ErrorKind::Unavailable => "a backing service is unavailable; retry later",
-            _ => "internal error",
-        };
+        let message = crate::error::hidden_message(error);
         return ApiError::new(status, kind_name, message).code(code);
     }
     let mut headers = HeaderMap::new();

@@ -11,6 +11,7 @@ use serde::Serialize;
 use super::HttpApi;
 use super::error::ApiError;
 use super::headers;
+use crate::limits::Headroom;
 use crate::serving::ServedModel;
 
 #[derive(Debug, Serialize)]
@@ -54,15 +55,23 @@ fn json<T: Serialize>(body: &T) -> Response {
         .into_response()
 }
 
-pub async fn list(State(api): State<HttpApi>, request: Request) -> Response {
+/// The tenant's key checked and the call counted against its request rate.
+async fn admitted(api: &HttpApi, request: Request) -> Result<Headroom, Response> {
     let (parts, _) = request.into_parts();
-    let tenant = match api.tenant(&parts).await {
-        Ok(tenant) => tenant,
-        Err(error) => return error.into_response(),
-    };
-    let headroom = match api.generation().admit_call(&tenant).await {
+    let tenant = api
+        .tenant(&parts)
+        .await
+        .map_err(IntoResponse::into_response)?;
+    api.generation()
+        .admit_call(&tenant)
+        .await
+        .map_err(|error| api.error(&error, &tenant).into_response())
+}
+
+pub async fn list(State(api): State<HttpApi>, request: Request) -> Response {
+    let headroom = match admitted(&api, request).await {
         Ok(headroom) => headroom,
-        Err(error) => return api.error(&error, &tenant).into_response(),
+        Err(refused) => return refused,
     };
     let models: Vec<&Arc<ServedModel>> = api.generation().models().collect();
     let mut response = json(&ListBody {
@@ -74,14 +83,9 @@ pub async fn list(State(api): State<HttpApi>, request: Request) -> Response {
 }
 
 pub async fn one(State(api): State<HttpApi>, Path(id): Path<String>, request: Request) -> Response {
-    let (parts, _) = request.into_parts();
-    let tenant = match api.tenant(&parts).await {
-        Ok(tenant) => tenant,
-        Err(error) => return error.into_response(),
-    };
-    let headroom = match api.generation().admit_call(&tenant).await {
+    let headroom = match admitted(&api, request).await {
         Ok(headroom) => headroom,
-        Err(error) => return api.error(&error, &tenant).into_response(),
+        Err(refused) => return refused,
     };
     match api.generation().models().find(|m| m.settings.id == id) {
         Some(served) => {

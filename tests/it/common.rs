@@ -460,3 +460,18 @@ impl Drop for PrivateRedis {
         let _ = self.child.wait();
     }
 }
+
+/// Waits up to 10 s until `model` runs nothing and has `free_blocks` KV
+/// blocks free again (its worker reports its gauges when it next goes idle).
+pub async fn wait_until_idle(model: &ascend_gateway::serving::ServedModel, free_blocks: usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while model.running() != 0 || model.kv_free_blocks() != free_blocks {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "slot or KV blocks not returned: running {}, free {} of {free_blocks}",
+            model.running(),
+            model.kv_free_blocks()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

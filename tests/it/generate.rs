@@ -495,17 +495,7 @@ async fn a_dropped_stream_frees_its_slot_and_blocks_and_is_metered() {
     if reason == "cancelled" {
         assert!(completion < 64, "usage covers only the tokens produced");
     }
-    // The worker reports its gauges when it next goes idle.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while model.running() != 0 || model.kv_free_blocks() != free_before {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "slot or KV blocks not returned: running {}, free {} of {free_before}",
-            model.running(),
-            model.kv_free_blocks()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    crate::common::wait_until_idle(&model, free_before).await;
     gateway.stop().await.expect("clean stop");
 }
 

@@ -873,16 +873,7 @@ async fn a_client_that_disconnects_mid_stream_frees_its_slot_and_is_metered_once
         rows[0].2 >= 2 && rows[0].2 < 64,
         "the tokens produced, not all: {rows:?}"
     );
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while model.running() != 0 || model.kv_free_blocks() != free_before {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "slot or KV blocks not returned: running {}, free {} of {free_before}",
-            model.running(),
-            model.kv_free_blocks()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    crate::common::wait_until_idle(&model, free_before).await;
     let (reason, _) = sqlx::query_as::<_, (String, i64)>(
         "SELECT finish_reason, completion_tokens FROM usage_events WHERE request_id = 'leaver-1'",
     )
