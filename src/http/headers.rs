@@ -43,42 +43,50 @@ fn put(headers: &mut HeaderMap, name: &'static str, value: String) {
     }
 }
 
+/// One limit's `x-ratelimit-{limit,remaining,reset}-{kind}` trio.
+fn trio(
+    headers: &mut HeaderMap,
+    names: [&'static str; 3],
+    limit: u64,
+    remaining: u64,
+    reset: Duration,
+) {
+    put(headers, names[0], limit.to_string());
+    put(headers, names[1], remaining.to_string());
+    put(headers, names[2], duration_text(reset));
+}
+
+const REQUESTS: [&str; 3] = [
+    "x-ratelimit-limit-requests",
+    "x-ratelimit-remaining-requests",
+    "x-ratelimit-reset-requests",
+];
+const TOKENS: [&str; 3] = [
+    "x-ratelimit-limit-tokens",
+    "x-ratelimit-remaining-tokens",
+    "x-ratelimit-reset-tokens",
+];
+
 /// The headers of an admitted request.
 pub fn admitted(headers: &mut HeaderMap, headroom: Headroom) {
     if let Some(rate) = headroom.requests {
         let spent = f64::from(rate.limit - rate.remaining.min(rate.limit));
         let refill = rate.window.as_secs_f64() * spent / f64::from(rate.limit.max(1));
-        put(
+        trio(
             headers,
-            "x-ratelimit-limit-requests",
-            rate.limit.to_string(),
-        );
-        put(
-            headers,
-            "x-ratelimit-remaining-requests",
-            rate.remaining.to_string(),
-        );
-        put(
-            headers,
-            "x-ratelimit-reset-requests",
-            duration_text(Duration::from_secs_f64(refill)),
+            REQUESTS,
+            u64::from(rate.limit),
+            u64::from(rate.remaining),
+            Duration::from_secs_f64(refill),
         );
     }
     if let Some(tokens) = headroom.tokens {
-        put(
+        trio(
             headers,
-            "x-ratelimit-limit-tokens",
-            tokens.limit.to_string(),
-        );
-        put(
-            headers,
-            "x-ratelimit-remaining-tokens",
-            tokens.remaining.to_string(),
-        );
-        put(
-            headers,
-            "x-ratelimit-reset-tokens",
-            duration_text(tokens.until_full()),
+            TOKENS,
+            tokens.limit,
+            tokens.remaining,
+            tokens.until_full(),
         );
     }
 }
