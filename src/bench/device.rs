@@ -401,10 +401,7 @@ pub async fn device_report(
             };
             let hosted = SelfHosted::start(vec![model]).await?;
             let keys = hosted.provision(&equal_tenants(1)).await?;
-            let target = Target {
-                channels: connect(&hosted.endpoint(), 1).await?,
-                keys,
-            };
+            let target = Target::grpc(connect(&hosted.endpoint(), 1).await?, keys);
             let workload = WorkloadSpec {
                 model: "report".to_owned(),
                 prompt_words: (16, 32),

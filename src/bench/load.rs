@@ -1,8 +1,9 @@
-//! Drives load over real gRPC: a closed loop (N clients, each sending its
-//! next request when the previous one ends) or an open loop (Poisson
-//! arrivals at a target rate, whatever the server's pace). Each request is
-//! a `GenerateStream`, timed at the client: time to first token, the gap
-//! before every later token message, end to end.
+//! Drives load over real gRPC or real HTTP: a closed loop (N clients, each
+//! sending its next request when the previous one ends) or an open loop
+//! (Poisson arrivals at a target rate, whatever the server's pace). Each
+//! request is a `GenerateStream` (or a streamed `/v1/completions`), timed
+//! at the client: time to first token, the gap before every later token
+//! message, end to end.
 //!
 //! Knows the Inference client and the workload, not the report.
 
@@ -14,7 +15,10 @@ use tokio::task::JoinSet;
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 
+use super::BenchError;
+use super::http_load::{self, HttpConnection};
 use super::workload::{RequestSource, WorkloadSpec};
+use crate::api::pb::v1::GenerateRequest;
 use crate::api::pb::v1::generate_stream_response::Event;
 use crate::api::pb::v1::inference_client::InferenceClient;
 
@@ -28,12 +32,41 @@ pub enum Arrival {
     Open { rate: f64 },
 }
 
-/// Where the load goes: channels (one per connection) and one API key per
-/// tenant; requests take keys round robin.
+/// One connection of the load: a gRPC channel or an HTTP/2 client.
+#[derive(Clone)]
+pub enum Connection {
+    Grpc(Channel),
+    Http(Box<HttpConnection>),
+}
+
+/// Where the load goes: connections (requests spread over them) and one
+/// API key per tenant; requests take keys round robin.
 #[derive(Clone)]
 pub struct Target {
-    pub channels: Vec<Channel>,
+    pub connections: Vec<Connection>,
     pub keys: Vec<String>,
+}
+
+impl Target {
+    /// Load over these gRPC channels.
+    pub fn grpc(channels: Vec<Channel>, keys: Vec<String>) -> Target {
+        Target {
+            connections: channels.into_iter().map(Connection::Grpc).collect(),
+            keys,
+        }
+    }
+
+    /// Load over `count` HTTP/2 connections to the HTTP API at `base`.
+    pub fn http(base: &str, count: usize, keys: Vec<String>) -> Result<Target, BenchError> {
+        let connections = (0..count.max(1))
+            .map(|_| HttpConnection::new(base).map(|c| Connection::Http(Box::new(c))))
+            .collect::<Result<_, _>>()?;
+        Ok(Target { connections, keys })
+    }
+
+    fn connection(&self, n: usize) -> Connection {
+        self.connections[n % self.connections.len()].clone()
+    }
 }
 
 /// One request as the client saw it.
@@ -58,15 +91,15 @@ pub struct Sample {
 /// How long a closed-loop client waits after a failed request.
 pub const REFUSAL_BACKOFF: Duration = Duration::from_millis(50);
 
-fn micros(d: Duration) -> u64 {
+pub(super) fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
 async fn one_request(
-    channel: Channel,
+    connection: Connection,
     key: &str,
     tenant: usize,
-    request: crate::api::pb::v1::GenerateRequest,
+    request: GenerateRequest,
     run_start: Instant,
 ) -> Sample {
     let sent = Instant::now();
@@ -81,6 +114,15 @@ async fn one_request(
         device_time_us: 0,
         energy_mj: 0,
         outcome: Err("no answer".to_owned()),
+    };
+    let channel = match connection {
+        Connection::Grpc(channel) => channel,
+        Connection::Http(http) => {
+            let result = http_load::send(&http, key, &request, sent, &mut sample).await;
+            sample.e2e_us = micros(sent.elapsed());
+            sample.outcome = result;
+            return sample;
+        }
     };
     let mut message = tonic::Request::new(request);
     match format!("Bearer {key}").parse() {
@@ -157,12 +199,12 @@ pub async fn run(
                 tasks.spawn(async move {
                     let mut samples = Vec::new();
                     let tenant = client % target.keys.len().max(1);
-                    let channel = target.channels[client % target.channels.len()].clone();
+                    let connection = target.connection(client);
                     while start.elapsed() < duration {
                         let request = source.next_request();
                         let key = target.keys.get(tenant).map_or("", String::as_str);
                         let sample =
-                            one_request(channel.clone(), key, tenant, request, start).await;
+                            one_request(connection.clone(), key, tenant, request, start).await;
                         let refused = sample.outcome.is_err();
                         samples.push(sample);
                         if refused {
@@ -182,11 +224,11 @@ pub async fn run(
             while next.duration_since(start) < duration {
                 tokio::time::sleep_until(next.into()).await;
                 let tenant = n % target.keys.len().max(1);
-                let channel = target.channels[n % target.channels.len()].clone();
+                let connection = target.connection(n);
                 let key = target.keys.get(tenant).cloned().unwrap_or_default();
                 let request = source.next_request();
                 tasks.spawn(async move {
-                    vec![one_request(channel, &key, tenant, request, start).await]
+                    vec![one_request(connection, &key, tenant, request, start).await]
                 });
                 n += 1;
                 // Exponential gaps: a Poisson process of the given rate.

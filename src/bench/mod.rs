@@ -9,7 +9,9 @@
 //! would see.
 
 mod bare;
+mod bare_http;
 mod device;
+mod http_load;
 mod load;
 mod offline;
 mod overhead;
@@ -263,8 +265,22 @@ pub struct OverheadArgs {
     /// Any model directory: the echo engine uses its tokenizer only
     #[arg(long, default_value = "data/models/small")]
     pub model_dir: PathBuf,
+    /// `http` adds the OpenAI-compatible HTTP API to the gRPC runs: a
+    /// bare HTTP echo server and the gateway's HTTP path, in this run
+    #[arg(long, value_enum, default_value = "grpc")]
+    pub protocol: OverheadProtocol,
     #[arg(long, default_value = "benchmarks/overhead")]
     pub out_dir: PathBuf,
+}
+
+/// Which front ends `bench overhead` measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OverheadProtocol {
+    /// gRPC only.
+    Grpc,
+    /// gRPC, then the HTTP API beside it.
+    Http,
 }
 
 /// The gateway under load.
@@ -473,10 +489,7 @@ pub async fn run_command(args: &RunArgs) -> Result<RunReport, BenchError> {
                 });
             }
             let channels = selfhost::connect(endpoint, gateway.connections).await?;
-            let target = Target {
-                channels,
-                keys: gateway.api_keys.clone(),
-            };
+            let target = Target::grpc(channels, gateway.api_keys.clone());
             (target, gateway.metrics_addr, None)
         }
         None => {
@@ -493,7 +506,7 @@ pub async fn run_command(args: &RunArgs) -> Result<RunReport, BenchError> {
             let keys = hosted.provision(&equal_tenants(gateway.tenants)).await?;
             let channels = selfhost::connect(&hosted.endpoint(), gateway.connections).await?;
             let metrics = Some(hosted.metrics_addr);
-            (Target { channels, keys }, metrics, Some(hosted))
+            (Target::grpc(channels, keys), metrics, Some(hosted))
         }
     };
     let report = measured_run(
@@ -545,7 +558,7 @@ pub fn write_json(path: &std::path::Path, value: &impl serde::Serialize) -> Resu
 
 pub use device::{DeviceReport, LaunchReading, device_report, launch_shape};
 pub use offline::{OfflineReport, offline_scenario};
-pub use overhead::{OverheadReport, overhead_suite};
+pub use overhead::{OverheadReport, ProtocolRuns, RateComparison, overhead_suite};
 pub use plot::replot;
 pub use replicas::{ReplicasReport, replicas_suite};
 pub use scenarios::{

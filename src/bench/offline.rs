@@ -88,10 +88,10 @@ async fn sweep(
     hosted: &SelfHosted,
     workload: &super::WorkloadSpec,
 ) -> Result<Vec<RunReport>, BenchError> {
-    let target = Target {
-        channels: connect(&hosted.endpoint(), 2).await?,
-        keys: hosted.provision(&equal_tenants(4)).await?,
-    };
+    let target = Target::grpc(
+        connect(&hosted.endpoint(), 2).await?,
+        hosted.provision(&equal_tenants(4)).await?,
+    );
     let mut runs = Vec::new();
     for &clients in &args.clients {
         let run = measured_run(

@@ -165,7 +165,7 @@ async fn gateways(
                 channels.extend(connect(&process.endpoint, 1).await?);
             }
         }
-        let target = Target { channels, keys };
+        let target = Target::grpc(channels, keys);
         let pids: Vec<u32> = processes.iter().map(GatewayProcess::pid).collect();
         measure(name, &target, &pids, workload, args).await
     }
@@ -201,14 +201,14 @@ pub async fn replicas_suite(
     })?;
 
     let bare = BareServer::start().await?;
-    let bare_target = Target {
-        channels: connect(
+    let bare_target = Target::grpc(
+        connect(
             &bare.endpoint(),
             args.connections_per_replica * args.replicas as usize,
         )
         .await?,
-        keys: vec!["none".to_owned()],
-    };
+        vec!["none".to_owned()],
+    );
     let bare_run = measure("bare tonic echo", &bare_target, &[], &workload, args).await;
     bare.stop().await;
     // (name, processes, on the shared PostgreSQL and Redis)

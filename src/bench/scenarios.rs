@@ -58,10 +58,7 @@ pub async fn server_scenario(
     let model = scenario_model(&workload.model, args.model_dir.clone(), 32);
     let hosted = SelfHosted::start(vec![model]).await?;
     let keys = hosted.provision(&equal_tenants(4)).await?;
-    let target = Target {
-        channels: connect(&hosted.endpoint(), 2).await?,
-        keys,
-    };
+    let target = Target::grpc(connect(&hosted.endpoint(), 2).await?, keys);
     let mut rates = Vec::new();
     for &rate in &args.rates {
         let run = measured_run(
@@ -193,10 +190,7 @@ pub async fn tenants_scenario(
     });
     let hosted = SelfHosted::start(vec![model]).await?;
     let keys = hosted.provision(&specs).await?;
-    let target = Target {
-        channels: connect(&hosted.endpoint(), 2).await?,
-        keys,
-    };
+    let target = Target::grpc(connect(&hosted.endpoint(), 2).await?, keys);
     let run = measured_run(
         "tenants",
         &target,

@@ -31,6 +31,8 @@ pub struct TenantSpec {
 pub struct SelfHosted {
     pub addr: SocketAddr,
     pub metrics_addr: SocketAddr,
+    /// The HTTP API's address.
+    pub http_addr: Option<SocketAddr>,
     admin_token: String,
     data_dir: PathBuf,
     stop: Option<oneshot::Sender<()>>,
@@ -106,6 +108,7 @@ impl SelfHosted {
             .map_err(|e| BenchError::Gateway(crate::error::one_line(&e)))?;
         let addr = app.local_addr();
         let metrics_addr = app.metrics_addr();
+        let http_addr = app.http_addr();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(app.run_until(async {
             let _ = stopped.await;
@@ -113,6 +116,7 @@ impl SelfHosted {
         Ok(SelfHosted {
             addr,
             metrics_addr,
+            http_addr,
             admin_token,
             data_dir,
             stop: Some(stop),

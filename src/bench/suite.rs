@@ -124,7 +124,7 @@ pub async fn serving_suite(args: &SuiteArgs, command: &str) -> Result<String, Be
         let hosted = SelfHosted::start(vec![model]).await?;
         let keys = hosted.provision(&equal_tenants(TENANTS)).await?;
         let channels = connect(&hosted.endpoint(), 2).await?;
-        let target = Target { channels, keys };
+        let target = Target::grpc(channels, keys);
         for (_, name, distribution, clients) in plan.iter().filter(|p| p.0 == batching) {
             let workload = super::WorkloadSpec {
                 output_distribution: *distribution,

@@ -6,20 +6,19 @@
 //! the running request: the worker frees it within a step and meters the
 //! tokens produced, as on the gRPC path.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, header};
-use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 
 use super::HttpApi;
 use super::error::ApiError;
 use super::headers;
 use super::response::{ChunkWriter, Endpoint, completion};
+use super::sse;
 use super::wire::{ChatRequest, CompletionRequest, Delivery};
 use crate::auth::TenantPrincipal;
 use crate::generation::{
@@ -256,13 +255,8 @@ fn json(body: String) -> Response {
     response
 }
 
-fn data(json: String) -> Result<Event, Infallible> {
-    Ok(Event::default().data(json))
-}
-
-fn done() -> Result<Event, Infallible> {
-    Ok(Event::default().data("[DONE]"))
-}
+/// The stream's last event.
+const DONE: &str = "[DONE]";
 
 /// A stored answer as a stream: the role, its text as one chunk, the end.
 fn replay_stream(endpoint: Endpoint, answer: &Answer, delivery: Delivery) -> Response {
@@ -273,11 +267,11 @@ fn replay_stream(endpoint: Endpoint, answer: &Answer, delivery: Delivery) -> Res
         delivery.include_usage,
     );
     let mut events = Vec::new();
-    events.extend(writer.role().map(data));
-    events.extend(writer.text(&answer.text, None).map(data));
-    events.extend(writer.end(answer).into_iter().map(data));
-    events.push(done());
-    Sse::new(tokio_stream::iter(events)).into_response()
+    events.extend(writer.role());
+    events.extend(writer.text(&answer.text, None));
+    events.extend(writer.end(answer));
+    events.push(DONE.to_owned());
+    sse::response(Box::pin(tokio_stream::iter(events)))
 }
 
 /// The running request's updates as Server-Sent Events, ending with
@@ -297,33 +291,29 @@ fn stream(
         running.model(),
         delivery.include_usage,
     );
-    let first: Vec<Result<Event, Infallible>> = writer.role().map(data).into_iter().collect();
+    let first: Vec<String> = writer.role().into_iter().collect();
     let state = (Some(running), writer);
     let updates = futures_util::stream::unfold(state, move |(running, mut writer)| {
         let (api, tenant) = (api.clone(), tenant.clone());
         async move {
             let mut running = running?;
             loop {
-                let events: Vec<Result<Event, Infallible>> = match running.next().await {
+                let events: Vec<String> = match running.next().await {
                     None => return None,
                     Some(Ok(Update::Delta { text, logprobs })) => {
                         match writer.text(&text, logprobs.as_ref()) {
-                            Some(chunk) => vec![data(chunk)],
+                            Some(chunk) => vec![chunk],
                             None => continue,
                         }
                     }
                     Some(Ok(Update::Done(answer))) => {
-                        let mut events: Vec<_> =
-                            writer.end(&answer).into_iter().map(data).collect();
-                        events.push(done());
+                        let mut events = writer.end(&answer);
+                        events.push(DONE.to_owned());
                         return Some((tokio_stream::iter(events), (None, writer)));
                     }
                     Some(Err(error)) => {
                         let error = api.error(&error, &tenant);
-                        return Some((
-                            tokio_stream::iter(vec![data(error.body_json())]),
-                            (None, writer),
-                        ));
+                        return Some((tokio_stream::iter(vec![error.body_json()]), (None, writer)));
                     }
                 };
                 return Some((tokio_stream::iter(events), (Some(running), writer)));
@@ -332,7 +322,7 @@ fn stream(
     });
     use futures_util::StreamExt as _;
     let events = tokio_stream::iter(first).chain(updates.flatten());
-    let mut response = Sse::new(events).into_response();
+    let mut response = sse::response(Box::pin(events));
     headers::admitted(response.headers_mut(), headroom);
     response
 }

@@ -16,6 +16,7 @@ mod headers;
 mod models;
 mod response;
 mod server;
+mod sse;
 mod wire;
 
 use std::net::SocketAddr;

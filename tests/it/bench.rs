@@ -43,10 +43,7 @@ async fn closed_and_open_loop_reports_agree_with_the_metered_usage() {
         tenant_key(&gateway, "bench-a").await,
         tenant_key(&gateway, "bench-b").await,
     ];
-    let target = Target {
-        channels: vec![gateway.channel.clone()],
-        keys,
-    };
+    let target = Target::grpc(vec![gateway.channel.clone()], keys);
     let workload = tiny_workload();
     let closed = measured_run(
         "closed",
@@ -99,10 +96,11 @@ async fn closed_and_open_loop_reports_agree_with_the_metered_usage() {
     gateway.stop().await.expect("clean stop");
 }
 
-#[tokio::test]
-async fn the_overhead_comparison_runs_both_servers_and_writes_its_report() {
-    let out = tempfile::tempdir().expect("dir");
-    let args = ascend_gateway::bench::OverheadArgs {
+fn overhead_args(
+    out: &std::path::Path,
+    protocol: ascend_gateway::bench::OverheadProtocol,
+) -> ascend_gateway::bench::OverheadArgs {
+    ascend_gateway::bench::OverheadArgs {
         rates: vec![40.0],
         clients: 4,
         connections: 1,
@@ -111,31 +109,84 @@ async fn the_overhead_comparison_runs_both_servers_and_writes_its_report() {
         database_url: None,
         redis_url: None,
         model_dir: crate::common::tiny_model_dir(),
-        out_dir: out.path().to_owned(),
-    };
-    let (report, markdown) = ascend_gateway::bench::overhead_suite(&args, "test")
-        .await
-        .expect("overhead suite");
-    for run in [&report.bare_max, &report.gateway_max] {
+        protocol,
+        out_dir: out.to_owned(),
+    }
+}
+
+/// Every run of one protocol's pair succeeded, and its figures are the
+/// differences and ratios of its runs.
+fn assert_consistent(runs: &ascend_gateway::bench::ProtocolRuns) {
+    for run in [&runs.bare_max, &runs.gateway_max] {
         assert!(run.requests_ok > 0, "{run:?}");
         assert!(run.errors.is_empty(), "{:?}", run.errors);
     }
-    assert_eq!(report.rates.len(), 1);
-    let compared = &report.rates[0];
+    assert_eq!(runs.rates.len(), 1);
+    let compared = &runs.rates[0];
     assert!(compared.gateway.requests_ok > 0 && compared.bare.requests_ok > 0);
+    assert!(
+        compared.gateway.errors.is_empty(),
+        "{:?}",
+        compared.gateway.errors
+    );
     assert_eq!(
         compared.added_p99_ms,
         ((compared.gateway.e2e_ms.p99 - compared.bare.e2e_ms.p99) * 1000.0).round() / 1000.0
     );
-    let expected_ratio = report.gateway_max.requests_per_s / report.bare_max.requests_per_s;
-    assert!((report.throughput_ratio - expected_ratio).abs() < 0.001);
+    let expected_ratio = runs.gateway_max.requests_per_s / runs.bare_max.requests_per_s;
+    assert!((runs.throughput_ratio - expected_ratio).abs() < 0.001);
+    assert!(
+        runs.gateway_rounds_per_s
+            .contains(&runs.gateway_max.requests_per_s),
+        "the closed-loop run reported is one of the rounds"
+    );
+}
+
+#[tokio::test]
+async fn the_overhead_comparison_runs_both_servers_and_writes_its_report() {
+    let out = tempfile::tempdir().expect("dir");
+    let args = overhead_args(out.path(), ascend_gateway::bench::OverheadProtocol::Grpc);
+    let (report, markdown) = ascend_gateway::bench::overhead_suite(&args, "test")
+        .await
+        .expect("overhead suite");
+    assert_consistent(&report.grpc);
+    assert_eq!(report.grpc.gateway_rounds_per_s.len(), 1);
+    assert!(report.http.is_none() && report.http_over_grpc_throughput.is_none());
     let written = std::fs::read_to_string(out.path().join("results.md")).expect("results.md");
     assert_eq!(written, markdown);
     let json: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(out.path().join("results.json")).expect("results.json"),
     )
     .expect("valid JSON");
-    assert_eq!(json["rates"][0]["offered_per_s"], 40.0);
+    assert_eq!(json["grpc"]["rates"][0]["offered_per_s"], 40.0);
+}
+
+#[tokio::test]
+async fn the_http_overhead_comparison_streams_completions_over_h2c_beside_grpc() {
+    let out = tempfile::tempdir().expect("dir");
+    let args = overhead_args(out.path(), ascend_gateway::bench::OverheadProtocol::Http);
+    let (report, markdown) = ascend_gateway::bench::overhead_suite(&args, "test")
+        .await
+        .expect("overhead suite");
+    assert_consistent(&report.grpc);
+    let http = report.http.as_ref().expect("HTTP runs");
+    assert_consistent(http);
+    // The HTTP client read usage from the stream's usage chunk: the echo
+    // engine's completions are metered tokens, not zero.
+    assert!(http.gateway_max.output_tokens > 0, "{:?}", http.gateway_max);
+    // Rounds alternate; the ratio is the median of the rounds' ratios.
+    assert_eq!(http.gateway_rounds_per_s.len(), 3);
+    assert_eq!(report.grpc.gateway_rounds_per_s.len(), 3);
+    let mut each: Vec<f64> = http
+        .gateway_rounds_per_s
+        .iter()
+        .zip(&report.grpc.gateway_rounds_per_s)
+        .map(|(h, g)| ((h / g) * 1000.0).round() / 1000.0)
+        .collect();
+    assert_eq!(each, report.http_over_grpc_rounds);
+    each.sort_by(f64::total_cmp);
+    assert_eq!(report.http_over_grpc_throughput, Some(each[1]));
+    assert!(markdown.contains("HTTP path over gRPC path"), "{markdown}");
 }
 
 #[tokio::test]
