@@ -503,7 +503,10 @@ impl App {
             generation,
             authenticator,
             refusals,
-            settings.http_max_body_bytes,
+            crate::http::BodyBounds {
+                max_bytes: settings.http_max_body_bytes,
+                timeout: settings.http_body_timeout,
+            },
         );
         let stop_http = CancellationToken::new();
         let mut http_server = http_listener.map(|listener| {

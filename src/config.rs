@@ -26,6 +26,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("ASCEND_METRICS_LISTEN", "metrics_listen"),
     ("ASCEND_HTTP_LISTEN", "http_listen"),
     ("ASCEND_HTTP_MAX_BODY_BYTES", "http_max_body_bytes"),
+    ("ASCEND_HTTP_BODY_TIMEOUT", "http_body_timeout"),
     ("ASCEND_SHUTDOWN_GRACE", "shutdown_grace"),
     ("ASCEND_SHUTDOWN_DELAY", "shutdown_delay"),
     ("ASCEND_DATABASE_URL", "database.url"),
@@ -68,6 +69,11 @@ pub struct Settings {
     pub http_listen: Option<SocketAddr>,
     /// Largest request body the HTTP API reads; a larger one is answered 413.
     pub http_max_body_bytes: usize,
+    /// How long the HTTP API waits for a request's whole body once its
+    /// headers have arrived; a body slower than this is answered 408, so a
+    /// client trickling bytes cannot hold a connection and a task forever.
+    #[serde(with = "humantime_serde")]
+    pub http_body_timeout: Duration,
     /// Where the embedded database and other local state live.
     pub data_dir: PathBuf,
     /// How long a graceful shutdown waits for in-flight requests.
@@ -221,6 +227,7 @@ impl Default for Settings {
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
             http_listen: Some(SocketAddr::from(([127, 0, 0, 1], 8000))),
             http_max_body_bytes: 4 * 1024 * 1024,
+            http_body_timeout: Duration::from_secs(30),
             data_dir: PathBuf::from("data"),
             shutdown_grace: Duration::from_secs(30),
             shutdown_delay: Duration::ZERO,
@@ -550,6 +557,14 @@ impl Settings {
             return Err(ConfigError::Invalid {
                 key: "http_max_body_bytes",
                 problem: "between 1024 and 268435456 (256 MiB)".to_owned(),
+            });
+        }
+        if self.http_body_timeout < Duration::from_millis(100)
+            || self.http_body_timeout > Duration::from_secs(3600)
+        {
+            return Err(ConfigError::Invalid {
+                key: "http_body_timeout",
+                problem: "between 100ms and 1h, e.g. \"30s\"".to_owned(),
             });
         }
         if self

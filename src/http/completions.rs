@@ -94,8 +94,8 @@ fn request_headers(
     Ok((request_id, deadline))
 }
 
-/// The body as a JSON object, or why not: over the size limit (413), not
-/// JSON (400), not UTF-8 (400), not an object (400).
+/// The body as a JSON object, or why not: over the size limit (413), too
+/// slow (408), not JSON (400), not UTF-8 (400), not an object (400).
 async fn read_body(
     api: &HttpApi,
     headers: &HeaderMap,
@@ -111,8 +111,21 @@ async fn read_body(
             "the request body must be JSON, sent with `Content-Type: application/json`",
         ));
     }
-    let limit = api.max_body_bytes();
-    let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
+    let bounds = api.body_bounds();
+    let limit = bounds.max_bytes;
+    let read = tokio::time::timeout(bounds.timeout, axum::body::to_bytes(body, limit));
+    let Ok(read) = read.await else {
+        return Err(ApiError::new(
+            axum::http::StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            format!(
+                "the request body did not arrive within {} (setting `http_body_timeout`)",
+                humantime::format_duration(bounds.timeout)
+            ),
+        )
+        .code("request_timeout"));
+    };
+    let bytes = read.map_err(|e| {
         if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
             || e.to_string().contains("length limit")
         {

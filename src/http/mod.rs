@@ -42,6 +42,15 @@ use error::{ApiError, Context, to_api_error};
 #[derive(Debug, Clone, Copy)]
 pub struct Peer(pub SocketAddr);
 
+/// How much of a request body the API reads, and how long it waits for it.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyBounds {
+    /// `http_max_body_bytes`.
+    pub max_bytes: usize,
+    /// `http_body_timeout`.
+    pub timeout: std::time::Duration,
+}
+
 /// The HTTP API's shared state; cheap to clone.
 #[derive(Clone)]
 pub struct HttpApi {
@@ -52,7 +61,7 @@ struct Inner {
     generation: Generation,
     authenticator: Arc<Authenticator>,
     refusals: Arc<Refusals>,
-    max_body_bytes: usize,
+    body: BodyBounds,
     serving: AtomicBool,
 }
 
@@ -61,14 +70,14 @@ impl HttpApi {
         generation: Generation,
         authenticator: Arc<Authenticator>,
         refusals: Arc<Refusals>,
-        max_body_bytes: usize,
+        body: BodyBounds,
     ) -> HttpApi {
         HttpApi {
             inner: Arc::new(Inner {
                 generation,
                 authenticator,
                 refusals,
-                max_body_bytes,
+                body,
                 serving: AtomicBool::new(true),
             }),
         }
@@ -101,8 +110,8 @@ impl HttpApi {
         &self.inner.refusals
     }
 
-    fn max_body_bytes(&self) -> usize {
-        self.inner.max_body_bytes
+    fn body_bounds(&self) -> BodyBounds {
+        self.inner.body
     }
 
     /// The tenant behind the request's `Authorization` header.

@@ -974,3 +974,156 @@ async fn a_dependency_down_is_503_with_an_opaque_message() {
     );
     gateway.stop().await.expect("clean stop");
 }
+
+/// Whatever one raw HTTP/1.1 connection gets back before the server closes
+/// it or `within` passes: (the bytes, whether the server closed it).
+async fn raw_exchange(gateway: &TestGateway, sent: &[u8], within: Duration) -> (String, bool) {
+    let mut socket = tokio::net::TcpStream::connect(gateway.http_addr)
+        .await
+        .unwrap();
+    // The server may answer and close before all of it is written.
+    let _ = socket.write_all(sent).await;
+    let mut received = Vec::new();
+    let mut buffer = [0u8; 8192];
+    let closed = tokio::time::timeout(within, async {
+        loop {
+            match socket.read(&mut buffer).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => received.extend_from_slice(&buffer[..n]),
+            }
+        }
+    })
+    .await
+    .is_ok();
+    (String::from_utf8_lossy(&received).into_owned(), closed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_http_input_gets_a_bounded_clear_answer_and_loses_nothing() {
+    let dir = tempfile::tempdir().expect("dir");
+    let mut settings = crate::common::test_settings(&dir);
+    settings.server.handshake_timeout = Duration::from_millis(500);
+    settings.http_body_timeout = Duration::from_millis(500);
+    let gateway = TestGateway::start_with(settings, dir).await;
+    let key = tenant_key(&gateway, "stranger").await;
+    let auth = format!("Bearer {key}");
+    let json_headers = [
+        ("authorization", auth.as_str()),
+        ("content-type", "application/json"),
+    ];
+    let chat = "/v1/chat/completions";
+
+    // JSON nested 100,000 deep inside an ignored field: a parse error, not
+    // a stack overflow.
+    let deep = format!(
+        "{{\"model\":\"tiny\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}],\"metadata\":{}{}}}",
+        "[".repeat(100_000),
+        "]".repeat(100_000)
+    );
+    let nested = send(&gateway, "POST", chat, &json_headers, deep.into_bytes()).await;
+    assert_eq!(nested.status, 400, "{}", nested.body);
+    assert!(nested.error()["message"].as_str().unwrap().contains("JSON"));
+
+    // A lone UTF-16 surrogate escape and a NUL: JSON that is not text.
+    let surrogate = br#"{"model":"tiny","messages":[{"role":"user","content":"\ud800"}]}"#;
+    let reply = send(&gateway, "POST", chat, &json_headers, surrogate.to_vec()).await;
+    assert_eq!(reply.status, 400, "{}", reply.body);
+    let mut body = chat_body(1, false);
+    body["messages"][1]["content"] = json!("nul \u{0} and \u{202e}right-to-left");
+    assert_eq!(post(&gateway, chat, &key, &body).await.status, 200);
+
+    // A prompt far over the model's context, just under the body limit:
+    // 400 naming the field, answered without running the model.
+    let mut long = chat_body(1, false);
+    long["messages"][1]["content"] = json!("word ".repeat(700_000));
+    let reply = post(&gateway, chat, &key, &long).await;
+    assert_eq!(
+        reply.status,
+        400,
+        "{}",
+        &reply.body[..reply.body.len().min(400)]
+    );
+    assert_eq!(reply.error()["param"], "messages", "{}", reply.body);
+
+    // Wrong types where numbers and lists belong, each named.
+    for (field, value) in [
+        ("messages", json!("hello")),
+        ("messages", json!([42])),
+        ("seed", json!(1e300)),
+        ("stop", json!({"a": 1})),
+        ("stream", json!("yes")),
+    ] {
+        let mut body = chat_body(1, false);
+        body[field] = value;
+        let reply = post(&gateway, chat, &key, &body).await;
+        assert_eq!(reply.status, 400, "{field}: {}", reply.body);
+        assert!(
+            reply.error()["param"].as_str().unwrap().starts_with(field),
+            "{field}: {}",
+            reply.body
+        );
+    }
+
+    // A header block of 100 KiB: refused (431) and the connection closed.
+    let huge_header = format!(
+        "POST {chat} HTTP/1.1\r\nhost: g\r\nx-junk: {}\r\ncontent-length: 0\r\n\r\n",
+        "a".repeat(100 * 1024)
+    );
+    let (answer, closed) =
+        raw_exchange(&gateway, huge_header.as_bytes(), Duration::from_secs(10)).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer:?}");
+    assert!(closed);
+
+    // Headers that never end (slowloris): closed after
+    // server.handshake_timeout, not held open.
+    let (_, closed) = raw_exchange(
+        &gateway,
+        format!("POST {chat} HTTP/1.1\r\nhost: g\r\nauthorization: {auth}\r\n").as_bytes(),
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(closed, "a connection whose headers never end is closed");
+
+    // A body that never arrives in full: 408 naming http_body_timeout.
+    let stalled = format!(
+        "POST {chat} HTTP/1.1\r\nhost: g\r\nauthorization: {auth}\r\n\
+         content-type: application/json\r\ncontent-length: 1000\r\n\r\n{{\"model\":"
+    );
+    let (answer, _) = raw_exchange(&gateway, stalled.as_bytes(), Duration::from_secs(10)).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
+    assert!(answer.contains("http_body_timeout"), "{answer:?}");
+
+    // A body longer than its Content-Length, and a bad chunked encoding:
+    // an error status or a closed connection, never a hang.
+    for malformed in [
+        format!(
+            "POST {chat} HTTP/1.1\r\nhost: g\r\nauthorization: {auth}\r\n\
+             content-type: application/json\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n{{}}\r\n"
+        ),
+        format!("POST {chat} HTTP/1.1\r\nhost: g\r\ncontent-length: 99999999999999999999\r\n\r\n"),
+    ] {
+        let (answer, closed) =
+            raw_exchange(&gateway, malformed.as_bytes(), Duration::from_secs(10)).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 4") || (answer.is_empty() && closed),
+            "{answer:?}"
+        );
+    }
+
+    // After all of it the gateway still answers, and metered exactly the
+    // requests that ran: the one 200 above and this one.
+    let mut last = chat_body(2, false);
+    last["request_id"] = json!("after-hostile-1");
+    let reply = post(&gateway, chat, &key, &last).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(
+        wait_for_usage(&gateway, "after-hostile-1", 1).await.len(),
+        1
+    );
+    let (events,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM usage_events")
+        .fetch_one(gateway.db.pool())
+        .await
+        .expect("usage count");
+    assert_eq!(events, 2, "only the two requests that ran are metered");
+    gateway.stop().await.expect("clean stop");
+}
