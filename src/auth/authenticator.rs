@@ -163,13 +163,13 @@ impl Authenticator {
         let Some(header) = header else {
             return Err(unauthenticated(
                 FailureKind::Missing,
-                "missing credentials: send the metadata `authorization: Bearer <key>`",
+                "missing credentials: send `authorization: Bearer <key>` (a gRPC metadata entry or an HTTP header)",
             ));
         };
         let token = bearer_token(header).ok_or_else(|| {
             unauthenticated(
                 FailureKind::Malformed,
-                "malformed `authorization` metadata: expected `Bearer <key>`",
+                "malformed `authorization`: expected `Bearer <key>`",
             )
         })?;
         match key::parse(token) {

@@ -130,6 +130,12 @@ pub(super) async fn send(
                     continue;
                 };
                 if payload == b"[DONE]" {
+                    // Read the body to its end: a stream dropped before it
+                    // is reset by this client, and after 1,024 resets h2
+                    // closes the connection (as with gRPC, see `load`).
+                    while let Some(rest) = body.frame().await {
+                        rest.map_err(|_| "transport".to_owned())?;
+                    }
                     return if sample.completion_tokens > 0 || sample.prompt_tokens > 0 {
                         Ok(())
                     } else {
