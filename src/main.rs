@@ -65,8 +65,13 @@ enum ModelCommand {
     /// Write a complete model directory (config.json, model.safetensors,
     /// tokenizer.json) with seeded random weights and a trained BPE vocabulary.
     Init {
-        #[arg(long, value_parser = ["tiny", "small"], default_value = "small")]
+        #[arg(long, value_parser = ["tiny", "small", "v4-small"], default_value = "small")]
         preset: String,
+        /// Build on this tokenizer: `deepseek-v4` (compiled in) or a
+        /// directory with a Hugging Face tokenizer.json; the embedding and
+        /// output sizes follow its vocabulary
+        #[arg(long, value_name = "DIR|deepseek-v4")]
+        tokenizer: Option<String>,
         #[arg(long, default_value_t = 0)]
         seed: u64,
         #[arg(long, value_name = "DIR")]
@@ -305,6 +310,7 @@ fn model_command(command: &ModelCommand) -> anyhow::Result<()> {
     match command {
         ModelCommand::Init {
             preset,
+            tokenizer,
             seed,
             out,
             format,
@@ -318,6 +324,7 @@ fn model_command(command: &ModelCommand) -> anyhow::Result<()> {
             };
             let options = InitOptions {
                 weight_format,
+                tokenizer: tokenizer.as_deref().map(str::parse).transpose()?,
                 ..InitOptions::default()
             };
             init_model_dir_with(preset, *seed, out, &options)?;

@@ -145,6 +145,10 @@ pub enum Preset {
     Tiny,
     /// The default served model: tens of millions of parameters.
     Small,
+    /// `small`'s layers on DeepSeek V4's own tokenizer (129,280 ids), with
+    /// a narrower hidden size and the embedding tied to the output layer so
+    /// the large vocabulary does not dominate every decode step.
+    V4Small,
 }
 
 impl std::str::FromStr for Preset {
@@ -153,9 +157,10 @@ impl std::str::FromStr for Preset {
         match s {
             "tiny" => Ok(Self::Tiny),
             "small" => Ok(Self::Small),
+            "v4-small" => Ok(Self::V4Small),
             other => Err(config_err(
                 "preset",
-                format!("unknown preset `{other}` (expected tiny or small)"),
+                format!("unknown preset `{other}` (expected tiny, small or v4-small)"),
             )),
         }
     }
@@ -166,7 +171,16 @@ impl Preset {
     pub fn vocab_target(self) -> usize {
         match self {
             Self::Tiny => 512,
-            Self::Small => 4096,
+            Self::Small | Self::V4Small => 4096,
+        }
+    }
+
+    /// The tokenizer this preset is built on, when it is not trained.
+    pub fn tokenizer(self) -> Option<crate::model::vendored::TokenizerSource> {
+        use crate::model::vendored::{TokenizerSource, VendoredTokenizer};
+        match self {
+            Self::Tiny | Self::Small => None,
+            Self::V4Small => Some(TokenizerSource::Vendored(VendoredTokenizer::DeepSeekV4)),
         }
     }
 
@@ -208,27 +222,34 @@ impl Preset {
             initializer_range: Some(0.02),
             torch_dtype: Some("bfloat16".into()),
         };
+        let small = ModelConfig {
+            hidden_size: 512,
+            num_hidden_layers: 6,
+            num_attention_heads: 8,
+            num_key_value_heads: Some(8),
+            q_lora_rank: Some(256),
+            kv_lora_rank: 128,
+            qk_rope_head_dim: 32,
+            qk_nope_head_dim: 64,
+            v_head_dim: 64,
+            intermediate_size: 1408,
+            moe_intermediate_size: 256,
+            n_routed_experts: Some(16),
+            n_shared_experts: Some(1),
+            num_experts_per_tok: Some(4),
+            n_group: 4,
+            topk_group: 2,
+            max_position_embeddings: 4096,
+            ..base.clone()
+        };
         match self {
             Self::Tiny => base,
-            Self::Small => ModelConfig {
-                hidden_size: 512,
-                num_hidden_layers: 6,
-                num_attention_heads: 8,
-                num_key_value_heads: Some(8),
-                q_lora_rank: Some(256),
-                kv_lora_rank: 128,
-                qk_rope_head_dim: 32,
-                qk_nope_head_dim: 64,
-                v_head_dim: 64,
-                intermediate_size: 1408,
-                moe_intermediate_size: 256,
-                n_routed_experts: Some(16),
-                n_shared_experts: Some(1),
-                num_experts_per_tok: Some(4),
-                n_group: 4,
-                topk_group: 2,
-                max_position_embeddings: 4096,
-                ..base
+            Self::Small => small,
+            Self::V4Small => ModelConfig {
+                hidden_size: 256,
+                q_lora_rank: Some(128),
+                tie_word_embeddings: true,
+                ..small
             },
         }
     }

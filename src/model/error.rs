@@ -62,6 +62,17 @@ pub enum ModelError {
     /// The tokenizer file could not be loaded, trained or used.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    /// The tokenizer can produce ids the model has no embedding for.
+    #[error(
+        "tokenizer.json has {tokenizer} ids but config.json's vocab_size is {config}: \
+         every id the tokenizer can produce needs a row of the embedding"
+    )]
+    VocabMismatch {
+        /// Ids of `tokenizer.json` (the largest id plus one).
+        tokenizer: usize,
+        /// `vocab_size` of `config.json`.
+        config: usize,
+    },
     /// Input bytes are not valid UTF-8.
     #[error("input is not valid UTF-8 (first bad byte at offset {offset})")]
     InvalidUtf8 {

@@ -21,7 +21,8 @@
 //! - [`rope`]: rotary frequencies, DeepSeek-V3 YaRN scaling.
 //! - [`sampling`], [`generation`]: token choice and per-request generation state.
 //! - [`served_as`]: charging the cost of a full-size shape while running a small one.
-//! - [`init`]: `model init` as a library function.
+//! - [`init`]: `model init` as a library function; [`vendored`]: tokenizers compiled in
+//!   (DeepSeek V4's).
 //!
 //! # Serving contract
 //!
@@ -51,6 +52,7 @@ pub mod sampling;
 pub mod served_as;
 pub mod tokenizer;
 pub mod transformer;
+pub mod vendored;
 pub mod weights;
 
 pub use config::{ModelConfig, Preset};

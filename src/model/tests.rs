@@ -399,6 +399,7 @@ fn int8_and_fp8_checkpoints_load_and_track_bf16() {
             &InitOptions {
                 weight_format: fmt,
                 shards: 2,
+                ..InitOptions::default()
             },
         )
         .unwrap();

@@ -32,6 +32,9 @@ pub const EOS: &str = "<｜end▁of▁sentence｜>";
 pub const USER: &str = "<｜User｜>";
 /// DeepSeek-V3's assistant role marker.
 pub const ASSISTANT: &str = "<｜Assistant｜>";
+/// Ends the (empty) reasoning of a DeepSeek V3.1+ answer: its published
+/// encoding puts it after the assistant marker in non-thinking mode.
+pub const END_THINK: &str = "</think>";
 
 fn tok_err(e: impl std::fmt::Display) -> ModelError {
     ModelError::Tokenizer(e.to_string())
@@ -81,6 +84,12 @@ pub struct Tokenizer {
     plain: tokenizers::Tokenizer,
     bos: Option<u32>,
     eos: Option<u32>,
+    /// Whether a raw prompt starts with BOS (`tokenizer_config.json`'s
+    /// `add_bos_token`; DeepSeek V4 says no, our trained vocabularies yes).
+    add_bos_token: bool,
+    /// `</think>`, when the vocabulary has it: the chat format then marks
+    /// every assistant turn as non-thinking, as DeepSeek's encoding does.
+    end_think: Option<u32>,
     /// Fixed once loaded; kept because the library builds the whole
     /// vocabulary map to count it, which costs more than a request.
     vocab_size: usize,
@@ -110,6 +119,8 @@ struct TokenizerConfig {
     bos_token: Option<TokenName>,
     #[serde(default)]
     eos_token: Option<TokenName>,
+    #[serde(default)]
+    add_bos_token: Option<bool>,
 }
 
 impl Tokenizer {
@@ -134,36 +145,65 @@ impl Tokenizer {
         let eos = cfg
             .eos_token
             .map_or_else(|| EOS.to_string(), TokenName::into_string);
-        Ok(Self::from_inner(inner, &bos, &eos))
+        let mut tokenizer = Self::from_inner(inner, &bos, &eos)
+            .map_err(|e| tok_err(format!("{}: {e}", path.display())))?;
+        tokenizer.add_bos_token = cfg.add_bos_token.unwrap_or(true);
+        Ok(tokenizer)
     }
 
-    fn from_inner(inner: tokenizers::Tokenizer, bos: &str, eos: &str) -> Self {
+    /// `inner` with every added token marked special, so that with
+    /// `encode_special_tokens` none is matched in text. The library skips
+    /// only the special ones, and real vocabularies mark control tokens
+    /// such as DeepSeek V4's `<｜User｜>` and `<think>` as not special:
+    /// typed by a tenant they would otherwise become control tokens.
+    fn plain_twin(inner: &tokenizers::Tokenizer) -> Result<tokenizers::Tokenizer> {
+        let mut json: serde_json::Value =
+            serde_json::from_str(&inner.to_string(false).map_err(tok_err)?).map_err(tok_err)?;
+        if let Some(added) = json
+            .get_mut("added_tokens")
+            .and_then(serde_json::Value::as_array_mut)
+        {
+            for token in added {
+                token["special"] = serde_json::Value::Bool(true);
+            }
+        }
+        let mut plain =
+            tokenizers::Tokenizer::from_bytes(json.to_string().as_bytes()).map_err(tok_err)?;
+        plain.set_encode_special_tokens(true);
+        Ok(plain)
+    }
+
+    fn from_inner(inner: tokenizers::Tokenizer, bos: &str, eos: &str) -> Result<Self> {
         let bos = inner.token_to_id(bos);
         let eos = inner.token_to_id(eos);
-        let mut plain = inner.clone();
-        plain.set_encode_special_tokens(true);
-        let vocab_size = inner.get_vocab_size(true);
+        let end_think = inner.token_to_id(END_THINK);
+        let plain = Self::plain_twin(&inner)?;
+        let vocab = inner.get_vocab(true);
+        // The largest id plus one: ids need not be dense.
+        let vocab_size = vocab.values().max().map_or(0, |&id| id as usize + 1);
         // A token's string is at least as long in UTF-8 as the input bytes
         // it matches (byte-level BPE spells each byte as one char; added
         // tokens are their literal text). A normalizer could shrink the
-        // input first, and then nothing bounds it.
-        let max_token_bytes = inner.get_normalizer().is_none().then(|| {
-            inner
-                .get_vocab(true)
-                .keys()
-                .map(String::len)
-                .max()
-                .unwrap_or(1)
-                .max(1)
-        });
-        Self {
+        // input first, and then nothing bounds it (an empty sequence of
+        // normalizers, as DeepSeek V4 declares, changes nothing).
+        let no_normalizer = match inner.get_normalizer() {
+            None => true,
+            Some(normalizer) => serde_json::to_value(normalizer).is_ok_and(|v| {
+                v["type"] == "Sequence" && v["normalizers"] == serde_json::json!([])
+            }),
+        };
+        let max_token_bytes =
+            no_normalizer.then(|| vocab.keys().map(String::len).max().unwrap_or(1).max(1));
+        Ok(Self {
             inner,
             plain,
             bos,
             eos,
+            add_bos_token: true,
+            end_think,
             vocab_size,
             max_token_bytes,
-        }
+        })
     }
 
     /// Trains a byte-level BPE vocabulary of at most `vocab_size` entries (special tokens
@@ -187,7 +227,7 @@ impl Tokenizer {
         // Enough generated text for the merges to reach the target (about 12 sentences per entry).
         let corpus = training_corpus(seed, 12 * vocab_size);
         tk.train(&mut trainer, corpus.iter()).map_err(tok_err)?;
-        Ok(Self::from_inner(tk, BOS, EOS))
+        Self::from_inner(tk, BOS, EOS)
     }
 
     /// Writes `tokenizer.json` and `tokenizer_config.json`.
@@ -199,7 +239,7 @@ impl Tokenizer {
         let cfg = serde_json::json!({
             "bos_token": name(self.bos),
             "eos_token": name(self.eos),
-            "add_bos_token": self.bos.is_some(),
+            "add_bos_token": self.bos.is_some() && self.add_bos_token,
         });
         let path = dir.join(TOKENIZER_CONFIG_FILE);
         std::fs::write(&path, cfg.to_string()).map_err(|e| io_err(&path, e))
@@ -209,6 +249,19 @@ impl Tokenizer {
     pub fn vocab_size(&self) -> usize {
         self.vocab_size
     }
+    /// Checks that every id this tokenizer produces is below `vocab_size`
+    /// (a model's embedding rows). Fewer ids than rows is normal: real
+    /// checkpoints pad the embedding.
+    pub fn check_fits(&self, vocab_size: usize) -> Result<()> {
+        if self.vocab_size > vocab_size {
+            return Err(ModelError::VocabMismatch {
+                tokenizer: self.vocab_size,
+                config: vocab_size,
+            });
+        }
+        Ok(())
+    }
+
     /// BOS id, if the vocabulary has one.
     pub fn bos_id(&self) -> Option<u32> {
         self.bos
@@ -229,13 +282,17 @@ impl Tokenizer {
         self.max_token_bytes.map(|max| bytes / max)
     }
 
-    /// Token ids of `text` with special-token strings kept as plain text
-    /// (what a raw prompt from a client is); with `add_bos` the BOS id is
-    /// prepended when the vocabulary has one.
+    /// Token ids of `text` with every added token's string kept as plain
+    /// text (what a raw prompt from a client is); with `add_bos` the BOS id
+    /// is prepended when the vocabulary has one and its configuration asks
+    /// for it (`add_bos_token`).
     pub fn encode_plain(&self, text: &str, add_bos: bool) -> Result<Vec<u32>> {
         let enc = self.plain.encode_fast(text, false).map_err(tok_err)?;
         let mut ids = Vec::with_capacity(enc.len() + 1);
-        if add_bos && let Some(b) = self.bos {
+        if add_bos
+            && self.add_bos_token
+            && let Some(b) = self.bos
+        {
             ids.push(b);
         }
         ids.extend_from_slice(enc.get_ids());
@@ -243,11 +300,14 @@ impl Tokenizer {
     }
 
     /// Token ids of `text` (special-token strings in the text become their ids); with `add_bos`
-    /// the BOS id is prepended when the vocabulary has one.
+    /// the BOS id is prepended as [`Self::encode_plain`] does.
     pub fn encode(&self, text: &str, add_bos: bool) -> Result<Vec<u32>> {
         let enc = self.inner.encode_fast(text, false).map_err(tok_err)?;
         let mut ids = Vec::with_capacity(enc.len() + 1);
-        if add_bos && let Some(b) = self.bos {
+        if add_bos
+            && self.add_bos_token
+            && let Some(b) = self.bos
+        {
             ids.push(b);
         }
         ids.extend_from_slice(enc.get_ids());
@@ -278,9 +338,12 @@ impl Tokenizer {
         self.inner.decode(ids, skip_special).map_err(tok_err)
     }
 
-    /// Renders chat messages in DeepSeek-V3's format: `BOS system <｜User｜>u <｜Assistant｜>a EOS
+    /// Renders chat messages in DeepSeek's format: `BOS system <｜User｜>u <｜Assistant｜>a EOS
     /// ... <｜Assistant｜>` (the last marker when `add_generation_prompt`). System messages must
-    /// come first.
+    /// come first. With a vocabulary that has `</think>` (V3.1 and later, V4) every assistant
+    /// marker is followed by it, as DeepSeek's published `encoding_dsv32` renders the
+    /// non-thinking mode: `<｜Assistant｜></think>a EOS`. V4's `tokenizer_config.json` carries
+    /// no chat template, so that encoding is the source.
     pub fn render_chat(
         &self,
         messages: &[ChatMessage],
@@ -317,6 +380,9 @@ impl Tokenizer {
                 Role::Assistant => {
                     seen_turn = true;
                     out.push_str(ASSISTANT);
+                    if self.end_think.is_some() {
+                        out.push_str(END_THINK);
+                    }
                     out.push_str(&m.content);
                     out.push_str(&eos);
                 }
@@ -324,6 +390,9 @@ impl Tokenizer {
         }
         if add_generation_prompt {
             out.push_str(ASSISTANT);
+            if self.end_think.is_some() {
+                out.push_str(END_THINK);
+            }
         }
         Ok(out)
     }
@@ -351,7 +420,10 @@ impl Tokenizer {
             match m.role {
                 Role::System => {}
                 Role::User => ids.push(user),
-                Role::Assistant => ids.push(assistant),
+                Role::Assistant => {
+                    ids.push(assistant);
+                    ids.extend(self.end_think);
+                }
             }
             ids.extend(plain(&m.content)?);
             if m.role == Role::Assistant {
@@ -359,6 +431,7 @@ impl Tokenizer {
             }
         }
         ids.push(assistant);
+        ids.extend(self.end_think);
         Ok(ids)
     }
 }

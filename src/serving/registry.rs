@@ -126,13 +126,16 @@ impl ServedModel {
                 .map_err(model_error)?;
         }
         let tokenizer = Arc::new(Tokenizer::from_dir(&dir).map_err(model_error)?);
+        let config = ModelConfig::from_file(&dir.join("config.json")).map_err(model_error)?;
+        tokenizer
+            .check_fits(config.vocab_size)
+            .map_err(model_error)?;
         let shared = Arc::new(Shared::new(QueueLimits {
             max_requests: settings.max_queue_requests,
             max_tokens: settings.max_queue_tokens,
             aging_step: settings.aging_step,
         }));
         if settings.engine == Engine::Echo {
-            let config = ModelConfig::from_file(&dir.join("config.json")).map_err(model_error)?;
             let mut threads = Vec::new();
             for n in 0..settings.workers.max(1) {
                 let worker = EchoWorker {

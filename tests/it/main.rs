@@ -9,6 +9,7 @@ mod bench;
 mod billing;
 mod common;
 mod crash;
+mod deepseek_tokenizer;
 mod generate;
 mod hostile;
 mod hosts;
