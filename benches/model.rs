@@ -1,6 +1,7 @@
-//! Prefill and decode throughput of the `small` preset at batch 1, 8 and 32 on this CPU, with
-//! the emulated device time per step printed next to them and per-operator profiles of one
-//! prefill step (batch 8) and one decode step (batch 32).
+//! Prefill and decode throughput of the `small` preset (trained 4,096-entry vocabulary) and of
+//! `v4-small` (DeepSeek V4's 129,280-entry tokenizer, hidden 256, tied embedding) at batch 1, 8
+//! and 32 on this CPU, in one run, with the emulated device time per step printed next to them
+//! and per-operator profiles of one prefill step (batch 8) and one decode step (batch 32).
 //!
 //! Owns only measurement; it must not assert timings. Run: `cargo bench --bench model`.
 
@@ -14,10 +15,10 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
 const PROMPT: usize = 64;
 
-fn setup() -> Model {
-    let dir = std::env::temp_dir().join(format!("model-bench-small-{}", std::process::id()));
-    init_model_dir(Preset::Small, 1, &dir).expect("init small");
-    let m = Model::load(&dir, &LoadOptions::default()).expect("load small");
+fn setup(preset: Preset, name: &str) -> Model {
+    let dir = std::env::temp_dir().join(format!("model-bench-{name}-{}", std::process::id()));
+    init_model_dir(preset, 1, &dir).expect("init");
+    let m = Model::load(&dir, &LoadOptions::default()).expect("load");
     let _ = std::fs::remove_dir_all(&dir);
     m
 }
@@ -29,9 +30,19 @@ fn prompt(seq: u64, vocab: usize) -> Vec<u32> {
 }
 
 fn bench(c: &mut Criterion) {
-    let m = setup();
+    for (preset, name) in [(Preset::Small, "small"), (Preset::V4Small, "v4-small")] {
+        bench_preset(c, preset, name);
+    }
+}
+
+fn bench_preset(c: &mut Criterion, preset: Preset, name: &str) {
+    let m = setup(preset, name);
     let vocab = m.config().vocab_size;
-    let mut g = c.benchmark_group("small");
+    eprintln!(
+        "{name}: vocab_size {vocab}, hidden_size {}",
+        m.config().hidden_size
+    );
+    let mut g = c.benchmark_group(name);
     g.sample_size(10);
     g.measurement_time(std::time::Duration::from_secs(4));
     g.warm_up_time(std::time::Duration::from_millis(500));
