@@ -78,6 +78,24 @@ pub enum StartupError {
     RedisReadOnly { url: String, role: String },
 }
 
+impl StartupError {
+    /// Whether the settings themselves are wrong (the binary exits 2, as
+    /// for a bad flag): a served model whose directory cannot be loaded
+    /// (a tokenizer that does not parse, more token ids than the embedding
+    /// has rows, no directory to load) is named by the `models` setting.
+    pub fn is_configuration(&self) -> bool {
+        use crate::serving::ServingError;
+        matches!(
+            self,
+            StartupError::Serving(
+                ServingError::Model { .. }
+                    | ServingError::MissingDir { .. }
+                    | ServingError::Device { .. }
+            )
+        )
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("the gRPC server failed: {0}")]

@@ -214,7 +214,14 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", ascend_gateway::error::one_line(e.as_ref()));
-            ExitCode::from(EXIT_FAILURE)
+            let configuration = e
+                .downcast_ref::<ascend_gateway::app::StartupError>()
+                .is_some_and(ascend_gateway::app::StartupError::is_configuration);
+            ExitCode::from(if configuration {
+                EXIT_USAGE
+            } else {
+                EXIT_FAILURE
+            })
         }
     }
 }

@@ -127,3 +127,46 @@ fn unreachable_or_read_only_redis_names_the_setting() {
         "{line}"
     );
 }
+
+#[test]
+fn a_model_whose_tokenizer_is_broken_or_too_large_is_a_usage_error_naming_both_sizes() {
+    use ascend_gateway::model::vendored::{TokenizerSource, VendoredTokenizer};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let model = dir.path().join("model");
+    ascend_gateway::model::init_model_dir(ascend_gateway::model::Preset::Tiny, 5, &model)
+        .expect("init");
+    let file = dir.path().join("gateway.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "listen = \"127.0.0.1:0\"\n[[models]]\nid = \"m\"\ndir = {:?}\n",
+            model.to_str().expect("utf8")
+        ),
+    )
+    .expect("write");
+    let serve = || {
+        gateway(
+            &["serve", "--config", file.to_str().expect("utf8")],
+            dir.path(),
+        )
+    };
+
+    // DeepSeek V4's 129,280 ids on the tiny model's 512-row embedding.
+    TokenizerSource::Vendored(VendoredTokenizer::DeepSeekV4)
+        .write_to(&model)
+        .expect("write tokenizer");
+    let output = serve();
+    assert_eq!(output.status.code(), Some(2));
+    let line = one_error_line(&output);
+    assert!(
+        line.contains("129280") && line.contains("vocab_size is 512"),
+        "{line}"
+    );
+
+    // A tokenizer.json that does not parse.
+    std::fs::write(model.join("tokenizer.json"), "{\"model\": ").expect("write");
+    let output = serve();
+    assert_eq!(output.status.code(), Some(2));
+    let line = one_error_line(&output);
+    assert!(line.contains("tokenizer.json"), "{line}");
+}
