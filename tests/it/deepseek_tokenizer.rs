@@ -207,5 +207,28 @@ async fn count_tokens_and_billed_usage_equal_deepseeks_counts_over_grpc() {
         .usage
         .expect("usage");
     assert_eq!(usage.prompt_tokens, 11, "billed as DeepSeek V4 counts it");
+
+    // The HTTP API bills the same count.
+    let body = serde_json::json!({"model": "v4", "prompt": prompt, "max_tokens": 4});
+    let request = hyper::Request::post(format!("http://{}/v1/completions", gateway.http_addr))
+        .header("authorization", format!("Bearer {key}"))
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(hyper::body::Bytes::from(
+            body.to_string(),
+        )))
+        .expect("request");
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http();
+    let response = client.request(request).await.expect("HTTP answer");
+    assert_eq!(response.status(), 200);
+    use http_body_util::BodyExt as _;
+    let bytes = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    let answer: serde_json::Value = serde_json::from_slice(&bytes).expect("JSON");
+    assert_eq!(answer["usage"]["prompt_tokens"], 11, "{answer}");
     gateway.stop().await.expect("clean stop");
 }
