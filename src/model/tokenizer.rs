@@ -322,7 +322,8 @@ impl Tokenizer {
         self.encode(text, add_bos)
     }
 
-    /// Number of tokens of `text` (no BOS): what billing counts.
+    /// Number of tokens [`Self::encode`] gives `text` (no BOS; added tokens in the text
+    /// matched). A tenant's prompt is billed as [`Self::encode_plain`] encodes it.
     pub fn count(&self, text: &str) -> Result<usize> {
         Ok(self.inner.encode_fast(text, false).map_err(tok_err)?.len())
     }
