@@ -82,17 +82,21 @@ impl StartupError {
     /// Whether the settings themselves are wrong (the binary exits 2, as
     /// for a bad flag): a served model whose directory cannot be loaded
     /// (a tokenizer that does not parse, more token ids than the embedding
-    /// has rows, no directory to load) is named by the `models` setting.
+    /// has rows, no directory to load) is named by the `models` setting;
+    /// an I/O failure reading or writing it is not.
     pub fn is_configuration(&self) -> bool {
+        use crate::model::ModelError;
         use crate::serving::ServingError;
-        matches!(
-            self,
+        match self {
+            // A disk that fails or fills is the machine's fault, not the settings'.
+            StartupError::Serving(ServingError::Model { source, .. }) => {
+                !matches!(source, ModelError::Io { .. })
+            }
             StartupError::Serving(
-                ServingError::Model { .. }
-                    | ServingError::MissingDir { .. }
-                    | ServingError::Device { .. }
-            )
-        )
+                ServingError::MissingDir { .. } | ServingError::Device { .. },
+            ) => true,
+            _ => false,
+        }
     }
 }
 

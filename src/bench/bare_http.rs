@@ -1,19 +1,17 @@
 //! The HTTP reference for the overhead benchmark: the gateway's own HTTP
-//! listener (the same hyper-util server, HTTP/1.1 and h2c) with one route,
-//! a streamed `/v1/completions` that echoes the prompt in OpenAI's chunk
-//! shape at once: no authentication, limits, queue, tokenizer or
+//! listener (the same hyper-util server, HTTP/1.1 and h2c) and SSE writer
+//! with one route, a streamed `/v1/completions` that echoes the prompt in
+//! OpenAI's chunk shape at once: no authentication, limits, queue, tokenizer or
 //! metering. What the gateway's HTTP path costs beyond this is the gateway.
 //!
 //! Knows the wire shape of a completion chunk, not the gateway's handlers.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
 use axum::http::StatusCode;
-use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use serde::Deserialize;
@@ -62,9 +60,10 @@ async fn echo(body: Bytes) -> Response {
             }),
         ),
         "[DONE]".to_owned(),
-    ]
-    .map(|data| Ok::<_, Infallible>(Event::default().data(data)));
-    Sse::new(tokio_stream::iter(events)).into_response()
+    ];
+    // The gateway's own SSE writer: the reference frames events as the
+    // gateway does (all four ready at once, so one frame).
+    crate::http::sse_response(Box::pin(tokio_stream::iter(events)))
 }
 
 /// A running bare HTTP echo server.

@@ -31,6 +31,7 @@ use axum::routing::{get, post};
 
 pub use error::status_of;
 pub use server::serve;
+pub use sse::response as sse_response;
 
 use crate::api::refusals::Refusals;
 use crate::auth::{Authenticator, Principal, Requirement, TenantPrincipal};

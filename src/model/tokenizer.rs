@@ -87,8 +87,10 @@ pub struct Tokenizer {
     /// Whether a raw prompt starts with BOS (`tokenizer_config.json`'s
     /// `add_bos_token`; DeepSeek V4 says no, our trained vocabularies yes).
     add_bos_token: bool,
-    /// `</think>`, when the vocabulary has it: the chat format then marks
-    /// every assistant turn as non-thinking, as DeepSeek's encoding does.
+    /// `</think>`, when the vocabulary has it and `tokenizer_config.json`
+    /// carries no chat template of its own (V4 carries none): the chat
+    /// format then marks every assistant turn as non-thinking, as
+    /// DeepSeek's V3.2 encoding does.
     end_think: Option<u32>,
     /// Fixed once loaded; kept because the library builds the whole
     /// vocabulary map to count it, which costs more than a request.
@@ -121,6 +123,10 @@ struct TokenizerConfig {
     eos_token: Option<TokenName>,
     #[serde(default)]
     add_bos_token: Option<bool>,
+    /// A Jinja template of its own (R1, V3-0324 and others carry one); we
+    /// render DeepSeek's encoding and add `</think>` only without one.
+    #[serde(default)]
+    chat_template: Option<serde_json::Value>,
 }
 
 impl Tokenizer {
@@ -148,6 +154,10 @@ impl Tokenizer {
         let mut tokenizer = Self::from_inner(inner, &bos, &eos)
             .map_err(|e| tok_err(format!("{}: {e}", path.display())))?;
         tokenizer.add_bos_token = cfg.add_bos_token.unwrap_or(true);
+        if cfg.chat_template.is_some() {
+            // Not DeepSeek V3.1+/V4's encoding: keep the plain V3 layout.
+            tokenizer.end_think = None;
+        }
         Ok(tokenizer)
     }
 

@@ -80,12 +80,25 @@ impl TokenizerSource {
                 }
             }
             Self::Dir(dir) => {
+                let same = |a: &Path, b: &Path| {
+                    a.canonicalize()
+                        .ok()
+                        .is_some_and(|a| b.canonicalize().ok() == Some(a))
+                };
+                if same(dir, out) {
+                    return Err(config_err(
+                        "tokenizer",
+                        format!("{} is the directory being written", dir.display()),
+                    ));
+                }
                 for name in [TOKENIZER_FILE, TOKENIZER_CONFIG_FILE] {
                     let from = dir.join(name);
+                    let to = out.join(name);
                     if name == TOKENIZER_CONFIG_FILE && !from.exists() {
+                        // No stale companion from an earlier init.
+                        let _ = std::fs::remove_file(&to);
                         continue;
                     }
-                    let to = out.join(name);
                     std::fs::copy(&from, &to).map_err(|e| io_err(&from, e))?;
                 }
             }
