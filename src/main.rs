@@ -63,7 +63,8 @@ enum FormatArg {
 #[derive(Subcommand)]
 enum ModelCommand {
     /// Write a complete model directory (config.json, model.safetensors,
-    /// tokenizer.json) with seeded random weights and a trained BPE vocabulary.
+    /// tokenizer.json) with seeded random weights, on a trained BPE
+    /// vocabulary or a given tokenizer.
     Init {
         #[arg(long, value_parser = ["tiny", "small", "v4-small"], default_value = "small")]
         preset: String,

@@ -16,7 +16,7 @@ use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
 
 use super::BenchError;
-use super::load::{Sample, micros};
+use super::load::Sample;
 use crate::api::pb::v1::GenerateRequest;
 
 /// One HTTP/2 connection (the client's pool holds one per host when it
@@ -145,17 +145,15 @@ pub(super) async fn send(
                 let chunk: Chunk =
                     serde_json::from_slice(payload).map_err(|_| "framing".to_owned())?;
                 if chunk.choices.iter().any(|c| !c.text.is_empty()) {
-                    match last {
-                        None => sample.ttft_us = Some(micros(now - sent)),
-                        Some(previous) => sample.inter_token_us.push(micros(now - previous)),
-                    }
-                    last = Some(now);
+                    sample.token_at(sent, &mut last, now);
                 }
-                if let Some(usage) = chunk.usage {
-                    sample.prompt_tokens = usage.prompt_tokens;
-                    sample.completion_tokens = usage.completion_tokens;
-                    sample.device_time_us = usage.device_time_us;
-                    sample.energy_mj = usage.energy_mj;
+                if let Some(u) = chunk.usage {
+                    sample.set_usage(
+                        u.prompt_tokens,
+                        u.completion_tokens,
+                        u.device_time_us,
+                        u.energy_mj,
+                    );
                 }
             }
         }

@@ -91,7 +91,7 @@ pub struct Sample {
 /// How long a closed-loop client waits after a failed request.
 pub const REFUSAL_BACKOFF: Duration = Duration::from_millis(50);
 
-pub(super) fn micros(d: Duration) -> u64 {
+fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
@@ -115,25 +115,49 @@ async fn one_request(
         energy_mj: 0,
         outcome: Err("no answer".to_owned()),
     };
-    let channel = match connection {
-        Connection::Grpc(channel) => channel,
-        Connection::Http(http) => {
-            let result = http_load::send(&http, key, &request, sent, &mut sample).await;
-            sample.e2e_us = micros(sent.elapsed());
-            sample.outcome = result;
-            return sample;
-        }
+    let result = match connection {
+        Connection::Grpc(channel) => grpc_send(channel, key, request, sent, &mut sample).await,
+        Connection::Http(http) => http_load::send(&http, key, &request, sent, &mut sample).await,
     };
-    let mut message = tonic::Request::new(request);
-    match format!("Bearer {key}").parse() {
-        Ok(value) => {
-            message.metadata_mut().insert("authorization", value);
+    sample.e2e_us = micros(sent.elapsed());
+    sample.outcome = result;
+    sample
+}
+
+impl Sample {
+    /// A message with text arrived at `now`: the time to the first one, or
+    /// the gap since `last`, which it then becomes.
+    pub(super) fn token_at(&mut self, sent: Instant, last: &mut Option<Instant>, now: Instant) {
+        match *last {
+            None => self.ttft_us = Some(micros(now - sent)),
+            Some(previous) => self.inter_token_us.push(micros(now - previous)),
         }
-        Err(_) => {
-            sample.outcome = Err("bad key".to_owned());
-            return sample;
-        }
+        *last = Some(now);
     }
+
+    /// The usage the answer reported.
+    pub(super) fn set_usage(&mut self, prompt: u32, completion: u32, device_us: u64, mj: u64) {
+        self.prompt_tokens = prompt;
+        self.completion_tokens = completion;
+        self.device_time_us = device_us;
+        self.energy_mj = mj;
+    }
+}
+
+/// Sends `request` as a `GenerateStream` and fills `sample`'s timings and
+/// usage; the error is the status code's name.
+async fn grpc_send(
+    channel: Channel,
+    key: &str,
+    request: GenerateRequest,
+    sent: Instant,
+    sample: &mut Sample,
+) -> Result<(), String> {
+    let mut message = tonic::Request::new(request);
+    let value = format!("Bearer {key}")
+        .parse()
+        .map_err(|_| "bad key".to_owned())?;
+    message.metadata_mut().insert("authorization", value);
     let mut client = InferenceClient::new(channel);
     let result = async {
         let mut stream = client.generate_stream(message).await?.into_inner();
@@ -141,19 +165,15 @@ async fn one_request(
         while let Some(message) = stream.next().await {
             let now = Instant::now();
             match message?.event {
-                Some(Event::Delta(_)) => {
-                    match last {
-                        None => sample.ttft_us = Some(micros(now - sent)),
-                        Some(previous) => sample.inter_token_us.push(micros(now - previous)),
-                    }
-                    last = Some(now);
-                }
+                Some(Event::Delta(_)) => sample.token_at(sent, &mut last, now),
                 Some(Event::Complete(done)) => {
                     if let Some(usage) = done.usage {
-                        sample.prompt_tokens = usage.prompt_tokens;
-                        sample.completion_tokens = usage.completion_tokens;
-                        sample.device_time_us = usage.device_time_us;
-                        sample.energy_mj = usage.energy_mj;
+                        sample.set_usage(
+                            usage.prompt_tokens,
+                            usage.completion_tokens,
+                            usage.device_time_us,
+                            usage.energy_mj,
+                        );
                     }
                     // Read the stream to its end (the trailers): a stream
                     // dropped before them is reset by this client's HTTP/2
@@ -174,9 +194,7 @@ async fn one_request(
         ))
     }
     .await;
-    sample.e2e_us = micros(sent.elapsed());
-    sample.outcome = result.map_err(|status: tonic::Status| format!("{:?}", status.code()));
-    sample
+    result.map_err(|status: tonic::Status| format!("{:?}", status.code()))
 }
 
 /// Runs `arrival` for `duration` (no new request after it; those in flight

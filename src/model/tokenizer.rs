@@ -129,6 +129,16 @@ struct TokenizerConfig {
     chat_template: Option<serde_json::Value>,
 }
 
+/// What `tokenizer_config.json` decides about a vocabulary's layout.
+struct Layout<'a> {
+    bos: &'a str,
+    eos: &'a str,
+    /// Whether a raw prompt starts with BOS.
+    add_bos_token: bool,
+    /// Whether assistant turns get `</think>` (when the vocabulary has it).
+    end_think: bool,
+}
+
 impl Tokenizer {
     /// Loads `tokenizer.json` (and `tokenizer_config.json` for BOS/EOS names when present;
     /// otherwise DeepSeek's names are looked up).
@@ -151,14 +161,15 @@ impl Tokenizer {
         let eos = cfg
             .eos_token
             .map_or_else(|| EOS.to_string(), TokenName::into_string);
-        let mut tokenizer = Self::from_inner(inner, &bos, &eos)
-            .map_err(|e| tok_err(format!("{}: {e}", path.display())))?;
-        tokenizer.add_bos_token = cfg.add_bos_token.unwrap_or(true);
-        if cfg.chat_template.is_some() {
-            // Not DeepSeek V3.1+/V4's encoding: keep the plain V3 layout.
-            tokenizer.end_think = None;
-        }
-        Ok(tokenizer)
+        let layout = Layout {
+            bos: &bos,
+            eos: &eos,
+            add_bos_token: cfg.add_bos_token.unwrap_or(true),
+            // A template of its own is not DeepSeek V3.1+/V4's encoding:
+            // keep the plain V3 layout.
+            end_think: cfg.chat_template.is_none(),
+        };
+        Self::from_inner(inner, &layout).map_err(|e| tok_err(format!("{}: {e}", path.display())))
     }
 
     /// `inner` with every added token marked special, so that with
@@ -183,10 +194,13 @@ impl Tokenizer {
         Ok(plain)
     }
 
-    fn from_inner(inner: tokenizers::Tokenizer, bos: &str, eos: &str) -> Result<Self> {
-        let bos = inner.token_to_id(bos);
-        let eos = inner.token_to_id(eos);
-        let end_think = inner.token_to_id(END_THINK);
+    fn from_inner(inner: tokenizers::Tokenizer, layout: &Layout<'_>) -> Result<Self> {
+        let bos = inner.token_to_id(layout.bos);
+        let eos = inner.token_to_id(layout.eos);
+        let end_think = layout
+            .end_think
+            .then(|| inner.token_to_id(END_THINK))
+            .flatten();
         let plain = Self::plain_twin(&inner)?;
         let vocab = inner.get_vocab(true);
         // The largest id plus one: ids need not be dense.
@@ -209,7 +223,7 @@ impl Tokenizer {
             plain,
             bos,
             eos,
-            add_bos_token: true,
+            add_bos_token: layout.add_bos_token,
             end_think,
             vocab_size,
             max_token_bytes,
@@ -237,7 +251,15 @@ impl Tokenizer {
         // Enough generated text for the merges to reach the target (about 12 sentences per entry).
         let corpus = training_corpus(seed, 12 * vocab_size);
         tk.train(&mut trainer, corpus.iter()).map_err(tok_err)?;
-        Self::from_inner(tk, BOS, EOS)
+        Self::from_inner(
+            tk,
+            &Layout {
+                bos: BOS,
+                eos: EOS,
+                add_bos_token: true,
+                end_think: true,
+            },
+        )
     }
 
     /// Writes `tokenizer.json` and `tokenizer_config.json`.
@@ -298,30 +320,24 @@ impl Tokenizer {
     /// for it (`add_bos_token`).
     pub fn encode_plain(&self, text: &str, add_bos: bool) -> Result<Vec<u32>> {
         let enc = self.plain.encode_fast(text, false).map_err(tok_err)?;
-        let mut ids = Vec::with_capacity(enc.len() + 1);
-        if add_bos
-            && self.add_bos_token
-            && let Some(b) = self.bos
-        {
-            ids.push(b);
-        }
-        ids.extend_from_slice(enc.get_ids());
-        Ok(ids)
+        Ok(self.with_bos(enc.get_ids(), add_bos))
     }
 
     /// Token ids of `text` (special-token strings in the text become their ids); with `add_bos`
     /// the BOS id is prepended as [`Self::encode_plain`] does.
     pub fn encode(&self, text: &str, add_bos: bool) -> Result<Vec<u32>> {
         let enc = self.inner.encode_fast(text, false).map_err(tok_err)?;
-        let mut ids = Vec::with_capacity(enc.len() + 1);
-        if add_bos
-            && self.add_bos_token
-            && let Some(b) = self.bos
-        {
-            ids.push(b);
-        }
-        ids.extend_from_slice(enc.get_ids());
-        Ok(ids)
+        Ok(self.with_bos(enc.get_ids(), add_bos))
+    }
+
+    /// `ids`, after the BOS id when `add_bos` asks for it, the vocabulary has
+    /// one and its configuration wants it (`add_bos_token`).
+    fn with_bos(&self, ids: &[u32], add_bos: bool) -> Vec<u32> {
+        let bos = self.bos.filter(|_| add_bos && self.add_bos_token);
+        let mut out = Vec::with_capacity(ids.len() + 1);
+        out.extend(bos);
+        out.extend_from_slice(ids);
+        out
     }
 
     /// Like [`Self::encode`] for raw bytes: invalid UTF-8 is an error with its offset.
@@ -347,6 +363,21 @@ impl Tokenizer {
             return Err(ModelError::TokenOutOfRange { id, vocab_size: v });
         }
         self.inner.decode(ids, skip_special).map_err(tok_err)
+    }
+
+    /// Opens an assistant turn in `out`: `<｜Assistant｜>`, then `</think>`
+    /// when the layout marks turns as non-thinking.
+    fn push_assistant(&self, out: &mut String) {
+        out.push_str(ASSISTANT);
+        if self.end_think.is_some() {
+            out.push_str(END_THINK);
+        }
+    }
+
+    /// [`Self::push_assistant`] as ids.
+    fn push_assistant_ids(&self, ids: &mut Vec<u32>, assistant: u32) {
+        ids.push(assistant);
+        ids.extend(self.end_think);
     }
 
     /// Renders chat messages in DeepSeek's format: `BOS system <｜User｜>u <｜Assistant｜>a EOS
@@ -390,20 +421,14 @@ impl Tokenizer {
                 }
                 Role::Assistant => {
                     seen_turn = true;
-                    out.push_str(ASSISTANT);
-                    if self.end_think.is_some() {
-                        out.push_str(END_THINK);
-                    }
+                    self.push_assistant(&mut out);
                     out.push_str(&m.content);
                     out.push_str(&eos);
                 }
             }
         }
         if add_generation_prompt {
-            out.push_str(ASSISTANT);
-            if self.end_think.is_some() {
-                out.push_str(END_THINK);
-            }
+            self.push_assistant(&mut out);
         }
         Ok(out)
     }
@@ -431,18 +456,14 @@ impl Tokenizer {
             match m.role {
                 Role::System => {}
                 Role::User => ids.push(user),
-                Role::Assistant => {
-                    ids.push(assistant);
-                    ids.extend(self.end_think);
-                }
+                Role::Assistant => self.push_assistant_ids(&mut ids, assistant),
             }
             ids.extend(plain(&m.content)?);
             if m.role == Role::Assistant {
                 ids.extend(self.eos);
             }
         }
-        ids.push(assistant);
-        ids.extend(self.end_think);
+        self.push_assistant_ids(&mut ids, assistant);
         Ok(ids)
     }
 }

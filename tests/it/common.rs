@@ -475,3 +475,17 @@ pub async fn wait_until_idle(model: &ascend_gateway::serving::ServedModel, free_
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// `CountTokens` as the tenant with `key`: the prompt's token count.
+pub async fn token_count(
+    channel: &Channel,
+    key: &str,
+    request: ascend_gateway::api::pb::v1::CountTokensRequest,
+) -> u32 {
+    ascend_gateway::api::pb::v1::inference_client::InferenceClient::new(channel.clone())
+        .count_tokens(authed(request, key))
+        .await
+        .expect("count")
+        .into_inner()
+        .token_count
+}

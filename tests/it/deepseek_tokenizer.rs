@@ -17,7 +17,7 @@ use ascend_gateway::model::vendored::{TokenizerSource, VendoredTokenizer};
 use ascend_gateway::model::{ChatMessage, Preset, Role, Tokenizer};
 use serde::Deserialize;
 
-use crate::common::{TestGateway, authed, test_settings};
+use crate::common::{TestGateway, authed, test_settings, token_count};
 use crate::generate::tenant_key;
 
 #[derive(Deserialize)]
@@ -170,19 +170,16 @@ async fn count_tokens_and_billed_usage_equal_deepseeks_counts_over_grpc() {
         .enumerate()
         .filter(|(_, r)| !r.text.is_empty())
     {
-        let counted = client
-            .count_tokens(authed(
-                CountTokensRequest {
-                    model: "v4".to_owned(),
-                    prompt: r.text.clone(),
-                    ..Default::default()
-                },
-                &key,
-            ))
-            .await
-            .expect("count")
-            .into_inner()
-            .token_count;
+        let counted = token_count(
+            &gateway.channel,
+            &key,
+            CountTokensRequest {
+                model: "v4".to_owned(),
+                prompt: r.text.clone(),
+                ..Default::default()
+            },
+        )
+        .await;
         assert_eq!(
             counted as usize,
             r.plain_ids.len(),

@@ -62,19 +62,16 @@ async fn generate_and_stream_agree_and_report_usage() {
     assert_eq!(models[0].device_profile, "ascend-910b");
 
     let prompt = "The quick brown fox jumps over the lazy dog.";
-    let counted = client
-        .count_tokens(authed(
-            CountTokensRequest {
-                model: "tiny".to_owned(),
-                prompt: prompt.to_owned(),
-                ..Default::default()
-            },
-            &key,
-        ))
-        .await
-        .expect("count")
-        .into_inner()
-        .token_count;
+    let counted = crate::common::token_count(
+        &gateway.channel,
+        &key,
+        CountTokensRequest {
+            model: "tiny".to_owned(),
+            prompt: prompt.to_owned(),
+            ..Default::default()
+        },
+    )
+    .await;
 
     let unary = client
         .generate(authed(request(prompt, 42), &key))

@@ -272,19 +272,16 @@ async fn chat_unary_and_streamed_equal_the_grpc_answer_with_usage_from_the_token
     assert_eq!(text, grpc_answer.text, "HTTP and gRPC agree for a seed");
 
     // Usage: prompt tokens as CountTokens counts them.
-    let counted = grpc
-        .count_tokens(authed(
-            CountTokensRequest {
-                model: "tiny".into(),
-                messages,
-                ..Default::default()
-            },
-            &key,
-        ))
-        .await
-        .expect("count")
-        .into_inner()
-        .token_count;
+    let counted = crate::common::token_count(
+        &gateway.channel,
+        &key,
+        CountTokensRequest {
+            model: "tiny".into(),
+            messages,
+            ..Default::default()
+        },
+    )
+    .await;
     let usage = &answer["usage"];
     assert_eq!(usage["prompt_tokens"], counted);
     assert_eq!(
