@@ -48,6 +48,7 @@ fn seed_event(period: Period) -> UsageEvent {
         model: "small".to_owned(),
         device_profile: "ascend-910b".to_owned(),
         prompt_tokens: 1,
+        cached_prompt_tokens: 0,
         completion_tokens: 1,
         queue_time_us: 1,
         ttft_us: 1,

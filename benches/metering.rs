@@ -29,6 +29,7 @@ fn event(i: u64) -> UsageEvent {
         model: if i.is_multiple_of(2) { "small" } else { "tiny" }.to_owned(),
         device_profile: "ascend-910b".to_owned(),
         prompt_tokens: 100,
+        cached_prompt_tokens: 64,
         completion_tokens: 50,
         queue_time_us: 100,
         ttft_us: 1000,

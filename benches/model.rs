@@ -113,12 +113,12 @@ fn bench_preset(c: &mut Criterion, preset: Preset, name: &str) {
                 dev.profiler().table()
             );
         }
-        (0..b as u64).for_each(|s| kv.truncate(s, PROMPT));
+        (0..b as u64).for_each(|s| kv.truncate(s, PROMPT).expect("truncate"));
         g.throughput(Throughput::Elements(b as u64));
         g.bench_function(format!("decode/batch{b}"), |bn| {
             bn.iter(|| {
                 let out = m.step(&mut dev, &mut kv, &dec).expect("decode");
-                (0..b as u64).for_each(|s| kv.truncate(s, PROMPT));
+                (0..b as u64).for_each(|s| kv.truncate(s, PROMPT).expect("truncate"));
                 black_box(out.logits.len())
             })
         });

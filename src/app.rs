@@ -161,6 +161,7 @@ impl UsageSink for MeteringSink {
             model: requester.model.clone(),
             device_profile: usage.device_profile.clone(),
             prompt_tokens: usage.prompt_tokens,
+            cached_prompt_tokens: usage.cached_prompt_tokens,
             completion_tokens: usage.completion_tokens,
             queue_time_us: usage.queue_time_us,
             ttft_us: usage.ttft_us,

@@ -431,6 +431,28 @@ impl Settings {
                     ),
                 });
             }
+            if !(model.prefix_cache_max_share.is_finite()
+                && (0.0..=1.0).contains(&model.prefix_cache_max_share))
+            {
+                return Err(ConfigError::Invalid {
+                    key: "models",
+                    problem: format!(
+                        "model `{}`: prefix_cache_max_share must be between 0 and 1 (a share of \
+                         the KV pool), not {}",
+                        model.id, model.prefix_cache_max_share
+                    ),
+                });
+            }
+            if model.workers > crate::serving::MAX_AFFINITY_WORKERS {
+                return Err(ConfigError::Invalid {
+                    key: "models",
+                    problem: format!(
+                        "model `{}`: at most {} workers (emulated devices) per model",
+                        model.id,
+                        crate::serving::MAX_AFFINITY_WORKERS
+                    ),
+                });
+            }
         }
         if self.metering.batch_size == 0 {
             return Err(ConfigError::Invalid {
@@ -918,6 +940,41 @@ mod tests {
             &[],
         )
         .expect("gateway.example.toml is valid");
+    }
+
+    #[test]
+    fn prefix_cache_settings_are_checked_naming_the_model() {
+        for (share, ok) in [
+            ("0.0", true),
+            ("1.0", true),
+            ("1.5", false),
+            ("-0.1", false),
+        ] {
+            let file = format!("[[models]]\nid = \"m\"\nprefix_cache_max_share = {share}\n");
+            let result = load(Some(&file), &FlagOverrides::default(), &[]);
+            match (result, ok) {
+                (Ok(_), true) => {}
+                (Err(e), false) => {
+                    let text = e.to_string();
+                    assert!(
+                        text.contains("prefix_cache_max_share") && text.contains("`m`"),
+                        "{text}"
+                    );
+                }
+                (other, _) => panic!("share {share}: {other:?}"),
+            }
+        }
+        let err = load(
+            Some("[[models]]\nid = \"m\"\nworkers = 65\n"),
+            &FlagOverrides::default(),
+            &[],
+        )
+        .expect_err("too many workers");
+        assert!(err.to_string().contains("at most 64"), "{err}");
+        let file = "[[models]]\nid = \"m\"\nprefix_cache = false\ncache_affinity_margin = 2\n";
+        let settings = load(Some(file), &FlagOverrides::default(), &[]).expect("load");
+        assert!(!settings.models[0].prefix_cache);
+        assert_eq!(settings.models[0].cache_affinity_margin, 2);
     }
 
     #[test]

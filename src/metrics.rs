@@ -281,6 +281,14 @@ impl Collector for GatewayCollector {
         )?;
         per_model(
             &mut encoder,
+            "ascend_gateway_prefix_cache_blocks",
+            "KV blocks holding a cached prompt prefix (in use or retained), as last reported \
+             by the workers",
+            &self.models,
+            |m| count(m.cached_blocks() as u64),
+        )?;
+        per_model(
+            &mut encoder,
             "ascend_gateway_preemptions",
             "Sequences preempted because KV blocks ran out (a running total)",
             &self.models,
@@ -340,6 +348,45 @@ impl GatewayCollector {
             "Prompt tokens of requests that left serving",
             models,
             |s| s.prompt_tokens.load(Ordering::Relaxed),
+        )?;
+        per_model_counter(
+            encoder,
+            "ascend_gateway_prompt_cache_hit_tokens",
+            "Prompt tokens whose KV came from the prefix cache (hit rate: hit / (hit + miss))",
+            models,
+            |s| s.prompt_cache_hit_tokens.load(Ordering::Relaxed),
+        )?;
+        per_model_counter(
+            encoder,
+            "ascend_gateway_prompt_cache_miss_tokens",
+            "Prompt tokens computed because the prefix cache did not hold them",
+            models,
+            |s| s.prompt_cache_miss_tokens.load(Ordering::Relaxed),
+        )?;
+        let mut family = encoder.encode_descriptor(
+            "ascend_gateway_prompt_cache_hit_ratio",
+            "Share of prompt tokens served from the prefix cache since start (0 before any)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for model in models.iter() {
+            let stats = model.stats();
+            let hit = stats.prompt_cache_hit_tokens.load(Ordering::Relaxed);
+            let miss = stats.prompt_cache_miss_tokens.load(Ordering::Relaxed);
+            let ratio = if hit + miss == 0 {
+                0.0
+            } else {
+                hit as f64 / (hit + miss) as f64
+            };
+            let labels = [("model", model.settings.id.as_str())];
+            ConstGauge::new(ratio).encode(family.encode_family(&labels)?)?;
+        }
+        per_model_counter(
+            encoder,
+            "ascend_gateway_prefix_cache_evictions",
+            "Cached KV blocks evicted to make room or to keep the cache within its share",
+            models,
+            |s| s.prefix_cache_evictions.load(Ordering::Relaxed),
         )?;
         per_model_counter(
             encoder,

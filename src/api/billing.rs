@@ -166,6 +166,9 @@ fn plan_pb(plan: billing::PricePlan) -> PricePlan {
             .into_iter()
             .map(|p| Price {
                 prompt_per_million_tokens: Some(money(&currency, p.prompt_per_million_nanos)),
+                cached_prompt_per_million_tokens: p
+                    .cached_prompt_per_million_nanos
+                    .map(|n| money(&currency, n)),
                 completion_per_million_tokens: Some(money(
                     &currency,
                     p.completion_per_million_nanos,
@@ -190,6 +193,7 @@ fn line_pb(l: &billing::InvoiceLine) -> InvoiceLine {
         device_class: l.device_class.clone(),
         kind: match l.kind {
             billing::LineKind::PromptTokens => LineKind::PromptTokens,
+            billing::LineKind::CachedPromptTokens => LineKind::CachedPromptTokens,
             billing::LineKind::CompletionTokens => LineKind::CompletionTokens,
             billing::LineKind::Energy => LineKind::Energy,
         }
@@ -245,6 +249,7 @@ pub fn line_from_pb(l: &InvoiceLine) -> billing::InvoiceLine {
         kind: match l.kind() {
             LineKind::CompletionTokens => billing::LineKind::CompletionTokens,
             LineKind::Energy => billing::LineKind::Energy,
+            LineKind::CachedPromptTokens => billing::LineKind::CachedPromptTokens,
             LineKind::PromptTokens | LineKind::Unspecified => billing::LineKind::PromptTokens,
         },
         quantity: i64::try_from(l.quantity).unwrap_or(i64::MAX),
@@ -268,6 +273,7 @@ pub fn event_from_pb(e: &pb::UsageEvent) -> metering::UsageEvent {
         model: e.model.clone(),
         device_profile: e.device_profile.clone(),
         prompt_tokens: e.prompt_tokens,
+        cached_prompt_tokens: e.cached_prompt_tokens,
         completion_tokens: e.completion_tokens,
         queue_time_us: e.queue_time_us,
         ttft_us: e.time_to_first_token_us,
@@ -289,6 +295,7 @@ fn event_pb(e: metering::UsageEvent) -> pb::UsageEvent {
         model: e.model,
         device_profile: e.device_profile,
         prompt_tokens: e.prompt_tokens,
+        cached_prompt_tokens: e.cached_prompt_tokens,
         completion_tokens: e.completion_tokens,
         queue_time_us: e.queue_time_us,
         time_to_first_token_us: e.ttft_us,
@@ -308,6 +315,7 @@ fn bucket(t: UsageTotals) -> UsageBucket {
         model: t.model.unwrap_or_default(),
         requests: t.requests,
         prompt_tokens: t.prompt_tokens,
+        cached_prompt_tokens: t.cached_prompt_tokens,
         completion_tokens: t.completion_tokens,
         device_time_us: t.device_time_us,
         energy_mj: t.energy_mj,
@@ -422,6 +430,7 @@ impl Billing for BillingApi {
                 model: p.model,
                 device_class: p.device_class,
                 prompt_per_million_tokens: p.prompt_per_million_tokens.map(money_in),
+                cached_prompt_per_million_tokens: p.cached_prompt_per_million_tokens.map(money_in),
                 completion_per_million_tokens: p.completion_per_million_tokens.map(money_in),
                 per_kwh: p.per_kwh.map(money_in),
                 effective_from_us,

@@ -122,6 +122,7 @@ fn usage_to_pb(usage: &AnswerUsage) -> pb::Usage {
         prompt_tokens: usage.prompt_tokens,
         completion_tokens: usage.completion_tokens,
         total_tokens: usage.total_tokens(),
+        cached_prompt_tokens: usage.cached_prompt_tokens,
         device_time_us: usage.device_time_us,
         energy_mj: usage.energy_mj,
         cost: usage.cost.as_ref().map(|c| pb::Money {

@@ -131,6 +131,7 @@ struct EventRow {
     model: String,
     device_profile: String,
     prompt_tokens: i64,
+    cached_prompt_tokens: i64,
     completion_tokens: i64,
     queue_time_us: i64,
     ttft_us: i64,
@@ -155,6 +156,7 @@ impl From<EventRow> for UsageEvent {
             model: r.model,
             device_profile: r.device_profile,
             prompt_tokens: u32_of(r.prompt_tokens),
+            cached_prompt_tokens: u32_of(r.cached_prompt_tokens),
             completion_tokens: u32_of(r.completion_tokens),
             queue_time_us: u64_of(r.queue_time_us),
             ttft_us: u64_of(r.ttft_us),
@@ -171,7 +173,7 @@ impl From<EventRow> for UsageEvent {
 
 const EVENT_COLUMNS: &str = "tenant_id, request_id, key_id, model, device_profile, \
      prompt_tokens, completion_tokens, queue_time_us, ttft_us, total_time_us, device_time_us, \
-     energy_mj, mean_power_mw, finish_reason, started_at_us, finished_at_us";
+     energy_mj, mean_power_mw, finish_reason, started_at_us, finished_at_us, cached_prompt_tokens";
 
 /// Where the next page of usage events starts. Owns what it needs, so a
 /// page can be read on another task.

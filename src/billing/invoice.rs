@@ -1,6 +1,7 @@
 //! Invoices and their lines, and the one function that prices usage into
-//! lines: per model x device class x kind (prompt tokens, completion tokens,
-//! energy) x price in effect, each line rounded once (see `money`).
+//! lines: per model x device class x kind (prompt tokens computed, prompt
+//! tokens served from the prefix cache, completion tokens, energy) x price in
+//! effect, each line rounded once (see `money`).
 //!
 //! Pure: it gets usage already totalled per bucket (a stretch of time in
 //! which no price changes) and a price book, and knows nothing of SQL, time
@@ -22,7 +23,10 @@ pub(crate) const WH_PER_PRICE_UNIT: i64 = 1_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum LineKind {
+    /// Prompt tokens computed (cache misses), at the prompt price.
     PromptTokens,
+    /// Prompt tokens served from the prefix cache, at the cache-hit price.
+    CachedPromptTokens,
     CompletionTokens,
     Energy,
 }
@@ -31,6 +35,7 @@ impl LineKind {
     pub fn as_str(self) -> &'static str {
         match self {
             LineKind::PromptTokens => "prompt_tokens",
+            LineKind::CachedPromptTokens => "cached_prompt_tokens",
             LineKind::CompletionTokens => "completion_tokens",
             LineKind::Energy => "energy",
         }
@@ -39,6 +44,7 @@ impl LineKind {
     pub fn parse(text: &str) -> Option<LineKind> {
         match text {
             "prompt_tokens" => Some(LineKind::PromptTokens),
+            "cached_prompt_tokens" => Some(LineKind::CachedPromptTokens),
             "completion_tokens" => Some(LineKind::CompletionTokens),
             "energy" => Some(LineKind::Energy),
             _ => None,
@@ -118,6 +124,8 @@ pub struct UsageGroup {
     pub device: String,
     pub bucket_start_us: i64,
     pub prompt_tokens: i64,
+    /// Of `prompt_tokens`, those served from the prefix cache.
+    pub cached_prompt_tokens: i64,
     pub completion_tokens: i64,
     pub energy_mj: i64,
 }
@@ -181,10 +189,18 @@ pub fn price_lines(
                 })?;
                 Ok(())
             };
+        let cached = group
+            .cached_prompt_tokens
+            .clamp(0, group.prompt_tokens.max(0));
         add(
             LineKind::PromptTokens,
-            group.prompt_tokens,
+            group.prompt_tokens - cached,
             price.prompt_per_million_nanos,
+        )?;
+        add(
+            LineKind::CachedPromptTokens,
+            cached,
+            price.cache_hit_per_million_nanos(),
         )?;
         add(
             LineKind::CompletionTokens,
@@ -259,6 +275,7 @@ mod tests {
             model: model.to_owned(),
             device_class: String::new(),
             prompt_per_million_nanos: prompt,
+            cached_prompt_per_million_nanos: None,
             completion_per_million_nanos: 2 * prompt,
             per_kwh_nanos: per_kwh,
             effective_from_us: from,
@@ -271,9 +288,47 @@ mod tests {
             device: "ascend-910b".to_owned(),
             bucket_start_us: start,
             prompt_tokens: prompt,
+            cached_prompt_tokens: 0,
             completion_tokens: completion,
             energy_mj: mj,
         }
+    }
+
+    #[test]
+    fn cache_hits_get_lines_of_their_own_at_their_price() {
+        let usd = Currency::find("USD").expect("USD");
+        let mut with_hits = price("m", 0, 80_000_000, None);
+        with_hits.cached_prompt_per_million_nanos = Some(20_000_000);
+        let book = PriceBook::new("p", vec![with_hits]);
+        let mut g = group("m", 0, 1_000_000, 0, 0);
+        g.cached_prompt_tokens = 600_000;
+        let lines = price_lines(&[g.clone()], false, &book, usd, 1).expect("priced");
+        let of = |kind| {
+            lines
+                .iter()
+                .find(|l| l.kind == kind)
+                .map(|l| (l.quantity, l.unit_price_nanos, l.amount_nanos))
+        };
+        // 400,000 computed at $0.08/M = $0.032; 600,000 hits at $0.02/M = $0.012.
+        assert_eq!(
+            of(LineKind::PromptTokens),
+            Some((400_000, 80_000_000, 30_000_000))
+        );
+        assert_eq!(
+            of(LineKind::CachedPromptTokens),
+            Some((600_000, 20_000_000, 10_000_000))
+        );
+        // No cache-hit price: hits are billed at the prompt price, still apart.
+        let book = PriceBook::new("p", vec![price("m", 0, 80_000_000, None)]);
+        let lines = price_lines(&[g], false, &book, usd, 1).expect("priced");
+        let hits = lines
+            .iter()
+            .find(|l| l.kind == LineKind::CachedPromptTokens)
+            .expect("hit line");
+        assert_eq!(
+            (hits.quantity, hits.unit_price_nanos),
+            (600_000, 80_000_000)
+        );
     }
 
     #[test]

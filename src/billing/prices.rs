@@ -16,9 +16,19 @@ pub struct Price {
     /// A device profile such as "ascend-910b"; empty matches any device.
     pub device_class: String,
     pub prompt_per_million_nanos: i64,
+    /// Per million prompt tokens served from the prefix cache; `None`: the prompt price.
+    pub cached_prompt_per_million_nanos: Option<i64>,
     pub completion_per_million_nanos: i64,
     pub per_kwh_nanos: Option<i64>,
     pub effective_from_us: i64,
+}
+
+impl Price {
+    /// What a million cache-hit prompt tokens cost.
+    pub fn cache_hit_per_million_nanos(&self) -> i64 {
+        self.cached_prompt_per_million_nanos
+            .unwrap_or(self.prompt_per_million_nanos)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,6 +53,7 @@ pub struct PriceInput {
     pub model: String,
     pub device_class: String,
     pub prompt_per_million_tokens: Option<MoneyInput>,
+    pub cached_prompt_per_million_tokens: Option<MoneyInput>,
     pub completion_per_million_tokens: Option<MoneyInput>,
     pub per_kwh: Option<MoneyInput>,
     /// `None`: from now on.
@@ -147,6 +158,11 @@ pub fn validate_prices(
                 "prompt_per_million_tokens",
                 input.prompt_per_million_tokens.as_ref(),
             )?,
+            cached_prompt_per_million_nanos: amount(
+                field("cached_prompt_per_million_tokens"),
+                input.cached_prompt_per_million_tokens.as_ref(),
+                plan_currency,
+            )?,
             completion_per_million_nanos: required(
                 "completion_per_million_tokens",
                 input.completion_per_million_tokens.as_ref(),
@@ -216,6 +232,7 @@ mod tests {
             model: model.to_owned(),
             device_class: device.to_owned(),
             prompt_per_million_nanos: prompt,
+            cached_prompt_per_million_nanos: None,
             completion_per_million_nanos: prompt,
             per_kwh_nanos: None,
             effective_from_us: from,

@@ -31,6 +31,8 @@ pub struct PlanPrices {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Consumption {
     pub prompt_tokens: u64,
+    /// Of `prompt_tokens`, those served from the prefix cache.
+    pub cached_prompt_tokens: u64,
     pub completion_tokens: u64,
     pub energy_mj: u64,
 }
@@ -52,7 +54,10 @@ impl PlanPrices {
         let energy_per = i128::from(WH_PER_PRICE_UNIT) * i128::from(MJ_PER_WH);
         let tokens_per = i128::from(TOKENS_PER_PRICE_UNIT);
         let denominator = tokens_per * energy_per;
-        let tokens = (i128::from(used.prompt_tokens) * i128::from(price.prompt_per_million_nanos))
+        let cached = used.cached_prompt_tokens.min(used.prompt_tokens);
+        let computed = used.prompt_tokens - cached;
+        let tokens = (i128::from(computed) * i128::from(price.prompt_per_million_nanos))
+            .checked_add(i128::from(cached) * i128::from(price.cache_hit_per_million_nanos()))?
             .checked_add(
                 i128::from(used.completion_tokens) * i128::from(price.completion_per_million_nanos),
             )?;
@@ -146,6 +151,7 @@ mod tests {
                     device_class: String::new(),
                     // $0.08 and $0.24 per million tokens.
                     prompt_per_million_nanos: 80_000_000,
+                    cached_prompt_per_million_nanos: None,
                     completion_per_million_nanos: 240_000_000,
                     per_kwh_nanos: per_kwh,
                     effective_from_us: 100,
@@ -159,6 +165,7 @@ mod tests {
     fn a_quote_is_exact_to_the_nano_on_known_inputs() {
         let used = Consumption {
             prompt_tokens: 1000,
+            cached_prompt_tokens: 0,
             completion_tokens: 500,
             energy_mj: 7_200_000,
         };
@@ -177,6 +184,7 @@ mod tests {
         // $0.10/kWh is 1e8 / 3.6e9 = 0.028 nanos, which rounds away.
         let one = Consumption {
             prompt_tokens: 1,
+            cached_prompt_tokens: 0,
             completion_tokens: 0,
             energy_mj: 1,
         };
@@ -185,9 +193,42 @@ mod tests {
     }
 
     #[test]
+    fn cache_hits_are_quoted_at_their_price_or_the_prompt_price() {
+        let used = Consumption {
+            prompt_tokens: 1000,
+            cached_prompt_tokens: 600,
+            completion_tokens: 0,
+            energy_mj: 0,
+        };
+        // Without a cache-hit price every prompt token costs $0.08/M.
+        let plain = plan(None).quote("m", "x", 200, used).expect("priced");
+        assert_eq!(plain.amount_nanos, 80_000);
+        // At $0.02/M for hits: 400 x 80 + 600 x 20 nanos.
+        let mut cheaper = plan(None);
+        let mut prices = vec![cheaper.book.price_at("m", "x", 200).expect("price").clone()];
+        prices[0].cached_prompt_per_million_nanos = Some(20_000_000);
+        cheaper.book = PriceBook::new("p", prices);
+        let quoted = cheaper.quote("m", "x", 200, used).expect("priced");
+        assert_eq!(quoted.amount_nanos, 400 * 80 + 600 * 20);
+        // More hits than prompt tokens cannot happen; if it did, hits are capped.
+        let odd = Consumption {
+            cached_prompt_tokens: 5000,
+            ..used
+        };
+        assert_eq!(
+            cheaper
+                .quote("m", "x", 200, odd)
+                .expect("priced")
+                .amount_nanos,
+            1000 * 20
+        );
+    }
+
+    #[test]
     fn no_price_in_effect_gives_no_quote() {
         let used = Consumption {
             prompt_tokens: 1,
+            cached_prompt_tokens: 0,
             completion_tokens: 1,
             energy_mj: 1,
         };

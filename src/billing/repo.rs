@@ -47,6 +47,7 @@ struct PriceRow {
     device_class: String,
     effective_from_us: i64,
     prompt_per_million_nanos: i64,
+    cached_prompt_per_million_nanos: Option<i64>,
     completion_per_million_nanos: i64,
     per_kwh_nanos: Option<i64>,
 }
@@ -57,6 +58,7 @@ impl From<PriceRow> for Price {
             model: r.model,
             device_class: r.device_class,
             prompt_per_million_nanos: r.prompt_per_million_nanos,
+            cached_prompt_per_million_nanos: r.cached_prompt_per_million_nanos,
             completion_per_million_nanos: r.completion_per_million_nanos,
             per_kwh_nanos: r.per_kwh_nanos,
             effective_from_us: r.effective_from_us,
@@ -65,7 +67,8 @@ impl From<PriceRow> for Price {
 }
 
 const PRICE_COLUMNS: &str = "plan, model, device_class, effective_from_us, \
-     prompt_per_million_nanos, completion_per_million_nanos, per_kwh_nanos";
+     prompt_per_million_nanos, completion_per_million_nanos, per_kwh_nanos, \
+     cached_prompt_per_million_nanos";
 
 /// The named plan's price book and currency; `None` if there is no such
 /// plan.
@@ -156,7 +159,7 @@ pub async fn insert_price(
     now_us: i64,
 ) -> Result<(), BillingError> {
     let result = sqlx::query(&format!(
-        "INSERT INTO prices ({PRICE_COLUMNS}, created_at_us) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+        "INSERT INTO prices ({PRICE_COLUMNS}, created_at_us) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
     ))
     .bind(plan)
     .bind(&price.model)
@@ -165,6 +168,7 @@ pub async fn insert_price(
     .bind(price.prompt_per_million_nanos)
     .bind(price.completion_per_million_nanos)
     .bind(price.per_kwh_nanos)
+    .bind(price.cached_prompt_per_million_nanos)
     .bind(now_us)
     .execute(&mut *conn)
     .await;
@@ -380,6 +384,7 @@ struct GroupRow {
     device_profile: String,
     bucket: i64,
     prompt_tokens: i64,
+    cached_prompt_tokens: i64,
     completion_tokens: i64,
     energy_mj: i64,
 }
@@ -408,6 +413,7 @@ pub async fn usage_groups(
     let sql = format!(
         "SELECT model, device_profile, {bucket} AS bucket, \
          CAST(SUM(prompt_tokens) AS BIGINT) AS prompt_tokens, \
+         CAST(SUM(cached_prompt_tokens) AS BIGINT) AS cached_prompt_tokens, \
          CAST(SUM(completion_tokens) AS BIGINT) AS completion_tokens, \
          CAST(SUM(energy_mj) AS BIGINT) AS energy_mj \
          FROM usage_events WHERE tenant_id = $1 AND finished_at_us >= $2 AND finished_at_us < $3 \
@@ -434,6 +440,7 @@ pub async fn usage_groups(
                 device: r.device_profile,
                 bucket_start_us: *start,
                 prompt_tokens: r.prompt_tokens,
+                cached_prompt_tokens: r.cached_prompt_tokens,
                 completion_tokens: r.completion_tokens,
                 energy_mj: r.energy_mj,
             })

@@ -177,6 +177,7 @@ impl BillingService {
                 "model": p.model,
                 "device_class": p.device_class,
                 "prompt_per_million_nanos": p.prompt_per_million_nanos,
+                "cached_prompt_per_million_nanos": p.cached_prompt_per_million_nanos,
                 "completion_per_million_nanos": p.completion_per_million_nanos,
                 "per_kwh_nanos": p.per_kwh_nanos,
                 "effective_from_us": p.effective_from_us,

@@ -287,6 +287,9 @@ impl Generation {
                 model: served.settings.id.clone(),
                 weight: tenant.scheduling_weight,
             },
+            cache_scope: crate::serving::CacheScope::tenant(&tenant.tenant_id),
+            prefix_hashes: Vec::new(),
+            preferred_worker: None,
             prompt,
             params,
             priority,
@@ -422,6 +425,7 @@ impl Running {
                 now_us(),
                 Consumption {
                     prompt_tokens: u64::from(usage.prompt_tokens),
+                    cached_prompt_tokens: u64::from(usage.cached_prompt_tokens),
                     completion_tokens: u64::from(usage.completion_tokens),
                     energy_mj: usage.energy_mj,
                 },
@@ -430,7 +434,7 @@ impl Running {
         AnswerUsage {
             prompt_tokens: usage.prompt_tokens,
             completion_tokens: usage.completion_tokens,
-            cached_prompt_tokens: 0,
+            cached_prompt_tokens: usage.cached_prompt_tokens,
             device_time_us: usage.device_time_us,
             energy_mj: usage.energy_mj,
             cost: cost.map(Cost::from),

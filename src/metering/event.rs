@@ -13,6 +13,10 @@ pub struct UsageEvent {
     pub model: String,
     pub device_profile: String,
     pub prompt_tokens: u32,
+    /// Prompt tokens served from the prefix cache (a part of `prompt_tokens`). Absent in
+    /// spool records written before context caching: 0.
+    #[serde(default)]
+    pub cached_prompt_tokens: u32,
     pub completion_tokens: u32,
     pub queue_time_us: u64,
     pub ttft_us: u64,

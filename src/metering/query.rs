@@ -27,6 +27,8 @@ pub struct UsageTotals {
     pub model: Option<String>,
     pub requests: u64,
     pub prompt_tokens: u64,
+    /// Of `prompt_tokens`, those served from the prefix cache.
+    pub cached_prompt_tokens: u64,
     pub completion_tokens: u64,
     pub device_time_us: u64,
     pub energy_mj: u64,
@@ -38,6 +40,7 @@ struct HourRow {
     hour_us: i64,
     requests: i64,
     prompt_tokens: i64,
+    cached_prompt_tokens: i64,
     completion_tokens: i64,
     device_time_us: i64,
     energy_mj: i64,
@@ -48,6 +51,7 @@ impl UsageTotals {
         let u = |v: i64| u64::try_from(v).unwrap_or(0);
         self.requests += u(row.requests);
         self.prompt_tokens += u(row.prompt_tokens);
+        self.cached_prompt_tokens += u(row.cached_prompt_tokens);
         self.completion_tokens += u(row.completion_tokens);
         self.device_time_us += u(row.device_time_us);
         self.energy_mj += u(row.energy_mj);
@@ -65,8 +69,8 @@ pub async fn usage(
     grouping: Grouping,
 ) -> Result<(Vec<UsageTotals>, UsageTotals), MeteringError> {
     let rows: Vec<HourRow> = sqlx::query_as(
-        "SELECT model, hour_us, requests, prompt_tokens, completion_tokens, device_time_us, \
-         energy_mj FROM usage_hourly WHERE tenant_id = $1 AND hour_us >= $2 AND hour_us < $3 \
+        "SELECT model, hour_us, requests, prompt_tokens, cached_prompt_tokens, \
+         completion_tokens, device_time_us, energy_mj FROM usage_hourly WHERE tenant_id = $1 AND hour_us >= $2 AND hour_us < $3 \
          AND ($4 = '' OR model = $4) ORDER BY hour_us, model",
     )
     .bind(tenant_id)

@@ -87,10 +87,11 @@ async fn insert_postgres(pg: &PgPool, events: &[&UsageEvent]) -> Result<u64, Met
         "WITH batch AS ( \
            SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
              $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[], \
-             $12::bigint[], $13::bigint[], $14::text[], $15::bigint[], $16::bigint[]) \
+             $12::bigint[], $13::bigint[], $14::text[], $15::bigint[], $16::bigint[], \
+             $17::bigint[]) \
            AS b(tenant_id, request_id, key_id, model, device_profile, prompt_tokens, \
              completion_tokens, queue_time_us, ttft_us, total_time_us, device_time_us, energy_mj, \
-             mean_power_mw, finish_reason, started_at_us, finished_at_us) \
+             mean_power_mw, finish_reason, started_at_us, finished_at_us, cached_prompt_tokens) \
          ), new_ids AS ( \
            INSERT INTO usage_request_ids (tenant_id, request_id) \
            SELECT tenant_id, request_id FROM batch ON CONFLICT DO NOTHING \
@@ -99,20 +100,22 @@ async fn insert_postgres(pg: &PgPool, events: &[&UsageEvent]) -> Result<u64, Met
            INSERT INTO usage_events (tenant_id, request_id, key_id, model, device_profile, \
              prompt_tokens, completion_tokens, queue_time_us, ttft_us, total_time_us, \
              device_time_us, energy_mj, mean_power_mw, finish_reason, started_at_us, \
-             finished_at_us, recorded_at_us) \
+             finished_at_us, cached_prompt_tokens, recorded_at_us) \
            SELECT b.*, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint \
            FROM batch b JOIN new_ids n USING (tenant_id, request_id) \
-           RETURNING tenant_id, model, finished_at_us, prompt_tokens, completion_tokens, \
-             device_time_us, energy_mj \
+           RETURNING tenant_id, model, finished_at_us, prompt_tokens, cached_prompt_tokens, \
+             completion_tokens, device_time_us, energy_mj \
          ), rolled AS ( \
            INSERT INTO usage_hourly AS h (tenant_id, model, hour_us, requests, prompt_tokens, \
-             completion_tokens, device_time_us, energy_mj) \
+             cached_prompt_tokens, completion_tokens, device_time_us, energy_mj) \
            SELECT tenant_id, model, (finished_at_us / 3600000000) * 3600000000, count(*), \
-             sum(prompt_tokens), sum(completion_tokens), sum(device_time_us), sum(energy_mj) \
+             sum(prompt_tokens), sum(cached_prompt_tokens), sum(completion_tokens), \
+             sum(device_time_us), sum(energy_mj) \
            FROM inserted GROUP BY 1, 2, 3 \
            ON CONFLICT (tenant_id, hour_us, model) DO UPDATE SET \
              requests = h.requests + EXCLUDED.requests, \
              prompt_tokens = h.prompt_tokens + EXCLUDED.prompt_tokens, \
+             cached_prompt_tokens = h.cached_prompt_tokens + EXCLUDED.cached_prompt_tokens, \
              completion_tokens = h.completion_tokens + EXCLUDED.completion_tokens, \
              device_time_us = h.device_time_us + EXCLUDED.device_time_us, \
              energy_mj = h.energy_mj + EXCLUDED.energy_mj \
@@ -135,12 +138,13 @@ async fn insert_postgres(pg: &PgPool, events: &[&UsageEvent]) -> Result<u64, Met
     .bind(col_s(|e| &e.finish_reason))
     .bind(col_i(|e| e.started_at_us))
     .bind(col_i(|e| e.finished_at_us))
+    .bind(col_i(|e| i64::from(e.cached_prompt_tokens)))
     .fetch_one(pg)
     .await?;
     Ok(u64::try_from(inserted).unwrap_or(0))
 }
 
-/// Rows per multi-row SQLite statement: 16 parameters each stays well
+/// Rows per multi-row SQLite statement: 17 parameters each stays well
 /// under SQLite's 32,766-parameter limit.
 const SQLITE_ROWS_PER_STATEMENT: usize = 512;
 
@@ -150,9 +154,9 @@ fn placeholders(count: usize, width: usize) -> String {
     vec![row; count].join(", ")
 }
 
-/// Per (tenant, model, hour): requests, prompt, completion, device time,
-/// energy.
-type HourlySums<'a> = BTreeMap<(&'a str, &'a str, i64), [i64; 5]>;
+/// Per (tenant, model, hour): requests, prompt, cached prompt, completion,
+/// device time, energy.
+type HourlySums<'a> = BTreeMap<(&'a str, &'a str, i64), [i64; 6]>;
 
 async fn insert_sqlite(db: &Db, events: &[&UsageEvent]) -> Result<u64, MeteringError> {
     let mut tx = db.begin_write().await?;
@@ -183,9 +187,9 @@ async fn insert_sqlite(db: &Db, events: &[&UsageEvent]) -> Result<u64, MeteringE
             "INSERT INTO usage_events (tenant_id, request_id, key_id, model, device_profile, \
              prompt_tokens, completion_tokens, queue_time_us, ttft_us, total_time_us, \
              device_time_us, energy_mj, mean_power_mw, finish_reason, started_at_us, \
-             finished_at_us, recorded_at_us) \
+             finished_at_us, cached_prompt_tokens, recorded_at_us) \
              SELECT *, CAST(unixepoch('subsec') * 1000000 AS INTEGER) FROM (VALUES {})",
-            placeholders(chunk.len(), 16)
+            placeholders(chunk.len(), 17)
         );
         let mut query = sqlx::query(&sql);
         for e in chunk {
@@ -205,7 +209,8 @@ async fn insert_sqlite(db: &Db, events: &[&UsageEvent]) -> Result<u64, MeteringE
                 .bind(i64_of(e.mean_power_mw))
                 .bind(&e.finish_reason)
                 .bind(e.started_at_us)
-                .bind(e.finished_at_us);
+                .bind(e.finished_at_us)
+                .bind(i64::from(e.cached_prompt_tokens));
         }
         query.execute(&mut *tx).await?;
     }
@@ -217,6 +222,7 @@ async fn insert_sqlite(db: &Db, events: &[&UsageEvent]) -> Result<u64, MeteringE
         for (sum, add) in sums.iter_mut().zip([
             1,
             i64::from(e.prompt_tokens),
+            i64::from(e.cached_prompt_tokens),
             i64::from(e.completion_tokens),
             i64_of(e.device_time_us),
             i64_of(e.energy_mj),
@@ -228,14 +234,16 @@ async fn insert_sqlite(db: &Db, events: &[&UsageEvent]) -> Result<u64, MeteringE
     for chunk in groups.chunks(SQLITE_ROWS_PER_STATEMENT) {
         let sql = format!(
             "INSERT INTO usage_hourly (tenant_id, model, hour_us, requests, prompt_tokens, \
-             completion_tokens, device_time_us, energy_mj) VALUES {} \
+             cached_prompt_tokens, completion_tokens, device_time_us, energy_mj) VALUES {} \
              ON CONFLICT (tenant_id, hour_us, model) DO UPDATE SET \
              requests = usage_hourly.requests + excluded.requests, \
              prompt_tokens = usage_hourly.prompt_tokens + excluded.prompt_tokens, \
+             cached_prompt_tokens = usage_hourly.cached_prompt_tokens \
+               + excluded.cached_prompt_tokens, \
              completion_tokens = usage_hourly.completion_tokens + excluded.completion_tokens, \
              device_time_us = usage_hourly.device_time_us + excluded.device_time_us, \
              energy_mj = usage_hourly.energy_mj + excluded.energy_mj",
-            placeholders(chunk.len(), 8)
+            placeholders(chunk.len(), 9)
         );
         let mut query = sqlx::query(&sql);
         for ((tenant, model, hour), sums) in chunk {

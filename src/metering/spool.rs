@@ -478,6 +478,7 @@ mod tests {
             model: "m".to_owned(),
             device_profile: "ascend-910b".to_owned(),
             prompt_tokens: i,
+            cached_prompt_tokens: i / 2,
             completion_tokens: 2 * i,
             queue_time_us: 1,
             ttft_us: 2,
@@ -489,6 +490,17 @@ mod tests {
             started_at_us: 10,
             finished_at_us: 20 + i64::from(i),
         }
+    }
+
+    #[test]
+    fn a_record_written_before_context_caching_reads_as_no_cache_hits() {
+        let mut json = serde_json::to_value(event(3)).expect("json");
+        json.as_object_mut()
+            .expect("object")
+            .remove("cached_prompt_tokens");
+        let old: UsageEvent = serde_json::from_value(json).expect("old record");
+        assert_eq!(old.cached_prompt_tokens, 0);
+        assert_eq!(old.prompt_tokens, 3);
     }
 
     #[test]

@@ -21,6 +21,7 @@
 //! - [`rope`]: rotary frequencies, DeepSeek-V3 YaRN scaling.
 //! - [`sampling`], [`generation`]: token choice and per-request generation state.
 //! - [`served_as`]: charging the cost of a full-size shape while running a small one.
+//! - [`prefix`]: content addresses of full KV blocks, for the pool's prefix cache.
 //! - [`init`]: `model init` as a library function; [`vendored`]: tokenizers compiled in
 //!   (DeepSeek V4's).
 //!
@@ -30,11 +31,16 @@
 //! iteration it builds a batch of [`SeqChunk`]s (decodes and prefill chunks), calls
 //! [`Model::step`], feeds each sequence's logits to its [`Generation`], and frees finished
 //! sequences with [`KvPool::free`]. [`ModelError::OutOfBlocks`] leaves the pool unchanged.
+//! With prefix caching on, a new sequence first takes the cached blocks of its prompt's
+//! prefix ([`KvPool::attach_prefix`]) and feeds only the rest; after each step the worker
+//! publishes its newly full blocks ([`KvPool::publish`]).
 //!
 //! Results are batch-invariant bit for bit: a sequence's logits do not depend on the other
 //! sequences in the step nor on how its prompt was chunked, so with a per-request seed it yields
 //! the same tokens alone or in a batch of 32, and preemption by recompute (free, then prefill
-//! prompt + generated tokens again) reproduces the same continuation.
+//! prompt + generated tokens again) reproduces the same continuation. The same holds for a
+//! prefix taken from the cache: attention reads every earlier position from the pool in any
+//! case, so cached blocks are read exactly as the ones a longer chunk would have written.
 
 #![forbid(unsafe_code)]
 
@@ -47,6 +53,7 @@ pub mod init;
 pub mod kv_cache;
 pub(crate) mod layers;
 pub(crate) mod ops;
+pub mod prefix;
 pub mod rope;
 pub mod sampling;
 pub mod served_as;

@@ -28,14 +28,14 @@ pub(crate) struct EchoWorker {
 impl EchoWorker {
     pub fn run(self) {
         loop {
-            let (job, expired) = self.shared.pop(Instant::now());
+            let (job, expired) = self.shared.pop(0, Instant::now());
             for job in expired {
                 self.end_early(job, Failure::DeadlineExceeded);
             }
             match job {
                 Some(job) => self.answer(job),
                 None if self.shared.stopping() => return,
-                None => self.shared.wait_for_work(Duration::from_millis(50)),
+                None => self.shared.wait_for_work(0, Duration::from_millis(50)),
             }
         }
     }
@@ -44,6 +44,7 @@ impl EchoWorker {
         let since_receipt = micros(now.saturating_duration_since(job.received_at));
         JobUsage {
             prompt_tokens: u32::try_from(job.prompt.len()).unwrap_or(u32::MAX),
+            cached_prompt_tokens: 0,
             completion_tokens: u32::try_from(completion_tokens).unwrap_or(u32::MAX),
             queue_time_us: since_receipt,
             ttft_us: if completion_tokens > 0 {

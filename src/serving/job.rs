@@ -7,7 +7,31 @@ use tokio::sync::mpsc;
 use super::queue::Priority;
 use crate::limits::Permit;
 use crate::model::FinishReason;
+use crate::model::prefix::BlockHash;
 use crate::model::sampling::{SamplingParams, TokenLogprob};
+
+/// Which requests may reuse each other's cached prompt prefixes: the isolation key of the
+/// prefix cache. A shared cache tells a tenant, through time to first token, whether anyone
+/// in its scope sent the same prefix recently, so the default scope is the tenant alone.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CacheScope(String);
+
+impl CacheScope {
+    /// Only this tenant's own requests (the default).
+    pub fn tenant(tenant_id: &str) -> Self {
+        Self(format!("tenant/{tenant_id}"))
+    }
+
+    /// The pool every tenant that opted in shares, for public prefixes.
+    pub fn shared() -> Self {
+        Self("shared".to_owned())
+    }
+
+    /// The key that goes into every block address.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
 
 /// Who asked, for the usage record. Serving carries it, never reads it.
 #[derive(Debug, Clone)]
@@ -23,6 +47,13 @@ pub struct Requester {
 pub struct Job {
     pub requester: Requester,
     pub prompt: Vec<u32>,
+    /// Whose cached prefixes the prompt may reuse.
+    pub cache_scope: CacheScope,
+    /// Addresses of the prompt's full KV blocks in `cache_scope` (set when it is queued).
+    pub prefix_hashes: Vec<BlockHash>,
+    /// The worker holding the longest cached run of `prefix_hashes` (set when it is queued,
+    /// only with more than one worker): others leave the job to it while the load allows.
+    pub preferred_worker: Option<usize>,
     pub params: SamplingParams,
     pub priority: Priority,
     pub deadline: Option<Instant>,
@@ -46,6 +77,8 @@ pub enum Failure {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct JobUsage {
     pub prompt_tokens: u32,
+    /// Prompt tokens whose KV came from the prefix cache (a subset of `prompt_tokens`).
+    pub cached_prompt_tokens: u32,
     pub completion_tokens: u32,
     pub queue_time_us: u64,
     pub ttft_us: u64,

@@ -11,6 +11,7 @@
 //! Usage leaves through the one narrow [`UsageSink`]; serving never touches
 //! the database or Redis.
 
+mod affinity;
 mod echo;
 pub mod job;
 pub mod queue;
@@ -25,8 +26,9 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+pub use affinity::MAX_AFFINITY_WORKERS;
 pub use echo::ECHO_DEVICE;
-pub use job::{Failure, Job, JobEvent, JobUsage, Requester};
+pub use job::{CacheScope, Failure, Job, JobEvent, JobUsage, Requester};
 pub use queue::{Priority, QueueFull};
 pub use registry::{ModelRegistry, ServedModel, ServingError};
 
@@ -121,16 +123,27 @@ pub struct ModelSettings {
     /// time and energy (hence pacing and metering) are charged for it, by
     /// the scaling rule of `model::served_as`. Unset: the executed shape.
     pub served_as: Option<crate::model::served_as::ServedAs>,
+    /// Keep full KV blocks after their sequence ends and reuse them for prompts that start
+    /// with the same tokens in the same cache scope.
+    pub prefix_cache: bool,
+    /// Share of a worker's KV pool that cached blocks no sequence holds may occupy (they are
+    /// evicted, least recently used first, whenever running sequences need the room).
+    pub prefix_cache_max_share: f64,
+    /// With several workers: a request waits for the worker holding its longest cached
+    /// prefix unless that worker's load (sequences running plus requests waiting for it)
+    /// exceeds the least loaded worker's by more than this.
+    pub cache_affinity_margin: usize,
 }
 
 impl Default for ModelSettings {
     fn default() -> Self {
         ModelSettings {
-            id: "small".to_owned(),
+            id: "v4-small".to_owned(),
             dir: None,
-            init_preset: Some("small".to_owned()),
+            init_preset: Some("v4-small".to_owned()),
             init_seed: 0,
-            description: "DeepSeek-style MoE (small executable shape), seeded random weights"
+            description: "DeepSeek-style MoE (v4-small executable shape) on DeepSeek V4's \
+                          tokenizer, seeded random weights"
                 .to_owned(),
             device_profile: "ascend-910b".to_owned(),
             engine: Engine::Npu,
@@ -146,6 +159,9 @@ impl Default for ModelSettings {
             batching: Batching::Continuous,
             kv_max_blocks: Some(4096),
             served_as: None,
+            prefix_cache: true,
+            prefix_cache_max_share: 1.0,
+            cache_affinity_margin: 8,
         }
     }
 }
@@ -153,41 +169,147 @@ impl Default for ModelSettings {
 /// State shared by a model's workers and its submitters.
 pub(crate) struct Shared {
     queue: Mutex<queue::FairQueue<Job>>,
+    /// Content addresses of prompt blocks, the same in the router and every worker.
+    prefix: crate::model::prefix::PrefixHasher,
+    /// KV block size of the workers' pools (tokens).
+    block_size: usize,
+    /// Where cached prefixes are, with more than one worker.
+    affinity: Option<affinity::Affinity>,
     work: Condvar,
     stopping: AtomicBool,
-    running: AtomicUsize,
-    kv_free: AtomicUsize,
+    /// One per worker.
+    gauges: Vec<WorkerGauges>,
     preemptions: AtomicU64,
     stats: stats::ServingStats,
 }
 
+/// What one worker last reported of itself.
+#[derive(Default)]
+struct WorkerGauges {
+    running: AtomicUsize,
+    kv_free: AtomicUsize,
+    cached_blocks: AtomicUsize,
+}
+
 impl Shared {
-    fn new(limits: queue::QueueLimits) -> Shared {
+    fn new(
+        limits: queue::QueueLimits,
+        workers: usize,
+        prefix: crate::model::prefix::PrefixHasher,
+        block_size: usize,
+        affinity: Option<affinity::Affinity>,
+    ) -> Shared {
         Shared {
             queue: Mutex::new(queue::FairQueue::new(limits)),
+            prefix,
+            block_size,
+            affinity,
             work: Condvar::new(),
             stopping: AtomicBool::new(false),
-            running: AtomicUsize::new(0),
-            kv_free: AtomicUsize::new(0),
+            gauges: (0..workers.max(1))
+                .map(|_| WorkerGauges::default())
+                .collect(),
             preemptions: AtomicU64::new(0),
             stats: stats::ServingStats::default(),
         }
     }
 
-    fn pop(&self, now: Instant) -> (Option<Job>, Vec<Job>) {
+    /// Each worker's load for routing: sequences it runs plus queued jobs marked for it.
+    fn loads(&self, queue: &queue::FairQueue<Job>) -> Vec<usize> {
+        let mut loads: Vec<usize> = self
+            .gauges
+            .iter()
+            .map(|g| g.running.load(Ordering::Relaxed))
+            .collect();
+        for job in queue.items() {
+            if let Some(slot) = job.preferred_worker.and_then(|w| loads.get_mut(w)) {
+                *slot += 1;
+            }
+        }
+        loads
+    }
+
+    /// Marks `job` for the worker holding its longest cached prefix, if the affinity rule
+    /// says it should wait for it, and queues it.
+    fn enqueue(
+        &self,
+        mut job: Job,
+        weight: u32,
+        priority: queue::Priority,
+        deadline: Option<Instant>,
+    ) -> Result<(), Box<(QueueFull, Job)>> {
+        let cost = job.prompt.len() as u64 + job.params.max_tokens as u64;
+        let tenant = job.requester.tenant_id.clone();
+        let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(affinity) = &self.affinity {
+            job.preferred_worker = affinity.prefer(&job.prefix_hashes, &self.loads(&queue));
+        }
+        let marked = job.preferred_worker.is_some();
+        queue
+            .push(
+                &tenant,
+                weight,
+                priority,
+                cost,
+                deadline,
+                Instant::now(),
+                job,
+            )
+            .map_err(Box::new)?;
+        drop(queue);
+        if marked {
+            // notify_one might wake a worker that leaves the job to another.
+            self.work.notify_all();
+        } else {
+            self.work.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Whether `worker` may take `job` now.
+    fn may_take(&self, worker: usize, job: &Job, loads: &[usize]) -> bool {
+        match (&self.affinity, job.preferred_worker) {
+            (Some(affinity), Some(preferred)) => affinity.may_take(worker, preferred, loads),
+            _ => true,
+        }
+    }
+
+    /// The next job for `worker` in fair order (leaving jobs that wait for another worker's
+    /// cached prefix to it, while the affinity rule allows), and the jobs whose deadline
+    /// passed.
+    fn pop(&self, worker: usize, now: Instant) -> (Option<Job>, Vec<Job>) {
         let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
         let expired = queue
             .take_expired(now)
             .into_iter()
             .map(|e| e.item)
             .collect();
-        (queue.pop(now).map(|e| e.item), expired)
+        let job = if self.affinity.is_some() {
+            let loads = self.loads(&queue);
+            queue.pop_where(now, |e| self.may_take(worker, &e.item, &loads))
+        } else {
+            queue.pop(now)
+        };
+        (job.map(|e| e.item), expired)
     }
 
-    fn wait_for_work(&self, timeout: Duration) {
+    /// Waits until work may be there for `worker`: at most `timeout` with an empty queue,
+    /// and briefly when every queued job waits for another worker (loads change without a
+    /// notification, and with them what this worker may take).
+    fn wait_for_work(&self, worker: usize, timeout: Duration) {
         let queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-        if queue.is_empty() && !self.stopping() {
+        if self.stopping() {
+            return;
+        }
+        if queue.is_empty() {
             let _ = self.work.wait_timeout(queue, timeout);
+            return;
+        }
+        let loads = self.loads(&queue);
+        if !queue.items().any(|job| self.may_take(worker, job, &loads)) {
+            let _ = self
+                .work
+                .wait_timeout(queue, timeout.min(Duration::from_millis(5)));
         }
     }
 
@@ -195,12 +317,20 @@ impl Shared {
         self.stopping.load(Ordering::Acquire)
     }
 
-    fn set_running(&self, n: usize) {
-        self.running.store(n, Ordering::Relaxed);
+    /// Worker `worker`'s sequences, free KV blocks and cached blocks.
+    fn report(&self, worker: usize, running: usize, kv_free: usize, cached_blocks: usize) {
+        if let Some(g) = self.gauges.get(worker) {
+            g.running.store(running, Ordering::Relaxed);
+            g.kv_free.store(kv_free, Ordering::Relaxed);
+            g.cached_blocks.store(cached_blocks, Ordering::Relaxed);
+        }
     }
 
-    fn set_kv_free(&self, n: usize) {
-        self.kv_free.store(n, Ordering::Relaxed);
+    fn sum(&self, gauge: impl Fn(&WorkerGauges) -> &AtomicUsize) -> usize {
+        self.gauges
+            .iter()
+            .map(|g| gauge(g).load(Ordering::Relaxed))
+            .sum()
     }
 
     fn count_preemption(&self) {

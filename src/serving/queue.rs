@@ -80,6 +80,11 @@ impl<T> FairQueue<T> {
         }
     }
 
+    /// The waiting items, in no particular order.
+    pub fn items(&self) -> impl Iterator<Item = &T> {
+        self.entries.iter().map(|e| &e.item)
+    }
+
     pub fn len(&self) -> usize {
         self.entries.len()
     }

@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
 
+use super::affinity::Affinity;
 use super::echo::{ECHO_DEVICE, EchoWorker};
 use super::queue::{Priority, QueueFull, QueueLimits};
 use super::worker::{Worker, WorkerConfig};
@@ -14,6 +14,7 @@ use super::{Engine, Job, ModelSettings, Shared, UsageSink};
 use crate::error::{Classified, ErrorKind};
 use crate::model::config::ModelConfig;
 use crate::model::kv_cache::{KvPool, KvPoolOptions};
+use crate::model::prefix::PrefixHasher;
 use crate::model::tokenizer::Tokenizer;
 use crate::model::transformer::{LoadOptions, Model};
 use crate::model::{ModelError, Preset};
@@ -130,14 +131,24 @@ impl ServedModel {
         tokenizer
             .check_fits(config.vocab_size)
             .map_err(model_error)?;
-        let shared = Arc::new(Shared::new(QueueLimits {
-            max_requests: settings.max_queue_requests,
-            max_tokens: settings.max_queue_tokens,
-            aging_step: settings.aging_step,
-        }));
+        let workers = settings.workers.max(1);
+        let caching = settings.prefix_cache && settings.engine == Engine::Npu;
+        let block_size = KvPoolOptions::default().block_size;
+        let shared = Arc::new(Shared::new(
+            QueueLimits {
+                max_requests: settings.max_queue_requests,
+                max_tokens: settings.max_queue_tokens,
+                aging_step: settings.aging_step,
+            },
+            workers,
+            PrefixHasher::new(&settings.id),
+            block_size,
+            (caching && workers > 1)
+                .then(|| Affinity::new(workers, settings.cache_affinity_margin)),
+        ));
         if settings.engine == Engine::Echo {
             let mut threads = Vec::new();
-            for n in 0..settings.workers.max(1) {
+            for n in 0..workers {
                 let worker = EchoWorker {
                     tokenizer: tokenizer.clone(),
                     shared: shared.clone(),
@@ -163,7 +174,7 @@ impl ServedModel {
         }
         let profile = profile(&settings)?;
         let mut threads = Vec::new();
-        for n in 0..settings.workers.max(1) {
+        for n in 0..workers {
             let device = Device::new(profile.clone()).map_err(|e| ServingError::Device {
                 id: id.clone(),
                 profile: settings.device_profile.clone(),
@@ -171,22 +182,32 @@ impl ServedModel {
             })?;
             let kv_options = KvPoolOptions {
                 max_blocks: settings.kv_max_blocks,
+                block_size,
+                prefix_cache_share: if caching {
+                    settings.prefix_cache_max_share
+                } else {
+                    0.0
+                },
                 ..KvPoolOptions::default()
             };
-            let kv = KvPool::for_device(
+            let mut kv = KvPool::for_device(
                 model.config(),
                 device.profile(),
                 model.weights().device_bytes(),
                 &kv_options,
             )
             .map_err(model_error)?;
-            shared.kv_free.store(kv.free_blocks(), Ordering::Relaxed);
+            if shared.affinity.is_some() {
+                kv.track_cache_changes();
+            }
+            shared.report(n, 0, kv.free_blocks(), 0);
             let worker = Worker {
                 model: model.clone(),
                 tokenizer: tokenizer.clone(),
                 device,
                 kv,
                 config: WorkerConfig {
+                    index: n,
                     max_batch_size: settings.max_batch_size.max(1),
                     max_batch_tokens: settings.max_batch_tokens.max(1),
                     pace: settings.pace,
@@ -196,6 +217,7 @@ impl ServedModel {
                 shared: shared.clone(),
                 usage: usage.clone(),
                 stalled: false,
+                evictions_counted: 0,
             };
             threads.push(spawn_worker(&id, format!("npu-{id}-{n}"), move || {
                 worker.run()
@@ -212,37 +234,35 @@ impl ServedModel {
         })
     }
 
-    /// Queues a job, or refuses it at once when the queue is full.
-    pub fn submit(&self, job: Job, priority: Priority) -> Result<(), Box<(QueueFull, Job)>> {
-        let cost = job.prompt.len() as u64 + job.params.max_tokens as u64;
+    /// Queues a job, or refuses it at once when the queue is full. With prefix caching on,
+    /// the prompt's block addresses are computed here, once, for routing and for the worker.
+    pub fn submit(&self, mut job: Job, priority: Priority) -> Result<(), Box<(QueueFull, Job)>> {
+        if self.caches_prefixes() {
+            job.prefix_hashes = self.shared.prefix.chain(
+                job.cache_scope.as_str(),
+                &job.prompt,
+                self.shared.block_size,
+            );
+        }
         let weight = job.requester.weight;
-        let tenant = job.requester.tenant_id.clone();
         let deadline = Some(
             job.deadline
                 .unwrap_or(job.received_at + self.settings.max_queue_time)
                 .min(job.received_at + self.settings.max_queue_time),
         );
-        let mut queue = self.shared.queue.lock().unwrap_or_else(|e| e.into_inner());
-        queue
-            .push(
-                &tenant,
-                weight,
-                priority,
-                cost,
-                deadline,
-                Instant::now(),
-                job,
-            )
-            .map_err(|refused| {
+        self.shared
+            .enqueue(job, weight, priority, deadline)
+            .inspect_err(|_| {
                 self.shared
                     .stats
                     .queue_full_rejections
                     .fetch_add(1, Ordering::Relaxed);
-                Box::new(refused)
-            })?;
-        drop(queue);
-        self.shared.work.notify_one();
-        Ok(())
+            })
+    }
+
+    /// Whether this model's workers reuse cached prompt prefixes.
+    pub fn caches_prefixes(&self) -> bool {
+        self.settings.prefix_cache && self.model.is_some()
     }
 
     /// Requests waiting and their tokens.
@@ -253,12 +273,17 @@ impl ServedModel {
 
     /// Free KV blocks as last reported by the workers.
     pub fn kv_free_blocks(&self) -> usize {
-        self.shared.kv_free.load(Ordering::Relaxed)
+        self.shared.sum(|g| &g.kv_free)
+    }
+
+    /// KV blocks holding a cached prefix (held by a sequence or retained), over the workers.
+    pub fn cached_blocks(&self) -> usize {
+        self.shared.sum(|g| &g.cached_blocks)
     }
 
     /// Sequences in the workers' batches.
     pub fn running(&self) -> usize {
-        self.shared.running.load(Ordering::Relaxed)
+        self.shared.sum(|g| &g.running)
     }
 
     pub fn preemptions(&self) -> u64 {

@@ -135,6 +135,12 @@ pub struct ServingStats {
     pub step_sequences: Histogram,
     pub step_tokens: Histogram,
     pub prompt_tokens: AtomicU64,
+    /// Prompt tokens whose KV came from the prefix cache, counted at admission.
+    pub prompt_cache_hit_tokens: AtomicU64,
+    /// Prompt tokens computed at admission (not found in the prefix cache).
+    pub prompt_cache_miss_tokens: AtomicU64,
+    /// Cached blocks evicted from the workers' pools.
+    pub prefix_cache_evictions: AtomicU64,
     pub generation_tokens: AtomicU64,
     finished: [AtomicU64; Outcome::ALL.len()],
     pub queue_full_rejections: AtomicU64,
@@ -151,6 +157,9 @@ impl Default for ServingStats {
             step_sequences: Histogram::counts(),
             step_tokens: Histogram::counts(),
             prompt_tokens: AtomicU64::new(0),
+            prompt_cache_hit_tokens: AtomicU64::new(0),
+            prompt_cache_miss_tokens: AtomicU64::new(0),
+            prefix_cache_evictions: AtomicU64::new(0),
             generation_tokens: AtomicU64::new(0),
             finished: Default::default(),
             queue_full_rejections: AtomicU64::new(0),

@@ -28,6 +28,8 @@ use crate::model::{FinishReason, ModelError};
 use crate::npu::Device;
 
 pub(crate) struct WorkerConfig {
+    /// This worker's place among its model's workers.
+    pub index: usize,
     pub max_batch_size: usize,
     pub max_batch_tokens: usize,
     pub pace: Pace,
@@ -41,6 +43,8 @@ struct Running {
     generation: Generation,
     /// Tokens still to feed: the prompt (or its rest), then the last sampled token.
     pending: Vec<u32>,
+    /// Prompt tokens taken from the prefix cache at first admission.
+    cached_prompt_tokens: usize,
     admitted_at: Instant,
     first_token_at: Option<Instant>,
     last_token_at: Option<Instant>,
@@ -59,6 +63,8 @@ pub(crate) struct Worker {
     /// The last step ran out of KV blocks: admit nothing until a step
     /// succeeds, so preemption makes progress instead of thrashing.
     pub stalled: bool,
+    /// Evictions of the pool already added to the model's counter.
+    pub evictions_counted: u64,
 }
 
 impl Worker {
@@ -70,17 +76,83 @@ impl Worker {
             self.drop_gone(&mut running);
             self.admit(&mut running, &mut preempted, &mut next_seq);
             if running.is_empty() {
-                self.shared.set_running(0);
-                self.shared.set_kv_free(self.kv.free_blocks());
+                self.report(0);
                 if self.shared.stopping() {
                     return;
                 }
-                self.shared.wait_for_work(Duration::from_millis(50));
+                self.shared
+                    .wait_for_work(self.config.index, Duration::from_millis(50));
                 continue;
             }
-            self.shared.set_running(running.len());
+            self.report(running.len());
             self.step(&mut running, &mut preempted);
-            self.shared.set_kv_free(self.kv.free_blocks());
+            self.share_cache_changes();
+            self.report(running.len());
+        }
+    }
+
+    /// Tells the model's gauges (and the router) what this worker holds.
+    fn report(&self, running: usize) {
+        self.shared.report(
+            self.config.index,
+            running,
+            self.kv.free_blocks(),
+            self.kv.cached_blocks(),
+        );
+    }
+
+    /// Starts sequence `seq` of `job` on the cached blocks of the longest prefix of `tokens`
+    /// (whose full blocks have the addresses `hashes`), always leaving the last token to
+    /// compute, since its logits are needed; returns the tokens reused.
+    fn attach_prefix(
+        &mut self,
+        seq: SeqId,
+        job: &Job,
+        hashes: &[crate::model::prefix::BlockHash],
+        tokens: &[u32],
+    ) -> usize {
+        if !self.kv.prefix_caching() {
+            return 0;
+        }
+        let root = self.shared.prefix.root(job.cache_scope.as_str());
+        self.kv
+            .attach_prefix(seq, root, hashes, tokens.len().saturating_sub(1))
+    }
+
+    /// Publishes the blocks of `r` that its last step filled, so later prompts can reuse
+    /// them (its generated tokens included: a chat's next turn resends them).
+    fn publish_full_blocks(&mut self, r: &Running) {
+        let (blocks, from) = self.kv.unpublished(r.seq);
+        if blocks == 0 {
+            return;
+        }
+        let tokens: Vec<u32> = r
+            .job
+            .prompt
+            .iter()
+            .chain(r.generation.tokens())
+            .skip(from)
+            .take(blocks * self.kv.block_size())
+            .copied()
+            .collect();
+        self.kv.publish(r.seq, &self.shared.prefix, &tokens);
+    }
+
+    /// Hands the addresses this worker's pool gained and lost to the router, and counts
+    /// evictions.
+    fn share_cache_changes(&mut self) {
+        let evictions = self.kv.prefix_stats().evictions;
+        let new = evictions - self.evictions_counted;
+        if new > 0 {
+            self.shared
+                .stats
+                .prefix_cache_evictions
+                .fetch_add(new, Ordering::Relaxed);
+            self.evictions_counted = evictions;
+        }
+        if let Some(affinity) = &self.shared.affinity {
+            let changes = self.kv.take_cache_changes();
+            affinity.record(self.config.index, &changes.added, &changes.removed);
         }
     }
 
@@ -141,6 +213,14 @@ impl Worker {
                 if let Some(mut r) = preempted.pop_front() {
                     // Newest again: if blocks run short, it yields first.
                     r.admitted_at = Instant::now();
+                    // Its own blocks may still be cached: recompute only the rest.
+                    let hashes = self.shared.prefix.chain(
+                        r.job.cache_scope.as_str(),
+                        &r.pending,
+                        self.kv.block_size(),
+                    );
+                    let reused = self.attach_prefix(r.seq, &r.job, &hashes, &r.pending);
+                    r.pending.drain(..reused);
                     running.push(r);
                 }
                 continue;
@@ -148,7 +228,7 @@ impl Worker {
             if !running.is_empty() && !self.fits(1, running.len()) {
                 break;
             }
-            let (job, expired) = self.shared.pop(Instant::now());
+            let (job, expired) = self.shared.pop(self.config.index, Instant::now());
             for job in expired {
                 self.fail_unstarted(job, Failure::DeadlineExceeded);
             }
@@ -166,11 +246,20 @@ impl Worker {
             };
             *next_seq += 1;
             let admitted_at = Instant::now();
-            self.shared.stats.queue_time.observe(micros(
+            let cached = self.attach_prefix(*next_seq, &job, &job.prefix_hashes, &job.prompt);
+            let stats = &self.shared.stats;
+            stats.queue_time.observe(micros(
                 admitted_at.saturating_duration_since(job.received_at),
             ));
+            stats
+                .prompt_cache_hit_tokens
+                .fetch_add(cached as u64, Ordering::Relaxed);
+            stats
+                .prompt_cache_miss_tokens
+                .fetch_add((job.prompt.len() - cached) as u64, Ordering::Relaxed);
             running.push(Running {
-                pending: job.prompt.clone(),
+                pending: job.prompt[cached..].to_vec(),
+                cached_prompt_tokens: cached,
                 seq: *next_seq,
                 generation,
                 admitted_at,
@@ -234,6 +323,9 @@ impl Worker {
             }
         };
         self.stalled = false;
+        for &(i, _) in &chosen {
+            self.publish_full_blocks(&running[i]);
+        }
         if let Some(served_as) = &self.config.served_as {
             let shape = StepShape {
                 tokens: chosen.iter().map(|&(_, take)| take).sum(),
@@ -338,6 +430,7 @@ impl Worker {
         let received = r.job.received_at;
         JobUsage {
             prompt_tokens: u32::try_from(r.job.prompt.len()).unwrap_or(u32::MAX),
+            cached_prompt_tokens: u32::try_from(r.cached_prompt_tokens).unwrap_or(u32::MAX),
             completion_tokens: u32::try_from(r.generation.tokens().len()).unwrap_or(u32::MAX),
             queue_time_us: micros(r.admitted_at.saturating_duration_since(received)),
             ttft_us: r
@@ -361,6 +454,7 @@ impl Worker {
     fn fail_unstarted(&self, job: Job, failure: Failure) {
         let r = Running {
             pending: Vec::new(),
+            cached_prompt_tokens: 0,
             seq: 0,
             generation: match Generation::new(job.params.clone(), None) {
                 Ok(g) => g,

@@ -100,6 +100,7 @@ fn price(model: &str, device: &str, from_us: i64, prompt: i64, completion: i64) 
         model: model.to_owned(),
         device_class: device.to_owned(),
         prompt_per_million_tokens: usd(prompt),
+        cached_prompt_per_million_tokens: None,
         completion_per_million_tokens: usd(completion),
         per_kwh: None,
         effective_from: at(from_us),
@@ -132,6 +133,7 @@ fn event(
         model: model.to_owned(),
         device_profile: device.to_owned(),
         prompt_tokens: 100,
+        cached_prompt_tokens: 0,
         completion_tokens: 10,
         queue_time_us: 100,
         ttft_us: 1000,
@@ -253,20 +255,21 @@ fn half_even(numerator: i128, denominator: i128) -> i128 {
 }
 
 /// The reconciliation test's price list, as the test understands it:
-/// (price id, prompt, completion, per kWh) for a model, device and time.
+/// (price id, prompt, cache-hit prompt, completion, per kWh) for a model,
+/// device and time.
 fn test_price(
     model: &str,
     device: &str,
     finished_at_us: i64,
     change_us: i64,
-) -> (u8, i64, i64, Option<i64>) {
+) -> (u8, i64, i64, i64, Option<i64>) {
     match (model, device) {
         ("m-alpha", "ascend-910b") if finished_at_us >= change_us => {
-            (1, 70_000_001, 90_000_003, None)
+            (1, 70_000_001, 20_000_007, 90_000_003, None)
         }
-        ("m-alpha", "ascend-910b") => (0, 80_000_000, 80_000_000, None),
-        ("m-alpha", _) => (2, 140_000_000, 140_000_000, Some(123_456_789)),
-        _ => (3, 33_333_333, 66_666_667, None),
+        ("m-alpha", "ascend-910b") => (0, 80_000_000, 80_000_000, 80_000_000, None),
+        ("m-alpha", _) => (2, 140_000_000, 140_000_000, 140_000_000, Some(123_456_789)),
+        _ => (3, 33_333_333, 33_333_333, 66_666_667, None),
     }
 }
 
@@ -278,12 +281,14 @@ async fn hundred_thousand_events_reconcile_to_the_unit() {
     let change_us = period.start_us() + 13 * 86_400_000_000 + 12_345;
     let mut alpha_any = price("m-alpha", "", 0, 140_000_000, 140_000_000);
     alpha_any.per_kwh = usd(123_456_789);
+    let mut changed = price("m-alpha", "ascend-910b", change_us, 70_000_001, 90_000_003);
+    changed.cached_prompt_per_million_tokens = usd(20_000_007);
     put_prices(
         &channel,
         "recon",
         vec![
             price("m-alpha", "ascend-910b", 0, 80_000_000, 80_000_000),
-            price("m-alpha", "ascend-910b", change_us, 70_000_001, 90_000_003),
+            changed,
             alpha_any,
             price("m-beta", "", 0, 33_333_333, 66_666_667),
         ],
@@ -308,6 +313,10 @@ async fn hundred_thousand_events_reconcile_to_the_unit() {
                 period.start_us() + offset,
             );
             e.prompt_tokens = u32::try_from(1 + (i * 37) % 4000).expect("tokens");
+            // Some prompts partly from the prefix cache, some not at all.
+            e.cached_prompt_tokens = u32::try_from((i * 29) % 5)
+                .expect("small")
+                .saturating_mul(e.prompt_tokens / 5);
             e.completion_tokens = u32::try_from((i * 11) % 900).expect("tokens");
             e.energy_mj = 1000 + (i * 13) % 500_000;
             e
@@ -325,7 +334,7 @@ async fn hundred_thousand_events_reconcile_to_the_unit() {
     for tenant in &tenants {
         let mut quantities: BTreeMap<(&str, &str, u8, u8), (i128, i128)> = BTreeMap::new();
         for e in events.iter().filter(|e| &e.tenant_id == tenant) {
-            let (id, prompt, completion, per_kwh) =
+            let (id, prompt, cached, completion, per_kwh) =
                 test_price(&e.model, &e.device_profile, e.finished_at_us, change_us);
             let mut add = |kind: u8, quantity: i128, unit: i64| {
                 let entry = quantities
@@ -333,7 +342,12 @@ async fn hundred_thousand_events_reconcile_to_the_unit() {
                     .or_insert((0, i128::from(unit)));
                 entry.0 += quantity;
             };
-            add(0, i128::from(e.prompt_tokens), prompt);
+            add(
+                0,
+                i128::from(e.prompt_tokens - e.cached_prompt_tokens),
+                prompt,
+            );
+            add(3, i128::from(e.cached_prompt_tokens), cached);
             add(1, i128::from(e.completion_tokens), completion);
             if let Some(per_kwh) = per_kwh {
                 add(2, i128::from(e.energy_mj), per_kwh);
@@ -373,6 +387,17 @@ async fn hundred_thousand_events_reconcile_to_the_unit() {
             })
             .count();
         assert_eq!(split, 2, "the mid-month price change splits the line");
+        let hits = draft
+            .lines
+            .iter()
+            .filter(|l| l.kind() == LineKind::CachedPromptTokens)
+            .map(|l| l.unit_price.as_ref().expect("price").amount_nanos)
+            .collect::<std::collections::BTreeSet<_>>();
+        assert!(
+            hits.contains(&20_000_007) && hits.contains(&80_000_000),
+            "cache hits are billed on lines of their own, at the cache-hit price where the \
+             plan has one and at the prompt price where not: {hits:?}"
+        );
         assert!(draft.lines.iter().any(|l| l.kind() == LineKind::Energy));
 
         let invoice = finalize(&channel, &draft.id).await.expect("finalize");
@@ -878,12 +903,24 @@ async fn bad_input_is_refused_naming_the_field() {
         .find(|p| p.name == "standard")
         .expect("standard");
     assert!(standard.description.contains("Example"));
-    assert!(standard.prices.iter().any(|p| {
-        p.device_class == "ascend-910b"
-            && p.prompt_per_million_tokens
-                .as_ref()
-                .is_some_and(|m| m.amount_nanos == 80_000_000)
-    }));
+    // Every preset is priced, the default served model included.
+    for model in ["tiny", "small", "v4-small"] {
+        assert!(
+            standard.prices.iter().any(|p| {
+                p.model == model
+                    && p.device_class == "ascend-910b"
+                    && p.prompt_per_million_tokens
+                        .as_ref()
+                        .is_some_and(|m| m.amount_nanos == 80_000_000)
+            }),
+            "{model} has an example price"
+        );
+    }
+    assert_eq!(
+        ascend_gateway::serving::ModelSettings::default().id,
+        "v4-small",
+        "the default served model is the one the example plan prices"
+    );
 }
 
 #[tokio::test]

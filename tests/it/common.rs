@@ -366,22 +366,35 @@ pub async fn tenant_with_limits(
     slug: &str,
     limits: ascend_gateway::api::pb::v1::TenantLimits,
 ) -> (String, String) {
-    use ascend_gateway::api::pb::v1::tenant_admin_client::TenantAdminClient;
-    use ascend_gateway::api::pb::v1::{CreateApiKeyRequest, CreateTenantRequest};
-    let mut client = TenantAdminClient::new(channel.clone());
-    let id = client
-        .create_tenant(admin(CreateTenantRequest {
+    tenant_with(
+        channel,
+        ascend_gateway::api::pb::v1::CreateTenantRequest {
             slug: slug.to_owned(),
             limits: Some(limits),
             ..Default::default()
-        }))
+        },
+    )
+    .await
+}
+
+/// The tenant `request` creates, with an `inference` key: (tenant id, key).
+pub async fn tenant_with(
+    channel: &Channel,
+    request: ascend_gateway::api::pb::v1::CreateTenantRequest,
+) -> (String, String) {
+    use ascend_gateway::api::pb::v1::CreateApiKeyRequest;
+    use ascend_gateway::api::pb::v1::tenant_admin_client::TenantAdminClient;
+    let mut client = TenantAdminClient::new(channel.clone());
+    let slug = request.slug.clone();
+    let id = client
+        .create_tenant(admin(request))
         .await
         .expect("tenant")
         .into_inner()
         .id;
     let key = client
         .create_api_key(admin(CreateApiKeyRequest {
-            tenant: slug.to_owned(),
+            tenant: slug,
             ..Default::default()
         }))
         .await

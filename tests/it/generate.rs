@@ -660,7 +660,7 @@ async fn a_served_as_shape_is_charged_for_its_full_size() {
 }
 
 /// The value of one sample line of a Prometheus text scrape.
-fn sample(body: &str, series: &str) -> f64 {
+pub fn sample(body: &str, series: &str) -> f64 {
     body.lines()
         .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
         .and_then(|value| value.trim().parse().ok())

@@ -20,14 +20,14 @@ use crate::common::{ADMIN_TOKEN, TestGateway, authed, tenant_with_limits};
 use crate::generate::tenant_key;
 
 /// An answer: status, headers, the whole body as text.
-struct Reply {
-    status: u16,
+pub struct Reply {
+    pub status: u16,
     headers: hyper::HeaderMap,
-    body: String,
+    pub body: String,
 }
 
 impl Reply {
-    fn json(&self) -> Value {
+    pub fn json(&self) -> Value {
         serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.body))
     }
 
@@ -102,7 +102,7 @@ async fn send_with(
 }
 
 /// A JSON POST with a tenant key.
-async fn post(gateway: &TestGateway, path: &str, key: &str, body: &Value) -> Reply {
+pub async fn post(gateway: &TestGateway, path: &str, key: &str, body: &Value) -> Reply {
     post_with(gateway, path, key, body, &[]).await
 }
 

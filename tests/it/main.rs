@@ -17,6 +17,7 @@ mod http;
 mod idempotency;
 mod limits;
 mod metering;
+mod prefix_cache;
 mod secrets;
 mod server;
 mod startup;

@@ -24,6 +24,7 @@ fn event(i: u32) -> UsageEvent {
         model: if i.is_multiple_of(2) { "small" } else { "tiny" }.to_owned(),
         device_profile: "ascend-910b".to_owned(),
         prompt_tokens: 10 + i % 100,
+        cached_prompt_tokens: i % 11,
         completion_tokens: 1 + i % 50,
         queue_time_us: 100,
         ttft_us: 1000,
@@ -37,18 +38,23 @@ fn event(i: u32) -> UsageEvent {
     }
 }
 
-async fn totals(db: &Db) -> ((i64, i64, i64, i64), (i64, i64, i64, i64)) {
-    let events: (i64, i64, i64, i64) = sqlx::query_as(
+/// Requests, prompt, cached prompt, completion tokens and energy.
+type Totals = (i64, i64, i64, i64, i64);
+
+async fn totals(db: &Db) -> (Totals, Totals) {
+    let events: Totals = sqlx::query_as(
         "SELECT COUNT(*), CAST(COALESCE(SUM(prompt_tokens), 0) AS BIGINT), \
+         CAST(COALESCE(SUM(cached_prompt_tokens), 0) AS BIGINT), \
          CAST(COALESCE(SUM(completion_tokens), 0) AS BIGINT), \
          CAST(COALESCE(SUM(energy_mj), 0) AS BIGINT) FROM usage_events",
     )
     .fetch_one(db.pool())
     .await
     .expect("event totals");
-    let rollups: (i64, i64, i64, i64) = sqlx::query_as(
+    let rollups: Totals = sqlx::query_as(
         "SELECT CAST(COALESCE(SUM(requests), 0) AS BIGINT), \
          CAST(COALESCE(SUM(prompt_tokens), 0) AS BIGINT), \
+         CAST(COALESCE(SUM(cached_prompt_tokens), 0) AS BIGINT), \
          CAST(COALESCE(SUM(completion_tokens), 0) AS BIGINT), \
          CAST(COALESCE(SUM(energy_mj), 0) AS BIGINT) FROM usage_hourly",
     )
@@ -96,6 +102,9 @@ async fn exactly_once(db: Db) {
     assert_eq!(replay.inserted, 0, "a replay counts nothing twice");
 
     let expected_prompt: i64 = (0..n).map(|i| i64::from(event(i).prompt_tokens)).sum();
+    let expected_cached: i64 = (0..n)
+        .map(|i| i64::from(event(i).cached_prompt_tokens))
+        .sum();
     let expected_completion: i64 = (0..n).map(|i| i64::from(event(i).completion_tokens)).sum();
     let expected_energy: i64 = (0..n).map(|i| event(i).energy_mj as i64).sum();
     let (events, rollups) = totals(&db).await;
@@ -104,6 +113,7 @@ async fn exactly_once(db: Db) {
         (
             i64::from(n),
             expected_prompt,
+            expected_cached,
             expected_completion,
             expected_energy
         )

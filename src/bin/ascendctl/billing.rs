@@ -106,6 +106,10 @@ pub enum PriceCommand {
         /// Price per million prompt tokens, a decimal such as 0.08
         #[arg(long)]
         prompt: String,
+        /// Price per million prompt tokens served from the prefix cache (cache hits)
+        /// [default: the prompt price]
+        #[arg(long)]
+        cached_prompt: Option<String>,
         /// Price per million completion tokens
         #[arg(long)]
         completion: String,
@@ -162,16 +166,32 @@ pub async fn price(ctx: &Ctx, command: PriceCommand) -> anyhow::Result<()> {
             model,
             device_class,
             prompt,
+            cached_prompt,
             completion,
             per_kwh,
             currency,
             description,
             effective_from,
         } => {
+            let prompt_price = decimal("prompt", &prompt, &currency)?;
+            let cached_price = cached_prompt
+                .as_deref()
+                .map(|text| decimal("cached-prompt", text, &currency))
+                .transpose()?;
+            if let Some(cached) = &cached_price
+                && cached.amount_nanos > prompt_price.amount_nanos
+            {
+                eprintln!(
+                    "warning: --cached-prompt {} is above --prompt {prompt}: a prompt served from \
+                     the cache will cost more than one computed",
+                    cached_prompt.as_deref().unwrap_or_default()
+                );
+            }
             let price = Price {
                 model,
                 device_class,
-                prompt_per_million_tokens: Some(decimal("prompt", &prompt, &currency)?),
+                prompt_per_million_tokens: Some(prompt_price),
+                cached_prompt_per_million_tokens: cached_price,
                 completion_per_million_tokens: Some(decimal("completion", &completion, &currency)?),
                 per_kwh: per_kwh
                     .map(|text| decimal("per-kwh", &text, &currency))

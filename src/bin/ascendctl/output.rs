@@ -301,6 +301,8 @@ struct PriceView {
     model: String,
     device_class: String,
     prompt_per_million_tokens: Option<MoneyView>,
+    /// Absent: cache hits cost the prompt price.
+    cached_prompt_per_million_tokens: Option<MoneyView>,
     completion_per_million_tokens: Option<MoneyView>,
     per_kwh: Option<MoneyView>,
     effective_from: Option<String>,
@@ -328,6 +330,9 @@ pub fn price_plans(output: Output, plans: Vec<pb::PricePlan>) -> anyhow::Result<
                         prompt_per_million_tokens: money_view(
                             price.prompt_per_million_tokens.as_ref(),
                         ),
+                        cached_prompt_per_million_tokens: money_view(
+                            price.cached_prompt_per_million_tokens.as_ref(),
+                        ),
                         completion_per_million_tokens: money_view(
                             price.completion_per_million_tokens.as_ref(),
                         ),
@@ -354,6 +359,13 @@ pub fn price_plans(output: Output, plans: Vec<pb::PricePlan>) -> anyhow::Result<
                     price.device_class.clone()
                 },
                 money_text(price.prompt_per_million_tokens.as_ref()),
+                // No price of its own: cache hits cost the prompt price.
+                money_text(
+                    price
+                        .cached_prompt_per_million_tokens
+                        .as_ref()
+                        .or(price.prompt_per_million_tokens.as_ref()),
+                ),
                 money_text(price.completion_per_million_tokens.as_ref()),
                 money_text(price.per_kwh.as_ref()),
                 or_dash(time(price.effective_from.as_ref())),
@@ -366,6 +378,7 @@ pub fn price_plans(output: Output, plans: Vec<pb::PricePlan>) -> anyhow::Result<
             "MODEL",
             "DEVICE",
             "PROMPT /M",
+            "CACHED PROMPT /M",
             "COMPLETION /M",
             "PER KWH",
             "FROM",
@@ -535,6 +548,7 @@ struct UsageView {
     model: String,
     requests: u64,
     prompt_tokens: u64,
+    cached_prompt_tokens: u64,
     completion_tokens: u64,
     device_time_us: u64,
     energy_mj: u64,
@@ -547,6 +561,7 @@ impl From<&pb::UsageBucket> for UsageView {
             model: b.model.clone(),
             requests: b.requests,
             prompt_tokens: b.prompt_tokens,
+            cached_prompt_tokens: b.cached_prompt_tokens,
             completion_tokens: b.completion_tokens,
             device_time_us: b.device_time_us,
             energy_mj: b.energy_mj,
@@ -576,6 +591,7 @@ pub fn usage(output: Output, usage: pb::GetUsageResponse) -> anyhow::Result<()> 
             v.model,
             v.requests.to_string(),
             v.prompt_tokens.to_string(),
+            v.cached_prompt_tokens.to_string(),
             v.completion_tokens.to_string(),
             v.device_time_us.to_string(),
             v.energy_mj.to_string(),
@@ -591,6 +607,7 @@ pub fn usage(output: Output, usage: pb::GetUsageResponse) -> anyhow::Result<()> 
             "MODEL",
             "REQUESTS",
             "PROMPT TOKENS",
+            "CACHED PROMPT TOKENS",
             "COMPLETION TOKENS",
             "DEVICE TIME US",
             "ENERGY MJ",

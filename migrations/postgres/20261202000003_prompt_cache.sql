@@ -1,0 +1,20 @@
+-- Context caching: prompt tokens whose KV came from the prefix cache are
+-- metered apart (a part of prompt_tokens) and may have their own price.
+
+ALTER TABLE usage_events
+    ADD COLUMN cached_prompt_tokens BIGINT NOT NULL DEFAULT 0
+    CHECK (cached_prompt_tokens >= 0 AND cached_prompt_tokens <= prompt_tokens);
+
+ALTER TABLE usage_hourly
+    ADD COLUMN cached_prompt_tokens BIGINT NOT NULL DEFAULT 0;
+
+-- Per million cache-hit prompt tokens; NULL: the prompt price.
+ALTER TABLE prices
+    ADD COLUMN cached_prompt_per_million_nanos BIGINT
+    CHECK (cached_prompt_per_million_nanos >= 0);
+
+-- Invoice lines bill cache hits on lines of their own; prompt_tokens lines
+-- bill the prompt tokens that were computed.
+ALTER TABLE invoice_lines DROP CONSTRAINT invoice_lines_kind_check;
+ALTER TABLE invoice_lines ADD CONSTRAINT invoice_lines_kind_check
+    CHECK (kind IN ('prompt_tokens', 'cached_prompt_tokens', 'completion_tokens', 'energy'));
