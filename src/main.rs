@@ -280,6 +280,9 @@ fn bench_command(command: &BenchCommand) -> ExitCode {
                     BenchCommand::Replicas(args) => {
                         print!("{}", bench::replicas_suite(args, &invocation).await?.1);
                     }
+                    BenchCommand::Chat(args) => {
+                        print!("{}", bench::chat_scenario(args, &invocation).await?.1);
+                    }
                 }
                 anyhow::Ok(())
             })

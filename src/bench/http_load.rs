@@ -16,7 +16,7 @@ use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
 
 use super::BenchError;
-use super::load::Sample;
+use super::load::{ReportedUsage, Sample};
 use crate::api::pb::v1::GenerateRequest;
 
 /// One HTTP/2 connection (the client's pool holds one per host when it
@@ -66,6 +66,8 @@ struct ChunkChoice {
 #[derive(Deserialize)]
 struct ChunkUsage {
     prompt_tokens: u32,
+    #[serde(default)]
+    prompt_cache_hit_tokens: u32,
     completion_tokens: u32,
     #[serde(default)]
     device_time_us: u64,
@@ -146,14 +148,18 @@ pub(super) async fn send(
                     serde_json::from_slice(payload).map_err(|_| "framing".to_owned())?;
                 if chunk.choices.iter().any(|c| !c.text.is_empty()) {
                     sample.token_at(sent, &mut last, now);
+                    for choice in &chunk.choices {
+                        sample.text.push_str(&choice.text);
+                    }
                 }
                 if let Some(u) = chunk.usage {
-                    sample.set_usage(
-                        u.prompt_tokens,
-                        u.completion_tokens,
-                        u.device_time_us,
-                        u.energy_mj,
-                    );
+                    sample.set_usage(ReportedUsage {
+                        prompt_tokens: u.prompt_tokens,
+                        cached_prompt_tokens: u.prompt_cache_hit_tokens,
+                        completion_tokens: u.completion_tokens,
+                        device_time_us: u.device_time_us,
+                        energy_mj: u.energy_mj,
+                    });
                 }
             }
         }

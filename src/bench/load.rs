@@ -80,7 +80,11 @@ pub struct Sample {
     pub inter_token_us: Vec<u64>,
     pub e2e_us: u64,
     pub prompt_tokens: u32,
+    /// Of `prompt_tokens`, those served from the prefix cache.
+    pub cached_prompt_tokens: u32,
     pub completion_tokens: u32,
+    /// The answer's text (the chat workload resends it next turn).
+    pub text: String,
     /// Emulated device time and energy charged to the request.
     pub device_time_us: u64,
     pub energy_mj: u64,
@@ -95,7 +99,7 @@ fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
-async fn one_request(
+pub(super) async fn one_request(
     connection: Connection,
     key: &str,
     tenant: usize,
@@ -110,7 +114,9 @@ async fn one_request(
         inter_token_us: Vec::new(),
         e2e_us: 0,
         prompt_tokens: 0,
+        cached_prompt_tokens: 0,
         completion_tokens: 0,
+        text: String::new(),
         device_time_us: 0,
         energy_mj: 0,
         outcome: Err("no answer".to_owned()),
@@ -136,12 +142,23 @@ impl Sample {
     }
 
     /// The usage the answer reported.
-    pub(super) fn set_usage(&mut self, prompt: u32, completion: u32, device_us: u64, mj: u64) {
-        self.prompt_tokens = prompt;
-        self.completion_tokens = completion;
-        self.device_time_us = device_us;
-        self.energy_mj = mj;
+    pub(super) fn set_usage(&mut self, usage: ReportedUsage) {
+        self.prompt_tokens = usage.prompt_tokens;
+        self.cached_prompt_tokens = usage.cached_prompt_tokens;
+        self.completion_tokens = usage.completion_tokens;
+        self.device_time_us = usage.device_time_us;
+        self.energy_mj = usage.energy_mj;
     }
+}
+
+/// The usage an answer reported, in either front end's fields.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct ReportedUsage {
+    pub prompt_tokens: u32,
+    pub cached_prompt_tokens: u32,
+    pub completion_tokens: u32,
+    pub device_time_us: u64,
+    pub energy_mj: u64,
 }
 
 /// Sends `request` as a `GenerateStream` and fills `sample`'s timings and
@@ -165,15 +182,19 @@ async fn grpc_send(
         while let Some(message) = stream.next().await {
             let now = Instant::now();
             match message?.event {
-                Some(Event::Delta(_)) => sample.token_at(sent, &mut last, now),
+                Some(Event::Delta(delta)) => {
+                    sample.token_at(sent, &mut last, now);
+                    sample.text.push_str(&delta.text);
+                }
                 Some(Event::Complete(done)) => {
                     if let Some(usage) = done.usage {
-                        sample.set_usage(
-                            usage.prompt_tokens,
-                            usage.completion_tokens,
-                            usage.device_time_us,
-                            usage.energy_mj,
-                        );
+                        sample.set_usage(ReportedUsage {
+                            prompt_tokens: usage.prompt_tokens,
+                            cached_prompt_tokens: usage.cached_prompt_tokens,
+                            completion_tokens: usage.completion_tokens,
+                            device_time_us: usage.device_time_us,
+                            energy_mj: usage.energy_mj,
+                        });
                     }
                     // Read the stream to its end (the trailers): a stream
                     // dropped before them is reset by this client's HTTP/2

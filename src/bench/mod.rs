@@ -10,6 +10,7 @@
 
 mod bare;
 mod bare_http;
+mod chat;
 mod device;
 mod http_load;
 mod load;
@@ -97,6 +98,10 @@ pub enum BenchCommand {
     /// Redis (one, then --replicas of them) against the embedded default
     /// and a bare tonic server, same load, with the CPU each part used.
     Replicas(ReplicasArgs),
+    /// Multi-turn chat (shared system prompts, every turn resending the
+    /// conversation) with context caching on and off: time to first token,
+    /// prompt tokens/s and hit rate against the workload's ideal.
+    Chat(ChatArgs),
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -556,6 +561,7 @@ pub fn write_json(path: &std::path::Path, value: &impl serde::Serialize) -> Resu
     std::fs::write(path, text + "\n").map_err(|e| failed(e.to_string()))
 }
 
+pub use chat::{ChatArgs, ChatReport, chat_scenario};
 pub use device::{DeviceReport, LaunchReading, device_report, launch_shape};
 pub use offline::{OfflineReport, offline_scenario};
 pub use overhead::{OverheadReport, ProtocolRuns, RateComparison, overhead_suite};
