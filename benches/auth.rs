@@ -54,6 +54,7 @@ fn setup() -> Setup {
                     price_plan: None,
                     scheduling_weight: None,
                     limits: Limits::default(),
+                    cache_scope: None,
                 },
             )
             .await

@@ -18,3 +18,9 @@ ALTER TABLE prices
 ALTER TABLE invoice_lines DROP CONSTRAINT invoice_lines_kind_check;
 ALTER TABLE invoice_lines ADD CONSTRAINT invoice_lines_kind_check
     CHECK (kind IN ('prompt_tokens', 'cached_prompt_tokens', 'completion_tokens', 'energy'));
+
+-- Whose cached prompt prefixes a tenant's requests may reuse: its own
+-- ('tenant', the default) or the pool every opted-in tenant shares ('shared').
+ALTER TABLE tenants
+    ADD COLUMN cache_scope TEXT NOT NULL DEFAULT 'tenant'
+    CHECK (cache_scope IN ('tenant', 'shared'));

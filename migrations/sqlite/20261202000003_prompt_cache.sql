@@ -55,3 +55,9 @@ WHEN (SELECT status FROM invoices WHERE id = OLD.invoice_id) = 'finalized'
 BEGIN
     SELECT RAISE(ABORT, 'invoice is finalized and immutable');
 END;
+
+-- Whose cached prompt prefixes a tenant's requests may reuse: its own
+-- ('tenant', the default) or the pool every opted-in tenant shares ('shared').
+ALTER TABLE tenants
+    ADD COLUMN cache_scope TEXT NOT NULL DEFAULT 'tenant'
+    CHECK (cache_scope IN ('tenant', 'shared'));

@@ -17,8 +17,8 @@ use super::pb::v1::{
 };
 use super::status::to_status;
 use crate::tenancy::{
-    ApiKeyRecord, AuditEvent, IssuedKey, Limits, NewApiKey, NewTenant, PageRequest, TenancyService,
-    Tenant, TenantPatch, TenantStatus,
+    ApiKeyRecord, AuditEvent, CacheScope, IssuedKey, Limits, NewApiKey, NewTenant, PageRequest,
+    TenancyService, Tenant, TenantPatch, TenantStatus,
 };
 
 /// Overlap of a rotation when the request does not say.
@@ -72,6 +72,23 @@ fn tenant_to_pb(t: Tenant) -> pb::Tenant {
         display_name: t.display_name,
         price_plan: t.price_plan,
         scheduling_weight: t.scheduling_weight,
+        cache_scope: match t.cache_scope {
+            CacheScope::Tenant => pb::CacheScope::Tenant,
+            CacheScope::Shared => pb::CacheScope::Shared,
+        }
+        .into(),
+    }
+}
+
+/// A request's `cache_scope`: `None` when unspecified.
+fn cache_scope_from_pb(value: i32) -> Result<Option<CacheScope>, Status> {
+    match pb::CacheScope::try_from(value) {
+        Ok(pb::CacheScope::Unspecified) => Ok(None),
+        Ok(pb::CacheScope::Tenant) => Ok(Some(CacheScope::Tenant)),
+        Ok(pb::CacheScope::Shared) => Ok(Some(CacheScope::Shared)),
+        Err(_) => Err(Status::invalid_argument(format!(
+            "invalid `cache_scope`: unknown value {value}"
+        ))),
     }
 }
 
@@ -126,6 +143,7 @@ impl TenantAdmin for TenantAdminApi {
             price_plan: (!r.price_plan.is_empty()).then_some(r.price_plan),
             scheduling_weight: r.scheduling_weight,
             limits: limits_from_pb(r.limits),
+            cache_scope: cache_scope_from_pb(r.cache_scope)?,
         };
         let tenant = self
             .tenancy
@@ -184,6 +202,7 @@ impl TenantAdmin for TenantAdminApi {
             scheduling_weight: r.scheduling_weight,
             limits: r.limits.map(|l| limits_from_pb(Some(l))),
             clear_limits: r.clear_limits,
+            cache_scope: cache_scope_from_pb(r.cache_scope)?,
         };
         let tenant = self
             .tenancy

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use crate::tenancy::{Limits, Scope};
+use crate::tenancy::{CacheScope, Limits, Scope};
 
 #[derive(Debug, Clone)]
 pub enum Principal {
@@ -24,6 +24,8 @@ pub struct TenantPrincipal {
     pub price_plan: String,
     /// The tenant's limits as of the key lookup (at most `auth.cache_ttl` old).
     pub limits: Limits,
+    /// Whose cached prompt prefixes its requests may reuse.
+    pub cache_scope: CacheScope,
 }
 
 impl Principal {

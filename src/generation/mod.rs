@@ -29,7 +29,9 @@ use crate::limits::{Cost as LimitCost, Headroom, Limiter, Permit};
 use crate::metering::Metering;
 use crate::model::sampling::TokenLogprob;
 use crate::serving::tokenize::TokenizePool;
-use crate::serving::{Failure, Job, JobEvent, JobUsage, ModelRegistry, Requester, ServedModel};
+use crate::serving::{
+    Failure, IsolationKey, Job, JobEvent, JobUsage, ModelRegistry, Requester, ServedModel,
+};
 use crate::store::now_us;
 
 /// The shared request path; cheap to clone.
@@ -287,7 +289,7 @@ impl Generation {
                 model: served.settings.id.clone(),
                 weight: tenant.scheduling_weight,
             },
-            cache_scope: crate::serving::CacheScope::tenant(&tenant.tenant_id),
+            isolation: isolation_key(&tenant),
             prefix_hashes: Vec::new(),
             preferred_worker: None,
             prompt,
@@ -442,5 +444,14 @@ impl Running {
             time_to_first_token_us: usage.ttft_us,
             total_time_us: usage.total_time_us,
         }
+    }
+}
+
+/// Whose cached prompt prefixes a tenant's request may reuse: its own, unless the tenant
+/// opted in to the shared pool.
+fn isolation_key(tenant: &TenantPrincipal) -> IsolationKey {
+    match tenant.cache_scope {
+        crate::tenancy::CacheScope::Tenant => IsolationKey::tenant(&tenant.tenant_id),
+        crate::tenancy::CacheScope::Shared => IsolationKey::shared(),
     }
 }

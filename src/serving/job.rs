@@ -14,9 +14,9 @@ use crate::model::sampling::{SamplingParams, TokenLogprob};
 /// prefix cache. A shared cache tells a tenant, through time to first token, whether anyone
 /// in its scope sent the same prefix recently, so the default scope is the tenant alone.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct CacheScope(String);
+pub struct IsolationKey(String);
 
-impl CacheScope {
+impl IsolationKey {
     /// Only this tenant's own requests (the default).
     pub fn tenant(tenant_id: &str) -> Self {
         Self(format!("tenant/{tenant_id}"))
@@ -48,8 +48,8 @@ pub struct Job {
     pub requester: Requester,
     pub prompt: Vec<u32>,
     /// Whose cached prefixes the prompt may reuse.
-    pub cache_scope: CacheScope,
-    /// Addresses of the prompt's full KV blocks in `cache_scope` (set when it is queued).
+    pub isolation: IsolationKey,
+    /// Addresses of the prompt's full KV blocks under `isolation` (set when it is queued).
     pub prefix_hashes: Vec<BlockHash>,
     /// The worker holding the longest cached run of `prefix_hashes` (set when it is queued,
     /// only with more than one worker): others leave the job to it while the load allows.

@@ -239,7 +239,7 @@ impl ServedModel {
     pub fn submit(&self, mut job: Job, priority: Priority) -> Result<(), Box<(QueueFull, Job)>> {
         if self.caches_prefixes() {
             job.prefix_hashes = self.shared.prefix.chain(
-                job.cache_scope.as_str(),
+                job.isolation.as_str(),
                 &job.prompt,
                 self.shared.block_size,
             );

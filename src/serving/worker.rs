@@ -114,7 +114,7 @@ impl Worker {
         if !self.kv.prefix_caching() {
             return 0;
         }
-        let root = self.shared.prefix.root(job.cache_scope.as_str());
+        let root = self.shared.prefix.root(job.isolation.as_str());
         self.kv
             .attach_prefix(seq, root, hashes, tokens.len().saturating_sub(1))
     }
@@ -215,7 +215,7 @@ impl Worker {
                     r.admitted_at = Instant::now();
                     // Its own blocks may still be cached: recompute only the rest.
                     let hashes = self.shared.prefix.chain(
-                        r.job.cache_scope.as_str(),
+                        r.job.isolation.as_str(),
                         &r.pending,
                         self.kv.block_size(),
                     );

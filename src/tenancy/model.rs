@@ -32,6 +32,37 @@ impl TenantStatus {
     }
 }
 
+/// Whose cached prompt prefixes a tenant's requests may reuse (context caching). A shared
+/// cache tells each tenant in it, through time to first token, whether another sent the same
+/// prefix recently; so only tenants that opt in share, and only public prefixes should go
+/// through it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheScope {
+    /// Only the tenant's own requests (the default).
+    #[default]
+    Tenant,
+    /// The pool every opted-in tenant shares.
+    Shared,
+}
+
+impl CacheScope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheScope::Tenant => "tenant",
+            CacheScope::Shared => "shared",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<CacheScope> {
+        match text {
+            "tenant" => Some(CacheScope::Tenant),
+            "shared" => Some(CacheScope::Shared),
+            _ => None,
+        }
+    }
+}
+
 /// Per-tenant limits; `None` means no limit of that kind.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Limits {
@@ -65,6 +96,7 @@ pub struct Tenant {
     pub price_plan: String,
     pub scheduling_weight: u32,
     pub limits: Limits,
+    pub cache_scope: CacheScope,
     pub created_at_us: i64,
     pub updated_at_us: i64,
 }
@@ -77,6 +109,8 @@ pub struct NewTenant {
     pub price_plan: Option<String>,
     pub scheduling_weight: Option<u32>,
     pub limits: Limits,
+    /// `None`: [`CacheScope::Tenant`].
+    pub cache_scope: Option<CacheScope>,
 }
 
 /// A partial update: `None` fields stay as they are.
@@ -89,6 +123,7 @@ pub struct TenantPatch {
     pub limits: Option<Limits>,
     /// Limit kinds to remove, by API field name.
     pub clear_limits: Vec<String>,
+    pub cache_scope: Option<CacheScope>,
 }
 
 /// What a key may do.

@@ -5,7 +5,7 @@
 use sqlx::{AnyConnection, FromRow};
 
 use super::TenancyError;
-use super::model::{ApiKeyRecord, AuditEvent, Limits, Scope, Tenant, TenantStatus};
+use super::model::{ApiKeyRecord, AuditEvent, CacheScope, Limits, Scope, Tenant, TenantStatus};
 
 #[derive(FromRow)]
 struct TenantRow {
@@ -21,13 +21,14 @@ struct TenantRow {
     tokens_per_minute: Option<i64>,
     max_concurrent_requests: Option<i64>,
     monthly_token_quota: Option<i64>,
+    cache_scope: String,
     created_at_us: i64,
     updated_at_us: i64,
 }
 
 const TENANT_COLUMNS: &str = "id, slug, display_name, status, status_reason, price_plan, \
      scheduling_weight, requests_per_second, burst, tokens_per_minute, \
-     max_concurrent_requests, monthly_token_quota, created_at_us, updated_at_us";
+     max_concurrent_requests, monthly_token_quota, cache_scope, created_at_us, updated_at_us";
 
 fn corrupt(what: &str) -> TenancyError {
     TenancyError::from(sqlx::Error::Decode(
@@ -55,6 +56,8 @@ impl TryFrom<TenantRow> for Tenant {
         Ok(Tenant {
             status: TenantStatus::parse(&row.status).ok_or_else(|| corrupt("tenants.status"))?,
             scheduling_weight: to_u32(row.scheduling_weight, "tenants.scheduling_weight")?,
+            cache_scope: CacheScope::parse(&row.cache_scope)
+                .ok_or_else(|| corrupt("tenants.cache_scope"))?,
             limits: Limits {
                 requests_per_second: row.requests_per_second,
                 burst: row.burst.map(|v| to_u32(v, "tenants.burst")).transpose()?,
@@ -134,14 +137,15 @@ fn bind_mutable<'q>(query: AnyQuery<'q>, t: &'q Tenant) -> AnyQuery<'q> {
         .bind(t.limits.max_concurrent_requests.map(i64::from))
         .bind(t.limits.monthly_token_quota.map(to_i64))
         .bind(t.updated_at_us)
+        .bind(t.cache_scope.as_str())
 }
 
 pub async fn insert_tenant(conn: &mut AnyConnection, t: &Tenant) -> Result<(), TenancyError> {
     let query = sqlx::query(
         "INSERT INTO tenants (id, slug, created_at_us, display_name, status, status_reason, \
          price_plan, scheduling_weight, requests_per_second, burst, tokens_per_minute, \
-         max_concurrent_requests, monthly_token_quota, updated_at_us) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+         max_concurrent_requests, monthly_token_quota, updated_at_us, cache_scope) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
     )
     .bind(&t.id)
     .bind(&t.slug)
@@ -160,8 +164,8 @@ pub async fn update_tenant(conn: &mut AnyConnection, t: &Tenant) -> Result<(), T
     let query = sqlx::query(
         "UPDATE tenants SET display_name = $2, status = $3, status_reason = $4, price_plan = $5, \
          scheduling_weight = $6, requests_per_second = $7, burst = $8, tokens_per_minute = $9, \
-         max_concurrent_requests = $10, monthly_token_quota = $11, updated_at_us = $12 \
-         WHERE id = $1",
+         max_concurrent_requests = $10, monthly_token_quota = $11, updated_at_us = $12, \
+         cache_scope = $13 WHERE id = $1",
     )
     .bind(&t.id);
     bind_mutable(query, t).execute(&mut *conn).await?;
@@ -351,6 +355,7 @@ pub struct KeyForAuth {
     pub tokens_per_minute: Option<i64>,
     pub max_concurrent_requests: Option<i64>,
     pub monthly_token_quota: Option<i64>,
+    pub cache_scope: String,
 }
 
 impl KeyForAuth {
@@ -377,7 +382,7 @@ pub async fn key_for_auth(
          k.previous_expires_at_us, k.expires_at_us, k.revoked_at_us, t.slug AS tenant_slug, \
          t.status AS tenant_status, t.price_plan, t.scheduling_weight, t.requests_per_second, \
          t.burst, \
-         t.tokens_per_minute, t.max_concurrent_requests, t.monthly_token_quota \
+         t.tokens_per_minute, t.max_concurrent_requests, t.monthly_token_quota, t.cache_scope \
          FROM api_keys k JOIN tenants t ON t.id = k.tenant_id WHERE k.key_id = $1",
     )
     .bind(key_id)

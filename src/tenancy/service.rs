@@ -89,6 +89,7 @@ impl TenancyService {
             price_plan: plan,
             scheduling_weight: weight,
             limits: new.limits,
+            cache_scope: new.cache_scope.unwrap_or_default(),
             created_at_us: now,
             updated_at_us: now,
         };
@@ -156,6 +157,9 @@ impl TenancyService {
         }
         if let Some(limits) = patch.limits {
             after.limits = limits;
+        }
+        if let Some(scope) = patch.cache_scope {
+            after.cache_scope = scope;
         }
         validate::clear_limits(&mut after.limits, &patch.clear_limits)?;
         validate::limits(&after.limits)?;

@@ -64,12 +64,16 @@ async fn tenant_and_key_commands_in_json_mode() {
                 "globex",
                 "--max-concurrent",
                 "3",
+                "--cache-scope",
+                "shared",
             ],
         )
         .await,
     );
     assert_eq!(updated["max_concurrent_requests"], 3);
     assert_eq!(updated["requests_per_second"], 5.0, "other limits kept");
+    assert_eq!(created["cache_scope"], "tenant", "its own cache by default");
+    assert_eq!(updated["cache_scope"], "shared");
 
     let issued =
         json(&ascendctl(&gateway, token, &["-o", "json", "key", "create", "globex"]).await);

@@ -328,3 +328,59 @@ async fn routing_follows_the_cached_prefix_until_the_load_margin() {
         gateway.stop().await.expect("stop");
     }
 }
+
+#[tokio::test]
+async fn tenants_that_opt_in_share_one_cache_and_others_stay_apart() {
+    use ascend_gateway::api::pb::v1::{CacheScope, UpdateTenantRequest};
+    let gateway = TestGateway::start().await;
+    let channel = gateway.channel.clone();
+    let shared = |slug: &str| CreateTenantRequest {
+        slug: slug.to_owned(),
+        cache_scope: CacheScope::Shared.into(),
+        ..Default::default()
+    };
+    let (_, first) = crate::common::tenant_with(&channel, shared("public-a")).await;
+    let (_, second) = crate::common::tenant_with(&channel, shared("public-b")).await;
+    let (_, private) = tenant_on_plan(&channel, "private-c", "").await;
+    let (prompt, _) = long_prompt(&channel, &first, 200, "a public system prompt").await;
+
+    let computed = generate(&channel, &first, request(&prompt, 3, 8)).await;
+    assert_eq!(cached(&computed), 0);
+    let reused = generate(&channel, &second, request(&prompt, 3, 8)).await;
+    assert!(
+        cached(&reused) > 0,
+        "another tenant of the shared scope reuses it"
+    );
+    assert_eq!(reused.text, computed.text);
+    let apart = generate(&channel, &private, request(&prompt, 3, 8)).await;
+    assert_eq!(cached(&apart), 0, "a tenant of its own scope does not");
+
+    // Opting in later takes effect on the next key lookup; an unknown scope is refused.
+    let mut admin_client =
+        ascend_gateway::api::pb::v1::tenant_admin_client::TenantAdminClient::new(channel.clone());
+    let updated = admin_client
+        .update_tenant(admin(UpdateTenantRequest {
+            tenant: "private-c".to_owned(),
+            cache_scope: CacheScope::Shared.into(),
+            ..Default::default()
+        }))
+        .await
+        .expect("update")
+        .into_inner();
+    assert_eq!(updated.cache_scope(), CacheScope::Shared);
+    let status = admin_client
+        .update_tenant(admin(UpdateTenantRequest {
+            tenant: "private-c".to_owned(),
+            cache_scope: 99,
+            ..Default::default()
+        }))
+        .await
+        .expect_err("unknown scope");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(
+        status.message().contains("cache_scope"),
+        "{}",
+        status.message()
+    );
+    gateway.stop().await.expect("clean stop");
+}

@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, bail};
 use ascend_gateway::api::pb::v1::tenant_admin_client::TenantAdminClient;
 use ascend_gateway::api::pb::v1::{
-    CreateApiKeyRequest, CreateTenantRequest, DeleteTenantRequest, GetTenantRequest,
+    CacheScope, CreateApiKeyRequest, CreateTenantRequest, DeleteTenantRequest, GetTenantRequest,
     ListApiKeysRequest, ListAuditEventsRequest, ListTenantsRequest, ResumeTenantRequest,
     RevokeApiKeyRequest, RotateApiKeyRequest, SuspendTenantRequest, TenantLimits, TenantStatus,
     UpdateTenantRequest,
@@ -160,6 +160,11 @@ pub enum TenantCommand {
         weight: Option<u32>,
         #[command(flatten)]
         limits: LimitArgs,
+        /// Whose cached prompt prefixes its requests may reuse: its own, or the pool
+        /// shared by every tenant so configured (which reveals, through time to first
+        /// token, what others sent) [default: tenant]
+        #[arg(long, value_enum)]
+        cache_scope: Option<CacheScopeArg>,
     },
     /// List tenants (all pages).
     List {
@@ -182,6 +187,8 @@ pub enum TenantCommand {
         /// Remove a limit (e.g. requests_per_second); repeatable
         #[arg(long = "clear-limit", value_name = "LIMIT")]
         clear_limits: Vec<String>,
+        #[arg(long, value_enum)]
+        cache_scope: Option<CacheScopeArg>,
     },
     /// Suspend a tenant: its keys are refused until it is resumed.
     Suspend {
@@ -330,6 +337,20 @@ async fn health(ctx: &Ctx) -> anyhow::Result<()> {
     Ok(())
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+pub enum CacheScopeArg {
+    Tenant,
+    Shared,
+}
+
+fn cache_scope_pb(arg: Option<CacheScopeArg>) -> CacheScope {
+    match arg {
+        None => CacheScope::Unspecified,
+        Some(CacheScopeArg::Tenant) => CacheScope::Tenant,
+        Some(CacheScopeArg::Shared) => CacheScope::Shared,
+    }
+}
+
 async fn tenant(ctx: &Ctx, command: TenantCommand) -> anyhow::Result<()> {
     let mut client = ctx.client();
     let tenant = match command {
@@ -339,6 +360,7 @@ async fn tenant(ctx: &Ctx, command: TenantCommand) -> anyhow::Result<()> {
             plan,
             weight,
             limits,
+            cache_scope,
         } => {
             client
                 .create_tenant(ctx.admin(CreateTenantRequest {
@@ -347,6 +369,7 @@ async fn tenant(ctx: &Ctx, command: TenantCommand) -> anyhow::Result<()> {
                     price_plan: plan.unwrap_or_default(),
                     scheduling_weight: weight,
                     limits: Some(limits.over(TenantLimits::default())),
+                    cache_scope: cache_scope_pb(cache_scope).into(),
                 })?)
                 .await
         }
@@ -387,6 +410,7 @@ async fn tenant(ctx: &Ctx, command: TenantCommand) -> anyhow::Result<()> {
             weight,
             limits,
             clear_limits,
+            cache_scope,
         } => {
             // The API replaces limits whole; merge the flags over the current ones.
             let new_limits = if limits.is_empty() {
@@ -409,6 +433,7 @@ async fn tenant(ctx: &Ctx, command: TenantCommand) -> anyhow::Result<()> {
                     scheduling_weight: weight,
                     limits: new_limits,
                     clear_limits,
+                    cache_scope: cache_scope_pb(cache_scope).into(),
                 })?)
                 .await
         }

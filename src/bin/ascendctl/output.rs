@@ -51,6 +51,8 @@ struct TenantView {
     tokens_per_minute: Option<u64>,
     max_concurrent_requests: Option<u32>,
     monthly_token_quota: Option<u64>,
+    /// "tenant" or "shared".
+    cache_scope: String,
     created_at: Option<String>,
     updated_at: Option<String>,
 }
@@ -63,6 +65,11 @@ impl From<pb::Tenant> for TenantView {
                 .status()
                 .as_str_name()
                 .trim_start_matches("TENANT_STATUS_")
+                .to_lowercase(),
+            cache_scope: t
+                .cache_scope()
+                .as_str_name()
+                .trim_start_matches("CACHE_SCOPE_")
                 .to_lowercase(),
             created_at: time(t.created_at.as_ref()),
             updated_at: time(t.updated_at.as_ref()),
@@ -164,6 +171,7 @@ pub fn tenants(output: Output, tenants: Vec<pb::Tenant>) -> anyhow::Result<()> {
                 or_dash(t.tokens_per_minute),
                 or_dash(t.max_concurrent_requests),
                 or_dash(t.monthly_token_quota),
+                t.cache_scope,
                 t.id,
             ]
         })
@@ -179,6 +187,7 @@ pub fn tenants(output: Output, tenants: Vec<pb::Tenant>) -> anyhow::Result<()> {
             "TOKENS/MIN",
             "CONCURRENT",
             "MONTHLY QUOTA",
+            "CACHE",
             "ID",
         ],
         rows,
