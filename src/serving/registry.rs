@@ -218,6 +218,7 @@ impl ServedModel {
                 usage: usage.clone(),
                 stalled: false,
                 evictions_counted: 0,
+                deferred: std::collections::VecDeque::new(),
             };
             threads.push(spawn_worker(&id, format!("npu-{id}-{n}"), move || {
                 worker.run()

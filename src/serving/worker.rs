@@ -9,6 +9,9 @@
 //! short, the newest sequence of the lowest priority is preempted by
 //! recompute: its blocks are freed and it waits, ahead of the queue, to be
 //! prefilled again with its prompt and the tokens it already produced.
+//! With prefix caching, a sequence starts on the cached blocks of its prompt's prefix, and
+//! a job whose prefix a running sequence is still prefilling waits (beside the batch, in
+//! the order taken) until those blocks are cached, instead of computing them twice.
 //! Usage is made durable (blocking on the spool) before a job's last event.
 
 use std::collections::VecDeque;
@@ -65,6 +68,9 @@ pub(crate) struct Worker {
     pub stalled: bool,
     /// Evictions of the pool already added to the model's counter.
     pub evictions_counted: u64,
+    /// Jobs taken from the queue that wait for a running sequence to finish computing the
+    /// prompt prefix they share (counted against the batch's sequence cap).
+    pub deferred: VecDeque<Job>,
 }
 
 impl Worker {
@@ -203,7 +209,8 @@ impl Worker {
             // Static batching: a batch is formed once and runs to completion.
             return;
         }
-        while running.len() < self.config.max_batch_size {
+        self.start_deferred(running, next_seq);
+        while running.len() + self.deferred.len() < self.config.max_batch_size {
             if let Some(front) = preempted.front() {
                 // Preempted sequences go first, when their blocks are free
                 // again; nothing new starts ahead of them.
@@ -237,39 +244,96 @@ impl Worker {
                 self.fail_unstarted(job, Failure::Cancelled);
                 continue;
             }
-            let generation = match Generation::new(job.params.clone(), self.tokenizer.eos_id()) {
-                Ok(g) => g,
-                Err(e) => {
-                    self.fail_unstarted(job, Failure::Internal(e.to_string()));
-                    continue;
-                }
-            };
-            *next_seq += 1;
-            let admitted_at = Instant::now();
-            let cached = self.attach_prefix(*next_seq, &job, &job.prefix_hashes, &job.prompt);
-            let stats = &self.shared.stats;
-            stats.queue_time.observe(micros(
-                admitted_at.saturating_duration_since(job.received_at),
-            ));
-            stats
-                .prompt_cache_hit_tokens
-                .fetch_add(cached as u64, Ordering::Relaxed);
-            stats
-                .prompt_cache_miss_tokens
-                .fetch_add((job.prompt.len() - cached) as u64, Ordering::Relaxed);
-            running.push(Running {
-                pending: job.prompt[cached..].to_vec(),
-                cached_prompt_tokens: cached,
-                seq: *next_seq,
-                generation,
-                admitted_at,
-                first_token_at: None,
-                last_token_at: None,
-                device_us: 0.0,
-                energy_j: 0.0,
-                job,
-            });
+            if self.awaits_shared_prefix(&job, running) {
+                self.deferred.push_back(job);
+                continue;
+            }
+            self.start(job, running, next_seq);
         }
+    }
+
+    /// Jobs set aside because a running sequence is computing the prefix they share start
+    /// once it is cached (or that sequence left), in the order they were taken; those whose
+    /// client left or whose deadline passed end here.
+    fn start_deferred(&mut self, running: &mut Vec<Running>, next_seq: &mut SeqId) {
+        let now = Instant::now();
+        for _ in 0..self.deferred.len() {
+            let Some(job) = self.deferred.pop_front() else {
+                break;
+            };
+            if job.events.is_closed() {
+                self.fail_unstarted(job, Failure::Cancelled);
+            } else if job.deadline.is_some_and(|d| d <= now) {
+                self.fail_unstarted(job, Failure::DeadlineExceeded);
+            } else if self.awaits_shared_prefix(&job, running)
+                || running.len() >= self.config.max_batch_size
+                || !(running.is_empty() || self.fits(1, running.len()))
+            {
+                self.deferred.push_back(job);
+            } else {
+                self.start(job, running, next_seq);
+            }
+        }
+    }
+
+    /// Whether a running sequence is still prefilling blocks of `job`'s prompt that the
+    /// cache does not hold yet: started now, `job` would compute them a second time in
+    /// the same steps (a burst of chats with one system prompt); started after, it finds
+    /// them cached.
+    fn awaits_shared_prefix(&self, job: &Job, running: &[Running]) -> bool {
+        if !self.kv.prefix_caching() || job.prefix_hashes.is_empty() {
+            return false;
+        }
+        let ready = self.kv.cached_prefix_blocks(&job.prefix_hashes);
+        // Never the last token: at most these blocks can be reused.
+        let usable = job.prompt.len().saturating_sub(1) / self.kv.block_size();
+        running.iter().any(|r| {
+            r.pending.len() > 1 && {
+                let shared = job
+                    .prefix_hashes
+                    .iter()
+                    .zip(&r.job.prefix_hashes)
+                    .take_while(|(a, b)| a == b)
+                    .count();
+                shared.min(usable) > ready
+            }
+        })
+    }
+
+    /// Starts `job` as a new sequence, on the cached blocks of its prompt's prefix.
+    fn start(&mut self, job: Job, running: &mut Vec<Running>, next_seq: &mut SeqId) {
+        let generation = match Generation::new(job.params.clone(), self.tokenizer.eos_id()) {
+            Ok(g) => g,
+            Err(e) => {
+                self.fail_unstarted(job, Failure::Internal(e.to_string()));
+                return;
+            }
+        };
+        *next_seq += 1;
+        let admitted_at = Instant::now();
+        let cached = self.attach_prefix(*next_seq, &job, &job.prefix_hashes, &job.prompt);
+        let stats = &self.shared.stats;
+        stats.queue_time.observe(micros(
+            admitted_at.saturating_duration_since(job.received_at),
+        ));
+        stats
+            .prompt_cache_hit_tokens
+            .fetch_add(cached as u64, Ordering::Relaxed);
+        stats
+            .prompt_cache_miss_tokens
+            .fetch_add((job.prompt.len() - cached) as u64, Ordering::Relaxed);
+        running.push(Running {
+            pending: job.prompt[cached..].to_vec(),
+            cached_prompt_tokens: cached,
+            seq: *next_seq,
+            generation,
+            admitted_at,
+            first_token_at: None,
+            last_token_at: None,
+            device_us: 0.0,
+            energy_j: 0.0,
+            job,
+        });
     }
 
     fn step(&mut self, running: &mut Vec<Running>, preempted: &mut VecDeque<Running>) {

@@ -384,3 +384,39 @@ async fn tenants_that_opt_in_share_one_cache_and_others_stay_apart() {
     );
     gateway.stop().await.expect("clean stop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_on_one_system_prompt_computes_it_once() {
+    let gateway = gateway_with(|m| m.max_batch_size = 8).await;
+    let (_, key) = tenant_on_plan(&gateway.channel, "bursty", "").await;
+    let (system, _) = long_prompt(&gateway.channel, &key, 400, "shared system prompt").await;
+    // Eight chats start at once on the same system prompt: one computes it, the others
+    // wait for its blocks rather than computing them again in the same steps.
+    let burst: Vec<_> = (0..8u64)
+        .map(|i| {
+            let (channel, key) = (gateway.channel.clone(), key.clone());
+            let request = request(&format!("{system} User {i}: hello"), i, 4);
+            tokio::spawn(async move { generate(&channel, &key, request).await })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for handle in burst {
+        answers.push(handle.await.expect("join"));
+    }
+    let hits = answers.iter().filter(|a| cached(a) >= 384).count();
+    assert!(
+        hits >= 7,
+        "all but the first reuse the system prompt: {hits} of 8"
+    );
+    // And each answer is the one its seed gives with the prefix computed.
+    for (i, answer) in answers.iter().enumerate() {
+        let again = generate(
+            &gateway.channel,
+            &key,
+            request(&format!("{system} User {i}: hello"), i as u64, 4),
+        )
+        .await;
+        assert_eq!(again.text, answer.text, "chat {i}");
+    }
+    gateway.stop().await.expect("stop");
+}
