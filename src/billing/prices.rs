@@ -285,6 +285,15 @@ mod tests {
             completion_per_million_tokens: money(-1),
             ..PriceInput::default()
         };
+        let mut hits = input.clone();
+        hits.completion_per_million_tokens = money(1);
+        hits.cached_prompt_per_million_tokens = money(-5);
+        let err = validate_prices(&[hits], usd, 0).expect_err("negative hit price");
+        assert!(
+            err.to_string()
+                .contains("prices[0].cached_prompt_per_million_tokens"),
+            "{err}"
+        );
         let err = validate_prices(std::slice::from_ref(&input), usd, 0).expect_err("negative");
         assert!(
             err.to_string()

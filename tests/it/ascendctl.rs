@@ -220,3 +220,44 @@ async fn completions_are_generated() {
     assert!(output.status.success());
     assert!(String::from_utf8_lossy(&output.stdout).contains("ascendctl"));
 }
+
+#[tokio::test]
+async fn a_cache_hit_price_above_the_prompt_price_is_kept_with_a_warning() {
+    let gateway = TestGateway::start().await;
+    let put = |price: &'static str| {
+        let gateway = &gateway;
+        let cached = format!("--cached-prompt={price}");
+        async move {
+            ascendctl(
+                gateway,
+                Some(ADMIN_TOKEN),
+                &[
+                    "-o", "json", "price", "put", "cachey", "--currency", "USD", "--model",
+                    "tiny", "--prompt", "0.05", "--completion", "0.10", &cached,
+                ],
+            )
+            .await
+        }
+    };
+    let above = put("0.08").await;
+    let plan = json(&above);
+    assert_eq!(
+        plan["prices"][0]["cached_prompt_per_million_tokens"]["amount_nanos"], 80_000_000,
+        "{plan}"
+    );
+    let warning = String::from_utf8_lossy(&above.stderr);
+    assert!(
+        warning.contains("warning") && warning.contains("--cached-prompt"),
+        "{warning}"
+    );
+    let below = put("0.01").await;
+    assert!(
+        String::from_utf8_lossy(&below.stderr).is_empty(),
+        "no warning below the prompt price"
+    );
+    let negative = put("-0.01").await;
+    assert!(!negative.status.success(), "a negative price is refused");
+    let message = String::from_utf8_lossy(&negative.stderr);
+    assert!(message.contains("cached"), "{message}");
+    gateway.stop().await.expect("stop");
+}

@@ -124,6 +124,17 @@ async fn a_repeated_prompt_reuses_its_prefix_gives_the_same_tokens_and_is_billed
     );
     let usage = second.usage.as_ref().expect("usage");
     assert_eq!(usage.prompt_tokens, prompt_tokens);
+    // Cached tokens cost no prefill compute on the emulated device.
+    let computed = first.usage.as_ref().expect("usage");
+    assert!(
+        usage.device_time_us < computed.device_time_us
+            && usage.energy_mj < computed.energy_mj,
+        "device time {} < {}, energy {} < {}",
+        usage.device_time_us,
+        computed.device_time_us,
+        usage.energy_mj,
+        computed.energy_mj
+    );
     // Quoted exactly: computed and cached prompt tokens at their prices.
     let expected = (i64::from(prompt_tokens - hits) * 100_000_000
         + i64::from(hits) * 20_000_000
@@ -419,4 +430,67 @@ async fn a_burst_on_one_system_prompt_computes_it_once() {
         assert_eq!(again.text, answer.text, "chat {i}");
     }
     gateway.stop().await.expect("stop");
+}
+
+/// Caching turned off in the config across a restart of the real binary: every request
+/// before and after is metered once, hits only before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn turning_caching_off_across_a_restart_loses_no_usage() {
+    let data = tempfile::tempdir().expect("dir");
+    let config = data.path().join("gateway.toml");
+    let spawn = |caching: bool| {
+        std::fs::write(
+            &config,
+            format!(
+                "[[models]]\nid = \"tiny\"\ndir = {:?}\nprefix_cache = {caching}\n",
+                crate::common::tiny_model_dir()
+            ),
+        )
+        .expect("config");
+        crate::common::GatewayProcess::spawn(|command| {
+            command
+                .arg("--config")
+                .arg(&config)
+                .arg("--data-dir")
+                .arg(data.path());
+        })
+    };
+    let mut hits = Vec::new();
+    let mut key = String::new();
+    let mut prompt = String::new();
+    for (round, caching) in [(0, true), (1, false)] {
+        let gateway = spawn(caching);
+        let channel = gateway.channel().await;
+        if round == 0 {
+            key = tenant_on_plan(&channel, "restarted", "").await.1;
+            prompt = long_prompt(&channel, &key, 100, "restart").await.0;
+        }
+        for n in 0..3u64 {
+            let mut request = request(&prompt, n, 4);
+            request.request_id = format!("restart-{round}-{n}");
+            hits.push(cached(&generate(&channel, &key, request).await));
+        }
+        let (status, log) = gateway.terminate().await;
+        assert!(status.success(), "clean stop:\n{log}");
+    }
+    assert_eq!(hits[0], 0);
+    assert!(hits[1] > 0 && hits[2] > 0, "cached while on: {hits:?}");
+    assert_eq!(&hits[3..], &[0, 0, 0], "nothing cached while off");
+    let url = format!(
+        "sqlite://{}",
+        data.path().join("ascend-gateway.db").display()
+    );
+    let db = ascend_gateway::store::Db::connect_url(&url, 1, Duration::from_secs(5))
+        .await
+        .expect("db");
+    let (events, cached_total): (i64, i64) = sqlx::query_as(
+        "SELECT COUNT(*), CAST(COALESCE(SUM(cached_prompt_tokens), 0) AS BIGINT) \
+         FROM usage_events WHERE request_id LIKE 'restart-%'",
+    )
+    .fetch_one(db.pool())
+    .await
+    .expect("usage");
+    assert_eq!(events, 6, "every request metered once, across the restart");
+    assert_eq!(cached_total, i64::from(hits.iter().sum::<u32>()));
+    db.close().await;
 }
