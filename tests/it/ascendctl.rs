@@ -232,8 +232,20 @@ async fn a_cache_hit_price_above_the_prompt_price_is_kept_with_a_warning() {
                 gateway,
                 Some(ADMIN_TOKEN),
                 &[
-                    "-o", "json", "price", "put", "cachey", "--currency", "USD", "--model",
-                    "tiny", "--prompt", "0.05", "--completion", "0.10", &cached,
+                    "-o",
+                    "json",
+                    "price",
+                    "put",
+                    "cachey",
+                    "--currency",
+                    "USD",
+                    "--model",
+                    "tiny",
+                    "--prompt",
+                    "0.05",
+                    "--completion",
+                    "0.10",
+                    &cached,
                 ],
             )
             .await

@@ -127,8 +127,7 @@ async fn a_repeated_prompt_reuses_its_prefix_gives_the_same_tokens_and_is_billed
     // Cached tokens cost no prefill compute on the emulated device.
     let computed = first.usage.as_ref().expect("usage");
     assert!(
-        usage.device_time_us < computed.device_time_us
-            && usage.energy_mj < computed.energy_mj,
+        usage.device_time_us < computed.device_time_us && usage.energy_mj < computed.energy_mj,
         "device time {} < {}, energy {} < {}",
         usage.device_time_us,
         computed.device_time_us,
