@@ -1,9 +1,11 @@
 -- Context caching: prompt tokens whose KV came from the prefix cache are
 -- metered apart (a part of prompt_tokens) and may have their own price.
 
+-- No CHECK: on PostgreSQL it would scan every partition under an exclusive
+-- lock at startup (NOT VALID is not allowed on partitioned tables), and one
+-- violating row would fail a whole batch; serving keeps it <= prompt_tokens.
 ALTER TABLE usage_events
-    ADD COLUMN cached_prompt_tokens BIGINT NOT NULL DEFAULT 0
-    CHECK (cached_prompt_tokens >= 0 AND cached_prompt_tokens <= prompt_tokens);
+    ADD COLUMN cached_prompt_tokens BIGINT NOT NULL DEFAULT 0;
 
 ALTER TABLE usage_hourly
     ADD COLUMN cached_prompt_tokens BIGINT NOT NULL DEFAULT 0;

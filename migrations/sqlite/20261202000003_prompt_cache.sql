@@ -2,9 +2,11 @@
 -- metered apart (a part of prompt_tokens) and may have their own price.
 -- Same logical schema as migrations/postgres.
 
+-- No CHECK: on PostgreSQL it would scan every partition under an exclusive
+-- lock at startup (NOT VALID is not allowed on partitioned tables), and one
+-- violating row would fail a whole batch; serving keeps it <= prompt_tokens.
 ALTER TABLE usage_events
-    ADD COLUMN cached_prompt_tokens INTEGER NOT NULL DEFAULT 0
-    CHECK (cached_prompt_tokens >= 0 AND cached_prompt_tokens <= prompt_tokens);
+    ADD COLUMN cached_prompt_tokens INTEGER NOT NULL DEFAULT 0;
 
 ALTER TABLE usage_hourly
     ADD COLUMN cached_prompt_tokens INTEGER NOT NULL DEFAULT 0;

@@ -210,12 +210,20 @@ impl KvPool {
         self.changes.get_or_insert_with(CacheChanges::default);
     }
 
-    /// The addresses gained and lost since the last call (empty when not tracked).
+    /// The addresses gained and lost since the last call, netted against what the pool holds
+    /// now (an address published and evicted in between is neither); empty when not tracked.
     pub fn take_cache_changes(&mut self) -> CacheChanges {
-        self.changes
-            .as_mut()
-            .map(std::mem::take)
-            .unwrap_or_default()
+        let Some(changes) = self.changes.as_mut().map(std::mem::take) else {
+            return CacheChanges::default();
+        };
+        let mut touched: Vec<BlockHash> = changes.added;
+        touched.extend(changes.removed);
+        touched.sort_unstable();
+        touched.dedup();
+        let (added, removed) = touched
+            .into_iter()
+            .partition(|hash| self.by_hash.contains_key(hash));
+        CacheChanges { added, removed }
     }
 
     /// Whether full blocks are kept for reuse.
@@ -703,5 +711,26 @@ mod tests {
         assert_eq!(run_seq(&mut p, &h, 10, "t", &tokens), 0, "nothing was kept");
         assert_eq!(p.free(10), 3);
         assert_eq!(p.free_blocks(), 8);
+    }
+
+    #[test]
+    fn cache_changes_are_netted_against_what_the_pool_holds() {
+        let (mut p, h) = caching_pool(4, 0.25); // one retained block at most
+        p.track_cache_changes();
+        let a: Vec<u32> = (0..5).collect();
+        let b: Vec<u32> = (10..15).collect();
+        run_seq(&mut p, &h, 1, "t", &a);
+        run_seq(&mut p, &h, 2, "t", &b);
+        p.free(1); // a's block retained
+        p.free(2); // b's block retained, a's evicted over the cap
+        let changes = p.take_cache_changes();
+        assert_eq!(
+            changes.added,
+            h.chain("t", &b, 4),
+            "only what is still cached"
+        );
+        assert!(changes.removed.contains(&h.chain("t", &a, 4)[0]));
+        assert!(!changes.added.contains(&h.chain("t", &a, 4)[0]));
+        assert_eq!(p.take_cache_changes(), CacheChanges::default());
     }
 }

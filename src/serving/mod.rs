@@ -187,9 +187,24 @@ pub(crate) struct Shared {
 #[derive(Default)]
 struct WorkerGauges {
     running: AtomicUsize,
+    deferred: AtomicUsize,
     kv_free: AtomicUsize,
     cached_blocks: AtomicUsize,
 }
+
+/// One worker's report of itself.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct WorkerReport {
+    pub running: usize,
+    /// Jobs it took that wait for a prefix being prefilled.
+    pub deferred: usize,
+    pub kv_free: usize,
+    pub cached_blocks: usize,
+}
+
+/// A job marked for a worker waits at most this long for it: past it, any worker takes it
+/// (the marked one may be unable to admit, its pool full of long sequences).
+const AFFINITY_MAX_WAIT: Duration = Duration::from_millis(500);
 
 impl Shared {
     fn new(
@@ -214,12 +229,13 @@ impl Shared {
         }
     }
 
-    /// Each worker's load for routing: sequences it runs plus queued jobs marked for it.
+    /// Each worker's load for routing: sequences it runs, jobs it set aside, and queued jobs
+    /// marked for it.
     fn loads(&self, queue: &queue::FairQueue<Job>) -> Vec<usize> {
         let mut loads: Vec<usize> = self
             .gauges
             .iter()
-            .map(|g| g.running.load(Ordering::Relaxed))
+            .map(|g| g.running.load(Ordering::Relaxed) + g.deferred.load(Ordering::Relaxed))
             .collect();
         for job in queue.items() {
             if let Some(slot) = job.preferred_worker.and_then(|w| loads.get_mut(w)) {
@@ -266,10 +282,15 @@ impl Shared {
         Ok(())
     }
 
-    /// Whether `worker` may take `job` now.
-    fn may_take(&self, worker: usize, job: &Job, loads: &[usize]) -> bool {
+    /// Whether `worker` may take `job` now: unmarked, marked for it, its worker too busy, or
+    /// waiting too long (or the model stopping: every job must leave the queue).
+    fn may_take(&self, worker: usize, job: &Job, loads: &[usize], now: Instant) -> bool {
         match (&self.affinity, job.preferred_worker) {
-            (Some(affinity), Some(preferred)) => affinity.may_take(worker, preferred, loads),
+            (Some(affinity), Some(preferred)) => {
+                affinity.may_take(worker, preferred, loads)
+                    || now.saturating_duration_since(job.received_at) >= AFFINITY_MAX_WAIT
+                    || self.stopping()
+            }
             _ => true,
         }
     }
@@ -286,7 +307,7 @@ impl Shared {
             .collect();
         let job = if self.affinity.is_some() {
             let loads = self.loads(&queue);
-            queue.pop_where(now, |e| self.may_take(worker, &e.item, &loads))
+            queue.pop_where(now, |e| self.may_take(worker, &e.item, &loads, now))
         } else {
             queue.pop(now)
         };
@@ -306,7 +327,11 @@ impl Shared {
             return;
         }
         let loads = self.loads(&queue);
-        if !queue.items().any(|job| self.may_take(worker, job, &loads)) {
+        let now = Instant::now();
+        if !queue
+            .items()
+            .any(|job| self.may_take(worker, job, &loads, now))
+        {
             let _ = self
                 .work
                 .wait_timeout(queue, timeout.min(Duration::from_millis(5)));
@@ -317,12 +342,14 @@ impl Shared {
         self.stopping.load(Ordering::Acquire)
     }
 
-    /// Worker `worker`'s sequences, free KV blocks and cached blocks.
-    fn report(&self, worker: usize, running: usize, kv_free: usize, cached_blocks: usize) {
+    /// What worker `worker` runs and holds now.
+    fn report(&self, worker: usize, report: WorkerReport) {
         if let Some(g) = self.gauges.get(worker) {
-            g.running.store(running, Ordering::Relaxed);
-            g.kv_free.store(kv_free, Ordering::Relaxed);
-            g.cached_blocks.store(cached_blocks, Ordering::Relaxed);
+            g.running.store(report.running, Ordering::Relaxed);
+            g.deferred.store(report.deferred, Ordering::Relaxed);
+            g.kv_free.store(report.kv_free, Ordering::Relaxed);
+            g.cached_blocks
+                .store(report.cached_blocks, Ordering::Relaxed);
         }
     }
 

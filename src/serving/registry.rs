@@ -200,7 +200,13 @@ impl ServedModel {
             if shared.affinity.is_some() {
                 kv.track_cache_changes();
             }
-            shared.report(n, 0, kv.free_blocks(), 0);
+            shared.report(
+                n,
+                super::WorkerReport {
+                    kv_free: kv.free_blocks(),
+                    ..Default::default()
+                },
+            );
             let worker = Worker {
                 model: model.clone(),
                 tokenizer: tokenizer.clone(),

@@ -101,9 +101,12 @@ impl Worker {
     fn report(&self, running: usize) {
         self.shared.report(
             self.config.index,
-            running,
-            self.kv.free_blocks(),
-            self.kv.cached_blocks(),
+            super::WorkerReport {
+                running,
+                deferred: self.deferred.len(),
+                kv_free: self.kv.free_blocks(),
+                cached_blocks: self.kv.cached_blocks(),
+            },
         );
     }
 
@@ -209,7 +212,10 @@ impl Worker {
             // Static batching: a batch is formed once and runs to completion.
             return;
         }
-        self.start_deferred(running, next_seq);
+        // Preempted sequences first: nothing new starts ahead of them.
+        if preempted.is_empty() {
+            self.start_deferred(running, next_seq);
+        }
         while running.len() + self.deferred.len() < self.config.max_batch_size {
             if let Some(front) = preempted.front() {
                 // Preempted sequences go first, when their blocks are free
@@ -281,7 +287,11 @@ impl Worker {
     /// the same steps (a burst of chats with one system prompt); started after, it finds
     /// them cached.
     fn awaits_shared_prefix(&self, job: &Job, running: &[Running]) -> bool {
-        if !self.kv.prefix_caching() || job.prefix_hashes.is_empty() {
+        // A static batch runs to its end: waiting would mean waiting for the whole batch.
+        if self.config.batching == Batching::Static
+            || !self.kv.prefix_caching()
+            || job.prefix_hashes.is_empty()
+        {
             return false;
         }
         let ready = self.kv.cached_prefix_blocks(&job.prefix_hashes);
