@@ -67,6 +67,11 @@ fn linear_rows(x: &[f32], m: usize, w: &LinearWeight) -> Result<Vec<f32>> {
             ),
         ));
     }
+    // Float weights: one launch for every row, each output element one fixed-order pair
+    // (no padding, the weights decoded once).
+    if let Some(y) = matmul::linear_rowwise(x, m, w)? {
+        return Ok(y);
+    }
     if m <= ROW_TILE {
         return tile(x, m, k, w);
     }
@@ -128,6 +133,26 @@ pub(crate) fn grouped_linear(
                 x.len()
             ),
         ));
+    }
+    if weights.iter().all(|w| w.format().is_float()) {
+        // One row-wise launch per non-empty group (each spread over the cores).
+        let parts: Vec<Result<Vec<f32>>> = (0..weights.len())
+            .into_par_iter()
+            .filter(|&g| offsets[g + 1] > offsets[g])
+            .map(|g| {
+                let (r0, r1) = (offsets[g], offsets[g + 1]);
+                matmul::linear_rowwise(&x[r0 * k..r1 * k], r1 - r0, weights[g])?
+                    .ok_or_else(|| input_err("weights", "float formats only"))
+            })
+            .collect();
+        let mut y = Vec::with_capacity(rows * n);
+        for p in parts {
+            y.extend_from_slice(&p?);
+        }
+        if let Some(wl) = dev.grouped_linear_workload(offsets, weights) {
+            record(dev, &wl, start);
+        }
+        return Ok(y);
     }
     // Every (group, tile) pair is one task.
     let tasks: Vec<(usize, usize, usize)> = (0..weights.len())

@@ -33,6 +33,11 @@ impl WeightFormat {
         }
     }
 
+    /// f32, fp16 or bf16: stored values decode to f32 exactly.
+    pub fn is_float(self) -> bool {
+        matches!(self, Self::F32 | Self::F16 | Self::Bf16)
+    }
+
     /// Short lower-case name for tables and traces.
     pub fn name(self) -> &'static str {
         match self {

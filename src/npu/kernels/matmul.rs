@@ -262,6 +262,103 @@ pub fn linear(x: &[f32], m: usize, w: &LinearWeight) -> Result<Vec<f32>> {
     Ok(out)
 }
 
+/// Output features per task of [`linear_rowwise`]: a multiple of the 4-row weight groups.
+const ROWWISE_CHUNK_N: usize = 64;
+
+/// `y[m, out] = x[m, in] · Wᵀ` for float weight formats where every output element is one
+/// [`simd::block_dots`] pair: a 16-lane accumulator over `k` and one final reduction, whatever
+/// `m`, the other rows, or how the work is split. So a row's result depends only on the row,
+/// and any number of rows can share a launch (no padding, one weight decode per launch).
+/// Weight rows are decoded to f32 four at a time and multiplied against blocks of up to four
+/// activation rows; tasks own runs of output features, spread over every core. Returns `None`
+/// for int8 / FP8 weights, whose kernels differ.
+pub fn linear_rowwise(x: &[f32], m: usize, w: &LinearWeight) -> Result<Option<Vec<f32>>> {
+    const WB: usize = 4;
+    let (n, k) = (w.out_features(), w.in_features());
+    if !w.format().is_float() {
+        return Ok(None);
+    }
+    check_len(
+        OP,
+        "x",
+        x.len(),
+        m * k,
+        &format!("rows({m}) x in_features({k})"),
+    )?;
+    let mut out = vec![0.0f32; m * n];
+    if m == 0 {
+        return Ok(Some(out));
+    }
+    let mut xr = x.to_vec();
+    round_slice_to(w.format(), &mut xr);
+    let xrow = |i: usize| &xr[i * k..(i + 1) * k];
+    let mut out_t = vec![0.0f32; n * m];
+    out_t
+        .par_chunks_mut(ROWWISE_CHUNK_N * m)
+        .enumerate()
+        .for_each(|(chunk, dst)| {
+            let n0 = chunk * ROWWISE_CHUNK_N;
+            let rows_here = dst.len() / m;
+            let mut wbuf = vec![0.0f32; WB * k];
+            let mut r0 = 0;
+            while r0 < rows_here {
+                let nb = WB.min(rows_here - r0);
+                w.decode_rows(n0 + r0..n0 + r0 + nb, true, &mut wbuf[..nb * k]);
+                let wr: Vec<&[f32]> = wbuf[..nb * k].chunks(k).collect();
+                let mut mi = 0;
+                while mi < m {
+                    let rb = (m - mi).min(4);
+                    let mut put = |b: &[[f32; 4]], cols: usize| {
+                        for (r, row) in b.iter().enumerate() {
+                            for (c, v) in row.iter().take(cols).enumerate() {
+                                dst[(r0 + c) * m + mi + r] = *v;
+                            }
+                        }
+                    };
+                    if nb == WB {
+                        let ws = [wr[0], wr[1], wr[2], wr[3]];
+                        match rb {
+                            4 => put(
+                                &simd::block_dots::<4, 4>(
+                                    [xrow(mi), xrow(mi + 1), xrow(mi + 2), xrow(mi + 3)],
+                                    ws,
+                                    k,
+                                ),
+                                4,
+                            ),
+                            3 => put(
+                                &simd::block_dots::<3, 4>(
+                                    [xrow(mi), xrow(mi + 1), xrow(mi + 2)],
+                                    ws,
+                                    k,
+                                ),
+                                4,
+                            ),
+                            2 => put(&simd::block_dots::<2, 4>([xrow(mi), xrow(mi + 1)], ws, k), 4),
+                            _ => put(&simd::block_dots::<1, 4>([xrow(mi)], ws, k), 4),
+                        }
+                    } else {
+                        // The last few weight rows: one pair at a time, the same pair numerics.
+                        for r in 0..rb {
+                            for (c, wrow) in wr.iter().enumerate() {
+                                let v = simd::block_dots::<1, 1>([xrow(mi + r)], [wrow], k)[0][0];
+                                dst[(r0 + c) * m + mi + r] = v;
+                            }
+                        }
+                    }
+                    mi += rb;
+                }
+                r0 += nb;
+            }
+        });
+    for (r, row) in out_t.chunks(m).enumerate() {
+        for (mi, v) in row.iter().enumerate() {
+            out[mi * n + r] = *v;
+        }
+    }
+    Ok(Some(out))
+}
+
 fn gemv(act: &Act, m: usize, w: &LinearWeight, out: &mut [f32]) -> Result<()> {
     let (n, k) = (w.out_features(), w.in_features());
     let kb = k.div_ceil(FP8_BLOCK);
@@ -740,6 +837,40 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("offsets"), "{e}");
+    }
+
+    #[test]
+    fn rowwise_rows_do_not_depend_on_the_batch_and_match_the_reference() {
+        for (n, k) in [(70, 33), (129, 300), (8, 16)] {
+            for format in [WeightFormat::F32, WeightFormat::F16, WeightFormat::Bf16] {
+                let w32 = data(n * k, 5);
+                let w = LinearWeight::from_f32(n, k, &w32, format).expect("weight");
+                let m = 11;
+                let x = data(m * k, 9);
+                let all = linear_rowwise(&x, m, &w).expect("ok").expect("float");
+                for r in 0..m {
+                    let alone = linear_rowwise(&x[r * k..(r + 1) * k], 1, &w)
+                        .expect("ok")
+                        .expect("float");
+                    assert_eq!(
+                        alone.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        all[r * n..(r + 1) * n]
+                            .iter()
+                            .map(|v| v.to_bits())
+                            .collect::<Vec<_>>(),
+                        "row {r} of {m}, {n}x{k} {format:?}: bit for bit"
+                    );
+                }
+                let mut xr = x.clone();
+                round_slice_to(format, &mut xr);
+                let mut wd = vec![0.0f32; n * k];
+                w.decode_rows(0..n, true, &mut wd);
+                let reference = reference(&xr, m, &wd, n, k);
+                assert!(max_err(&all, &reference) < 1e-4, "{format:?}");
+            }
+        }
+        let int8 = LinearWeight::from_f32(4, 4, &[0.5; 16], WeightFormat::Int8).expect("int8");
+        assert!(linear_rowwise(&[1.0; 4], 1, &int8).expect("ok").is_none());
     }
 
     #[test]
