@@ -390,6 +390,32 @@ impl GatewayCollector {
         )?;
         per_model_counter(
             encoder,
+            "ascend_gateway_paced_steps",
+            "Steps run under pace = \"device\"",
+            models,
+            |s| s.paced_steps.load(Ordering::Relaxed),
+        )?;
+        per_model_counter(
+            encoder,
+            "ascend_gateway_pace_overrun_steps",
+            "Paced steps the CPU computed more slowly than the emulated device (clients saw \
+             this machine's latency)",
+            models,
+            |s| s.pace_overrun_steps.load(Ordering::Relaxed),
+        )?;
+        let mut family = encoder.encode_descriptor(
+            "ascend_gateway_pace_overrun_seconds",
+            "Time paced steps ran past their emulated device time",
+            None,
+            MetricType::Counter,
+        )?;
+        for model in models.iter() {
+            let us = model.stats().pace_overrun_us.load(Ordering::Relaxed);
+            let labels = [("model", model.settings.id.as_str())];
+            ConstCounter::new(us as f64 / 1e6).encode(family.encode_family(&labels)?)?;
+        }
+        per_model_counter(
+            encoder,
             "ascend_gateway_generation_tokens",
             "Tokens generated",
             models,

@@ -43,6 +43,49 @@ pub struct LinearWeight {
     out_features: usize,
     in_features: usize,
     data: WeightData,
+    /// bf16 weights also in the matmul kernel's layout, packed once here.
+    packed: Option<std::sync::Arc<PackedBf16>>,
+}
+
+/// Output features per packed panel.
+pub const PANEL_WIDTH: usize = 16;
+
+/// bf16 weights packed for the row-wise kernel: panels of [`PANEL_WIDTH`] output features,
+/// each `[in_features][PANEL_WIDTH]` (the features of one input position side by side, so one
+/// load feeds one multiply-add per output feature), an even number of panels, the last
+/// features zero-padded.
+#[derive(Debug, PartialEq)]
+pub struct PackedBf16 {
+    pub panels: usize,
+    pub in_features: usize,
+    /// bf16 bits, panel after panel.
+    pub data: Vec<u16>,
+}
+
+impl PackedBf16 {
+    fn pack(out_features: usize, in_features: usize, rows: &[bf16]) -> Self {
+        let panels = out_features.div_ceil(PANEL_WIDTH).next_multiple_of(2);
+        let k = in_features;
+        let mut data = vec![0u16; panels * PANEL_WIDTH * k];
+        for (j, row) in rows.chunks(k).enumerate() {
+            let (p, c) = (j / PANEL_WIDTH, j % PANEL_WIDTH);
+            let panel = &mut data[p * PANEL_WIDTH * k..(p + 1) * PANEL_WIDTH * k];
+            for (t, v) in row.iter().enumerate() {
+                panel[t * PANEL_WIDTH + c] = v.to_bits();
+            }
+        }
+        Self {
+            panels,
+            in_features,
+            data,
+        }
+    }
+
+    /// Panel `p`'s `[in_features][PANEL_WIDTH]` values.
+    pub fn panel(&self, p: usize) -> &[u16] {
+        let len = PANEL_WIDTH * self.in_features;
+        &self.data[p * len..(p + 1) * len]
+    }
 }
 
 const OP: &str = "LinearWeight";
@@ -90,11 +133,25 @@ impl LinearWeight {
                 )?;
             }
         }
+        let packed = match &data {
+            WeightData::Bf16(v) => Some(std::sync::Arc::new(PackedBf16::pack(
+                out_features,
+                in_features,
+                v,
+            ))),
+            _ => None,
+        };
         Ok(Self {
             out_features,
             in_features,
             data,
+            packed,
         })
+    }
+
+    /// The kernel layout of bf16 weights.
+    pub fn packed_bf16(&self) -> Option<&PackedBf16> {
+        self.packed.as_deref()
     }
 
     /// Quantises or rounds an f32 `[out, in]` matrix into `format`.

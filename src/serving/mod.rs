@@ -14,6 +14,7 @@
 mod affinity;
 mod echo;
 pub mod job;
+mod pacing;
 pub mod queue;
 mod registry;
 pub mod stats;

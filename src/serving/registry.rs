@@ -225,6 +225,8 @@ impl ServedModel {
                 stalled: false,
                 evictions_counted: 0,
                 deferred: std::collections::VecDeque::new(),
+                pacing: Default::default(),
+                model_id: id.clone(),
             };
             threads.push(spawn_worker(&id, format!("npu-{id}-{n}"), move || {
                 worker.run()

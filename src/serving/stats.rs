@@ -141,6 +141,12 @@ pub struct ServingStats {
     pub prompt_cache_miss_tokens: AtomicU64,
     /// Cached blocks evicted from the workers' pools.
     pub prefix_cache_evictions: AtomicU64,
+    /// Steps run under `pace = "device"`.
+    pub paced_steps: AtomicU64,
+    /// Of those, steps the CPU computed more slowly than the emulated device.
+    pub pace_overrun_steps: AtomicU64,
+    /// Their total time past the emulated device time, µs.
+    pub pace_overrun_us: AtomicU64,
     pub generation_tokens: AtomicU64,
     finished: [AtomicU64; Outcome::ALL.len()],
     pub queue_full_rejections: AtomicU64,
@@ -160,6 +166,9 @@ impl Default for ServingStats {
             prompt_cache_hit_tokens: AtomicU64::new(0),
             prompt_cache_miss_tokens: AtomicU64::new(0),
             prefix_cache_evictions: AtomicU64::new(0),
+            paced_steps: AtomicU64::new(0),
+            pace_overrun_steps: AtomicU64::new(0),
+            pace_overrun_us: AtomicU64::new(0),
             generation_tokens: AtomicU64::new(0),
             finished: Default::default(),
             queue_full_rejections: AtomicU64::new(0),

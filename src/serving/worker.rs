@@ -71,6 +71,10 @@ pub(crate) struct Worker {
     /// Jobs taken from the queue that wait for a running sequence to finish computing the
     /// prompt prefix they share (counted against the batch's sequence cap).
     pub deferred: VecDeque<Job>,
+    /// How often steps outran the emulated device under `pace = "device"`.
+    pub pacing: super::pacing::PaceWatch,
+    /// The served model's id, for logs.
+    pub model_id: String,
 }
 
 impl Worker {
@@ -418,9 +422,13 @@ impl Worker {
         }
         if self.config.pace == Pace::Device {
             let device = Duration::from_secs_f64(output.device_us / 1e6);
-            if let Some(rest) = device.checked_sub(started.elapsed()) {
-                std::thread::sleep(rest);
-            }
+            self.pacing.pace(
+                &self.model_id,
+                &self.shared.stats,
+                chosen.len(),
+                started.elapsed(),
+                device,
+            );
         }
         let stats = &self.shared.stats;
         stats.step_duration.observe(micros(started.elapsed()));

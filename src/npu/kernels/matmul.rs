@@ -15,7 +15,7 @@ use crate::npu::error::{Result, arg_err, check_len, shape_err};
 use crate::npu::format::{
     FP8_BLOCK, WeightFormat, quantize_fp8_tile, quantize_int8_row, round_slice_to,
 };
-use crate::npu::weights::{LinearWeight, WeightData};
+use crate::npu::weights::{LinearWeight, PackedBf16, WeightData};
 
 /// Up to this many rows the fused GEMV is used for int8 / FP8; above, decoded panels and GEMM.
 pub const GEMV_MAX_ROWS: usize = 8;
@@ -265,13 +265,13 @@ pub fn linear(x: &[f32], m: usize, w: &LinearWeight) -> Result<Vec<f32>> {
 /// Output features per task of [`linear_rowwise`]: a multiple of the 4-row weight groups.
 const ROWWISE_CHUNK_N: usize = 64;
 
-/// `y[m, out] = x[m, in] · Wᵀ` for float weight formats where every output element is one
-/// [`simd::block_dots`] pair: a 16-lane accumulator over `k` and one final reduction, whatever
-/// `m`, the other rows, or how the work is split. So a row's result depends only on the row,
-/// and any number of rows can share a launch (no padding, one weight decode per launch).
-/// Weight rows are decoded to f32 four at a time and multiplied against blocks of up to four
-/// activation rows; tasks own runs of output features, spread over every core. Returns `None`
-/// for int8 / FP8 weights, whose kernels differ.
+/// `y[m, out] = x[m, in] · Wᵀ` for float weight formats where every output element is computed
+/// the same way whatever `m`, the other rows, or how the work is split: bf16 weights through
+/// their packed panels (one sequential FMA chain over `k` per output, [`linear_packed`]),
+/// f32 / fp16 as one [`simd::block_dots`] pair (a 16-lane accumulator over `k` and one final
+/// reduction). So a row's result depends only on the row, and any number of rows can share a
+/// launch (no padding, the weights read once per launch). Tasks own runs of output features,
+/// spread over every core. Returns `None` for int8 / FP8 weights, whose kernels differ.
 pub fn linear_rowwise(x: &[f32], m: usize, w: &LinearWeight) -> Result<Option<Vec<f32>>> {
     const WB: usize = 4;
     let (n, k) = (w.out_features(), w.in_features());
@@ -291,6 +291,9 @@ pub fn linear_rowwise(x: &[f32], m: usize, w: &LinearWeight) -> Result<Option<Ve
     }
     let mut xr = x.to_vec();
     round_slice_to(w.format(), &mut xr);
+    if let Some(packed) = w.packed_bf16() {
+        return Ok(Some(linear_packed(&xr, m, n, packed)));
+    }
     let xrow = |i: usize| &xr[i * k..(i + 1) * k];
     let mut out_t = vec![0.0f32; n * m];
     out_t
@@ -334,7 +337,10 @@ pub fn linear_rowwise(x: &[f32], m: usize, w: &LinearWeight) -> Result<Option<Ve
                                 ),
                                 4,
                             ),
-                            2 => put(&simd::block_dots::<2, 4>([xrow(mi), xrow(mi + 1)], ws, k), 4),
+                            2 => put(
+                                &simd::block_dots::<2, 4>([xrow(mi), xrow(mi + 1)], ws, k),
+                                4,
+                            ),
                             _ => put(&simd::block_dots::<1, 4>([xrow(mi)], ws, k), 4),
                         }
                     } else {
@@ -357,6 +363,74 @@ pub fn linear_rowwise(x: &[f32], m: usize, w: &LinearWeight) -> Result<Option<Ve
         }
     }
     Ok(Some(out))
+}
+
+/// Rows per [`simd::panel_dots`] call: 6 rows x 32 features keep 12 accumulators in registers.
+const PANEL_ROWS: usize = 6;
+
+/// `x[m, k]` (already rounded to bf16) through packed bf16 panels: tasks own runs of panel
+/// pairs (32 output features), each pair multiplied against every row, six rows at a time.
+/// Each output is one sequential FMA chain over `k`, so no row, split or CPU path changes it.
+fn linear_packed(x: &[f32], m: usize, n: usize, packed: &PackedBf16) -> Vec<f32> {
+    let k = packed.in_features;
+    let pairs = packed.panels / 2;
+    let per_task = pairs
+        .div_ceil(4 * rayon::current_num_threads().max(1))
+        .max(1);
+    let xrow = |i: usize| &x[i * k..(i + 1) * k];
+    // Each task's block: [m][its pairs x 32], row-major.
+    let blocks: Vec<(usize, Vec<f32>)> = (0..pairs)
+        .step_by(per_task)
+        .collect::<Vec<_>>()
+        .into_par_iter()
+        .map(|first| {
+            let last = (first + per_task).min(pairs);
+            let width = (last - first) * 32;
+            let mut block = vec![0.0f32; m * width];
+            for pair in first..last {
+                let panels = [packed.panel(2 * pair), packed.panel(2 * pair + 1)];
+                let col = (pair - first) * 32;
+                let mut r0 = 0;
+                while r0 < m {
+                    let rows = (m - r0).min(PANEL_ROWS);
+                    let mut put = |out: &[[f32; 32]]| {
+                        for (r, o) in out.iter().enumerate() {
+                            let at = (r0 + r) * width + col;
+                            block[at..at + 32].copy_from_slice(o);
+                        }
+                    };
+                    macro_rules! rows {
+                        ($r:literal) => {{
+                            let mut out = [[0.0f32; 32]; $r];
+                            let xs: [&[f32]; $r] = std::array::from_fn(|i| xrow(r0 + i));
+                            simd::panel_dots::<$r>(xs, panels, k, &mut out);
+                            put(&out);
+                        }};
+                    }
+                    match rows {
+                        6 => rows!(6),
+                        5 => rows!(5),
+                        4 => rows!(4),
+                        3 => rows!(3),
+                        2 => rows!(2),
+                        _ => rows!(1),
+                    }
+                    r0 += rows;
+                }
+            }
+            (first, block)
+        })
+        .collect();
+    let mut out = vec![0.0f32; m * n];
+    for (first, block) in blocks {
+        let col0 = first * 32;
+        let width = block.len() / m.max(1);
+        let take = width.min(n.saturating_sub(col0));
+        for (r, row) in block.chunks(width).enumerate() {
+            out[r * n + col0..r * n + col0 + take].copy_from_slice(&row[..take]);
+        }
+    }
+    out
 }
 
 fn gemv(act: &Act, m: usize, w: &LinearWeight, out: &mut [f32]) -> Result<()> {

@@ -370,6 +370,45 @@ mod x86 {
         out
     }
 
+    /// `R` activation rows against two packed bf16 panels of 16 output features each: for
+    /// every `t` in order, `acc[r][p] = fma(x[r][t], w[p][t], acc[r][p])`, one lane per output
+    /// feature, so each output is one sequential f32 FMA chain over `k` whatever `R`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn panel_dots_avx512<const R: usize>(
+        xs: [&[f32]; R],
+        panels: [&[u16]; 2],
+        k: usize,
+        out: &mut [[f32; 32]; R],
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        for t in 0..k {
+            // SAFETY: the caller guarantees each panel holds 16 * k values and each row k.
+            let w = unsafe {
+                [
+                    _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
+                        _mm256_loadu_si256(panels[0].as_ptr().add(t * 16).cast()),
+                    ))),
+                    _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
+                        _mm256_loadu_si256(panels[1].as_ptr().add(t * 16).cast()),
+                    ))),
+                ]
+            };
+            for (r, a) in acc.iter_mut().enumerate() {
+                // SAFETY: t < k <= xs[r].len(), checked by the caller.
+                let xv = _mm512_set1_ps(unsafe { *xs[r].get_unchecked(t) });
+                a[0] = _mm512_fmadd_ps(xv, w[0], a[0]);
+                a[1] = _mm512_fmadd_ps(xv, w[1], a[1]);
+            }
+        }
+        for (o, a) in out.iter_mut().zip(&acc) {
+            // SAFETY: each output row holds 32 floats.
+            unsafe {
+                _mm512_storeu_ps(o.as_mut_ptr(), a[0]);
+                _mm512_storeu_ps(o.as_mut_ptr().add(16), a[1]);
+            }
+        }
+    }
+
     /// fp16 weights x f32 activations, AVX-512: 64 elements per iteration, 4 accumulators.
     #[target_feature(enable = "avx512f")]
     pub(super) fn dot_f16_avx512(x: &[f32], w: &[f16]) -> f32 {
@@ -550,6 +589,49 @@ pub fn block_dots<const R: usize, const C: usize>(
     out
 }
 
+/// `R` rows against two packed bf16 panels (`[k][16]` values each, see
+/// `matmul::PackedBf16`): `out[r][p * 16 + c]` is the sequential FMA chain over `t` of
+/// `x[r][t] * w_p[t][c]`, computed alike by the AVX-512 and the portable path (fused
+/// multiply-adds in the same order), so results never depend on the CPU path or on `R`.
+pub fn panel_dots<const R: usize>(
+    xs: [&[f32]; R],
+    panels: [&[u16]; 2],
+    k: usize,
+    out: &mut [[f32; 32]; R],
+) {
+    if xs.iter().any(|x| x.len() < k) || panels.iter().any(|p| p.len() < 16 * k) {
+        *out = [[0.0; 32]; R];
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: avx512f was detected at run time; lengths were checked above.
+        return unsafe { x86::panel_dots_avx512::<R>(xs, panels, k, out) };
+    }
+    panel_dots_portable(xs, panels, k, out);
+}
+
+/// [`panel_dots`] without SIMD: the same fused multiply-adds in the same order.
+fn panel_dots_portable<const R: usize>(
+    xs: [&[f32]; R],
+    panels: [&[u16]; 2],
+    k: usize,
+    out: &mut [[f32; 32]; R],
+) {
+    *out = [[0.0; 32]; R];
+    for t in 0..k {
+        for (r, o) in out.iter_mut().enumerate() {
+            let xv = xs[r][t];
+            for (p, panel) in panels.iter().enumerate() {
+                for c in 0..16 {
+                    let w = f32::from_bits(u32::from(panel[t * 16 + c]) << 16);
+                    o[p * 16 + c] = xv.mul_add(w, o[p * 16 + c]);
+                }
+            }
+        }
+    }
+}
+
 /// `v[i] = exp(v[i] - shift)` (about 2 ulp; 0 below -87.3), returning the sum of the results.
 pub fn exp_shift_sum(v: &mut [f32], shift: f32) -> f32 {
     #[cfg(target_arch = "x86_64")]
@@ -632,6 +714,39 @@ pub fn dot_e4m3(x: &[f32], w: &[u8]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn panel_dots_are_the_same_on_every_path_and_for_every_row_count() {
+        let k = 37;
+        let x: Vec<Vec<f32>> = (0..3)
+            .map(|r| {
+                (0..k)
+                    .map(|t| ((r * 31 + t * 7) % 13) as f32 * 0.37 - 2.0)
+                    .collect()
+            })
+            .collect();
+        let panel = |s: usize| -> Vec<u16> {
+            (0..16 * k)
+                .map(|i| half::bf16::from_f32(((i * 11 + s) % 17) as f32 * 0.21 - 1.5).to_bits())
+                .collect()
+        };
+        let (p0, p1) = (panel(1), panel(2));
+        let mut three = [[0.0f32; 32]; 3];
+        panel_dots::<3>([&x[0], &x[1], &x[2]], [&p0, &p1], k, &mut three);
+        let mut portable = [[0.0f32; 32]; 3];
+        panel_dots_portable::<3>([&x[0], &x[1], &x[2]], [&p0, &p1], k, &mut portable);
+        let mut one = [[0.0f32; 32]; 1];
+        panel_dots::<1>([&x[2]], [&p0, &p1], k, &mut one);
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        for r in 0..3 {
+            assert_eq!(
+                bits(&three[r]),
+                bits(&portable[r]),
+                "row {r}: SIMD = portable"
+            );
+        }
+        assert_eq!(bits(&one[0]), bits(&three[2]), "a row alone = in a block");
+    }
 
     #[test]
     fn block_dots_match_pairwise_dots() {
