@@ -15,7 +15,7 @@ use crate::npu::error::{Result, arg_err, check_len, shape_err};
 use crate::npu::format::{
     FP8_BLOCK, WeightFormat, quantize_fp8_tile, quantize_int8_row, round_slice_to,
 };
-use crate::npu::weights::{LinearWeight, PackedBf16, WeightData};
+use crate::npu::weights::{LinearWeight, PANEL_WIDTH, PackedBf16, WeightData};
 
 /// Up to this many rows the fused GEMV is used for int8 / FP8; above, decoded panels and GEMM.
 pub const GEMV_MAX_ROWS: usize = 8;
@@ -387,8 +387,17 @@ fn linear_packed(x: &[f32], m: usize, n: usize, packed: &PackedBf16) -> Vec<f32>
             let last = (first + per_task).min(pairs);
             let width = (last - first) * 32;
             let mut block = vec![0.0f32; m * width];
+            // Past one row block, each pair is decoded to f32 once and reused by every block.
+            let decode = m > PANEL_ROWS;
+            let mut decoded = vec![0.0f32; if decode { 2 * PANEL_WIDTH * k } else { 0 }];
             for pair in first..last {
                 let panels = [packed.panel(2 * pair), packed.panel(2 * pair + 1)];
+                if decode {
+                    for (o, &b) in decoded.iter_mut().zip(panels[0].iter().chain(panels[1])) {
+                        *o = f32::from_bits(u32::from(b) << 16);
+                    }
+                }
+                let (f0, f1) = decoded.split_at(decoded.len() / 2);
                 let col = (pair - first) * 32;
                 let mut r0 = 0;
                 while r0 < m {
@@ -403,7 +412,11 @@ fn linear_packed(x: &[f32], m: usize, n: usize, packed: &PackedBf16) -> Vec<f32>
                         ($r:literal) => {{
                             let mut out = [[0.0f32; 32]; $r];
                             let xs: [&[f32]; $r] = std::array::from_fn(|i| xrow(r0 + i));
-                            simd::panel_dots::<$r>(xs, panels, k, &mut out);
+                            if decode {
+                                simd::panel_dots_f32::<$r>(xs, [f0, f1], k, &mut out);
+                            } else {
+                                simd::panel_dots::<$r>(xs, panels, k, &mut out);
+                            }
                             put(&out);
                         }};
                     }

@@ -409,6 +409,41 @@ mod x86 {
         }
     }
 
+    /// [`panel_dots_avx512`] on panels already decoded to f32 (the same values, the same
+    /// FMA chains): for many rows, the conversion is done once per panel instead of per row
+    /// block.
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn panel_dots_f32_avx512<const R: usize>(
+        xs: [&[f32]; R],
+        panels: [&[f32]; 2],
+        k: usize,
+        out: &mut [[f32; 32]; R],
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        for t in 0..k {
+            // SAFETY: the caller guarantees each panel holds 16 * k values and each row k.
+            let w = unsafe {
+                [
+                    _mm512_loadu_ps(panels[0].as_ptr().add(t * 16)),
+                    _mm512_loadu_ps(panels[1].as_ptr().add(t * 16)),
+                ]
+            };
+            for (r, a) in acc.iter_mut().enumerate() {
+                // SAFETY: t < k <= xs[r].len(), checked by the caller.
+                let xv = _mm512_set1_ps(unsafe { *xs[r].get_unchecked(t) });
+                a[0] = _mm512_fmadd_ps(xv, w[0], a[0]);
+                a[1] = _mm512_fmadd_ps(xv, w[1], a[1]);
+            }
+        }
+        for (o, a) in out.iter_mut().zip(&acc) {
+            // SAFETY: each output row holds 32 floats.
+            unsafe {
+                _mm512_storeu_ps(o.as_mut_ptr(), a[0]);
+                _mm512_storeu_ps(o.as_mut_ptr().add(16), a[1]);
+            }
+        }
+    }
+
     /// fp16 weights x f32 activations, AVX-512: 64 elements per iteration, 4 accumulators.
     #[target_feature(enable = "avx512f")]
     pub(super) fn dot_f16_avx512(x: &[f32], w: &[f16]) -> f32 {
@@ -611,6 +646,35 @@ pub fn panel_dots<const R: usize>(
     panel_dots_portable(xs, panels, k, out);
 }
 
+/// [`panel_dots`] on panels decoded to f32 (`[k][16]` each): bit for bit the same results.
+pub fn panel_dots_f32<const R: usize>(
+    xs: [&[f32]; R],
+    panels: [&[f32]; 2],
+    k: usize,
+    out: &mut [[f32; 32]; R],
+) {
+    if xs.iter().any(|x| x.len() < k) || panels.iter().any(|p| p.len() < 16 * k) {
+        *out = [[0.0; 32]; R];
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: avx512f was detected at run time; lengths were checked above.
+        return unsafe { x86::panel_dots_f32_avx512::<R>(xs, panels, k, out) };
+    }
+    *out = [[0.0; 32]; R];
+    for t in 0..k {
+        for (r, o) in out.iter_mut().enumerate() {
+            let xv = xs[r][t];
+            for (p, panel) in panels.iter().enumerate() {
+                for c in 0..16 {
+                    o[p * 16 + c] = xv.mul_add(panel[t * 16 + c], o[p * 16 + c]);
+                }
+            }
+        }
+    }
+}
+
 /// [`panel_dots`] without SIMD: the same fused multiply-adds in the same order.
 fn panel_dots_portable<const R: usize>(
     xs: [&[f32]; R],
@@ -746,6 +810,21 @@ mod tests {
             );
         }
         assert_eq!(bits(&one[0]), bits(&three[2]), "a row alone = in a block");
+        let decode = |p: &[u16]| -> Vec<f32> {
+            p.iter()
+                .map(|&b| f32::from_bits(u32::from(b) << 16))
+                .collect()
+        };
+        let (f0, f1) = (decode(&p0), decode(&p1));
+        let mut decoded = [[0.0f32; 32]; 3];
+        panel_dots_f32::<3>([&x[0], &x[1], &x[2]], [&f0, &f1], k, &mut decoded);
+        for r in 0..3 {
+            assert_eq!(
+                bits(&decoded[r]),
+                bits(&three[r]),
+                "row {r}: f32 panels = bf16 panels"
+            );
+        }
     }
 
     #[test]
