@@ -367,6 +367,8 @@ pub fn linear_rowwise(x: &[f32], m: usize, w: &LinearWeight) -> Result<Option<Ve
 
 /// Rows per [`simd::panel_dots`] call: 6 rows x 32 features keep 12 accumulators in registers.
 const PANEL_ROWS: usize = 6;
+/// From this many rows the panels are decoded to f32 once per launch.
+const DECODE_PANELS_FROM_ROWS: usize = 48;
 
 /// `x[m, k]` (already rounded to bf16) through packed bf16 panels: tasks own runs of panel
 /// pairs (32 output features), each pair multiplied against every row, six rows at a time.
@@ -387,14 +389,18 @@ fn linear_packed(x: &[f32], m: usize, n: usize, packed: &PackedBf16) -> Vec<f32>
             let last = (first + per_task).min(pairs);
             let width = (last - first) * 32;
             let mut block = vec![0.0f32; m * width];
-            // Past one row block, each pair is decoded to f32 once and reused by every block.
-            let decode = m > PANEL_ROWS;
+            // With many row blocks, each pair is decoded to f32 once and reused by all of
+            // them (with few, converting in registers is cheaper than the decode's stores).
+            let decode = m >= DECODE_PANELS_FROM_ROWS;
             let mut decoded = vec![0.0f32; if decode { 2 * PANEL_WIDTH * k } else { 0 }];
             for pair in first..last {
                 let panels = [packed.panel(2 * pair), packed.panel(2 * pair + 1)];
                 if decode {
-                    for (o, &b) in decoded.iter_mut().zip(panels[0].iter().chain(panels[1])) {
-                        *o = f32::from_bits(u32::from(b) << 16);
+                    let (d0, d1) = decoded.split_at_mut(PANEL_WIDTH * k);
+                    for (dst, src) in [(d0, panels[0]), (d1, panels[1])] {
+                        for (o, &b) in dst.iter_mut().zip(src) {
+                            *o = f32::from_bits(u32::from(b) << 16);
+                        }
                     }
                 }
                 let (f0, f1) = decoded.split_at(decoded.len() / 2);
@@ -932,7 +938,7 @@ mod tests {
             for format in [WeightFormat::F32, WeightFormat::F16, WeightFormat::Bf16] {
                 let w32 = data(n * k, 5);
                 let w = LinearWeight::from_f32(n, k, &w32, format).expect("weight");
-                let m = 11;
+                let m = 53; // past DECODE_PANELS_FROM_ROWS: both bf16 paths
                 let x = data(m * k, 9);
                 let all = linear_rowwise(&x, m, &w).expect("ok").expect("float");
                 for r in 0..m {
