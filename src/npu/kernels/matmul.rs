@@ -368,7 +368,7 @@ pub fn linear_rowwise(x: &[f32], m: usize, w: &LinearWeight) -> Result<Option<Ve
 /// Rows per [`simd::panel_dots`] call: 6 rows x 32 features keep 12 accumulators in registers.
 const PANEL_ROWS: usize = 6;
 /// From this many rows the panels are decoded to f32 once per launch.
-const DECODE_PANELS_FROM_ROWS: usize = 48;
+const DECODE_PANELS_FROM_ROWS: usize = 24;
 
 /// `x[m, k]` (already rounded to bf16) through packed bf16 panels: tasks own runs of panel
 /// pairs (32 output features), each pair multiplied against every row, six rows at a time.
@@ -938,7 +938,7 @@ mod tests {
             for format in [WeightFormat::F32, WeightFormat::F16, WeightFormat::Bf16] {
                 let w32 = data(n * k, 5);
                 let w = LinearWeight::from_f32(n, k, &w32, format).expect("weight");
-                let m = 53; // past DECODE_PANELS_FROM_ROWS: both bf16 paths
+                let m = 29; // past DECODE_PANELS_FROM_ROWS: both bf16 paths
                 let x = data(m * k, 9);
                 let all = linear_rowwise(&x, m, &w).expect("ok").expect("float");
                 for r in 0..m {
