@@ -11,10 +11,13 @@
 //! chunked). The npu's [`crate::npu::Device::linear`] picks a different CPU kernel (fused GEMV,
 //! register-blocked small batch, blocked GEMM) by row count, and they sum in different orders;
 //! a one-ulp change in a logit is enough to flip a sampled token (measured: 23 of 32 requests
-//! diverged on `small`). So here every npu matmul call has exactly [`ROW_TILE`] rows (the last
-//! tile zero-padded): one kernel path always, and no kernel mixes rows, so a row's result
-//! depends only on the row (`tests::linear_rows_do_not_depend_on_the_batch` guards that), with
-//! tiles spread over the cores. Attention always runs the paged decode kernel, one query token at a time
+//! diverged on `small`). So float weights (f32, fp16, bf16) go through
+//! `matmul::linear_rowwise`, one launch over every row, whose every output is computed the same
+//! way whatever rows share the launch; int8 and FP8 weights through calls of exactly
+//! [`ROW_TILE`] rows (the last tile zero-padded), one kernel path always. Either way no kernel
+//! mixes rows, so a row's result depends only on the row
+//! (`tests::linear_rows_do_not_depend_on_the_batch` guards that), with the work spread over
+//! the cores. Attention always runs the paged decode kernel, one query token at a time
 //! over the cache, whose key blocks do not depend on how the prompt was chunked. The cost model
 //! is unchanged: a linear is charged as one `[m, k] x Wᵀ` launch, a grouped linear as the npu's
 //! grouped launch, and the attention of a fresh prompt chunk as the npu's fused prefill
@@ -31,7 +34,8 @@ use crate::npu::kernels::attention;
 use crate::npu::kernels::matmul;
 use crate::npu::{AttnShape, Device, LinearWeight, PagedKvCache};
 
-/// Rows per matmul tile: every npu matmul call this module makes has exactly this many rows.
+/// Rows per matmul tile of int8 / FP8 weights: every such npu matmul call has exactly this many
+/// rows.
 pub const ROW_TILE: usize = 8;
 
 fn record(dev: &mut Device, wl: &Workload, start: Instant) {

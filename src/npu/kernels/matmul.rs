@@ -6,7 +6,9 @@
 //! core: a fused SIMD GEMV that converts weights in registers for 1-3 rows (int8/FP8: up to 8);
 //! for 4-48 rows of float formats, weight rows decoded to f32 four at a time and a 4x4
 //! register-blocked kernel; above, 128-row weight panels decoded to f32 and multiplied by the
-//! `gemm` crate's micro-kernel. It must not know costs or profiles.
+//! `gemm` crate's micro-kernel. [`linear_rowwise`] is the batch-invariant alternative the
+//! model uses for float weights: every output computed alike whatever the rows (bf16 through
+//! panels packed at load). It must not know costs or profiles.
 
 use rayon::prelude::*;
 
