@@ -88,8 +88,6 @@ struct BlockMeta {
 /// Prefix-cache counters of one pool, since it was made.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PrefixCacheStats {
-    /// Blocks published under a content address.
-    pub published: u64,
     /// Retained blocks evicted (to make room, or over the retention cap).
     pub evictions: u64,
 }
@@ -369,7 +367,6 @@ impl KvPool {
             if let std::collections::hash_map::Entry::Vacant(slot) = self.by_hash.entry(hash) {
                 slot.insert(id);
                 self.meta[id as usize].hash = Some(hash);
-                self.stats.published += 1;
                 if let Some(changes) = self.changes.as_mut() {
                     changes.added.push(hash);
                 }
@@ -475,29 +472,40 @@ impl KvPool {
             ));
         }
         s.len = len;
-        let keep = len.div_ceil(bs);
-        let dropped: Vec<u32> = s.table.drain(keep..).collect();
-        for block in dropped.into_iter().rev() {
-            self.release(block);
-        }
+        self.release_past(seq, len.div_ceil(bs));
         Ok(())
     }
 
     /// Returns blocks reserved beyond the cached tokens of `seq` (and forgets a sequence with
     /// no cached token), undoing a [`Self::reserve`] whose step failed.
     pub(crate) fn trim(&mut self, seq: SeqId) {
-        let bs = self.block_size;
-        let Some(s) = self.seqs.get_mut(&seq) else {
+        let Some(len) = self.seqs.get(&seq).map(|s| s.len) else {
             return;
         };
-        let keep = s.len.div_ceil(bs);
-        let dropped: Vec<u32> = s.table.drain(keep..).collect();
-        let forget = s.len == 0;
+        self.release_past(seq, len.div_ceil(self.block_size));
+        if len == 0 {
+            self.seqs.remove(&seq);
+        }
+    }
+
+    /// Releases the blocks of `seq`'s table from index `keep` on, the last first.
+    fn release_past(&mut self, seq: SeqId, keep: usize) {
+        let dropped: Vec<u32> = match self.seqs.get_mut(&seq) {
+            Some(s) if keep < s.table.len() => s.table.drain(keep..).collect(),
+            _ => return,
+        };
         for block in dropped.into_iter().rev() {
             self.release(block);
         }
-        if forget {
-            self.seqs.remove(&seq);
+    }
+
+    /// Forgets `block`'s content address, if it has one (telling the router).
+    fn unpublish(&mut self, block: u32) {
+        if let Some(hash) = self.meta[block as usize].hash.take() {
+            self.by_hash.remove(&hash);
+            if let Some(changes) = self.changes.as_mut() {
+                changes.removed.push(hash);
+            }
         }
     }
 
@@ -512,14 +520,8 @@ impl KvPool {
     /// Evicts the least recently released retained block and returns it (no longer cached).
     fn evict_oldest(&mut self) -> Option<u32> {
         let (_, block) = self.retained.pop_first()?;
-        let meta = &mut self.meta[block as usize];
-        meta.retained_at = None;
-        if let Some(hash) = meta.hash.take() {
-            self.by_hash.remove(&hash);
-            if let Some(changes) = self.changes.as_mut() {
-                changes.removed.push(hash);
-            }
-        }
+        self.meta[block as usize].retained_at = None;
+        self.unpublish(block);
         self.stats.evictions += 1;
         Some(block)
     }
@@ -552,12 +554,7 @@ impl KvPool {
             meta.retained_at = Some(self.release_clock);
             self.retained.insert(self.release_clock, block);
         } else {
-            if let Some(hash) = meta.hash.take() {
-                self.by_hash.remove(&hash);
-                if let Some(changes) = self.changes.as_mut() {
-                    changes.removed.push(hash);
-                }
-            }
+            self.unpublish(block);
             self.free.push(block);
         }
     }

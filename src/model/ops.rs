@@ -138,37 +138,15 @@ pub(crate) fn grouped_linear(
             ),
         ));
     }
-    if weights.iter().all(|w| w.format().is_float()) {
-        // One row-wise launch per non-empty group (each spread over the cores).
-        let parts: Vec<Result<Vec<f32>>> = (0..weights.len())
-            .into_par_iter()
-            .filter(|&g| offsets[g + 1] > offsets[g])
-            .map(|g| {
-                let (r0, r1) = (offsets[g], offsets[g + 1]);
-                matmul::linear_rowwise(&x[r0 * k..r1 * k], r1 - r0, weights[g])?
-                    .ok_or_else(|| input_err("weights", "float formats only"))
-            })
-            .collect();
-        let mut y = Vec::with_capacity(rows * n);
-        for p in parts {
-            y.extend_from_slice(&p?);
-        }
-        if let Some(wl) = dev.grouped_linear_workload(offsets, weights) {
-            record(dev, &wl, start);
-        }
-        return Ok(y);
-    }
-    // Every (group, tile) pair is one task.
-    let tasks: Vec<(usize, usize, usize)> = (0..weights.len())
-        .flat_map(|g| {
-            (offsets[g]..offsets[g + 1])
-                .step_by(ROW_TILE)
-                .map(move |r0| (g, r0, (r0 + ROW_TILE).min(offsets[g + 1])))
+    // Each non-empty group through the same batch-invariant path as a linear (row-wise for
+    // float weights, fixed tiles for int8 / FP8), the groups spread over the cores.
+    let parts: Vec<Result<Vec<f32>>> = (0..weights.len())
+        .into_par_iter()
+        .filter(|&g| offsets[g + 1] > offsets[g])
+        .map(|g| {
+            let (r0, r1) = (offsets[g], offsets[g + 1]);
+            linear_rows(&x[r0 * k..r1 * k], r1 - r0, weights[g])
         })
-        .collect();
-    let parts: Vec<Result<Vec<f32>>> = tasks
-        .par_iter()
-        .map(|&(g, r0, r1)| tile(&x[r0 * k..r1 * k], r1 - r0, k, weights[g]))
         .collect();
     let mut y = Vec::with_capacity(rows * n);
     for p in parts {

@@ -359,12 +359,17 @@ pub fn linear_rowwise(x: &[f32], m: usize, w: &LinearWeight) -> Result<Option<Ve
                 r0 += nb;
             }
         });
-    for (r, row) in out_t.chunks(m).enumerate() {
+    untranspose(&out_t, m, n, &mut out);
+    Ok(Some(out))
+}
+
+/// `out[m, n]` (row-major) from `out_t[n, m]`: the per-feature task buffers back in row order.
+fn untranspose(out_t: &[f32], m: usize, n: usize, out: &mut [f32]) {
+    for (r, row) in out_t.chunks(m).enumerate().take(n) {
         for (mi, v) in row.iter().enumerate() {
             out[mi * n + r] = *v;
         }
     }
-    Ok(Some(out))
 }
 
 /// Rows per [`simd::panel_dots`] call: 6 rows x 32 features keep 12 accumulators in registers.
@@ -521,11 +526,7 @@ fn gemv(act: &Act, m: usize, w: &LinearWeight, out: &mut [f32]) -> Result<()> {
                 }
             }
         });
-    for (r, row) in out_t.chunks(m).enumerate() {
-        for (mi, v) in row.iter().enumerate() {
-            out[mi * n + r] = *v;
-        }
-    }
+    untranspose(&out_t, m, n, out);
     Ok(())
 }
 
@@ -598,11 +599,7 @@ fn small_batch(x: &[f32], m: usize, w: &LinearWeight, out: &mut [f32]) {
                 r0 += nb;
             }
         });
-    for (r, row) in out_t.chunks(m).enumerate() {
-        for (mi, v) in row.iter().enumerate() {
-            out[mi * n + r] = *v;
-        }
-    }
+    untranspose(&out_t, m, n, out);
 }
 
 fn gemm_panels(act: &Act, m: usize, w: &LinearWeight, out: &mut [f32]) -> Result<()> {

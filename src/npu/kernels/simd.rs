@@ -634,8 +634,7 @@ pub fn panel_dots<const R: usize>(
     k: usize,
     out: &mut [[f32; 32]; R],
 ) {
-    if xs.iter().any(|x| x.len() < k) || panels.iter().any(|p| p.len() < 16 * k) {
-        *out = [[0.0; 32]; R];
+    if !panel_fits(&xs, &panels, k, out) {
         return;
     }
     #[cfg(target_arch = "x86_64")]
@@ -653,8 +652,7 @@ pub fn panel_dots_f32<const R: usize>(
     k: usize,
     out: &mut [[f32; 32]; R],
 ) {
-    if xs.iter().any(|x| x.len() < k) || panels.iter().any(|p| p.len() < 16 * k) {
-        *out = [[0.0; 32]; R];
+    if !panel_fits(&xs, &panels, k, out) {
         return;
     }
     #[cfg(target_arch = "x86_64")]
@@ -662,23 +660,44 @@ pub fn panel_dots_f32<const R: usize>(
         // SAFETY: avx512f was detected at run time; lengths were checked above.
         return unsafe { x86::panel_dots_f32_avx512::<R>(xs, panels, k, out) };
     }
-    *out = [[0.0; 32]; R];
-    for t in 0..k {
-        for (r, o) in out.iter_mut().enumerate() {
-            let xv = xs[r][t];
-            for (p, panel) in panels.iter().enumerate() {
-                for c in 0..16 {
-                    o[p * 16 + c] = xv.mul_add(panel[t * 16 + c], o[p * 16 + c]);
-                }
-            }
-        }
+    panel_dots_portable(xs, panels, k, out);
+}
+
+/// A panel value as f32: bf16 bits, or an f32 already decoded.
+trait PanelValue: Copy {
+    fn value(self) -> f32;
+}
+
+impl PanelValue for u16 {
+    fn value(self) -> f32 {
+        f32::from_bits(u32::from(self) << 16)
     }
 }
 
+impl PanelValue for f32 {
+    fn value(self) -> f32 {
+        self
+    }
+}
+
+/// Whether every row holds `k` values and every panel `16 * k`; if not, `out` is zeroed.
+fn panel_fits<const R: usize, W>(
+    xs: &[&[f32]; R],
+    panels: &[&[W]; 2],
+    k: usize,
+    out: &mut [[f32; 32]; R],
+) -> bool {
+    let fits = xs.iter().all(|x| x.len() >= k) && panels.iter().all(|p| p.len() >= 16 * k);
+    if !fits {
+        *out = [[0.0; 32]; R];
+    }
+    fits
+}
+
 /// [`panel_dots`] without SIMD: the same fused multiply-adds in the same order.
-fn panel_dots_portable<const R: usize>(
+fn panel_dots_portable<const R: usize, W: PanelValue>(
     xs: [&[f32]; R],
-    panels: [&[u16]; 2],
+    panels: [&[W]; 2],
     k: usize,
     out: &mut [[f32; 32]; R],
 ) {
@@ -688,8 +707,7 @@ fn panel_dots_portable<const R: usize>(
             let xv = xs[r][t];
             for (p, panel) in panels.iter().enumerate() {
                 for c in 0..16 {
-                    let w = f32::from_bits(u32::from(panel[t * 16 + c]) << 16);
-                    o[p * 16 + c] = xv.mul_add(w, o[p * 16 + c]);
+                    o[p * 16 + c] = xv.mul_add(panel[t * 16 + c].value(), o[p * 16 + c]);
                 }
             }
         }
@@ -798,7 +816,7 @@ mod tests {
         let mut three = [[0.0f32; 32]; 3];
         panel_dots::<3>([&x[0], &x[1], &x[2]], [&p0, &p1], k, &mut three);
         let mut portable = [[0.0f32; 32]; 3];
-        panel_dots_portable::<3>([&x[0], &x[1], &x[2]], [&p0, &p1], k, &mut portable);
+        panel_dots_portable::<3, u16>([&x[0], &x[1], &x[2]], [&p0, &p1], k, &mut portable);
         let mut one = [[0.0f32; 32]; 1];
         panel_dots::<1>([&x[2]], [&p0, &p1], k, &mut one);
         let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
