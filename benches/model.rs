@@ -17,10 +17,11 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use ascend_gateway::model::{KvPool, LoadOptions, Model, Preset, SeqChunk, init_model_dir};
-use ascend_gateway::npu::kernels::simd;
 use ascend_gateway::npu::{Device, KvDtype};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use rayon::prelude::*;
+#[path = "support/reference.rs"]
+mod reference;
+use reference::{parallel_read, reference_json};
 
 const PROMPT: usize = 64;
 
@@ -52,8 +53,9 @@ fn chunks<T: AsRef<[u32]>>(seqs: &[T]) -> Vec<SeqChunk<'_>> {
 fn bench(c: &mut Criterion) {
     let refs = References::measure();
     for (preset, name) in [(Preset::Small, "small"), (Preset::V4Small, "v4-small")] {
-        bench_preset(c, preset, name);
-        roofline(preset, name, &refs);
+        let m = setup(preset, name);
+        bench_preset(c, &m, name);
+        roofline(&m, name, &refs);
     }
 }
 
@@ -67,32 +69,25 @@ struct References {
 
 impl References {
     fn measure() -> Self {
-        let threads = rayon::current_num_threads().max(1);
         let buf: Vec<f32> = (0..(32usize << 20))
             .map(|i| (i % 251) as f32 * 1e-3)
             .collect();
         let mut best = f64::INFINITY;
         for _ in 0..7 {
             let t = Instant::now();
-            let s: f32 = buf
-                .par_chunks(buf.len() / threads)
-                .map(|c| simd::dot(c, c))
-                .sum();
-            black_box(s);
+            black_box(parallel_read(&buf));
             best = best.min(t.elapsed().as_secs_f64());
         }
-        let sgemm_gflops = std::env::var("NPU_REFERENCE_JSON")
-            .ok()
-            .and_then(|p| std::fs::read_to_string(p).ok())
-            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-            .and_then(|v| v["gemm_256x4096x4096_f32_gflops"].as_f64());
+        let sgemm_gflops =
+            reference_json().and_then(|v| v["gemm_256x4096x4096_f32_gflops"].as_f64());
         let refs = Self {
             read_gbs: (buf.len() * 4) as f64 / best / 1e9,
             sgemm_gflops,
         };
         eprintln!(
-            "references: streaming read {:.1} GB/s ({threads} threads), numpy sgemm {}",
+            "references: streaming read {:.1} GB/s ({} threads), numpy sgemm {}",
             refs.read_gbs,
+            rayon::current_num_threads(),
             refs.sgemm_gflops
                 .map_or("not given (set NPU_REFERENCE_JSON)".into(), |g| format!(
                     "{g:.1} GFLOP/s"
@@ -117,8 +112,7 @@ fn median_ms(reps: usize, mut f: impl FnMut()) -> f64 {
 
 /// The issue #20 ratios for one preset: each step's model bytes (weights and KV the cost model
 /// charges) and FLOPs from the profiler, over its median host time, against the references.
-fn roofline(preset: Preset, name: &str, refs: &References) {
-    let m = setup(preset, name);
+fn roofline(m: &Model, name: &str, refs: &References) {
     let vocab = m.config().vocab_size;
     println!("\n== {name}: steps against this machine's limits ==");
     println!("| step | host ms | GB read | GB/s | of read bw | GFLOP | GFLOP/s | of sgemm |");
@@ -137,11 +131,8 @@ fn roofline(preset: Preset, name: &str, refs: &References) {
             })
         };
         let totals = |dev: &Device| {
-            let ops = dev.profiler().per_op();
-            (
-                ops.values().map(|o| o.bytes).sum::<u64>() as f64 / 1e9,
-                ops.values().map(|o| o.flops).sum::<f64>() / 1e9,
-            )
+            let t = dev.profiler().grand_total();
+            (t.bytes as f64 / 1e9, t.flops / 1e9)
         };
         dev.profiler_mut().reset();
         m.step(&mut dev, &mut kv, &batch).expect("prefill");
@@ -183,8 +174,7 @@ fn roofline(preset: Preset, name: &str, refs: &References) {
     );
 }
 
-fn bench_preset(c: &mut Criterion, preset: Preset, name: &str) {
-    let m = setup(preset, name);
+fn bench_preset(c: &mut Criterion, m: &Model, name: &str) {
     let vocab = m.config().vocab_size;
     eprintln!(
         "{name}: vocab_size {vocab}, hidden_size {}",

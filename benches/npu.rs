@@ -8,6 +8,10 @@
 #![allow(clippy::expect_used, clippy::unwrap_used)] // a benchmark fails loudly by design
 #![allow(unsafe_code)] // the reference GEMM call into the gemm crate
 
+#[path = "support/reference.rs"]
+mod reference;
+use reference::{parallel_read, reference_json};
+
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
@@ -17,7 +21,6 @@ use ascend_gateway::npu::{
     WeightFormat,
 };
 use criterion::{BenchmarkId, Criterion};
-use rayon::prelude::*;
 
 fn data(n: usize, seed: u64) -> Vec<f32> {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
@@ -47,15 +50,10 @@ fn best(reps: usize, mut f: impl FnMut()) -> Duration {
 /// Streaming read bandwidth, GB/s, as `(512 MiB on all cores, 512 MiB on one core, 8 x 32 MiB
 /// rotating on all cores)`; the last has the footprint of the cold GEMV below.
 fn memory_bandwidth_gbs() -> (f64, f64, f64) {
-    let threads = rayon::current_num_threads().max(1);
     let buf = data(128 << 20, 1);
     let bytes = (buf.len() * 4) as f64;
     let all = best(7, || {
-        let s: f32 = buf
-            .par_chunks(buf.len() / threads)
-            .map(|c| simd::dot(c, c))
-            .sum();
-        black_box(s);
+        black_box(parallel_read(&buf));
     });
     let one = best(3, || {
         black_box(simd::dot(&buf, &buf));
@@ -65,12 +63,7 @@ fn memory_bandwidth_gbs() -> (f64, f64, f64) {
     let mut i = 0;
     let rot = best(40, || {
         i = (i + 1) % bufs.len();
-        let b = &bufs[i];
-        let s: f32 = b
-            .par_chunks(b.len() / threads)
-            .map(|c| simd::dot(c, c))
-            .sum();
-        black_box(s);
+        black_box(parallel_read(&bufs[i]));
     });
     (
         bytes / all.as_secs_f64() / 1e9,
@@ -317,12 +310,6 @@ fn criterion_benches(c: &mut Criterion) {
         });
     }
     g.finish();
-}
-
-fn reference_json() -> Option<serde_json::Value> {
-    let path = std::env::var("NPU_REFERENCE_JSON").ok()?;
-    let text = std::fs::read_to_string(&path).ok()?;
-    serde_json::from_str(&text).ok()
 }
 
 fn summary() {
