@@ -13,7 +13,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ascend_gateway::limits::{Cost, FailurePolicy, LimitSettings, Limiter};
+use ascend_gateway::limits::{Cost, FailurePolicy, LimitSettings, Limiter, Used};
 use ascend_gateway::tenancy::Limits;
 
 fn limits() -> Limits {
@@ -23,6 +23,7 @@ fn limits() -> Limits {
         tokens_per_minute: Some(1_000_000_000),
         max_concurrent_requests: Some(1000),
         monthly_token_quota: None,
+        monthly_budget: None,
     }
 }
 
@@ -47,10 +48,10 @@ fn main() {
         for i in 0..n {
             let t0 = Instant::now();
             let permit = local
-                .admit(&tenants[i % tenants.len()], &limits, Cost { tokens: 100 })
+                .admit(&tenants[i % tenants.len()], &limits, Cost::of_tokens(100))
                 .await
                 .expect("admitted");
-            permit.settle(50).await;
+            permit.settle(Used::of_tokens(50)).await;
             samples.push(t0.elapsed());
         }
     });
@@ -87,11 +88,11 @@ fn main() {
                     while start.elapsed() < run_for {
                         let t0 = Instant::now();
                         let permit = shared
-                            .admit(&tenants[i % tenants.len()], &limits, Cost { tokens: 100 })
+                            .admit(&tenants[i % tenants.len()], &limits, Cost::of_tokens(100))
                             .await
                             .expect("admitted");
                         samples.push(t0.elapsed());
-                        permit.settle(50).await;
+                        permit.settle(Used::of_tokens(50)).await;
                         i += 64;
                     }
                     samples

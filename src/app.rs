@@ -303,22 +303,43 @@ impl App {
         };
         let (limiter, settlements) = Limiter::new(redis, settings.limits.clone());
         let usage_db = db.clone();
-        limiter.set_quota_seed(Arc::new(move |tenant_id: String, since_us: i64| {
-            let db = usage_db.clone();
-            Box::pin(async move {
-                let (_, total) = crate::metering::query::usage(
-                    &db,
-                    &tenant_id,
-                    since_us,
-                    i64::MAX,
-                    None,
-                    crate::metering::Grouping::Total,
-                )
-                .await
-                .map_err(|e| e.to_string())?;
-                Ok(total.prompt_tokens + total.completion_tokens)
-            })
-        }));
+        let drafts = BillingService::new(db.clone(), &settings.billing);
+        limiter.set_quota_seed(Arc::new(
+            move |tenant_id: String, since_us: i64, with_spend: bool| {
+                let db = usage_db.clone();
+                let drafts = drafts.clone();
+                Box::pin(async move {
+                    let (_, total) = crate::metering::query::usage(
+                        &db,
+                        &tenant_id,
+                        since_us,
+                        i64::MAX,
+                        None,
+                        crate::metering::Grouping::Total,
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?;
+                    // The budget counts each request at its exact cost: the
+                    // month's draft lines before their rounding.
+                    let spend_nanos = match with_spend {
+                        true => Some(
+                            drafts
+                                .month_spend(&tenant_id)
+                                .await
+                                .map_err(|e| e.to_string())?
+                                .exact_nanos
+                                .max(0)
+                                .unsigned_abs(),
+                        ),
+                        false => None,
+                    };
+                    Ok(crate::limits::MonthToDate {
+                        tokens: total.prompt_tokens + total.completion_tokens,
+                        spend_nanos,
+                    })
+                })
+            },
+        ));
         let spool_dir = settings
             .metering
             .spool_dir

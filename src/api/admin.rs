@@ -17,8 +17,8 @@ use super::pb::v1::{
 };
 use super::status::to_status;
 use crate::tenancy::{
-    ApiKeyRecord, AuditEvent, CacheScope, IssuedKey, Limits, NewApiKey, NewTenant, PageRequest,
-    TenancyService, Tenant, TenantPatch, TenantStatus,
+    ApiKeyRecord, AuditEvent, Budget, CacheScope, IssuedKey, Limits, NewApiKey, NewTenant,
+    PageRequest, TenancyService, Tenant, TenantPatch, TenantStatus,
 };
 
 /// Overlap of a rotation when the request does not say.
@@ -44,15 +44,27 @@ fn status_to_pb(status: TenantStatus) -> pb::TenantStatus {
     }
 }
 
-fn limits_from_pb(limits: Option<pb::TenantLimits>) -> Limits {
+fn limits_from_pb(limits: Option<pb::TenantLimits>) -> Result<Limits, Status> {
     let limits = limits.unwrap_or_default();
-    Limits {
+    let monthly_budget = match limits.monthly_budget {
+        None => None,
+        Some(money) => Some(Budget {
+            amount_nanos: u64::try_from(money.amount_nanos).map_err(|_| {
+                Status::invalid_argument(
+                    "invalid `limits.monthly_budget.amount_nanos`: must be positive",
+                )
+            })?,
+            currency_code: money.currency_code,
+        }),
+    };
+    Ok(Limits {
         requests_per_second: limits.requests_per_second,
         burst: limits.burst,
         tokens_per_minute: limits.tokens_per_minute,
         max_concurrent_requests: limits.max_concurrent_requests,
         monthly_token_quota: limits.monthly_token_quota,
-    }
+        monthly_budget,
+    })
 }
 
 fn tenant_to_pb(t: Tenant) -> pb::Tenant {
@@ -64,6 +76,10 @@ fn tenant_to_pb(t: Tenant) -> pb::Tenant {
             tokens_per_minute: t.limits.tokens_per_minute,
             max_concurrent_requests: t.limits.max_concurrent_requests,
             monthly_token_quota: t.limits.monthly_token_quota,
+            monthly_budget: t.limits.monthly_budget.map(|b| pb::Money {
+                currency_code: b.currency_code,
+                amount_nanos: i64::try_from(b.amount_nanos).unwrap_or(i64::MAX),
+            }),
         }),
         created_at: Some(timestamp(t.created_at_us)),
         updated_at: Some(timestamp(t.updated_at_us)),
@@ -142,7 +158,7 @@ impl TenantAdmin for TenantAdminApi {
             slug: r.slug,
             price_plan: (!r.price_plan.is_empty()).then_some(r.price_plan),
             scheduling_weight: r.scheduling_weight,
-            limits: limits_from_pb(r.limits),
+            limits: limits_from_pb(r.limits)?,
             cache_scope: cache_scope_from_pb(r.cache_scope)?,
         };
         let tenant = self
@@ -200,7 +216,7 @@ impl TenantAdmin for TenantAdminApi {
             display_name: r.display_name,
             price_plan: r.price_plan,
             scheduling_weight: r.scheduling_weight,
-            limits: r.limits.map(|l| limits_from_pb(Some(l))),
+            limits: r.limits.map(|l| limits_from_pb(Some(l))).transpose()?,
             clear_limits: r.clear_limits,
             cache_scope: cache_scope_from_pb(r.cache_scope)?,
         };

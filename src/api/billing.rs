@@ -74,7 +74,7 @@ impl BillingApi {
                 .admit(&scope, &self.tenant_limits, Cost::default())
                 .await
                 .map_err(|e| to_status(&e))?;
-            permit.settle(0).await;
+            permit.settle(crate::limits::Used::NOTHING).await;
         }
         Ok(caller)
     }
@@ -480,6 +480,55 @@ impl Billing for BillingApi {
         Ok(Response::new(ListInvoicesResponse {
             invoices: page.items.into_iter().map(invoice_pb).collect(),
             next_page_token: page.next_token.unwrap_or_default(),
+        }))
+    }
+
+    async fn get_balance(
+        &self,
+        request: Request<pb::GetBalanceRequest>,
+    ) -> Result<Response<pb::Balance>, Status> {
+        let caller = self.caller(&request).await?;
+        let r = request.into_inner();
+        let tenant_id = self.scoped_tenant(&caller, &r.tenant).await?;
+        let tenant = self
+            .tenancy
+            .get_tenant(&tenant_id)
+            .await
+            .map_err(|e| to_status(&e))?;
+        let spend = self
+            .billing
+            .month_spend(&tenant_id)
+            .await
+            .map_err(|e| to_status(&e))?;
+        let budget = tenant.limits.monthly_budget.map(|b| b.amount_nanos);
+        let counters = match budget {
+            Some(_) => self
+                .limiter
+                .budget_counters(&tenant_id)
+                .await
+                .map_err(|e| to_status(&e))?,
+            None => crate::limits::BudgetCounters::default(),
+        };
+        let b = billing::balance::balance(
+            &tenant_id,
+            spend.period,
+            &spend.currency_code,
+            spend.total_nanos,
+            budget,
+            counters,
+        );
+        let currency = b.currency_code;
+        Ok(Response::new(pb::Balance {
+            tenant_id: b.tenant_id,
+            period: b.period.to_string(),
+            spent: Some(money(&currency, b.spent_nanos)),
+            monthly_budget: b.budget_nanos.map(|n| money(&currency, n)),
+            remaining: b.remaining_nanos.map(|n| money(&currency, n)),
+            budget_spent: b
+                .budget_nanos
+                .map(|_| money(&currency, b.budget_spent_nanos)),
+            reserved: Some(money(&currency, b.reserved_nanos)),
+            is_available: b.is_available,
         }))
     }
 

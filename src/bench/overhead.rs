@@ -79,6 +79,7 @@ pub(super) fn limits() -> TenantLimits {
         tokens_per_minute: Some(10_000_000_000),
         max_concurrent_requests: Some(100_000),
         monthly_token_quota: Some(1_000_000_000_000),
+        monthly_budget: None,
     }
 }
 

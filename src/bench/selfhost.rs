@@ -164,7 +164,7 @@ pub async fn provision(
         let create = CreateTenantRequest {
             slug: tenant.slug.clone(),
             scheduling_weight: Some(tenant.weight),
-            limits: Some(tenant.limits),
+            limits: Some(tenant.limits.clone()),
             ..Default::default()
         };
         admin

@@ -257,6 +257,26 @@ pub fn price_lines(
     Ok(lines)
 }
 
+/// What the lines cost before the invoice's rounding to the minor unit:
+/// each line's `quantity x unit price / per` rounded half to even to the
+/// nano, summed. This is what a month of per-request quotes adds up to
+/// (within a nano per request), and what spend budgets count.
+pub fn exact_total(lines: &[InvoiceLine]) -> Result<i64, BillingError> {
+    let nano = Currency {
+        code: "",
+        minor_units: 9,
+    };
+    lines.iter().try_fold(0_i64, |sum, line| {
+        let per = match line.kind {
+            LineKind::Energy => WH_PER_PRICE_UNIT,
+            _ => TOKENS_PER_PRICE_UNIT,
+        };
+        line_amount(line.quantity, line.unit_price_nanos, per, nano)
+            .and_then(|amount| sum.checked_add(amount))
+            .ok_or_else(|| BillingError::Overflow("exact invoice total".to_owned()))
+    })
+}
+
 /// The sum of the lines' amounts, or an error if it does not fit.
 pub fn total(lines: &[InvoiceLine]) -> Result<i64, BillingError> {
     lines.iter().try_fold(0_i64, |sum, line| {

@@ -11,12 +11,15 @@
 //! - `export`: invoice lines and usage events in chunks, keyset-paged.
 //! - `file`: CSV, JSON Lines and Parquet export files.
 //! - `quote`: one request's cost under its tenant's plan, for its answer.
+//! - `balance`: the month's spend against the tenant's budget, for
+//!   `GetBalance`.
 //! - `repo`: the SQL.
 //!
 //! Finalized invoices, their lines and all prices are immutable, enforced by
 //! database triggers on both backends. Knows usage events and tenants' price
 //! plans as rows; knows nothing of gRPC.
 
+pub mod balance;
 mod error;
 pub mod export;
 pub mod file;
@@ -37,7 +40,7 @@ pub use invoice::{Invoice, InvoiceLine, InvoiceStatus, LineKind};
 pub use period::Period;
 pub use prices::{MoneyInput, Price, PriceInput, PricePlan, PutPrices};
 pub use repo::now_sql;
-pub use service::{BillingService, invoice_id};
+pub use service::{BillingService, MonthSpend, invoice_id};
 
 /// `[billing]` settings.
 #[derive(Debug, Clone, Serialize, Deserialize)]

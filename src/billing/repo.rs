@@ -216,6 +216,21 @@ pub async fn fetch_tenant(
     )
 }
 
+/// The currency of the tenant's price plan; `None` for no such tenant.
+pub async fn tenant_currency(
+    conn: &mut AnyConnection,
+    tenant_id: &str,
+) -> Result<Option<String>, BillingError> {
+    let row: Option<(String,)> = sqlx::query_as(
+        "SELECT p.currency_code FROM tenants t JOIN price_plans p ON p.name = t.price_plan \
+         WHERE t.id = $1",
+    )
+    .bind(tenant_id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(row.map(|(code,)| code))
+}
+
 /// Per tenant (all, or the one given): the hour of its first usage.
 pub async fn first_usage(
     conn: &mut AnyConnection,

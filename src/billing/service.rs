@@ -58,6 +58,17 @@ fn period_of(row: &InvoiceRow) -> Result<Period, BillingError> {
     })
 }
 
+/// A tenant's invoice draft for the current month, in sums.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MonthSpend {
+    pub period: Period,
+    pub currency_code: String,
+    /// The draft's total: each line rounded to the minor unit.
+    pub total_nanos: i64,
+    /// Its lines exact to the nano (see `invoice::exact_total`).
+    pub exact_nanos: i64,
+}
+
 impl BillingService {
     pub fn new(db: Db, settings: &BillingSettings) -> BillingService {
         BillingService {
@@ -433,6 +444,34 @@ impl BillingService {
             other => other?,
         };
         self.assemble(&mut conn, row, true).await
+    }
+
+    /// The current month's invoice draft total of a tenant (zero before
+    /// its first usage of the month), in its plan's currency, and the same
+    /// lines' exact amounts before rounding.
+    pub async fn month_spend(&self, tenant_id: &str) -> Result<MonthSpend, BillingError> {
+        let period = Period::of_us(now_us());
+        match self.get_invoice_of(tenant_id, period).await {
+            Ok(invoice) => Ok(MonthSpend {
+                period,
+                exact_nanos: crate::billing::invoice::exact_total(&invoice.lines)?,
+                currency_code: invoice.currency_code,
+                total_nanos: invoice.total_nanos,
+            }),
+            Err(BillingError::NotFound(_)) => {
+                let mut conn = self.db.pool().acquire().await?;
+                let currency_code = repo::tenant_currency(&mut conn, tenant_id)
+                    .await?
+                    .ok_or_else(|| BillingError::NotFound(format!("tenant {tenant_id}")))?;
+                Ok(MonthSpend {
+                    period,
+                    currency_code,
+                    total_nanos: 0,
+                    exact_nanos: 0,
+                })
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Invoice headers (without lines), by id, one page.

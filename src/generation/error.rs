@@ -36,6 +36,12 @@ pub enum GenerationError {
     StoredAnswerUnreadable,
     #[error("the worker ended the request without an answer")]
     NoAnswer,
+    /// The tenant has a monthly budget and its plan's prices cannot be read,
+    /// so the request's cost cannot be reserved.
+    #[error(
+        "the price plan cannot be read to reserve the request's cost against the monthly budget; retry shortly"
+    )]
+    BudgetUnpriced,
 }
 
 impl GenerationError {
@@ -67,6 +73,7 @@ impl Classified for GenerationError {
             GenerationError::Invalid { .. } => ErrorKind::InvalidArgument,
             GenerationError::DeadlineExceeded => ErrorKind::DeadlineExceeded,
             GenerationError::Cancelled => ErrorKind::Cancelled,
+            GenerationError::BudgetUnpriced => ErrorKind::Unavailable,
             _ => ErrorKind::Internal,
         }
     }

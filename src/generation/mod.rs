@@ -25,12 +25,13 @@ pub use request::{GenerateInput, MAX_REQUEST_ID_LEN, ValidRequest};
 use crate::auth::TenantPrincipal;
 use crate::billing::quote::{Consumption, PlanPrices, PriceCache};
 use crate::idempotency::{Claim, Claimed, Idempotency, RequestKey};
-use crate::limits::{Cost as LimitCost, Headroom, Limiter, Permit};
+use crate::limits::{Cost as LimitCost, Headroom, Limiter, Permit, Used};
 use crate::metering::Metering;
-use crate::model::sampling::TokenLogprob;
+use crate::model::sampling::{SamplingParams, TokenLogprob};
 use crate::serving::tokenize::TokenizePool;
 use crate::serving::{
     Failure, IsolationKey, Job, JobEvent, JobUsage, ModelRegistry, Requester, ServedModel,
+    SpendMeter,
 };
 use crate::store::now_us;
 
@@ -111,7 +112,7 @@ impl Generation {
     pub async fn admit_call(&self, tenant: &TenantPrincipal) -> Result<Headroom, GenerationError> {
         let permit = self.admit(tenant, LimitCost::default()).await?;
         let headroom = permit.headroom();
-        permit.settle(0).await;
+        permit.settle(Used::NOTHING).await;
         Ok(headroom)
     }
 
@@ -260,14 +261,25 @@ impl Generation {
         let metered_id = claim
             .as_ref()
             .map_or_else(|| request_id.clone(), Claim::metered_request_id);
-        let cost = LimitCost {
-            tokens: prompt.len() as u64 + params.max_tokens as u64,
+        let prices = self.prices.plan(&tenant.price_plan).await;
+        let budgeted = self
+            .metering
+            .admitting()
+            .map_err(GenerationError::from)
+            .and_then(|()| self.budgeted(&tenant, &served, prices.as_ref(), &prompt, &params));
+        let admitted = match budgeted {
+            Ok((spend_nanos, meter)) => {
+                let cost = LimitCost {
+                    tokens: prompt.len() as u64 + params.max_tokens as u64,
+                    spend_nanos,
+                };
+                self.admit(&tenant, cost)
+                    .await
+                    .map(|permit| (permit, meter))
+            }
+            Err(e) => Err(e),
         };
-        let admitted = match self.metering.admitting() {
-            Ok(()) => self.admit(&tenant, cost).await,
-            Err(e) => Err(e.into()),
-        };
-        let permit = match admitted {
+        let (permit, spend) = match admitted {
             Ok(permit) => permit,
             Err(error) => {
                 // Freed before the answer, so the client's retry finds it free.
@@ -278,7 +290,6 @@ impl Generation {
             }
         };
         let headroom = permit.headroom();
-        let prices = self.prices.plan(&tenant.price_plan).await;
         let (sender, events) = mpsc::unbounded_channel();
         let logprobs = params.logprobs.is_some();
         let job = Job {
@@ -299,12 +310,13 @@ impl Generation {
             received_at,
             started_at_us: now_us(),
             permit: Some(permit),
+            spend,
             events: sender,
         };
         if let Err(refused) = served.submit(job, priority) {
             let (full, mut job) = *refused;
             if let Some(permit) = job.permit.take() {
-                permit.settle(0).await;
+                permit.settle(Used::NOTHING).await;
             }
             if let Some(claim) = claim {
                 claim.release().await;
@@ -328,6 +340,42 @@ impl Generation {
             kept_logprobs: Vec::new(),
             ended: false,
         }))
+    }
+}
+
+impl Generation {
+    /// For a tenant with a monthly budget: the request's worst-case cost in
+    /// nanos (prompt tokens all computed, `max_tokens` all generated, at the
+    /// price in effect now) and the meter that prices its exact usage when
+    /// it ends. `(0, None)` without a budget. A request whose model has no
+    /// price under the plan costs nothing and reserves nothing.
+    fn budgeted(
+        &self,
+        tenant: &TenantPrincipal,
+        served: &Arc<ServedModel>,
+        prices: Option<&Arc<PlanPrices>>,
+        prompt: &[u32],
+        params: &SamplingParams,
+    ) -> Result<(u64, Option<SpendMeter>), GenerationError> {
+        if tenant.limits.monthly_budget.is_none() {
+            return Ok((0, None));
+        }
+        let plan = prices.cloned().ok_or(GenerationError::BudgetUnpriced)?;
+        let model = served.settings.id.clone();
+        let worst = Consumption {
+            prompt_tokens: prompt.len() as u64,
+            cached_prompt_tokens: 0,
+            completion_tokens: params.max_tokens as u64,
+            energy_mj: 0,
+        };
+        let nanos = |quote: Option<crate::billing::quote::Quote>| {
+            quote.map_or(0, |q| u64::try_from(q.amount_nanos).unwrap_or(0))
+        };
+        let reserve = nanos(plan.quote(&model, &served.device_profile, now_us(), worst));
+        let meter: SpendMeter = Arc::new(move |usage: &JobUsage| {
+            nanos(plan.quote(&model, &usage.device_profile, now_us(), consumption(usage)))
+        });
+        Ok((reserve, Some(meter)))
     }
 }
 
@@ -425,12 +473,7 @@ impl Running {
                 &self.model,
                 &usage.device_profile,
                 now_us(),
-                Consumption {
-                    prompt_tokens: u64::from(usage.prompt_tokens),
-                    cached_prompt_tokens: u64::from(usage.cached_prompt_tokens),
-                    completion_tokens: u64::from(usage.completion_tokens),
-                    energy_mj: usage.energy_mj,
-                },
+                consumption(usage),
             )
         });
         AnswerUsage {
@@ -444,6 +487,17 @@ impl Running {
             time_to_first_token_us: usage.ttft_us,
             total_time_us: usage.total_time_us,
         }
+    }
+}
+
+/// What a finished job used, in the units prices are per: the one
+/// conversion both its quoted cost and its budget settlement price.
+fn consumption(usage: &JobUsage) -> Consumption {
+    Consumption {
+        prompt_tokens: u64::from(usage.prompt_tokens),
+        cached_prompt_tokens: u64::from(usage.cached_prompt_tokens),
+        completion_tokens: u64::from(usage.completion_tokens),
+        energy_mj: usage.energy_mj,
     }
 }
 

@@ -161,7 +161,9 @@ pub fn to_api_error<E: Classified>(error: &E, context: &Context<'_>) -> ApiError
         (kind_name, code) = match subject {
             Some("requests_per_second") => ("requests", "rate_limit_exceeded"),
             Some("tokens_per_minute") => ("tokens", "rate_limit_exceeded"),
-            Some("monthly_token_quota") => ("insufficient_quota", "insufficient_quota"),
+            Some("monthly_token_quota" | "monthly_budget") => {
+                ("insufficient_quota", "insufficient_quota")
+            }
             Some("max_concurrent_requests") => ("requests", "concurrency_limit_exceeded"),
             Some("authentication_failures") => ("rate_limit_error", "auth_throttled"),
             _ => ("rate_limit_error", "queue_full"),

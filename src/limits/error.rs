@@ -11,14 +11,16 @@ pub enum LimitKind {
     Concurrency,
     TokensPerMinute,
     MonthlyQuota,
+    MonthlyBudget,
 }
 
 impl LimitKind {
-    pub const ALL: [LimitKind; 4] = [
+    pub const ALL: [LimitKind; 5] = [
         LimitKind::Requests,
         LimitKind::Concurrency,
         LimitKind::TokensPerMinute,
         LimitKind::MonthlyQuota,
+        LimitKind::MonthlyBudget,
     ];
 
     /// The limit's name in the API (a `TenantLimits` field).
@@ -28,6 +30,7 @@ impl LimitKind {
             LimitKind::Concurrency => "max_concurrent_requests",
             LimitKind::TokensPerMinute => "tokens_per_minute",
             LimitKind::MonthlyQuota => "monthly_token_quota",
+            LimitKind::MonthlyBudget => "monthly_budget",
         }
     }
 }

@@ -20,7 +20,7 @@ use governor::{Quota, RateLimiter};
 
 use super::error::{LimitError, LimitKind};
 use super::rate::Gcra;
-use super::{Cost, Headroom, RateState, TokenState};
+use super::{BudgetCounters, Cost, Headroom, MonthToDate, RateState, TokenState, Used};
 use crate::calendar;
 use crate::tenancy::Limits;
 
@@ -46,6 +46,9 @@ struct QuotaState {
     month: String,
     used: u64,
     reserved: u64,
+    /// Nanos settled and reserved against the monthly budget.
+    spent: u64,
+    spend_reserved: u64,
 }
 
 #[derive(Default)]
@@ -69,6 +72,8 @@ pub struct LocalGrant {
     pub concurrency: bool,
     pub bucket_tokens: u64,
     pub quota_tokens: u64,
+    /// Nanos reserved against the monthly budget.
+    pub budget_nanos: u64,
     pub month: String,
     pub tokens_per_minute: u64,
 }
@@ -80,10 +85,11 @@ fn refill(bucket: &mut Bucket, capacity: f64, now: Instant) {
 }
 
 impl LocalLimits {
-    /// Raises the tenant's `month` quota usage to at least `used` (tokens
-    /// the metered usage already holds), so a restarted node does not hand
-    /// out the month's quota again. Idempotent.
-    pub fn seed_quota(&self, tenant_id: &str, month: &str, used: u64) {
+    /// Raises the tenant's `month` usage to at least `used` (tokens, and
+    /// spend when given, that the metered usage already holds), so a
+    /// restarted node does not hand out the month's quota or budget again.
+    /// Idempotent.
+    pub fn seed_quota(&self, tenant_id: &str, month: &str, used: MonthToDate) {
         let mut tenants = self.tenants.lock().unwrap_or_else(|e| e.into_inner());
         let state = tenants.entry(tenant_id.to_owned()).or_default();
         if state.quota.month != month {
@@ -92,7 +98,22 @@ impl LocalLimits {
                 ..QuotaState::default()
             };
         }
-        state.quota.used = state.quota.used.max(used);
+        state.quota.used = state.quota.used.max(used.tokens);
+        if let Some(spend) = used.spend_nanos {
+            state.quota.spent = state.quota.spent.max(spend);
+        }
+    }
+
+    /// The tenant's budget counters for `month` on this node.
+    pub fn budget_counters(&self, tenant_id: &str, month: &str) -> BudgetCounters {
+        let tenants = self.tenants.lock().unwrap_or_else(|e| e.into_inner());
+        match tenants.get(tenant_id) {
+            Some(state) if state.quota.month == month => BudgetCounters {
+                spent_nanos: state.quota.spent,
+                reserved_nanos: state.quota.spend_reserved,
+            },
+            _ => BudgetCounters::default(),
+        }
     }
 
     pub fn admit(
@@ -112,6 +133,8 @@ impl LocalLimits {
                 t.in_flight > 0
                     || t.quota.reserved > 0
                     || t.quota.used > 0
+                    || t.quota.spent > 0
+                    || t.quota.spend_reserved > 0
                     || t.last_seen
                         .is_some_and(|at| now.duration_since(at) < IDLE_EVICTION)
             });
@@ -160,12 +183,17 @@ impl LocalLimits {
         }
 
         let quota = limits.monthly_token_quota.filter(|_| cost.tokens > 0);
-        let month = if quota.is_some() {
+        let budget = limits
+            .monthly_budget
+            .as_ref()
+            .map(|b| b.amount_nanos)
+            .filter(|_| cost.tokens > 0);
+        let month = if quota.is_some() || budget.is_some() {
             calendar::month_key(now_unix_secs)
         } else {
             String::new()
         };
-        if quota.is_some() && state.quota.month != month {
+        if (quota.is_some() || budget.is_some()) && state.quota.month != month {
             state.quota = QuotaState {
                 month: month.clone(),
                 ..QuotaState::default()
@@ -177,6 +205,16 @@ impl LocalLimits {
                 let until_reset = calendar::secs_until_month_end(now_unix_secs);
                 return Err(LimitError::Exceeded {
                     kind: LimitKind::MonthlyQuota,
+                    retry_after: Duration::from_secs(u64::try_from(until_reset).unwrap_or(1)),
+                });
+            }
+        }
+        if let Some(budget) = budget {
+            let committed = state.quota.spent.saturating_add(state.quota.spend_reserved);
+            if committed.saturating_add(cost.spend_nanos) > budget {
+                let until_reset = calendar::secs_until_month_end(now_unix_secs);
+                return Err(LimitError::Exceeded {
+                    kind: LimitKind::MonthlyBudget,
                     retry_after: Duration::from_secs(u64::try_from(until_reset).unwrap_or(1)),
                 });
             }
@@ -236,11 +274,19 @@ impl LocalLimits {
         if quota.is_some() {
             state.quota.reserved += cost.tokens;
         }
+        if budget.is_some() {
+            state.quota.spend_reserved += cost.spend_nanos;
+        }
         Ok((
             LocalGrant {
                 concurrency,
                 bucket_tokens: if tpm.is_some() { cost.tokens } else { 0 },
                 quota_tokens: if quota.is_some() { cost.tokens } else { 0 },
+                budget_nanos: if budget.is_some() {
+                    cost.spend_nanos
+                } else {
+                    0
+                },
                 month,
                 tokens_per_minute: tpm.unwrap_or(0),
             },
@@ -252,8 +298,10 @@ impl LocalLimits {
     }
 
     /// Returns the concurrency slot, refunds unused bucket tokens, and turns
-    /// the quota reservation into usage.
-    pub fn settle(&self, tenant_id: &str, grant: &LocalGrant, used_tokens: u64) {
+    /// the quota and budget reservations into usage (spend exactly, even
+    /// past its reservation, so the counter never falls behind the cost).
+    pub fn settle(&self, tenant_id: &str, grant: &LocalGrant, used: Used) {
+        let used_tokens = used.tokens;
         let mut tenants = self.tenants.lock().unwrap_or_else(|e| e.into_inner());
         let Some(state) = tenants.get_mut(tenant_id) else {
             return;
@@ -272,6 +320,13 @@ impl LocalLimits {
         if grant.quota_tokens > 0 && state.quota.month == grant.month {
             state.quota.reserved = state.quota.reserved.saturating_sub(grant.quota_tokens);
             state.quota.used += used_tokens.min(grant.quota_tokens);
+        }
+        if state.quota.month == grant.month && (grant.budget_nanos > 0 || used.spend_nanos > 0) {
+            state.quota.spend_reserved = state
+                .quota
+                .spend_reserved
+                .saturating_sub(grant.budget_nanos);
+            state.quota.spent = state.quota.spent.saturating_add(used.spend_nanos);
         }
     }
 }
@@ -306,6 +361,7 @@ mod tests {
                 tokens_per_minute: tpm,
                 max_concurrent_requests: concurrent,
                 monthly_token_quota: quota,
+                monthly_budget: None,
             })
     }
 
@@ -316,11 +372,11 @@ mod tests {
         fn no_limit_value_panics(limits in any_limits(), tokens in 0u64..1_000_000) {
             let local = LocalLimits::default();
             for _ in 0..3 {
-                if let Ok((grant, headroom)) = local.admit("t", &limits, Cost { tokens }, 1_800_000_000) {
+                if let Ok((grant, headroom)) = local.admit("t", &limits, Cost { tokens, spend_nanos: tokens }, 1_800_000_000) {
                     if let Some(rate) = headroom.requests {
                         prop_assert!(rate.remaining <= rate.limit);
                     }
-                    local.settle("t", &grant, tokens / 2);
+                    local.settle("t", &grant, Used { tokens: tokens / 2, spend_nanos: tokens / 2 });
                 }
             }
             let gcra = super::super::rate::Gcra::of(&limits);

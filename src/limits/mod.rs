@@ -1,11 +1,12 @@
-//! Per-tenant rate limits, concurrency caps, tokens-per-minute and monthly
-//! token quotas, checked after authentication and before a request reaches
-//! the serving queue.
+//! Per-tenant rate limits, concurrency caps, tokens-per-minute, monthly
+//! token quotas and monthly spend budgets, checked after authentication and
+//! before a request reaches the serving queue.
 //!
 //! [`Limiter::admit`] checks every limit of the tenant at once and reserves
-//! what the request may use (prompt tokens + `max_tokens`); the returned
-//! [`Permit`] is settled with the tokens actually used, which refunds the
-//! rest. A permit dropped without settling (a cancelled or failed request
+//! what the request may use (prompt tokens + `max_tokens`, and their
+//! worst-case cost in nanos); the returned [`Permit`] is settled with what
+//! was actually used, which refunds the rest. Money is only ever integer
+//! nanos here, priced by the caller: the limiter knows no prices. A permit dropped without settling (a cancelled or failed request
 //! whose handler unwound) is settled in the background as if it used its
 //! whole reservation, so nothing is refunded twice or leaked.
 //!
@@ -39,10 +40,76 @@ use crate::calendar;
 use crate::tenancy::Limits;
 
 /// What a request may consume: the tokens reserved against tokens-per-minute
-/// and the monthly quota (0 for calls that generate nothing).
+/// and the monthly quota (0 for calls that generate nothing), and its
+/// worst-case cost against the monthly budget.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Cost {
     pub tokens: u64,
+    /// Nanos of the plan's currency; checked only when `tokens` > 0.
+    pub spend_nanos: u64,
+}
+
+impl Cost {
+    /// A cost in tokens alone (no budget to reserve against).
+    pub fn of_tokens(tokens: u64) -> Cost {
+        Cost {
+            tokens,
+            spend_nanos: 0,
+        }
+    }
+}
+
+/// What a request consumed, to settle its permit with.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Used {
+    pub tokens: u64,
+    /// Its exact cost in nanos (0 when it has no budget to count against).
+    pub spend_nanos: u64,
+}
+
+impl Used {
+    /// Tokens alone, no spend.
+    pub fn of_tokens(tokens: u64) -> Used {
+        Used {
+            tokens,
+            spend_nanos: 0,
+        }
+    }
+
+    /// A call that ended without using anything.
+    pub const NOTHING: Used = Used {
+        tokens: 0,
+        spend_nanos: 0,
+    };
+}
+
+/// The month so far, as the metered usage records it: the seed of the
+/// monthly counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MonthToDate {
+    pub tokens: u64,
+    /// The month's spend in nanos (the invoice draft's total); `None` when
+    /// it was not asked for.
+    pub spend_nanos: Option<u64>,
+}
+
+impl MonthToDate {
+    /// Tokens alone (the spend not asked for).
+    pub fn of_tokens(tokens: u64) -> MonthToDate {
+        MonthToDate {
+            tokens,
+            spend_nanos: None,
+        }
+    }
+}
+
+/// A tenant's monthly budget counters, as the limiter admits against them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BudgetCounters {
+    /// Settled spend counted this month (seeded from the invoice draft).
+    pub spent_nanos: u64,
+    /// Worst-case cost of admitted requests not yet settled.
+    pub reserved_nanos: u64,
 }
 
 /// The request-rate state after an admission, for the IETF `ratelimit`
@@ -146,14 +213,17 @@ enum Grant {
 struct Settlement {
     tenant_id: String,
     grant: Grant,
-    used_tokens: u64,
+    used: Used,
 }
 
-/// The tokens a tenant has used since a moment (the month's start), as the
-/// metered usage records them. Given by the application, which knows the
-/// database; the limiter knows only that it can ask.
+/// What a tenant has used since a moment (the month's start), as the
+/// metered usage records it; the spend too when the flag asks for it. Given
+/// by the application, which knows the database and the prices; the
+/// limiter knows only that it can ask.
 pub type QuotaSeed = Arc<
-    dyn Fn(String, i64) -> Pin<Box<dyn Future<Output = Result<u64, String>> + Send>> + Send + Sync,
+    dyn Fn(String, i64, bool) -> Pin<Box<dyn Future<Output = Result<MonthToDate, String>> + Send>>
+        + Send
+        + Sync,
 >;
 
 /// A failed seeding is retried no sooner than this, so a database outage
@@ -164,19 +234,27 @@ const SEED_RETRY: Duration = Duration::from_secs(30);
 /// without it (the counter is then seeded on a later try).
 const SEED_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// The tokens `seed` says the tenant used this month, waiting at most
-/// [`SEED_TIMEOUT`].
-async fn metered_this_month(seed: &QuotaSeed, tenant_id: &str, now: i64) -> Result<u64, String> {
+/// What `seed` says the tenant used this month (its spend too if
+/// `with_spend`), waiting at most [`SEED_TIMEOUT`].
+async fn metered_this_month(
+    seed: &QuotaSeed,
+    tenant_id: &str,
+    now: i64,
+    with_spend: bool,
+) -> Result<MonthToDate, String> {
     let (month_start_us, _, _) = calendar::month_bounds_us(now.saturating_mul(1_000_000));
-    tokio::time::timeout(SEED_TIMEOUT, seed(tenant_id.to_owned(), month_start_us))
-        .await
-        .unwrap_or_else(|_| Err("timed out".to_owned()))
+    tokio::time::timeout(
+        SEED_TIMEOUT,
+        seed(tenant_id.to_owned(), month_start_us, with_spend),
+    )
+    .await
+    .unwrap_or_else(|_| Err("timed out".to_owned()))
 }
 
-/// Whether a tenant's quota counter for a month has been seeded on this
-/// node.
+/// Whether a tenant's monthly counters have been seeded on this node, and
+/// whether the spend was among them.
 enum Seeded {
-    Done,
+    Done { with_spend: bool },
     FailedAt(Instant),
 }
 
@@ -195,7 +273,7 @@ pub struct Limiter {
     fallback_reseeded: Mutex<HashMap<String, Instant>>,
     fallbacks: std::sync::atomic::AtomicU64,
     /// Refusals by limit, indexed like `LimitKind::ALL`.
-    rejections: [std::sync::atomic::AtomicU64; 4],
+    rejections: [std::sync::atomic::AtomicU64; 5],
     background: mpsc::Sender<Settlement>,
     /// Permits admitted and not yet settled by their request (alive).
     in_flight: std::sync::atomic::AtomicU64,
@@ -263,14 +341,21 @@ impl Limiter {
     /// one ship interval of usage.
     ///
     /// `again`: Redis has no counter although this node seeded one (Redis
-    /// lost its keys): seed it anew. Returns whether the counter is seeded.
-    async fn seed_quota(&self, tenant_id: &str, now: i64, again: bool) -> bool {
+    /// lost its keys): seed it anew. `with_spend`: the tenant has a budget,
+    /// so the month's spend is seeded too (a counter seeded before the
+    /// budget was set has none). Returns whether the counter is seeded.
+    async fn seed_quota(&self, tenant_id: &str, now: i64, again: bool, with_spend: bool) -> bool {
         let month = calendar::month_key(now);
         let Some(seed) = self.quota_seed.get() else {
             // Nothing metered to start from: the counter starts at zero.
+            let zero = MonthToDate {
+                tokens: 0,
+                spend_nanos: with_spend.then_some(0),
+            };
+            self.local.seed_quota(tenant_id, &month, zero);
             return match &self.redis {
                 Some(redis) if again => redis
-                    .seed_quota(tenant_id, &month, 0, calendar::secs_until_month_end(now))
+                    .seed_quota(tenant_id, &month, zero, calendar::secs_until_month_end(now))
                     .await
                     .is_ok(),
                 _ => true,
@@ -279,19 +364,23 @@ impl Limiter {
         {
             let seeded = self.seeded.lock().unwrap_or_else(|e| e.into_inner());
             match seeded.get(tenant_id) {
-                Some((m, Seeded::Done)) if *m == month && !again => return true,
+                Some((m, Seeded::Done { with_spend: had }))
+                    if *m == month && !again && (*had || !with_spend) =>
+                {
+                    return true;
+                }
                 Some((m, Seeded::FailedAt(at))) if *m == month && at.elapsed() < SEED_RETRY => {
                     return false;
                 }
                 _ => {}
             }
         }
-        let outcome = match metered_this_month(seed, tenant_id, now).await {
+        let outcome = match metered_this_month(seed, tenant_id, now, with_spend).await {
             Ok(used) => {
                 // With Redis, local counters serve only the fail-open
                 // fallback, which holds each node to its share.
                 let local_share = match &self.redis {
-                    Some(_) => used / u64::from(self.settings.replicas.max(1)),
+                    Some(_) => used.share(self.settings.replicas),
                     None => used,
                 };
                 self.local.seed_quota(tenant_id, &month, local_share);
@@ -307,7 +396,7 @@ impl Limiter {
         };
         let ok = outcome.is_ok();
         let state = match outcome {
-            Ok(()) => Seeded::Done,
+            Ok(()) => Seeded::Done { with_spend },
             Err(error) => {
                 tracing::warn!(%error, tenant = tenant_id, "monthly quota not seeded from metered usage; retrying later");
                 Seeded::FailedAt(Instant::now())
@@ -354,8 +443,17 @@ impl Limiter {
         cost: Cost,
     ) -> Result<Permit, LimitError> {
         let now = unix_secs();
-        if limits.monthly_token_quota.is_some() && cost.tokens > 0 {
-            self.seed_quota(tenant_id, now, false).await;
+        let with_spend = limits.monthly_budget.is_some();
+        if (limits.monthly_token_quota.is_some() || with_spend) && cost.tokens > 0 {
+            let seeded = self.seed_quota(tenant_id, now, false, with_spend).await;
+            // Money is not counted from zero: without the month's spend a
+            // budget cannot be checked. (On Redis the script insists on a
+            // seeded counter by itself.)
+            if with_spend && !seeded && self.redis.is_none() {
+                return Err(LimitError::Unavailable(
+                    "the month's spend cannot be read to check the monthly budget".to_owned(),
+                ));
+            }
         }
         let (grant, rate) = match &self.redis {
             None => {
@@ -384,7 +482,7 @@ impl Limiter {
                         // the metered usage, never from zero.
                         Ok(Admission::Unseeded) if !reseeded => {
                             reseeded = true;
-                            if !self.seed_quota(tenant_id, now, true).await {
+                            if !self.seed_quota(tenant_id, now, true, with_spend).await {
                                 return Err(LimitError::Unavailable(
                                     "the monthly quota counter is lost and the metered usage cannot be read".to_owned(),
                                 ));
@@ -441,8 +539,9 @@ impl Limiter {
     /// nodes together hand out only what is left of the quota, not a whole
     /// quota again.
     async fn before_fallback(&self, tenant_id: &str, limits: &Limits, cost: Cost, now: i64) {
+        let with_spend = limits.monthly_budget.is_some();
         if self.settings.redis_failure != FailurePolicy::FailOpen
-            || limits.monthly_token_quota.is_none()
+            || (limits.monthly_token_quota.is_none() && !with_spend)
             || cost.tokens == 0
         {
             return;
@@ -463,11 +562,13 @@ impl Limiter {
             }
             reseeded.insert(tenant_id.to_owned(), Instant::now());
         }
-        match metered_this_month(seed, tenant_id, now).await {
+        match metered_this_month(seed, tenant_id, now, with_spend).await {
             Ok(used) => {
-                let share = used / u64::from(self.settings.replicas.max(1));
-                self.local
-                    .seed_quota(tenant_id, &calendar::month_key(now), share);
+                self.local.seed_quota(
+                    tenant_id,
+                    &calendar::month_key(now),
+                    used.share(self.settings.replicas),
+                );
             }
             Err(error) => {
                 tracing::warn!(%error, tenant = tenant_id, "fail_open: the local quota share is not seeded from metered usage");
@@ -530,17 +631,17 @@ impl Limiter {
         match &settlement.grant {
             Grant::Local(grant) => {
                 self.local
-                    .settle(&settlement.tenant_id, grant, settlement.used_tokens);
+                    .settle(&settlement.tenant_id, grant, settlement.used);
             }
             Grant::Redis(grant) => {
-                self.settle_in_redis(&settlement.tenant_id, &[(grant, settlement.used_tokens)])
+                self.settle_in_redis(&settlement.tenant_id, &[(grant, settlement.used)])
                     .await;
             }
         }
     }
 
     /// Settles grants of one [`redis_store::SettleGroup`] in one call.
-    async fn settle_in_redis(&self, tenant_id: &str, grants: &[(&RedisGrant, u64)]) {
+    async fn settle_in_redis(&self, tenant_id: &str, grants: &[(&RedisGrant, Used)]) {
         if let Some(redis) = &self.redis
             && let Err(error) = redis.settle_many(tenant_id, grants).await
         {
@@ -613,12 +714,12 @@ impl Limiter {
         slots: &Arc<tokio::sync::Semaphore>,
         batch: impl Iterator<Item = Settlement>,
     ) {
-        let mut groups: HashMap<redis_store::SettleGroup, Vec<(RedisGrant, u64)>> = HashMap::new();
+        let mut groups: HashMap<redis_store::SettleGroup, Vec<(RedisGrant, Used)>> = HashMap::new();
         for settlement in batch {
             match settlement.grant {
                 Grant::Local(grant) => {
                     self.local
-                        .settle(&settlement.tenant_id, &grant, settlement.used_tokens);
+                        .settle(&settlement.tenant_id, &grant, settlement.used);
                 }
                 Grant::Redis(grant) => groups
                     .entry((
@@ -627,7 +728,7 @@ impl Limiter {
                         grant.tokens_per_minute,
                     ))
                     .or_default()
-                    .push((grant, settlement.used_tokens)),
+                    .push((grant, settlement.used)),
             }
         }
         for ((tenant_id, _, _), grants) in groups {
@@ -636,11 +737,32 @@ impl Limiter {
             };
             let limiter = self.clone();
             running.spawn(async move {
-                let grants: Vec<(&RedisGrant, u64)> =
+                let grants: Vec<(&RedisGrant, Used)> =
                     grants.iter().map(|(g, used)| (g, *used)).collect();
                 limiter.settle_in_redis(&tenant_id, &grants).await;
                 drop(slot);
             });
+        }
+    }
+
+    /// The tenant's budget counters this month, where admissions are
+    /// decided: Redis when it is configured, else this node's own.
+    /// Seeded first, as an admission would, so a node that has not admitted
+    /// the tenant this month still reports the month's spend.
+    pub async fn budget_counters(&self, tenant_id: &str) -> Result<BudgetCounters, LimitError> {
+        let now = unix_secs();
+        if !self.seed_quota(tenant_id, now, false, true).await {
+            return Err(LimitError::Unavailable(
+                "the month's spend cannot be read".to_owned(),
+            ));
+        }
+        let month = calendar::month_key(now);
+        match &self.redis {
+            None => Ok(self.local.budget_counters(tenant_id, &month)),
+            Some(redis) => redis
+                .budget_counters(tenant_id, &month)
+                .await
+                .map_err(|e| LimitError::Unavailable(e.to_string())),
         }
     }
 
@@ -723,13 +845,14 @@ impl Permit {
     }
 
     /// Returns the concurrency slot and refunds what was reserved but not
-    /// used. `used_tokens` beyond the reservation are not charged here.
-    pub async fn settle(mut self, used_tokens: u64) {
+    /// used. Tokens beyond the reservation are not charged here; spend is
+    /// counted exactly, even past its reservation.
+    pub async fn settle(mut self, used: Used) {
         if let Some((tenant_id, grant)) = self.end() {
             let settlement = Settlement {
                 tenant_id,
                 grant,
-                used_tokens,
+                used,
             };
             self.limiter.settle_now(settlement).await;
         }
@@ -738,17 +861,17 @@ impl Permit {
     /// Settles from a thread outside the async runtime without blocking it:
     /// a local grant at once (a short lock), a Redis one on the background
     /// task (a worker waits only if that task's queue is full), both with
-    /// the exact tokens used.
-    pub fn settle_detached(mut self, used_tokens: u64) {
+    /// exactly what was used.
+    pub fn settle_detached(mut self, used: Used) {
         match self.end() {
             Some((tenant_id, Grant::Local(grant))) => {
-                self.limiter.local.settle(&tenant_id, &grant, used_tokens);
+                self.limiter.local.settle(&tenant_id, &grant, used);
             }
             Some((tenant_id, grant)) => self.limiter.queue_settlement(
                 Settlement {
                     tenant_id,
                     grant,
-                    used_tokens,
+                    used,
                 },
                 true,
             ),
@@ -760,9 +883,16 @@ impl Permit {
 impl Drop for Permit {
     fn drop(&mut self) {
         if let Some((tenant_id, grant)) = self.end() {
-            let used_tokens = match &grant {
-                Grant::Local(g) => g.bucket_tokens.max(g.quota_tokens),
-                Grant::Redis(g) => g.bucket_tokens.max(g.quota_tokens),
+            // Unknown use: the whole reservation, never a refund.
+            let used = match &grant {
+                Grant::Local(g) => Used {
+                    tokens: g.bucket_tokens.max(g.quota_tokens),
+                    spend_nanos: g.budget_nanos,
+                },
+                Grant::Redis(g) => Used {
+                    tokens: g.bucket_tokens.max(g.quota_tokens),
+                    spend_nanos: g.budget_nanos,
+                },
             };
             // If the background task is gone the process is shutting down;
             // leases expire and local state dies with the process.
@@ -770,7 +900,7 @@ impl Drop for Permit {
                 Settlement {
                     tenant_id,
                     grant,
-                    used_tokens,
+                    used,
                 },
                 false,
             );
@@ -789,6 +919,24 @@ fn per_node(limits: &Limits, replicas: u32) -> Limits {
         tokens_per_minute: limits.tokens_per_minute.map(share_u64),
         max_concurrent_requests: limits.max_concurrent_requests.map(share_u32),
         monthly_token_quota: limits.monthly_token_quota.map(share_u64),
+        monthly_budget: limits
+            .monthly_budget
+            .as_ref()
+            .map(|budget| crate::tenancy::Budget {
+                currency_code: budget.currency_code.clone(),
+                amount_nanos: share_u64(budget.amount_nanos),
+            }),
+    }
+}
+
+impl MonthToDate {
+    /// One node's share of the month, for the fail-open fallback.
+    fn share(self, replicas: u32) -> MonthToDate {
+        let n = u64::from(replicas.max(1));
+        MonthToDate {
+            tokens: self.tokens / n,
+            spend_nanos: self.spend_nanos.map(|spend| spend / n),
+        }
     }
 }
 

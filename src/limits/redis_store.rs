@@ -17,7 +17,7 @@ use redis::aio::ConnectionManager;
 
 use super::error::{LimitError, LimitKind};
 use super::rate::Gcra;
-use super::{Cost, Headroom, RateState, TokenState};
+use super::{BudgetCounters, Cost, Headroom, MonthToDate, RateState, TokenState, Used};
 use crate::tenancy::Limits;
 
 const ADMIT: &str = r"
@@ -30,6 +30,8 @@ local lease_ttl = tonumber(ARGV[5])
 local tpm = tonumber(ARGV[6])
 local tokens = tonumber(ARGV[7])
 local quota = tonumber(ARGV[8])
+local budget = tonumber(ARGV[10])
+local spend = tonumber(ARGV[11])
 
 if maxc > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', string.format('%.0f', now))
@@ -52,18 +54,25 @@ if tpm > 0 then
   end
 end
 
-if quota > 0 then
+if quota > 0 or budget > 0 then
   -- No counter: this month's was never seeded here, or Redis lost it (a
   -- restart without persistence). Counting from zero would hand the month's
-  -- quota out again: the caller seeds it from the metered usage first.
-  if redis.call('EXISTS', KEYS[4]) == 0 then
+  -- quota out again: the caller seeds it from the metered usage first. A
+  -- counter without 'spent' was seeded before the budget was set.
+  if redis.call('EXISTS', KEYS[4]) == 0
+    or (budget > 0 and redis.call('HEXISTS', KEYS[4], 'spent') == 0) then
     return {5, 0, 0, -1}
   end
-  local q = redis.call('HMGET', KEYS[4], 'used', 'reserved')
+  local q = redis.call('HMGET', KEYS[4], 'used', 'reserved', 'spent', 'spend_reserved')
   local used = tonumber(q[1]) or 0
   local reserved = tonumber(q[2]) or 0
-  if used + reserved + tokens > quota then
+  if quota > 0 and used + reserved + tokens > quota then
     return {4, 0, 0, -1}
+  end
+  local spent = tonumber(q[3]) or 0
+  local spend_reserved = tonumber(q[4]) or 0
+  if budget > 0 and spent + spend_reserved + spend > budget then
+    return {6, 0, 0, -1}
   end
 end
 
@@ -90,6 +99,13 @@ if tpm > 0 then
 end
 if quota > 0 then
   redis.call('HINCRBY', KEYS[4], 'reserved', tokens)
+end
+if budget > 0 then
+  -- The argument's own decimal text: Lua would print a large number as
+  -- 1e+15, which HINCRBY refuses.
+  redis.call('HINCRBY', KEYS[4], 'spend_reserved', ARGV[11])
+end
+if quota > 0 or budget > 0 then
   redis.call('EXPIRE', KEYS[4], tonumber(ARGV[9]))
 end
 local tokens_left = -1
@@ -103,12 +119,13 @@ return {0, 0, remaining, tokens_left}
 /// One script call for many settlements is what keeps Redis's CPU per
 /// request low. KEYS: leases, tokens-per-minute bucket, the month's quota;
 /// ARGV: tokens per minute, tokens to refund, tokens reserved, tokens used,
-/// then the lease ids (possibly none).
+/// nanos reserved against the budget, nanos spent, then the lease ids
+/// (possibly none).
 const SETTLE: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-if #ARGV > 4 then
-  redis.call('ZREM', KEYS[1], unpack(ARGV, 5))
+if #ARGV > 6 then
+  redis.call('ZREM', KEYS[1], unpack(ARGV, 7))
 end
 local tpm = tonumber(ARGV[1])
 local refund = tonumber(ARGV[2])
@@ -131,6 +148,20 @@ if reserved > 0 and redis.call('EXISTS', KEYS[3]) == 1 then
   end
   redis.call('HINCRBY', KEYS[3], 'used', tonumber(ARGV[4]))
 end
+local spend_reserved = tonumber(ARGV[5])
+local spent = tonumber(ARGV[6])
+-- Spend counts only where a budget counter was seeded ('spent' exists).
+if (spend_reserved > 0 or spent > 0) and redis.call('HEXISTS', KEYS[3], 'spent') == 1 then
+  -- Decimal texts as given: Lua would print large numbers as 1e+15.
+  -- ('-0' is not an integer to Redis.)
+  if spend_reserved > 0
+    and redis.call('HINCRBY', KEYS[3], 'spend_reserved', '-' .. ARGV[5]) < 0 then
+    redis.call('HSET', KEYS[3], 'spend_reserved', 0)
+  end
+  if spent > 0 then
+    redis.call('HINCRBY', KEYS[3], 'spent', ARGV[6])
+  end
+end
 return 0
 ";
 
@@ -151,16 +182,25 @@ redis.call('PEXPIRE', KEYS[1], math.ceil(ttl / 1000) + 1000)
 return renewed
 ";
 
-/// Raises a quota counter's `used` to at least the metered usage; never
-/// lowers it. KEYS[1] the month's quota hash; ARGV: used, expiry seconds.
+/// Raises a quota counter's `used` (and `spent`, when the spend is given)
+/// to at least the metered usage; never lowers them. KEYS[1] the month's
+/// quota hash; ARGV: used, expiry seconds, spent (-1: not given).
 const SEED: &str = r"
 local seed = tonumber(ARGV[1])
+local spend = tonumber(ARGV[3])
 if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('HSET', KEYS[1], 'used', seed, 'reserved', 0)
 else
   local used = tonumber(redis.call('HGET', KEYS[1], 'used')) or 0
   if seed > used then
     redis.call('HSET', KEYS[1], 'used', seed)
+  end
+end
+if spend >= 0 then
+  redis.call('HSETNX', KEYS[1], 'spend_reserved', 0)
+  local spent = tonumber(redis.call('HGET', KEYS[1], 'spent'))
+  if spent == nil or spend > spent then
+    redis.call('HSET', KEYS[1], 'spent', string.format('%.0f', spend))
   end
 end
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
@@ -207,6 +247,8 @@ pub struct RedisGrant {
     pub concurrency: bool,
     pub bucket_tokens: u64,
     pub quota_tokens: u64,
+    /// Nanos reserved against the monthly budget.
+    pub budget_nanos: u64,
     pub month: String,
     pub tokens_per_minute: u64,
 }
@@ -323,6 +365,12 @@ impl RedisLimits {
             .monthly_token_quota
             .filter(|_| cost.tokens > 0)
             .unwrap_or(0);
+        let budget = limits
+            .monthly_budget
+            .as_ref()
+            .map(|b| b.amount_nanos)
+            .filter(|_| cost.tokens > 0)
+            .unwrap_or(0);
         if tpm > 0 && cost.tokens > tpm {
             return Ok(Admission::Refused(LimitError::TooLarge {
                 kind: LimitKind::TokensPerMinute,
@@ -349,6 +397,8 @@ impl RedisLimits {
             .arg(quota)
             // Quota counters outlive their month by a week for late settlements.
             .arg(secs_until_month_end + 7 * 86_400)
+            .arg(budget)
+            .arg(cost.spend_nanos)
             .invoke_async(&mut connection)
             .await
             .inspect_err(|_| {
@@ -373,6 +423,14 @@ impl RedisLimits {
             2 => return refusal(LimitKind::Concurrency),
             3 => return refusal(LimitKind::TokensPerMinute),
             5 => return Ok(Admission::Unseeded),
+            6 => {
+                return Ok(Admission::Refused(LimitError::Exceeded {
+                    kind: LimitKind::MonthlyBudget,
+                    retry_after: Duration::from_secs(
+                        u64::try_from(secs_until_month_end).unwrap_or(1),
+                    ),
+                }));
+            }
             _ => {
                 return Ok(Admission::Refused(LimitError::Exceeded {
                     kind: LimitKind::MonthlyQuota,
@@ -402,6 +460,7 @@ impl RedisLimits {
                 concurrency: max_concurrent > 0,
                 bucket_tokens: if tpm > 0 { cost.tokens } else { 0 },
                 quota_tokens: if quota > 0 { cost.tokens } else { 0 },
+                budget_nanos: if budget > 0 { cost.spend_nanos } else { 0 },
                 month: month.to_owned(),
                 tokens_per_minute: tpm,
             },
@@ -409,24 +468,48 @@ impl RedisLimits {
         ))
     }
 
-    /// Raises the tenant's `month` quota usage to at least `used` (the
-    /// metered usage, when the counters were lost or never existed); a
-    /// higher counter is left alone.
+    /// Raises the tenant's `month` usage to at least `used` (the metered
+    /// usage, when the counters were lost or never existed); a higher
+    /// counter is left alone.
     pub async fn seed_quota(
         &self,
         tenant_id: &str,
         month: &str,
-        used: u64,
+        used: MonthToDate,
         secs_until_month_end: i64,
     ) -> Result<(), redis::RedisError> {
         let mut connection = self.connection.clone();
+        let spend = used
+            .spend_nanos
+            .map_or(-1, |spend| i64::try_from(spend).unwrap_or(i64::MAX));
         self.seed
             .key(self.key(tenant_id, &format!("quota:{month}")))
-            .arg(used)
+            .arg(used.tokens)
             .arg(secs_until_month_end + 7 * 86_400)
+            .arg(spend)
             .invoke_async::<i64>(&mut connection)
             .await
             .map(|_| ())
+    }
+
+    /// The tenant's budget counters for `month`.
+    pub async fn budget_counters(
+        &self,
+        tenant_id: &str,
+        month: &str,
+    ) -> Result<BudgetCounters, redis::RedisError> {
+        let mut connection = self.connection.clone();
+        let (spent, reserved): (Option<i64>, Option<i64>) = redis::cmd("HMGET")
+            .arg(self.key(tenant_id, &format!("quota:{month}")))
+            .arg("spent")
+            .arg("spend_reserved")
+            .query_async(&mut connection)
+            .await?;
+        let nanos = |v: Option<i64>| u64::try_from(v.unwrap_or(0)).unwrap_or(0);
+        Ok(BudgetCounters {
+            spent_nanos: nanos(spent),
+            reserved_nanos: nanos(reserved),
+        })
     }
 
     /// Settles grants of one tenant that share a month and a
@@ -434,19 +517,23 @@ impl RedisLimits {
     pub async fn settle_many(
         &self,
         tenant_id: &str,
-        grants: &[(&RedisGrant, u64)],
+        grants: &[(&RedisGrant, Used)],
     ) -> Result<(), redis::RedisError> {
         let Some((first, _)) = grants.first() else {
             return Ok(());
         };
         let (mut refund, mut reserved, mut used) = (0u64, 0u64, 0u64);
+        let (mut spend_reserved, mut spent) = (0u64, 0u64);
         let mut leases = Vec::new();
         {
             let mut live = self.live();
-            for (grant, used_tokens) in grants {
-                refund += grant.bucket_tokens.saturating_sub(*used_tokens);
+            for (grant, consumed) in grants {
+                let used_tokens = consumed.tokens;
+                refund += grant.bucket_tokens.saturating_sub(used_tokens);
                 reserved += grant.quota_tokens;
-                used += (*used_tokens).min(grant.quota_tokens);
+                used += used_tokens.min(grant.quota_tokens);
+                spend_reserved += grant.budget_nanos;
+                spent = spent.saturating_add(consumed.spend_nanos);
                 if grant.concurrency {
                     // Ended: never renewed again, whether or not Redis
                     // answers now (then the lease expires by itself).
@@ -464,6 +551,8 @@ impl RedisLimits {
             .arg(refund)
             .arg(reserved)
             .arg(used)
+            .arg(spend_reserved)
+            .arg(spent)
             .arg(leases);
         let _: i64 = invocation.invoke_async(&mut connection).await?;
         Ok(())

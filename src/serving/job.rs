@@ -43,6 +43,11 @@ pub struct Requester {
     pub weight: u32,
 }
 
+/// The exact cost in nanos of what a job consumed, for a permit whose
+/// tenant has a monthly budget. Given by whoever knows the prices; serving
+/// only calls it when the job ends.
+pub type SpendMeter = std::sync::Arc<dyn Fn(&JobUsage) -> u64 + Send + Sync>;
+
 /// One generation request, tokenized and validated.
 pub struct Job {
     pub requester: Requester,
@@ -62,6 +67,8 @@ pub struct Job {
     /// The tenant limits' reservation, settled with the tokens used when the
     /// job ends, whatever its end.
     pub permit: Option<Permit>,
+    /// Prices the job's usage for the permit's settlement (budgets only).
+    pub spend: Option<SpendMeter>,
     pub events: mpsc::UnboundedSender<JobEvent>,
 }
 

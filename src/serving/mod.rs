@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 
 pub use affinity::MAX_AFFINITY_WORKERS;
 pub use echo::ECHO_DEVICE;
-pub use job::{Failure, IsolationKey, Job, JobEvent, JobUsage, Requester};
+pub use job::{Failure, IsolationKey, Job, JobEvent, JobUsage, Requester, SpendMeter};
 pub use queue::{Priority, QueueFull};
 pub use registry::{ModelRegistry, ServedModel, ServingError};
 

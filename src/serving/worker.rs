@@ -587,7 +587,10 @@ pub(crate) fn finish_job(
     let permit = job.permit;
     let events = job.events;
     let request_id = job.requester.request_id.clone();
-    let tokens = u64::from(usage.prompt_tokens) + u64::from(usage.completion_tokens);
+    let used = crate::limits::Used {
+        tokens: u64::from(usage.prompt_tokens) + u64::from(usage.completion_tokens),
+        spend_nanos: job.spend.as_ref().map_or(0, |price| price(&usage)),
+    };
     let event = match outcome {
         Ok(reason) => JobEvent::Finished {
             reason,
@@ -608,7 +611,7 @@ pub(crate) fn finish_job(
                 tracing::error!(error = %e, %request_id, "usage not recorded");
             }
             if let Some(permit) = permit {
-                permit.settle_detached(tokens);
+                permit.settle_detached(used);
             }
             let _ = events.send(event);
         }),

@@ -16,8 +16,8 @@ mod validate;
 
 pub use error::TenancyError;
 pub use model::{
-    ApiKeyRecord, AuditEvent, CacheScope, IssuedKey, Limits, NewApiKey, NewTenant, Scope, Tenant,
-    TenantPatch, TenantStatus,
+    ApiKeyRecord, AuditEvent, Budget, CacheScope, IssuedKey, Limits, NewApiKey, NewTenant, Scope,
+    Tenant, TenantPatch, TenantStatus,
 };
 pub use page::{Page, PageRequest};
 pub use repo::KeyForAuth;

@@ -71,6 +71,22 @@ pub struct Limits {
     pub tokens_per_minute: Option<u64>,
     pub max_concurrent_requests: Option<u32>,
     pub monthly_token_quota: Option<u64>,
+    /// A cap on the month's spend, in the currency of the tenant's plan.
+    pub monthly_budget: Option<Budget>,
+}
+
+/// A monthly spend budget: billionths of the major unit of `currency_code`
+/// (an ISO 4217 code, the tenant's plan's when it was set).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Budget {
+    pub currency_code: String,
+    pub amount_nanos: u64,
+}
+
+impl Budget {
+    /// The largest budget: 9,000,000 major units. Spend counters in Redis
+    /// are Lua numbers (doubles), exact only below 2^53 nanos.
+    pub const MAX_NANOS: u64 = 9_000_000 * 1_000_000_000;
 }
 
 impl Limits {

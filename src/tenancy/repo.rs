@@ -5,7 +5,9 @@
 use sqlx::{AnyConnection, FromRow};
 
 use super::TenancyError;
-use super::model::{ApiKeyRecord, AuditEvent, CacheScope, Limits, Scope, Tenant, TenantStatus};
+use super::model::{
+    ApiKeyRecord, AuditEvent, Budget, CacheScope, Limits, Scope, Tenant, TenantStatus,
+};
 
 #[derive(FromRow)]
 struct TenantRow {
@@ -21,6 +23,8 @@ struct TenantRow {
     tokens_per_minute: Option<i64>,
     max_concurrent_requests: Option<i64>,
     monthly_token_quota: Option<i64>,
+    monthly_budget_nanos: Option<i64>,
+    monthly_budget_currency: Option<String>,
     cache_scope: String,
     created_at_us: i64,
     updated_at_us: i64,
@@ -28,7 +32,8 @@ struct TenantRow {
 
 const TENANT_COLUMNS: &str = "id, slug, display_name, status, status_reason, price_plan, \
      scheduling_weight, requests_per_second, burst, tokens_per_minute, \
-     max_concurrent_requests, monthly_token_quota, cache_scope, created_at_us, updated_at_us";
+     max_concurrent_requests, monthly_token_quota, monthly_budget_nanos, \
+     monthly_budget_currency, cache_scope, created_at_us, updated_at_us";
 
 fn corrupt(what: &str) -> TenancyError {
     TenancyError::from(sqlx::Error::Decode(
@@ -73,6 +78,7 @@ impl TryFrom<TenantRow> for Tenant {
                     .monthly_token_quota
                     .map(|v| to_u64(v, "tenants.monthly_token_quota"))
                     .transpose()?,
+                monthly_budget: budget_of(row.monthly_budget_nanos, row.monthly_budget_currency),
             },
             id: row.id,
             slug: row.slug,
@@ -82,6 +88,18 @@ impl TryFrom<TenantRow> for Tenant {
             created_at_us: row.created_at_us,
             updated_at_us: row.updated_at_us,
         })
+    }
+}
+
+/// The budget stored in a tenant row's two columns (both set or neither;
+/// the CHECK keeps the amount positive).
+fn budget_of(nanos: Option<i64>, currency_code: Option<String>) -> Option<Budget> {
+    match (nanos, currency_code) {
+        (Some(nanos), Some(currency_code)) => Some(Budget {
+            currency_code,
+            amount_nanos: u64::try_from(nanos).unwrap_or(0),
+        }),
+        _ => None,
     }
 }
 
@@ -138,14 +156,27 @@ fn bind_mutable<'q>(query: AnyQuery<'q>, t: &'q Tenant) -> AnyQuery<'q> {
         .bind(t.limits.monthly_token_quota.map(to_i64))
         .bind(t.updated_at_us)
         .bind(t.cache_scope.as_str())
+        .bind(
+            t.limits
+                .monthly_budget
+                .as_ref()
+                .map(|b| to_i64(b.amount_nanos)),
+        )
+        .bind(
+            t.limits
+                .monthly_budget
+                .as_ref()
+                .map(|b| b.currency_code.clone()),
+        )
 }
 
 pub async fn insert_tenant(conn: &mut AnyConnection, t: &Tenant) -> Result<(), TenancyError> {
     let query = sqlx::query(
         "INSERT INTO tenants (id, slug, created_at_us, display_name, status, status_reason, \
          price_plan, scheduling_weight, requests_per_second, burst, tokens_per_minute, \
-         max_concurrent_requests, monthly_token_quota, updated_at_us, cache_scope) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+         max_concurrent_requests, monthly_token_quota, updated_at_us, cache_scope, \
+         monthly_budget_nanos, monthly_budget_currency) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
     )
     .bind(&t.id)
     .bind(&t.slug)
@@ -165,7 +196,8 @@ pub async fn update_tenant(conn: &mut AnyConnection, t: &Tenant) -> Result<(), T
         "UPDATE tenants SET display_name = $2, status = $3, status_reason = $4, price_plan = $5, \
          scheduling_weight = $6, requests_per_second = $7, burst = $8, tokens_per_minute = $9, \
          max_concurrent_requests = $10, monthly_token_quota = $11, updated_at_us = $12, \
-         cache_scope = $13 WHERE id = $1",
+         cache_scope = $13, monthly_budget_nanos = $14, monthly_budget_currency = $15 \
+         WHERE id = $1",
     )
     .bind(&t.id);
     bind_mutable(query, t).execute(&mut *conn).await?;
@@ -194,12 +226,17 @@ pub async fn list_tenants(
     rows.into_iter().map(Tenant::try_from).collect()
 }
 
-pub async fn plan_exists(conn: &mut AnyConnection, name: &str) -> Result<bool, TenancyError> {
-    let row: Option<(String,)> = sqlx::query_as("SELECT name FROM price_plans WHERE name = $1")
-        .bind(name)
-        .fetch_optional(&mut *conn)
-        .await?;
-    Ok(row.is_some())
+/// The currency of plan `name`; `None` when there is no such plan.
+pub async fn plan_currency(
+    conn: &mut AnyConnection,
+    name: &str,
+) -> Result<Option<String>, TenancyError> {
+    let row: Option<(String,)> =
+        sqlx::query_as("SELECT currency_code FROM price_plans WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&mut *conn)
+            .await?;
+    Ok(row.map(|(code,)| code))
 }
 
 #[derive(FromRow)]
@@ -355,6 +392,8 @@ pub struct KeyForAuth {
     pub tokens_per_minute: Option<i64>,
     pub max_concurrent_requests: Option<i64>,
     pub monthly_token_quota: Option<i64>,
+    pub monthly_budget_nanos: Option<i64>,
+    pub monthly_budget_currency: Option<String>,
     pub cache_scope: String,
 }
 
@@ -369,6 +408,10 @@ impl KeyForAuth {
             tokens_per_minute: self.tokens_per_minute.map(u64_of),
             max_concurrent_requests: self.max_concurrent_requests.map(u32_of),
             monthly_token_quota: self.monthly_token_quota.map(u64_of),
+            monthly_budget: budget_of(
+                self.monthly_budget_nanos,
+                self.monthly_budget_currency.clone(),
+            ),
         }
     }
 }
@@ -382,7 +425,8 @@ pub async fn key_for_auth(
          k.previous_expires_at_us, k.expires_at_us, k.revoked_at_us, t.slug AS tenant_slug, \
          t.status AS tenant_status, t.price_plan, t.scheduling_weight, t.requests_per_second, \
          t.burst, \
-         t.tokens_per_minute, t.max_concurrent_requests, t.monthly_token_quota, t.cache_scope \
+         t.tokens_per_minute, t.max_concurrent_requests, t.monthly_token_quota, \
+         t.monthly_budget_nanos, t.monthly_budget_currency, t.cache_scope \
          FROM api_keys k JOIN tenants t ON t.id = k.tenant_id WHERE k.key_id = $1",
     )
     .bind(key_id)

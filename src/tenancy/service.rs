@@ -93,13 +93,15 @@ impl TenancyService {
             created_at_us: now,
             updated_at_us: now,
         };
+        let mut tenant = tenant;
         let mut tx = self.db.begin_write().await?;
-        if !repo::plan_exists(&mut tx, &tenant.price_plan).await? {
+        let Some(currency) = repo::plan_currency(&mut tx, &tenant.price_plan).await? else {
             return Err(TenancyError::invalid(
                 "price_plan",
                 format!("unknown plan {:?}", tenant.price_plan),
             ));
-        }
+        };
+        validate::budget_currency(&mut tenant.limits, &currency, false)?;
         repo::insert_tenant(&mut tx, &tenant).await?;
         let event = Self::audit::<(), _>(
             actor,
@@ -163,15 +165,18 @@ impl TenancyService {
         }
         validate::clear_limits(&mut after.limits, &patch.clear_limits)?;
         validate::limits(&after.limits)?;
+        let plan_changed = patch.price_plan.is_some();
         if let Some(plan) = patch.price_plan {
-            if !repo::plan_exists(&mut tx, &plan).await? {
-                return Err(TenancyError::invalid(
-                    "price_plan",
-                    format!("unknown plan {plan:?}"),
-                ));
-            }
             after.price_plan = plan;
         }
+        let Some(currency) = repo::plan_currency(&mut tx, &after.price_plan).await? else {
+            return Err(TenancyError::invalid(
+                "price_plan",
+                format!("unknown plan {:?}", after.price_plan),
+            ));
+        };
+        let budget_given = after.limits.monthly_budget != before.limits.monthly_budget;
+        validate::budget_currency(&mut after.limits, &currency, plan_changed && !budget_given)?;
         after.updated_at_us = now_us();
         repo::update_tenant(&mut tx, &after).await?;
         let event = Self::audit(

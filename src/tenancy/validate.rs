@@ -2,7 +2,7 @@
 //! the API spells it.
 
 use super::TenancyError;
-use super::model::{Limits, Scope};
+use super::model::{Budget, Limits, Scope};
 
 pub const MAX_WEIGHT: u32 = 10_000;
 
@@ -124,6 +124,20 @@ pub fn limits(limits: &Limits) -> Result<(), TenancyError> {
             "must be positive",
         ));
     }
+    if let Some(budget) = &limits.monthly_budget {
+        if budget.amount_nanos == 0 {
+            return Err(TenancyError::invalid(
+                "limits.monthly_budget.amount_nanos",
+                "must be positive (suspend the tenant to stop all spending)",
+            ));
+        }
+        if budget.amount_nanos > Budget::MAX_NANOS {
+            return Err(TenancyError::invalid(
+                "limits.monthly_budget.amount_nanos",
+                format!("at most {} major units", Budget::MAX_NANOS / 1_000_000_000),
+            ));
+        }
+    }
     let too_big = |v: Option<u64>| v.is_some_and(|v| i64::try_from(v).is_err());
     if too_big(limits.tokens_per_minute) {
         return Err(TenancyError::invalid(
@@ -140,6 +154,44 @@ pub fn limits(limits: &Limits) -> Result<(), TenancyError> {
     Ok(())
 }
 
+/// Gives a budget without a currency the plan's (`plan_currency`), and
+/// refuses one in another currency. `plan_changed`: the update moves the
+/// tenant to another plan and keeps its budget, which must then already be
+/// in the new plan's currency.
+pub fn budget_currency(
+    limits: &mut Limits,
+    plan_currency: &str,
+    plan_changed: bool,
+) -> Result<(), TenancyError> {
+    let Some(budget) = limits.monthly_budget.as_mut() else {
+        return Ok(());
+    };
+    if budget.currency_code.is_empty() {
+        budget.currency_code = plan_currency.to_owned();
+    }
+    if budget.currency_code != plan_currency {
+        let (field, reason) = if plan_changed {
+            (
+                "price_plan",
+                format!(
+                    "the new plan bills in {plan_currency} but the monthly budget is in {}; set a budget in {plan_currency} in the same update, or clear it",
+                    budget.currency_code
+                ),
+            )
+        } else {
+            (
+                "limits.monthly_budget.currency_code",
+                format!(
+                    "{:?} is not the currency of the tenant's price plan ({plan_currency})",
+                    budget.currency_code
+                ),
+            )
+        };
+        return Err(TenancyError::invalid(field, reason));
+    }
+    Ok(())
+}
+
 /// Removes the named limit kinds; unknown names are an error.
 pub fn clear_limits(limits: &mut Limits, names: &[String]) -> Result<(), TenancyError> {
     for name in names {
@@ -152,6 +204,7 @@ pub fn clear_limits(limits: &mut Limits, names: &[String]) -> Result<(), Tenancy
             "tokens_per_minute" => limits.tokens_per_minute = None,
             "max_concurrent_requests" => limits.max_concurrent_requests = None,
             "monthly_token_quota" => limits.monthly_token_quota = None,
+            "monthly_budget" => limits.monthly_budget = None,
             _ => {
                 return Err(TenancyError::invalid(
                     "clear_limits",
@@ -245,6 +298,50 @@ mod tests {
         };
         assert!(limits(&bad).is_err());
         assert!(limits(&Limits::default()).is_ok(), "no limits is valid");
+    }
+
+    fn budget(currency_code: &str, amount_nanos: u64) -> Limits {
+        Limits {
+            monthly_budget: Some(Budget {
+                currency_code: currency_code.to_owned(),
+                amount_nanos,
+            }),
+            ..Limits::default()
+        }
+    }
+
+    #[test]
+    fn budgets_are_positive_bounded_and_in_the_plans_currency() {
+        let named = |limits: &Limits, field: &str| {
+            self::limits(limits)
+                .expect_err("refused")
+                .to_string()
+                .contains(field)
+        };
+        assert!(named(
+            &budget("USD", 0),
+            "limits.monthly_budget.amount_nanos"
+        ));
+        assert!(named(
+            &budget("USD", Budget::MAX_NANOS + 1),
+            "limits.monthly_budget.amount_nanos"
+        ));
+        assert!(self::limits(&budget("USD", Budget::MAX_NANOS)).is_ok());
+
+        let mut unset = budget("", 250_000_000_000);
+        budget_currency(&mut unset, "EUR", false).expect("the plan's currency is filled in");
+        assert_eq!(unset.monthly_budget.expect("kept").currency_code, "EUR");
+        let err = budget_currency(&mut budget("USD", 1), "EUR", false).expect_err("mismatch");
+        assert!(
+            err.to_string()
+                .contains("limits.monthly_budget.currency_code"),
+            "{err}"
+        );
+        let err = budget_currency(&mut budget("USD", 1), "EUR", true).expect_err("new plan");
+        assert!(err.to_string().contains("price_plan"), "{err}");
+        let mut cleared = budget("USD", 1);
+        clear_limits(&mut cleared, &["monthly_budget".to_owned()]).expect("a limit name");
+        assert_eq!(cleared.monthly_budget, None);
     }
 
     #[test]

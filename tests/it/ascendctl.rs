@@ -273,3 +273,118 @@ async fn a_cache_hit_price_above_the_prompt_price_is_kept_with_a_warning() {
     assert!(message.contains("cached"), "{message}");
     gateway.stop().await.expect("stop");
 }
+
+/// The operator's path to a budget: set it with `--monthly-budget`, read it
+/// back, see the balance; a malformed amount fails before any RPC, a
+/// negative one is refused by the gateway naming the field.
+#[tokio::test]
+async fn monthly_budgets_from_the_command_line() {
+    let gateway = TestGateway::start().await;
+    let token = Some(ADMIN_TOKEN);
+    let tenant = json(
+        &ascendctl(
+            &gateway,
+            token,
+            &[
+                "-o",
+                "json",
+                "tenant",
+                "create",
+                "budgeted",
+                "--monthly-budget",
+                "250.00",
+            ],
+        )
+        .await,
+    );
+    assert_eq!(tenant["monthly_budget"]["amount"], "250.00", "{tenant}");
+    assert_eq!(
+        tenant["monthly_budget"]["currency_code"], "USD",
+        "the plan's currency"
+    );
+    assert_eq!(
+        tenant["monthly_budget"]["amount_nanos"],
+        250_000_000_000_i64
+    );
+    let updated = json(
+        &ascendctl(
+            &gateway,
+            token,
+            &[
+                "-o",
+                "json",
+                "tenant",
+                "update",
+                "budgeted",
+                "--monthly-budget",
+                "400.5 usd",
+            ],
+        )
+        .await,
+    );
+    assert_eq!(updated["monthly_budget"]["amount"], "400.50", "{updated}");
+
+    let balance = json(
+        &ascendctl(
+            &gateway,
+            token,
+            &["-o", "json", "billing", "balance", "--tenant", "budgeted"],
+        )
+        .await,
+    );
+    assert_eq!(balance["monthly_budget"]["amount"], "400.50", "{balance}");
+    assert_eq!(
+        balance["remaining"]["amount"], "400.50",
+        "nothing spent yet: {balance}"
+    );
+    assert_eq!(balance["is_available"], true);
+    let table = stdout(
+        &ascendctl(
+            &gateway,
+            token,
+            &["billing", "balance", "--tenant", "budgeted"],
+        )
+        .await,
+    );
+    assert!(table.contains("400.50 USD"), "{table}");
+
+    let output = ascendctl(
+        &gateway,
+        token,
+        &["tenant", "update", "budgeted", "--monthly-budget", "lots"],
+    )
+    .await;
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--monthly-budget"), "{stderr}");
+    let output = ascendctl(
+        &gateway,
+        token,
+        &["tenant", "update", "budgeted", "--monthly-budget", "-5"],
+    )
+    .await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("INVALID_ARGUMENT")
+            && stderr.contains("limits.monthly_budget.amount_nanos"),
+        "{stderr}"
+    );
+    let cleared = json(
+        &ascendctl(
+            &gateway,
+            token,
+            &[
+                "-o",
+                "json",
+                "tenant",
+                "update",
+                "budgeted",
+                "--clear-limit",
+                "monthly_budget",
+            ],
+        )
+        .await,
+    );
+    assert!(cleared["monthly_budget"].is_null(), "{cleared}");
+    gateway.stop().await.expect("clean stop");
+}

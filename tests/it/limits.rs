@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 use ascend_gateway::api::pb::v1::inference_client::InferenceClient;
 use ascend_gateway::api::pb::v1::tenant_admin_client::TenantAdminClient;
 use ascend_gateway::api::pb::v1::{CreateTenantRequest, ListModelsRequest, TenantLimits};
-use ascend_gateway::limits::{Cost, FailurePolicy, LimitError, LimitKind, LimitSettings, Limiter};
+use ascend_gateway::limits::{
+    Cost, FailurePolicy, LimitError, LimitKind, LimitSettings, Limiter, MonthToDate, Used,
+};
 use ascend_gateway::tenancy::Limits;
 use secrecy::SecretString;
 use tonic::Code;
@@ -179,7 +181,7 @@ async fn race_for_the_last_quota(limiter: &Arc<Limiter>, tenant: &str) {
     let racers: Vec<_> = (0..50)
         .map(|_| {
             let (limiter, limits, tenant) = (limiter.clone(), limits.clone(), tenant.to_owned());
-            tokio::spawn(async move { limiter.admit(&tenant, &limits, Cost { tokens: 100 }).await })
+            tokio::spawn(async move { limiter.admit(&tenant, &limits, Cost::of_tokens(100)).await })
         })
         .collect();
     let mut permits = Vec::new();
@@ -196,11 +198,11 @@ async fn race_for_the_last_quota(limiter: &Arc<Limiter>, tenant: &str) {
         "exactly the quota is admitted, never more"
     );
     for permit in permits {
-        permit.settle(100).await;
+        permit.settle(Used::of_tokens(100)).await;
     }
     assert!(
         limiter
-            .admit(tenant, &limits, Cost { tokens: 1 })
+            .admit(tenant, &limits, Cost::of_tokens(1))
             .await
             .is_err()
     );
@@ -226,15 +228,15 @@ async fn refunds_are_exact_on(limiter: &Arc<Limiter>, tenant: &str) {
         ..Limits::default()
     };
     let permit = limiter
-        .admit(tenant, &limits, Cost { tokens: 1000 })
+        .admit(tenant, &limits, Cost::of_tokens(1000))
         .await
         .expect("whole quota");
-    permit.settle(300).await;
+    permit.settle(Used::of_tokens(300)).await;
     let permit = limiter
-        .admit(tenant, &limits, Cost { tokens: 700 })
+        .admit(tenant, &limits, Cost::of_tokens(700))
         .await
         .expect("the 700 refunded tokens are available again");
-    let refused = limiter.admit(tenant, &limits, Cost { tokens: 1 }).await;
+    let refused = limiter.admit(tenant, &limits, Cost::of_tokens(1)).await;
     assert!(
         matches!(
             refused,
@@ -245,7 +247,7 @@ async fn refunds_are_exact_on(limiter: &Arc<Limiter>, tenant: &str) {
         ),
         "not one token more"
     );
-    permit.settle(700).await;
+    permit.settle(Used::of_tokens(700)).await;
 
     // A fresh tenant: the first part drew on the first tenant's bucket too.
     let tenant = &format!("{tenant}-tpm");
@@ -254,28 +256,28 @@ async fn refunds_are_exact_on(limiter: &Arc<Limiter>, tenant: &str) {
         ..Limits::default()
     };
     let permit = limiter
-        .admit(tenant, &limits, Cost { tokens: 6000 })
+        .admit(tenant, &limits, Cost::of_tokens(6000))
         .await
         .expect("a full minute");
     assert!(
         limiter
-            .admit(tenant, &limits, Cost { tokens: 500 })
+            .admit(tenant, &limits, Cost::of_tokens(500))
             .await
             .is_err()
     );
-    permit.settle(1000).await;
+    permit.settle(Used::of_tokens(1000)).await;
     // 5000 unused tokens came back (plus a few from the refill meanwhile).
     let permit = limiter
-        .admit(tenant, &limits, Cost { tokens: 5000 })
+        .admit(tenant, &limits, Cost::of_tokens(5000))
         .await
         .expect("refunded tokens");
     assert!(
         limiter
-            .admit(tenant, &limits, Cost { tokens: 500 })
+            .admit(tenant, &limits, Cost::of_tokens(500))
             .await
             .is_err()
     );
-    permit.settle(5000).await;
+    permit.settle(Used::of_tokens(5000)).await;
 }
 
 #[tokio::test]
@@ -332,7 +334,7 @@ async fn a_crashed_gateways_concurrency_slots_come_back_after_the_lease() {
         .admit("leaky", &limits, Cost::default())
         .await
         .expect("the dead gateway's leases expired");
-    permit.settle(0).await;
+    permit.settle(Used::of_tokens(0)).await;
 }
 
 #[tokio::test]
@@ -355,7 +357,7 @@ async fn redis_outage_follows_the_policy_and_limits_resume_after() {
     open.admit("t", &limits, Cost::default())
         .await
         .expect("via redis")
-        .settle(0)
+        .settle(Used::of_tokens(0))
         .await;
     assert_eq!(open.fallback_count(), 0);
 
@@ -364,7 +366,7 @@ async fn redis_outage_follows_the_policy_and_limits_resume_after() {
     open.admit("t", &limits, Cost::default())
         .await
         .expect("fail open")
-        .settle(0)
+        .settle(Used::of_tokens(0))
         .await;
     assert!(open.fallback_count() >= 1);
     let second = open.admit("t", &limits, Cost::default()).await;
@@ -387,7 +389,7 @@ async fn redis_outage_follows_the_policy_and_limits_resume_after() {
     loop {
         match closed.admit("t2", &limits, Cost::default()).await {
             Ok(permit) => {
-                permit.settle(0).await;
+                permit.settle(Used::of_tokens(0)).await;
                 break;
             }
             Err(LimitError::Unavailable(_)) if Instant::now() < deadline => {
@@ -405,7 +407,7 @@ async fn redis_outage_follows_the_policy_and_limits_resume_after() {
             .admit(&format!("t3-{attempt}"), &limits, Cost::default())
             .await
             .expect("fresh tenant within its rate");
-        permit.settle(0).await;
+        permit.settle(Used::of_tokens(0)).await;
         if open.fallback_count() == before {
             break;
         }
@@ -584,9 +586,11 @@ async fn redis_quota_counters_start_from_the_metered_usage() {
                 Some(redis_connection(&redis_url()).await),
                 settings(prefix, FailurePolicy::FailClosed, Duration::from_secs(60)),
             );
-            limiter.set_quota_seed(Arc::new(move |_tenant: String, _since_us: i64| {
-                Box::pin(async move { Ok(seeded_used) })
-            }));
+            limiter.set_quota_seed(Arc::new(
+                move |_tenant: String, _since_us: i64, _with_spend: bool| {
+                    Box::pin(async move { Ok(MonthToDate::of_tokens(seeded_used)) })
+                },
+            ));
             (limiter, background)
         }
     };
@@ -595,7 +599,7 @@ async fn redis_quota_counters_start_from_the_metered_usage() {
         ..Limits::default()
     };
     let (first, _bg) = limiter(950).await;
-    let Err(refused) = first.admit("seeded", &limits, Cost { tokens: 100 }).await else {
+    let Err(refused) = first.admit("seeded", &limits, Cost::of_tokens(100)).await else {
         panic!("950 used + 100 > 1000 must be refused");
     };
     assert!(
@@ -609,16 +613,16 @@ async fn redis_quota_counters_start_from_the_metered_usage() {
         "{refused}"
     );
     first
-        .admit("seeded", &limits, Cost { tokens: 50 })
+        .admit("seeded", &limits, Cost::of_tokens(50))
         .await
         .expect("the rest fits")
-        .settle(50)
+        .settle(Used::of_tokens(50))
         .await;
     // Another node whose metered view says less does not lower the counter.
     let (second, _bg) = limiter(0).await;
     assert!(
         second
-            .admit("seeded", &limits, Cost { tokens: 1 })
+            .admit("seeded", &limits, Cost::of_tokens(1))
             .await
             .is_err(),
         "1000 of 1000 used"
@@ -708,7 +712,7 @@ async fn extreme_rates_are_refused_or_served_never_panic() {
         .admit("one-a-day", &limits, Cost::default())
         .await
         .expect("the day's request")
-        .settle(0)
+        .settle(Used::of_tokens(0))
         .await;
     match shared.admit("one-a-day", &limits, Cost::default()).await {
         Err(LimitError::Exceeded {
@@ -753,6 +757,7 @@ proptest::proptest! {
             tokens_per_minute: tpm,
             max_concurrent_requests: concurrent,
             monthly_token_quota: quota,
+            monthly_budget: None,
         };
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
         runtime.block_on(async {
@@ -761,8 +766,8 @@ proptest::proptest! {
                 settings(prefix(), FailurePolicy::FailClosed, Duration::from_secs(60)),
             );
             for _ in 0..3 {
-                match limiter.admit("prop", &limits, Cost { tokens }).await {
-                    Ok(permit) => permit.settle(tokens / 2).await,
+                match limiter.admit("prop", &limits, Cost::of_tokens(tokens)).await {
+                    Ok(permit) => permit.settle(Used::of_tokens(tokens / 2)).await,
                     Err(LimitError::Exceeded { retry_after, .. }) => {
                         assert!(retry_after <= Duration::from_secs(40 * 86_400), "{retry_after:?}");
                     }
@@ -808,12 +813,12 @@ async fn leases_are_renewed_while_held_and_released_promptly() {
         "the long request still holds its slot after three lease lifetimes: {refused:?}"
     );
     assert_eq!((limiter.in_flight(), limiter.leases_held()), (1, 1));
-    long.settle(0).await;
+    long.settle(Used::of_tokens(0)).await;
     limiter
         .admit("long", &one, Cost::default())
         .await
         .expect("free once settled")
-        .settle(0)
+        .settle(Used::of_tokens(0))
         .await;
 
     let many = Limits {
@@ -826,7 +831,7 @@ async fn leases_are_renewed_while_held_and_released_promptly() {
         let tenant = format!("busy-{}", i % 8);
         permits.push(
             limiter
-                .admit(&tenant, &many, Cost { tokens: 10 })
+                .admit(&tenant, &many, Cost::of_tokens(10))
                 .await
                 .expect("admitted"),
         );
@@ -835,7 +840,7 @@ async fn leases_are_renewed_while_held_and_released_promptly() {
     // Settled from a plain thread, as serving's workers do.
     std::thread::spawn(move || {
         for permit in permits {
-            permit.settle_detached(5);
+            permit.settle_detached(Used::of_tokens(5));
         }
     })
     .join()
@@ -884,7 +889,7 @@ async fn a_redis_that_forgot_its_scripts_or_errors_is_handled() {
         ..Limits::default()
     };
     let permit = limiter
-        .admit("flushed", &limits, Cost { tokens: 10 })
+        .admit("flushed", &limits, Cost::of_tokens(10))
         .await
         .expect("admitted");
     let mut admin = redis_connection(&redis.url()).await;
@@ -893,12 +898,12 @@ async fn a_redis_that_forgot_its_scripts_or_errors_is_handled() {
         .query_async(&mut admin)
         .await
         .expect("script flush");
-    permit.settle(5).await;
+    permit.settle(Used::of_tokens(5)).await;
     limiter
-        .admit("flushed", &limits, Cost { tokens: 10 })
+        .admit("flushed", &limits, Cost::of_tokens(10))
         .await
         .expect("the script is loaded again")
-        .settle(5)
+        .settle(Used::of_tokens(5))
         .await;
     // A key of the wrong type makes the script fail: an error, not a panic.
     let () = redis::cmd("SET")
@@ -907,7 +912,7 @@ async fn a_redis_that_forgot_its_scripts_or_errors_is_handled() {
         .query_async(&mut admin)
         .await
         .expect("set");
-    let refused = limiter.admit("broken", &limits, Cost { tokens: 10 }).await;
+    let refused = limiter.admit("broken", &limits, Cost::of_tokens(10)).await;
     assert!(
         matches!(refused, Err(LimitError::Unavailable(_))),
         "fail_closed: {refused:?}"
@@ -933,19 +938,21 @@ async fn a_quota_counter_lost_by_redis_is_seeded_again() {
     // What the metering database says this month's usage is.
     let metered = Arc::new(AtomicU64::new(900));
     let seen = metered.clone();
-    limiter.set_quota_seed(Arc::new(move |_tenant: String, _since: i64| {
-        let used = seen.load(Ordering::Relaxed);
-        Box::pin(async move { Ok(used) })
-    }));
+    limiter.set_quota_seed(Arc::new(
+        move |_tenant: String, _since: i64, _with_spend: bool| {
+            let used = seen.load(Ordering::Relaxed);
+            Box::pin(async move { Ok(MonthToDate::of_tokens(used)) })
+        },
+    ));
     let limits = Limits {
         monthly_token_quota: Some(1_000),
         ..Limits::default()
     };
     limiter
-        .admit("lossy", &limits, Cost { tokens: 50 })
+        .admit("lossy", &limits, Cost::of_tokens(50))
         .await
         .expect("within the quota")
-        .settle(50)
+        .settle(Used::of_tokens(50))
         .await;
     metered.store(950, Ordering::Relaxed);
     let mut admin = redis_connection(&redis.url()).await;
@@ -953,7 +960,7 @@ async fn a_quota_counter_lost_by_redis_is_seeded_again() {
         .query_async(&mut admin)
         .await
         .expect("Redis loses every key");
-    let refused = limiter.admit("lossy", &limits, Cost { tokens: 100 }).await;
+    let refused = limiter.admit("lossy", &limits, Cost::of_tokens(100)).await;
     assert!(
         matches!(
             refused,
@@ -967,7 +974,7 @@ async fn a_quota_counter_lost_by_redis_is_seeded_again() {
     // A request admitted before Redis lost its keys settles after: that
     // must not recreate the counter near zero (the next admission seeds it).
     let held = limiter
-        .admit("lossy", &limits, Cost { tokens: 50 })
+        .admit("lossy", &limits, Cost::of_tokens(50))
         .await
         .expect("exactly the rest");
     metered.store(1_000, Ordering::Relaxed);
@@ -975,8 +982,8 @@ async fn a_quota_counter_lost_by_redis_is_seeded_again() {
         .query_async(&mut admin)
         .await
         .expect("Redis loses every key again");
-    held.settle(50).await;
-    let refused = limiter.admit("lossy", &limits, Cost { tokens: 10 }).await;
+    held.settle(Used::of_tokens(50)).await;
+    let refused = limiter.admit("lossy", &limits, Cost::of_tokens(10)).await;
     assert!(
         matches!(
             refused,

@@ -7,6 +7,7 @@
 mod ascendctl;
 mod bench;
 mod billing;
+mod budgets;
 mod common;
 mod crash;
 mod deepseek_tokenizer;

@@ -7,8 +7,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, bail};
 use ascend_gateway::api::pb::v1::billing_client::BillingClient;
 use ascend_gateway::api::pb::v1::{
-    ExportRequest, FinalizeInvoiceRequest, GetInvoiceRequest, GetUsageRequest, InvoiceStatus,
-    ListInvoicesRequest, ListPricePlansRequest, Money, Price, PutPricesRequest, UsageGrouping,
+    self as pb, ExportRequest, FinalizeInvoiceRequest, GetInvoiceRequest, GetUsageRequest,
+    InvoiceStatus, ListInvoicesRequest, ListPricePlansRequest, Money, Price, PutPricesRequest,
+    UsageGrouping,
 };
 use ascend_gateway::api::{event_from_pb, line_from_pb};
 use ascend_gateway::billing::file::{EventRecord, ExportFile, FileFormat, LineRecord, Record};
@@ -37,6 +38,12 @@ pub enum BillingCommand {
         /// Written as OUT.partial, renamed to OUT when complete
         #[arg(long)]
         out: PathBuf,
+    },
+    /// This month's spend against the monthly budget.
+    Balance {
+        /// Tenant id or slug (required with the admin token)
+        #[arg(long)]
+        tenant: Option<String>,
     },
 }
 
@@ -139,6 +146,20 @@ pub enum GroupArg {
 
 fn client(ctx: &Ctx) -> BillingClient<Channel> {
     BillingClient::new(ctx.channel.clone())
+}
+
+/// `--monthly-budget`: "250.00" (the plan's currency, filled in by the
+/// gateway) or "250.00 EUR".
+pub fn budget_amount(text: &str) -> anyhow::Result<Money> {
+    let mut words = text.split_whitespace();
+    let amount = words.next().unwrap_or_default();
+    let currency = words.next().unwrap_or_default().to_ascii_uppercase();
+    if words.next().is_some() {
+        anyhow::bail!(
+            "--monthly-budget {text:?}: an amount, optionally followed by its currency code, such as 250.00 or \"250.00 EUR\""
+        );
+    }
+    decimal("monthly-budget", amount, &currency)
 }
 
 fn decimal(flag: &str, text: &str, currency: &str) -> anyhow::Result<Money> {
@@ -384,13 +405,25 @@ async fn receive<M, R: Record>(
 }
 
 pub async fn billing(ctx: &Ctx, command: BillingCommand) -> anyhow::Result<()> {
-    let BillingCommand::Export {
-        period,
-        tenant,
-        kind,
-        format,
-        out,
-    } = command;
+    let (period, tenant, kind, format, out) = match command {
+        BillingCommand::Balance { tenant } => {
+            let balance = client(ctx)
+                .get_balance(ctx.admin(pb::GetBalanceRequest {
+                    tenant: tenant.unwrap_or_default(),
+                })?)
+                .await
+                .map_err(|s| ctx.rpc_error(s))?
+                .into_inner();
+            return output::balance(ctx.output, balance);
+        }
+        BillingCommand::Export {
+            period,
+            tenant,
+            kind,
+            format,
+            out,
+        } => (period, tenant, kind, format, out),
+    };
     let format = match format {
         FormatArg::Csv => FileFormat::Csv,
         FormatArg::Jsonl => FileFormat::Jsonl,

@@ -113,6 +113,10 @@ pub struct LimitArgs {
     /// Monthly token quota (hard cap)
     #[arg(long)]
     monthly_quota: Option<u64>,
+    /// Monthly spend budget (hard cap), a decimal amount in the currency of
+    /// the tenant's price plan, e.g. 250.00 (or "250.00 EUR" to say which)
+    #[arg(long, allow_hyphen_values = true, value_name = "AMOUNT")]
+    monthly_budget: Option<String>,
 }
 
 impl LimitArgs {
@@ -122,17 +126,23 @@ impl LimitArgs {
             && self.tokens_per_minute.is_none()
             && self.max_concurrent.is_none()
             && self.monthly_quota.is_none()
+            && self.monthly_budget.is_none()
     }
 
     /// These limits laid over `base`.
-    fn over(&self, base: TenantLimits) -> TenantLimits {
-        TenantLimits {
+    fn over(&self, base: TenantLimits) -> anyhow::Result<TenantLimits> {
+        let monthly_budget = match &self.monthly_budget {
+            Some(text) => Some(crate::billing::budget_amount(text)?),
+            None => base.monthly_budget,
+        };
+        Ok(TenantLimits {
             requests_per_second: self.rps.or(base.requests_per_second),
             burst: self.burst.or(base.burst),
             tokens_per_minute: self.tokens_per_minute.or(base.tokens_per_minute),
             max_concurrent_requests: self.max_concurrent.or(base.max_concurrent_requests),
             monthly_token_quota: self.monthly_quota.or(base.monthly_token_quota),
-        }
+            monthly_budget,
+        })
     }
 }
 
@@ -368,7 +378,7 @@ async fn tenant(ctx: &Ctx, command: TenantCommand) -> anyhow::Result<()> {
                     display_name: name.unwrap_or_default(),
                     price_plan: plan.unwrap_or_default(),
                     scheduling_weight: weight,
-                    limits: Some(limits.over(TenantLimits::default())),
+                    limits: Some(limits.over(TenantLimits::default())?),
                     cache_scope: cache_scope_pb(cache_scope).into(),
                 })?)
                 .await
@@ -423,7 +433,7 @@ async fn tenant(ctx: &Ctx, command: TenantCommand) -> anyhow::Result<()> {
                     .await
                     .map_err(|s| ctx.rpc_error(s))?
                     .into_inner();
-                Some(limits.over(current.limits.unwrap_or_default()))
+                Some(limits.over(current.limits.unwrap_or_default())?)
             };
             client
                 .update_tenant(ctx.admin(UpdateTenantRequest {

@@ -51,6 +51,7 @@ struct TenantView {
     tokens_per_minute: Option<u64>,
     max_concurrent_requests: Option<u32>,
     monthly_token_quota: Option<u64>,
+    monthly_budget: Option<MoneyView>,
     /// "tenant" or "shared".
     cache_scope: String,
     created_at: Option<String>,
@@ -59,7 +60,7 @@ struct TenantView {
 
 impl From<pb::Tenant> for TenantView {
     fn from(t: pb::Tenant) -> TenantView {
-        let limits = t.limits.unwrap_or_default();
+        let limits = t.limits.clone().unwrap_or_default();
         TenantView {
             status: t
                 .status()
@@ -83,6 +84,7 @@ impl From<pb::Tenant> for TenantView {
             tokens_per_minute: limits.tokens_per_minute,
             max_concurrent_requests: limits.max_concurrent_requests,
             monthly_token_quota: limits.monthly_token_quota,
+            monthly_budget: money_view(limits.monthly_budget.as_ref()),
         }
     }
 }
@@ -171,6 +173,10 @@ pub fn tenants(output: Output, tenants: Vec<pb::Tenant>) -> anyhow::Result<()> {
                 or_dash(t.tokens_per_minute),
                 or_dash(t.max_concurrent_requests),
                 or_dash(t.monthly_token_quota),
+                t.monthly_budget.as_ref().map_or_else(
+                    || "-".to_owned(),
+                    |m| format!("{} {}", m.amount, m.currency_code),
+                ),
                 t.cache_scope,
                 t.id,
             ]
@@ -187,6 +193,7 @@ pub fn tenants(output: Output, tenants: Vec<pb::Tenant>) -> anyhow::Result<()> {
             "TOKENS/MIN",
             "CONCURRENT",
             "MONTHLY QUOTA",
+            "MONTHLY BUDGET",
             "CACHE",
             "ID",
         ],
@@ -469,6 +476,52 @@ impl From<pb::Invoice> for InvoiceView {
             period: i.period,
         }
     }
+}
+
+#[derive(Serialize)]
+struct BalanceView {
+    tenant_id: String,
+    period: String,
+    spent: Option<MoneyView>,
+    monthly_budget: Option<MoneyView>,
+    remaining: Option<MoneyView>,
+    reserved: Option<MoneyView>,
+    is_available: bool,
+}
+
+pub fn balance(output: Output, b: pb::Balance) -> anyhow::Result<()> {
+    if output == Output::Json {
+        return print_json(&BalanceView {
+            spent: money_view(b.spent.as_ref()),
+            monthly_budget: money_view(b.monthly_budget.as_ref()),
+            remaining: money_view(b.remaining.as_ref()),
+            reserved: money_view(b.reserved.as_ref()),
+            tenant_id: b.tenant_id,
+            period: b.period,
+            is_available: b.is_available,
+        });
+    }
+    print_table(
+        &[
+            "TENANT",
+            "PERIOD",
+            "SPENT",
+            "BUDGET",
+            "RESERVED",
+            "REMAINING",
+            "AVAILABLE",
+        ],
+        vec![vec![
+            b.tenant_id.clone(),
+            b.period.clone(),
+            money_text(b.spent.as_ref()),
+            money_text(b.monthly_budget.as_ref()),
+            money_text(b.reserved.as_ref()),
+            money_text(b.remaining.as_ref()),
+            if b.is_available { "yes" } else { "no" }.to_owned(),
+        ]],
+    );
+    Ok(())
 }
 
 pub fn invoices(output: Output, invoices: Vec<pb::Invoice>) -> anyhow::Result<()> {
