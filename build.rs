@@ -9,6 +9,7 @@ const PROTOS: &[&str] = &[
     "proto/ascend/gateway/v1/inference.proto",
     "proto/ascend/gateway/v1/admin.proto",
     "proto/ascend/gateway/v1/billing.proto",
+    "proto/ascend/gateway/v1/webhooks.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

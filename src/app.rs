@@ -17,7 +17,8 @@ use crate::api::auth_layer::AuthLayer;
 use crate::api::pb::v1::billing_server::BillingServer;
 use crate::api::pb::v1::inference_server::InferenceServer;
 use crate::api::pb::v1::tenant_admin_server::TenantAdminServer;
-use crate::api::{self, BillingApi, InferenceApi, TenantAdminApi};
+use crate::api::pb::v1::webhooks_server::WebhooksServer;
+use crate::api::{self, BillingApi, InferenceApi, TenantAdminApi, WebhooksApi};
 use crate::auth::{AdminCredential, Authenticator, KeyCache, LastUsedRecorder};
 use crate::billing::BillingService;
 use crate::billing::quote::PriceCache;
@@ -487,6 +488,20 @@ impl App {
             settings.shutdown_grace,
             stop_tasks.clone(),
         ));
+        match crate::webhooks::delivery::Deliverer::new(db.clone(), settings.webhooks.clone()) {
+            Ok(deliverer) => {
+                tasks.spawn(Arc::new(deliverer).run(stop_tasks.clone()));
+            }
+            Err(error) => tracing::error!(%error, "webhook deliveries are off"),
+        }
+        tasks.spawn(
+            crate::webhooks::watcher::Watcher::new(
+                db.clone(),
+                BillingService::new(db.clone(), &settings.billing),
+                settings.webhooks.clone(),
+            )
+            .run(stop_tasks.clone()),
+        );
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         for name in api::SERVICE_NAMES.iter().chain(std::iter::once(&"")) {
             health_reporter
@@ -537,6 +552,10 @@ impl App {
                 BillingService::new(db.clone(), &settings.billing),
                 limiter.clone(),
                 &settings.billing,
+            )))
+            .add_service(WebhooksServer::new(WebhooksApi::new(
+                crate::webhooks::WebhookService::new(db.clone(), &settings.webhooks),
+                tenancy.clone(),
             )))
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = stop_rx.await;

@@ -48,6 +48,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("ASCEND_BILLING_GRACE_PERIOD", "billing.grace_period"),
     ("ASCEND_LIMITS_REDIS_FAILURE", "limits.redis_failure"),
     ("ASCEND_LIMITS_REPLICAS", "limits.replicas"),
+    ("ASCEND_WEBHOOKS_ALLOW_PRIVATE", "webhooks.allow_private"),
     ("ASCEND_LOG_FORMAT", "log.format"),
     ("ASCEND_LOG", "log.filter"),
 ];
@@ -93,6 +94,7 @@ pub struct Settings {
     pub billing: crate::billing::BillingSettings,
     pub idempotency: crate::idempotency::IdempotencySettings,
     pub server: crate::listener::ServerSettings,
+    pub webhooks: crate::webhooks::WebhookSettings,
     /// The served models (`[[models]]` tables).
     pub models: Vec<crate::serving::ModelSettings>,
     pub log: LogSettings,
@@ -240,6 +242,7 @@ impl Default for Settings {
             billing: crate::billing::BillingSettings::default(),
             idempotency: crate::idempotency::IdempotencySettings::default(),
             server: crate::listener::ServerSettings::default(),
+            webhooks: crate::webhooks::WebhookSettings::default(),
             models: vec![crate::serving::ModelSettings::default()],
             log: LogSettings::default(),
         }
@@ -413,6 +416,9 @@ impl Settings {
                 key: "auth.last_used_flush",
                 problem: "must be positive, e.g. \"30s\"".to_owned(),
             });
+        }
+        if let Some((key, problem)) = self.webhooks.problem() {
+            return Err(ConfigError::Invalid { key, problem });
         }
         let mut ids = std::collections::HashSet::new();
         for model in &self.models {
@@ -726,11 +732,21 @@ mod optional_addr {
     }
 }
 
+/// Settings set by environment variables whose type is a boolean: `true`
+/// or `false` (any case) is read as one; anything else stays text and is
+/// refused naming the variable.
+const BOOLEAN_ENV_KEYS: &[&str] = &["webhooks.allow_private"];
+
 fn env_value(key: &str, value: String) -> figment::value::Value {
     if NUMERIC_ENV_KEYS.contains(&key)
         && let Ok(number) = value.trim().parse::<u64>()
     {
         return figment::value::Value::from(number);
+    }
+    if BOOLEAN_ENV_KEYS.contains(&key)
+        && let Ok(flag) = value.trim().to_ascii_lowercase().parse::<bool>()
+    {
+        return figment::value::Value::from(flag);
     }
     figment::value::Value::from(value)
 }
@@ -916,6 +932,45 @@ mod tests {
         )
         .expect_err("too long");
         assert!(err.to_string().contains("billing.grace_period"), "{err}");
+    }
+
+    #[test]
+    fn webhook_settings_come_from_env_and_are_checked() {
+        let default = load(None, &FlagOverrides::default(), &[]).expect("load");
+        assert!(
+            !default.webhooks.allow_private,
+            "private targets are refused by default"
+        );
+        let allowed = load(
+            None,
+            &FlagOverrides::default(),
+            &[("ASCEND_WEBHOOKS_ALLOW_PRIVATE", "true")],
+        )
+        .expect("load");
+        assert!(allowed.webhooks.allow_private);
+        for env in [
+            &[("ASCEND_WEBHOOKS_ALLOW_PRIVATE", "maybe")],
+            &[("ASCEND_WEBHOOKS_ALLOW_PRIVATE", "")],
+        ] {
+            let err = load(None, &FlagOverrides::default(), env).expect_err("not a boolean");
+            assert!(
+                err.to_string().contains("ASCEND_WEBHOOKS_ALLOW_PRIVATE"),
+                "{err}"
+            );
+        }
+        let mut settings = Settings::default();
+        settings.webhooks.budget_thresholds = vec![50, 50];
+        let err = settings.validate().expect_err("a repeated threshold");
+        assert!(
+            err.to_string().contains("webhooks.budget_thresholds"),
+            "{err}"
+        );
+        settings.webhooks.budget_thresholds = vec![0, 101];
+        assert!(settings.validate().is_err());
+        settings.webhooks.budget_thresholds = vec![80];
+        settings.webhooks.timeout = Duration::ZERO;
+        let err = settings.validate().expect_err("zero timeout");
+        assert!(err.to_string().contains("webhooks.timeout"), "{err}");
     }
 
     #[test]

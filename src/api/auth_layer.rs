@@ -43,7 +43,7 @@ pub fn requirement_for(path: &str) -> Option<Requirement> {
     Some(match service {
         "ascend.gateway.v1.Inference" => Requirement::Scope(Scope::Inference),
         "ascend.gateway.v1.Billing" => Requirement::AdminOrScope(Scope::BillingRead),
-        // TenantAdmin, and anything unknown: the operator only.
+        // TenantAdmin, Webhooks, and anything unknown: the operator only.
         _ => Requirement::Admin,
     })
 }

@@ -15,10 +15,12 @@ mod inference;
 pub mod pb;
 pub mod refusals;
 pub mod status;
+mod webhooks;
 
 pub use admin::TenantAdminApi;
 pub use billing::{BillingApi, event_from_pb, line_from_pb};
 pub use inference::InferenceApi;
+pub use webhooks::WebhooksApi;
 
 /// The full gRPC names of the services this gateway serves, as listed by
 /// server reflection.
@@ -26,4 +28,5 @@ pub const SERVICE_NAMES: &[&str] = &[
     "ascend.gateway.v1.Inference",
     "ascend.gateway.v1.TenantAdmin",
     "ascend.gateway.v1.Billing",
+    "ascend.gateway.v1.Webhooks",
 ];

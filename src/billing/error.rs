@@ -27,6 +27,8 @@ pub enum BillingError {
     Tenancy(#[from] TenancyError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Outbox(#[from] crate::outbox::OutboxError),
 }
 
 impl BillingError {
@@ -56,6 +58,7 @@ impl Classified for BillingError {
             BillingError::Internal(_) => ErrorKind::Internal,
             BillingError::Tenancy(e) => e.kind(),
             BillingError::Store(e) => e.kind(),
+            BillingError::Outbox(_) => ErrorKind::Unavailable,
         }
     }
 }

@@ -574,6 +574,24 @@ impl BillingService {
             &summary.to_string(),
         )
         .await?;
+        // In the same transaction: the finalization and its webhook event
+        // exist together or not at all.
+        crate::outbox::record(
+            &mut tx,
+            &crate::outbox::NewEvent {
+                event_type: crate::outbox::EventType::InvoiceFinalized,
+                tenant_id: Some(row.tenant_id.clone()),
+                dedupe_key: format!("invoice.finalized:{id}"),
+                data: serde_json::json!({
+                    "invoice_id": id,
+                    "period": row.period,
+                    "total": crate::outbox::MoneyField::new(currency.code, total),
+                    "lines": lines.len(),
+                }),
+            },
+            None,
+        )
+        .await?;
         let row = Self::row_by_id(&mut tx, id).await?;
         let invoice = self.assemble(&mut tx, row, true).await?;
         tx.commit().await?;

@@ -22,6 +22,8 @@ pub enum TenancyError {
     Random(String),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Outbox(#[from] crate::outbox::OutboxError),
 }
 
 impl TenancyError {
@@ -48,6 +50,7 @@ impl Classified for TenancyError {
             TenancyError::Conflict(_) => ErrorKind::FailedPrecondition,
             TenancyError::Random(_) => ErrorKind::Internal,
             TenancyError::Store(e) => e.kind(),
+            TenancyError::Outbox(_) => ErrorKind::Unavailable,
         }
     }
 }

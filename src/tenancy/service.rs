@@ -231,6 +231,25 @@ impl TenancyService {
         };
         let event = Self::audit(actor, action, &after.id, &after.id, Some(&before), &after);
         repo::insert_audit(&mut tx, &event).await?;
+        if status == TenantStatus::Suspended {
+            // In the same transaction: the suspension and its webhook event
+            // exist together or not at all.
+            crate::outbox::record(
+                &mut tx,
+                &crate::outbox::NewEvent {
+                    event_type: crate::outbox::EventType::TenantSuspended,
+                    tenant_id: Some(after.id.clone()),
+                    dedupe_key: format!("tenant.suspended:{}:{}", after.id, after.updated_at_us),
+                    data: serde_json::json!({
+                        "tenant_id": after.id,
+                        "slug": after.slug,
+                        "reason": after.status_reason,
+                    }),
+                },
+                None,
+            )
+            .await?;
+        }
         tx.commit().await?;
         self.notify_tenant(&after.id);
         Ok(after)

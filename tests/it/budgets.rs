@@ -33,7 +33,7 @@ const TOKENS_PER_REQUEST: u32 = 10;
 /// The price that makes each of them cost exactly $0.002.
 const PER_MILLION_NANOS: i64 = 200_000_000_000;
 const REQUEST_NANOS: i64 = 2_000_000;
-const CENT_NANOS: i64 = 10_000_000;
+pub(crate) const CENT_NANOS: i64 = 10_000_000;
 
 fn usd(nanos: i64) -> Option<Money> {
     Some(Money {
@@ -44,7 +44,7 @@ fn usd(nanos: i64) -> Option<Money> {
 
 /// A plan `plan` in USD pricing `tiny` on every device at $200 per million
 /// tokens, prompt and completion alike.
-async fn put_plan(channel: &Channel, plan: &str) {
+pub(crate) async fn put_plan(channel: &Channel, plan: &str) {
     BillingClient::new(channel.clone())
         .put_prices(admin(PutPricesRequest {
             plan: plan.to_owned(),
@@ -69,7 +69,7 @@ async fn put_plan(channel: &Channel, plan: &str) {
 
 /// A tenant on its own priced plan with `budget_nanos` (if any), and a key
 /// with `inference` and `billing:read`: (tenant id, key).
-async fn budget_tenant(
+pub(crate) async fn budget_tenant(
     channel: &Channel,
     slug: &str,
     budget_nanos: Option<i64>,
@@ -110,7 +110,7 @@ async fn budget_tenant(
 
 /// A request of exactly [`TOKENS_PER_REQUEST`] tokens: its worst case is
 /// its exact cost, so the number that fit a budget is known.
-async fn exact_request(channel: &Channel, key: &str) -> GenerateRequest {
+pub(crate) async fn exact_request(channel: &Channel, key: &str) -> GenerateRequest {
     let prompt_tokens = token_count(
         channel,
         key,
@@ -273,13 +273,17 @@ async fn fifty_racers_never_overshoot_the_budget_on_sqlite() {
     gateway.stop().await.expect("stop");
 }
 
-/// Two replicas sharing one Redis and one PostgreSQL.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fifty_racers_never_overshoot_the_budget_across_replicas_on_redis() {
+/// `count` gateways sharing one fresh PostgreSQL database and one Redis
+/// key prefix of their own (limits fail closed), each set up by `configure`
+/// first. The database lives as long as the returned handle.
+pub(crate) async fn replicas_on_pg_and_redis(
+    count: usize,
+    configure: impl Fn(&mut ascend_gateway::config::Settings),
+) -> (PgTestDb, Vec<TestGateway>) {
     let test_db = PgTestDb::create().await;
     let prefix = format!("agwtest:{}:", uuid::Uuid::new_v4().simple());
     let mut replicas = Vec::new();
-    for _ in 0..2 {
+    for _ in 0..count {
         let data_dir = tempfile::tempdir().expect("data dir");
         let mut settings = test_settings(&data_dir);
         settings.database.url = Some(test_db.secret_url());
@@ -288,8 +292,16 @@ async fn fifty_racers_never_overshoot_the_budget_across_replicas_on_redis() {
         ));
         settings.limits.redis_prefix = prefix.clone();
         settings.limits.redis_failure = FailurePolicy::FailClosed;
+        configure(&mut settings);
         replicas.push(TestGateway::start_with(settings, data_dir).await);
     }
+    (test_db, replicas)
+}
+
+/// Two replicas sharing one Redis and one PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_racers_never_overshoot_the_budget_across_replicas_on_redis() {
+    let (_db, replicas) = replicas_on_pg_and_redis(2, |_| {}).await;
     let channels: Vec<Channel> = replicas.iter().map(|g| g.channel.clone()).collect();
     race_for_the_budget(&channels, "racers-redis").await;
     for replica in replicas {

@@ -25,3 +25,4 @@ mod startup;
 mod store;
 mod tenancy;
 mod topology;
+mod webhooks;

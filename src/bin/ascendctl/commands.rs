@@ -24,7 +24,7 @@ use crate::settings;
 #[command(
     name = "ascendctl",
     version,
-    about = "Administer an Ascend Gateway: tenants, API keys, audit log, prices, invoices, exports"
+    about = "Administer an Ascend Gateway: tenants, API keys, audit log, prices, invoices, exports, webhooks"
 )]
 pub struct Cli {
     /// Gateway address [default: http://127.0.0.1:50051]
@@ -92,6 +92,9 @@ pub enum Command {
     /// Billing exports.
     #[command(subcommand)]
     Billing(BillingCommand),
+    /// Webhook endpoints and their deliveries.
+    #[command(subcommand)]
+    Webhook(crate::webhook::WebhookCommand),
     /// Print a shell completion script.
     Completions { shell: clap_complete::Shell },
 }
@@ -334,6 +337,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Price(command) => billing::price(&ctx, command).await,
         Command::Invoice(command) => billing::invoice(&ctx, command).await,
         Command::Billing(command) => billing::billing(&ctx, command).await,
+        Command::Webhook(command) => crate::webhook::webhook(&ctx, command).await,
         Command::Completions { .. } => Ok(()),
     }
 }

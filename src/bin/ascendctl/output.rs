@@ -27,14 +27,14 @@ pub fn code_name(code: tonic::Code) -> String {
         })
 }
 
-fn time(ts: Option<&prost_types::Timestamp>) -> Option<String> {
+pub(crate) fn time(ts: Option<&prost_types::Timestamp>) -> Option<String> {
     let ts = ts?;
     let secs = u64::try_from(ts.seconds).ok()?;
     let at = UNIX_EPOCH + Duration::from_secs(secs);
     Some(humantime::format_rfc3339_seconds(at).to_string())
 }
 
-fn or_dash<T: ToString>(value: Option<T>) -> String {
+pub(crate) fn or_dash<T: ToString>(value: Option<T>) -> String {
     value.map_or_else(|| "-".to_owned(), |v| v.to_string())
 }
 
@@ -129,7 +129,7 @@ struct AuditView {
     after: serde_json::Value,
 }
 
-fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
+pub(crate) fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
 }
@@ -142,7 +142,7 @@ fn print_json_records<T: Serialize>(views: &[T]) -> anyhow::Result<()> {
     }
 }
 
-fn print_table(header: &[&str], rows: Vec<Vec<String>>) {
+pub(crate) fn print_table(header: &[&str], rows: Vec<Vec<String>>) {
     let mut table = Table::new();
     table.load_preset(comfy_table::presets::UTF8_BORDERS_ONLY);
     table.set_header(header.to_vec());
