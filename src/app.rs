@@ -564,6 +564,10 @@ impl App {
         tracing::info!(address = %local_addr, "gateway listening");
         let http_api = crate::http::HttpApi::new(
             generation,
+            crate::billing::balance::Balances::new(
+                BillingService::new(db.clone(), &settings.billing),
+                limiter.clone(),
+            ),
             authenticator,
             refusals,
             crate::http::BodyBounds {

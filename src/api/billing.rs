@@ -495,28 +495,11 @@ impl Billing for BillingApi {
             .get_tenant(&tenant_id)
             .await
             .map_err(|e| to_status(&e))?;
-        let spend = self
-            .billing
-            .month_spend(&tenant_id)
+        let budget = tenant.limits.monthly_budget.map(|b| b.amount_nanos);
+        let b = billing::balance::Balances::new(self.billing.clone(), self.limiter.clone())
+            .of(&tenant_id, budget)
             .await
             .map_err(|e| to_status(&e))?;
-        let budget = tenant.limits.monthly_budget.map(|b| b.amount_nanos);
-        let counters = match budget {
-            Some(_) => self
-                .limiter
-                .budget_counters(&tenant_id)
-                .await
-                .map_err(|e| to_status(&e))?,
-            None => crate::limits::BudgetCounters::default(),
-        };
-        let b = billing::balance::balance(
-            &tenant_id,
-            spend.period,
-            &spend.currency_code,
-            spend.total_nanos,
-            budget,
-            counters,
-        );
         let currency = b.currency_code;
         Ok(Response::new(pb::Balance {
             tenant_id: b.tenant_id,

@@ -1,11 +1,69 @@
 //! A tenant's balance for the month: its spend (the invoice draft's total),
 //! its monthly budget, what in-flight requests hold of it and what is left.
 //!
-//! Pure arithmetic over figures others read: the draft total from the
-//! invoice, the counters from the limiter. Knows nothing of SQL or gRPC.
+//! [`balance`] is pure arithmetic over figures others read: the draft total
+//! from the invoice, the counters from the limiter; [`Balances`] reads them,
+//! for both front ends. Knows nothing of SQL, gRPC or HTTP.
+
+use std::sync::Arc;
 
 use super::period::Period;
-use crate::limits::BudgetCounters;
+use super::{BillingError, BillingService};
+use crate::error::{Classified, ErrorKind};
+use crate::limits::{BudgetCounters, LimitError, Limiter};
+
+/// Why a balance could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum BalanceError {
+    #[error(transparent)]
+    Billing(#[from] BillingError),
+    #[error(transparent)]
+    Limit(#[from] LimitError),
+}
+
+impl Classified for BalanceError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            BalanceError::Billing(e) => e.kind(),
+            BalanceError::Limit(e) => e.kind(),
+        }
+    }
+}
+
+/// Reads balances: the invoice draft from billing, the budget's counters
+/// from the limiter that admits against them. Cheap to clone.
+#[derive(Clone)]
+pub struct Balances {
+    billing: BillingService,
+    limiter: Arc<Limiter>,
+}
+
+impl Balances {
+    pub fn new(billing: BillingService, limiter: Arc<Limiter>) -> Balances {
+        Balances { billing, limiter }
+    }
+
+    /// This month's balance of `tenant_id`, whose budget is `budget_nanos`.
+    pub async fn of(
+        &self,
+        tenant_id: &str,
+        budget_nanos: Option<u64>,
+    ) -> Result<Balance, BalanceError> {
+        let spend = self.billing.month_spend(tenant_id).await?;
+        let counters = match budget_nanos {
+            Some(_) => self.limiter.budget_counters(tenant_id).await?,
+            None => BudgetCounters::default(),
+        };
+        Ok(balance(
+            tenant_id,
+            spend.period,
+            &spend.currency_code,
+            spend.total_nanos,
+            budget_nanos,
+            counters,
+        ))
+    }
+}
 
 /// The month's balance, exact in nanos of `currency_code`.
 #[derive(Debug, Clone, PartialEq, Eq)]

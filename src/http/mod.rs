@@ -1,7 +1,7 @@
 //! The OpenAI- and DeepSeek-compatible HTTP API, a second front end of the
 //! same request path as gRPC: `POST /v1/chat/completions`,
-//! `POST /v1/completions`, `GET /v1/models`, `GET /v1/models/{id}`, and
-//! `GET /health` for load balancers.
+//! `POST /v1/completions`, `GET /v1/models`, `GET /v1/models/{id}`,
+//! DeepSeek's `GET /user/balance`, and `GET /health` for load balancers.
 //!
 //! It authenticates with the same `Authorization: Bearer agw_…` keys and
 //! the same `Authenticator` (failed attempts throttled by address), and
@@ -10,6 +10,7 @@
 //! JSON in and out lives here (`wire`, `response`), as does the one mapping
 //! of errors to HTTP statuses (`error`); no request rule does.
 
+mod balance;
 mod completions;
 mod error;
 mod headers;
@@ -35,7 +36,8 @@ pub use sse::response as sse_response;
 
 use crate::api::refusals::Refusals;
 use crate::auth::{Authenticator, Principal, Requirement, TenantPrincipal};
-use crate::generation::{Generation, GenerationError};
+use crate::billing::balance::Balances;
+use crate::generation::Generation;
 use crate::tenancy::Scope;
 use error::{ApiError, Context, to_api_error};
 
@@ -60,6 +62,7 @@ pub struct HttpApi {
 
 struct Inner {
     generation: Generation,
+    balances: Balances,
     authenticator: Arc<Authenticator>,
     refusals: Arc<Refusals>,
     body: BodyBounds,
@@ -69,6 +72,7 @@ struct Inner {
 impl HttpApi {
     pub fn new(
         generation: Generation,
+        balances: Balances,
         authenticator: Arc<Authenticator>,
         refusals: Arc<Refusals>,
         body: BodyBounds,
@@ -76,6 +80,7 @@ impl HttpApi {
         HttpApi {
             inner: Arc::new(Inner {
                 generation,
+                balances,
                 authenticator,
                 refusals,
                 body,
@@ -91,6 +96,7 @@ impl HttpApi {
             .route("/v1/completions", post(completions::completions))
             .route("/v1/models", get(models::list))
             .route("/v1/models/{id}", get(models::one))
+            .route("/user/balance", get(balance::balance))
             .route("/health", get(health))
             .fallback(not_found)
             .method_not_allowed_fallback(method_not_allowed)
@@ -105,6 +111,10 @@ impl HttpApi {
 
     fn generation(&self) -> &Generation {
         &self.inner.generation
+    }
+
+    fn balances(&self) -> &Balances {
+        &self.inner.balances
     }
 
     fn refusals(&self) -> &Refusals {
@@ -144,7 +154,7 @@ impl HttpApi {
     }
 
     /// The answer for `error`, with the tenant's rate-limit headers on a 429.
-    fn error(&self, error: &GenerationError, tenant: &TenantPrincipal) -> ApiError {
+    fn error<E: crate::error::Classified>(&self, error: &E, tenant: &TenantPrincipal) -> ApiError {
         to_api_error(
             error,
             &Context {

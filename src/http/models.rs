@@ -45,7 +45,7 @@ fn model_body(served: &ServedModel) -> ModelBody<'_> {
     }
 }
 
-fn json<T: Serialize>(body: &T) -> Response {
+pub(super) fn json<T: Serialize>(body: &T) -> Response {
     // Strings and numbers only: serializing cannot fail.
     let text = serde_json::to_string(body).unwrap_or_default();
     (

@@ -368,6 +368,27 @@ async fn a_budget_set_mid_month_counts_the_months_earlier_spend() {
         "{}",
         reply.body
     );
+
+    // DeepSeek's balance endpoint, with the same key: nothing left.
+    let reply = crate::http::get(&gateway, "/user/balance", &key).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let body = reply.json();
+    assert_eq!(body["is_available"], false, "{body}");
+    assert_eq!(body["balance_infos"][0]["currency"], "USD", "{body}");
+    assert_eq!(body["balance_infos"][0]["total_balance"], "0.00", "{body}");
+    assert_eq!(
+        body["balance_infos"][0]["granted_balance"], "0.00",
+        "{body}"
+    );
+    // A tenant without a budget is available and has no balance to show.
+    let (_, unbudgeted) = budget_tenant(channel, "no-budget", None).await;
+    let body = crate::http::get(&gateway, "/user/balance", &unbudgeted)
+        .await
+        .json();
+    assert_eq!(body["is_available"], true, "{body}");
+    assert_eq!(body["balance_infos"], serde_json::json!([]), "{body}");
+    let reply = crate::http::get(&gateway, "/user/balance", "agw_nonsense").await;
+    assert_eq!(reply.status, 401, "{}", reply.body);
     gateway.stop().await.expect("stop");
 }
 

@@ -101,6 +101,19 @@ async fn send_with(
     }
 }
 
+/// A GET with a tenant key.
+pub async fn get(gateway: &TestGateway, path: &str, key: &str) -> Reply {
+    let auth = format!("Bearer {key}");
+    send(
+        gateway,
+        "GET",
+        path,
+        &[("authorization", auth.as_str())],
+        Vec::new(),
+    )
+    .await
+}
+
 /// A JSON POST with a tenant key.
 pub async fn post(gateway: &TestGateway, path: &str, key: &str, body: &Value) -> Reply {
     post_with(gateway, path, key, body, &[]).await
