@@ -67,6 +67,7 @@ fn setup() -> Setup {
                     name: "bench".to_owned(),
                     scopes: vec![],
                     expires_at_us: None,
+                    limits: Default::default(),
                 },
             )
             .await

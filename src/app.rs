@@ -310,6 +310,25 @@ impl App {
                 let db = usage_db.clone();
                 let drafts = drafts.clone();
                 Box::pin(async move {
+                    // An API key's own counters: no token quota per key, its
+                    // budget from its own usage.
+                    if let Some((tenant, key)) = crate::generation::parse_key_subject(&tenant_id) {
+                        let spend_nanos = match with_spend {
+                            true => Some(
+                                drafts
+                                    .key_month_spend(tenant, key)
+                                    .await
+                                    .map_err(|e| e.to_string())?
+                                    .max(0)
+                                    .unsigned_abs(),
+                            ),
+                            false => None,
+                        };
+                        return Ok(crate::limits::MonthToDate {
+                            tokens: 0,
+                            spend_nanos,
+                        });
+                    }
                     let (_, total) = crate::metering::query::usage(
                         &db,
                         &tenant_id,

@@ -67,20 +67,24 @@ fn limits_from_pb(limits: Option<pb::TenantLimits>) -> Result<Limits, Status> {
     })
 }
 
+fn limits_to_pb(limits: Limits) -> pb::TenantLimits {
+    pb::TenantLimits {
+        requests_per_second: limits.requests_per_second,
+        burst: limits.burst,
+        tokens_per_minute: limits.tokens_per_minute,
+        max_concurrent_requests: limits.max_concurrent_requests,
+        monthly_token_quota: limits.monthly_token_quota,
+        monthly_budget: limits.monthly_budget.map(|b| pb::Money {
+            currency_code: b.currency_code,
+            amount_nanos: i64::try_from(b.amount_nanos).unwrap_or(i64::MAX),
+        }),
+    }
+}
+
 fn tenant_to_pb(t: Tenant) -> pb::Tenant {
     pb::Tenant {
         status: status_to_pb(t.status).into(),
-        limits: Some(pb::TenantLimits {
-            requests_per_second: t.limits.requests_per_second,
-            burst: t.limits.burst,
-            tokens_per_minute: t.limits.tokens_per_minute,
-            max_concurrent_requests: t.limits.max_concurrent_requests,
-            monthly_token_quota: t.limits.monthly_token_quota,
-            monthly_budget: t.limits.monthly_budget.map(|b| pb::Money {
-                currency_code: b.currency_code,
-                amount_nanos: i64::try_from(b.amount_nanos).unwrap_or(i64::MAX),
-            }),
-        }),
+        limits: Some(limits_to_pb(t.limits)),
         created_at: Some(timestamp(t.created_at_us)),
         updated_at: Some(timestamp(t.updated_at_us)),
         id: t.id,
@@ -116,6 +120,7 @@ fn key_to_pb(k: ApiKeyRecord) -> ApiKey {
         revoked_at: opt_timestamp(k.revoked_at_us),
         last_used_at: opt_timestamp(k.last_used_at_us),
         previous_secret_expires_at: opt_timestamp(k.previous_expires_at_us),
+        limits: Some(limits_to_pb(k.limits)),
         key_id: k.key_id,
         tenant_id: k.tenant_id,
         name: k.name,
@@ -289,6 +294,7 @@ impl TenantAdmin for TenantAdminApi {
             },
             scopes: r.scopes,
             expires_at_us,
+            limits: limits_from_pb(r.limits)?,
         };
         let issued = self
             .tenancy
@@ -324,6 +330,21 @@ impl TenantAdmin for TenantAdminApi {
         let key = self
             .tenancy
             .revoke_key(&actor, &request.into_inner().key_id)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(key_to_pb(key)))
+    }
+
+    async fn update_api_key(
+        &self,
+        request: Request<pb::UpdateApiKeyRequest>,
+    ) -> Result<Response<ApiKey>, Status> {
+        let actor = principal(&request)?.actor();
+        let r = request.into_inner();
+        let patch = limits_from_pb(r.limits)?;
+        let key = self
+            .tenancy
+            .update_key_limits(&actor, &r.key_id, patch, &r.clear_limits)
             .await
             .map_err(|e| to_status(&e))?;
         Ok(Response::new(key_to_pb(key)))

@@ -261,6 +261,7 @@ impl Authenticator {
             scheduling_weight: u32::try_from(record.scheduling_weight).unwrap_or(1),
             price_plan: record.price_plan.clone(),
             limits: record.limits(),
+            key_limits: record.key_limits(),
             // The schema allows only the values `parse` knows.
             cache_scope: crate::tenancy::CacheScope::parse(&record.cache_scope).unwrap_or_default(),
         }))

@@ -24,6 +24,8 @@ pub struct TenantPrincipal {
     pub price_plan: String,
     /// The tenant's limits as of the key lookup (at most `auth.cache_ttl` old).
     pub limits: Limits,
+    /// The key's own limits, which a request must pass too.
+    pub key_limits: Limits,
     /// Whose cached prompt prefixes its requests may reuse.
     pub cache_scope: CacheScope,
 }

@@ -367,6 +367,8 @@ pub async fn earliest_draft(
 #[derive(Debug, Clone)]
 pub struct UsageWindow<'a> {
     pub tenant_id: &'a str,
+    /// Only this key's usage; "" for the whole tenant's.
+    pub key_id: &'a str,
     pub finished_from: i64,
     pub finished_to: i64,
     pub recorded_from: i64,
@@ -418,7 +420,7 @@ pub async fn usage_groups(
     if starts.len() > 1 {
         bucket.push_str("CASE");
         for i in (1..starts.len()).rev() {
-            bucket.push_str(&format!(" WHEN finished_at_us >= ${} THEN {i}", 5 + i));
+            bucket.push_str(&format!(" WHEN finished_at_us >= ${} THEN {i}", 6 + i));
         }
         bucket.push_str(" ELSE 0 END");
     } else {
@@ -432,14 +434,16 @@ pub async fn usage_groups(
          CAST(SUM(completion_tokens) AS BIGINT) AS completion_tokens, \
          CAST(SUM(energy_mj) AS BIGINT) AS energy_mj \
          FROM usage_events WHERE tenant_id = $1 AND finished_at_us >= $2 AND finished_at_us < $3 \
-         AND recorded_at_us >= $4 AND recorded_at_us < $5 GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
+         AND recorded_at_us >= $4 AND recorded_at_us < $5 AND ($6 = '' OR key_id = $6) \
+         GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
     );
     let mut query = sqlx::query_as::<_, GroupRow>(&sql)
         .bind(w.tenant_id)
         .bind(w.finished_from)
         .bind(w.finished_to)
         .bind(w.recorded_from)
-        .bind(w.recorded_to);
+        .bind(w.recorded_to)
+        .bind(w.key_id);
     for start in starts.iter().skip(1) {
         query = query.bind(*start);
     }

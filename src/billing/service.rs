@@ -300,6 +300,7 @@ impl BillingService {
         let recorded_to = recorded_before.unwrap_or(i64::MAX);
         let own = UsageWindow {
             tenant_id: &row.tenant_id,
+            key_id: "",
             finished_from: period.start_us(),
             finished_to: period.end_us(),
             recorded_from: i64::MIN,
@@ -314,6 +315,7 @@ impl BillingService {
             let previous = repo::previous_finalized(conn, &row.tenant_id, &row.period).await?;
             let late = UsageWindow {
                 tenant_id: &row.tenant_id,
+                key_id: "",
                 finished_from: i64::MIN,
                 finished_to: period.start_us(),
                 recorded_from: previous.map_or(i64::MIN, |(_, at)| at),
@@ -472,6 +474,32 @@ impl BillingService {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// One API key's spend this month, exact to the nano: its usage finished
+    /// this month, priced as the draft's lines are (before their rounding).
+    /// What a key's budget counts from.
+    pub async fn key_month_spend(
+        &self,
+        tenant_id: &str,
+        key_id: &str,
+    ) -> Result<i64, BillingError> {
+        let mut conn = self.db.pool().acquire().await?;
+        let tenant = Self::tenant(&mut conn, tenant_id).await?;
+        let (book, currency) = Self::price_book(&mut conn, &tenant.price_plan).await?;
+        let period = Period::of_us(now_us());
+        let window = UsageWindow {
+            tenant_id,
+            key_id,
+            finished_from: period.start_us(),
+            finished_to: period.end_us(),
+            recorded_from: i64::MIN,
+            recorded_to: i64::MAX,
+        };
+        let starts = Self::bucket_starts(window.finished_from, window.finished_to, &book);
+        let groups = repo::usage_groups(&mut conn, &window, &starts).await?;
+        let lines = invoice::price_lines(&groups, false, &book, currency, 1)?;
+        invoice::exact_total(&lines)
     }
 
     /// Invoice headers (without lines), by id, one page.

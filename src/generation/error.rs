@@ -18,6 +18,9 @@ pub enum GenerationError {
     Invalid { field: String, problem: String },
     #[error(transparent)]
     Limit(#[from] LimitError),
+    /// The API key's own limit, inside the tenant's.
+    #[error("{}", .0.message_for("API key"))]
+    KeyLimit(LimitError),
     #[error(transparent)]
     Claim(#[from] ClaimError),
     #[error(transparent)]
@@ -54,7 +57,7 @@ impl GenerationError {
 
     fn inner(&self) -> Option<&dyn Classified> {
         match self {
-            GenerationError::Limit(e) => Some(e),
+            GenerationError::Limit(e) | GenerationError::KeyLimit(e) => Some(e),
             GenerationError::Claim(e) => Some(e),
             GenerationError::Serving(e) => Some(e),
             GenerationError::Metering(e) => Some(e),
@@ -83,7 +86,12 @@ impl Classified for GenerationError {
     }
 
     fn quota_violation(&self) -> Option<(&'static str, String)> {
-        self.inner().and_then(Classified::quota_violation)
+        match self {
+            GenerationError::KeyLimit(e) => e
+                .quota_violation()
+                .map(|(subject, _)| (subject, e.message_for("API key"))),
+            _ => self.inner().and_then(Classified::quota_violation),
+        }
     }
 
     fn field(&self) -> Option<&str> {

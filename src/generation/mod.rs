@@ -116,15 +116,35 @@ impl Generation {
         Ok(headroom)
     }
 
+    /// Admits against the key's own limits first, then the tenant's; a
+    /// tenant refusal hands the key's reservation back.
     async fn admit(
         &self,
         tenant: &TenantPrincipal,
         cost: LimitCost,
     ) -> Result<Permit, GenerationError> {
-        Ok(self
+        let key = match tenant.key_limits.is_empty() {
+            true => None,
+            false => Some(
+                self.limiter
+                    .admit(&key_subject(tenant), &tenant.key_limits, cost)
+                    .await
+                    .map_err(GenerationError::KeyLimit)?,
+            ),
+        };
+        match self
             .limiter
             .admit(&tenant.tenant_id, &tenant.limits, cost)
-            .await?)
+            .await
+        {
+            Ok(permit) => Ok(permit.with_inner(key)),
+            Err(refused) => {
+                if let Some(key) = key {
+                    key.settle(Used::NOTHING).await;
+                }
+                Err(refused.into())
+            }
+        }
     }
 
     /// A request refused before admission still counts against the
@@ -357,7 +377,7 @@ impl Generation {
         prompt: &[u32],
         params: &SamplingParams,
     ) -> Result<(u64, Option<SpendMeter>), GenerationError> {
-        if tenant.limits.monthly_budget.is_none() {
+        if tenant.limits.monthly_budget.is_none() && tenant.key_limits.monthly_budget.is_none() {
             return Ok((0, None));
         }
         let plan = prices.cloned().ok_or(GenerationError::BudgetUnpriced)?;
@@ -488,6 +508,17 @@ impl Running {
             total_time_us: usage.total_time_us,
         }
     }
+}
+
+/// The limiter subject of a tenant's API key: its own counters, apart from
+/// the tenant's (tenant ids are UUIDs, so the two never meet).
+pub fn key_subject(tenant: &TenantPrincipal) -> String {
+    format!("key:{}/{}", tenant.tenant_id, tenant.key_id)
+}
+
+/// The tenant and key of a subject made by [`key_subject`].
+pub fn parse_key_subject(subject: &str) -> Option<(&str, &str)> {
+    subject.strip_prefix("key:")?.split_once('/')
 }
 
 /// What a finished job used, in the units prices are per: the one

@@ -37,13 +37,13 @@ impl LimitKind {
 
 #[derive(Debug, thiserror::Error)]
 pub enum LimitError {
-    #[error("tenant limit `{}` reached; retry in {}", kind.field(), humantime::format_duration(*retry_after))]
+    #[error("{}", self.message_for("tenant"))]
     Exceeded {
         kind: LimitKind,
         retry_after: Duration,
     },
     /// A single request that no amount of waiting would admit.
-    #[error("the request needs {needed} tokens but the tenant's `{}` is {limit}", kind.field())]
+    #[error("{}", self.message_for("tenant"))]
     TooLarge {
         kind: LimitKind,
         needed: u64,
@@ -52,6 +52,30 @@ pub enum LimitError {
     /// Redis is unreachable and the policy is `fail_closed`.
     #[error("the shared limit store is unavailable: {0}")]
     Unavailable(String),
+}
+
+impl LimitError {
+    /// The refusal, saying whose limit it was ("tenant", "API key").
+    pub fn message_for(&self, owner: &str) -> String {
+        match self {
+            LimitError::Exceeded { kind, retry_after } => format!(
+                "{owner} limit `{}` reached; retry in {}",
+                kind.field(),
+                humantime::format_duration(*retry_after)
+            ),
+            LimitError::TooLarge {
+                kind,
+                needed,
+                limit,
+            } => format!(
+                "the request needs {needed} tokens but the {owner}'s `{}` is {limit}",
+                kind.field()
+            ),
+            LimitError::Unavailable(reason) => {
+                format!("the shared limit store is unavailable: {reason}")
+            }
+        }
+    }
 }
 
 impl Classified for LimitError {

@@ -294,6 +294,8 @@ pub struct Permit {
     tenant_id: String,
     grant: Option<Grant>,
     headroom: Headroom,
+    /// The API key's own permit, settled with this one.
+    inner: Option<Box<Permit>>,
 }
 
 impl Limiter {
@@ -515,6 +517,7 @@ impl Limiter {
             tenant_id: tenant_id.to_owned(),
             grant: Some(grant),
             headroom,
+            inner: None,
         }
     }
 
@@ -835,6 +838,13 @@ impl Permit {
         self.headroom
     }
 
+    /// Carries `inner` (an API key's permit) with this one: settled with the
+    /// same use when this one is, or dropped with it.
+    pub fn with_inner(mut self, inner: Option<Permit>) -> Permit {
+        self.inner = inner.map(Box::new);
+        self
+    }
+
     /// The grant, taken once: the request it admitted has ended.
     fn end(&mut self) -> Option<(String, Grant)> {
         let grant = self.grant.take()?;
@@ -848,6 +858,9 @@ impl Permit {
     /// used. Tokens beyond the reservation are not charged here; spend is
     /// counted exactly, even past its reservation.
     pub async fn settle(mut self, used: Used) {
+        if let Some(inner) = self.inner.take() {
+            inner.settle_detached(used);
+        }
         if let Some((tenant_id, grant)) = self.end() {
             let settlement = Settlement {
                 tenant_id,
@@ -863,6 +876,9 @@ impl Permit {
     /// task (a worker waits only if that task's queue is full), both with
     /// exactly what was used.
     pub fn settle_detached(mut self, used: Used) {
+        if let Some(inner) = self.inner.take() {
+            inner.settle_detached(used);
+        }
         match self.end() {
             Some((tenant_id, Grant::Local(grant))) => {
                 self.limiter.local.settle(&tenant_id, &grant, used);

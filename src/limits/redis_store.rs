@@ -78,14 +78,20 @@ end
 
 local remaining = -1
 if interval > 0 then
-  local tat = tonumber(redis.call('GET', KEYS[1])) or now
+  -- The state remembers the rate it was kept under: a changed rate starts
+  -- afresh, as the in-process limiter does, so a raised limit applies at
+  -- once instead of inheriting the old rate's debt.
+  local g = redis.call('HMGET', KEYS[1], 'tat', 'interval', 'burst')
+  local tat = tonumber(g[1]) or now
+  if tonumber(g[2]) ~= interval or tonumber(g[3]) ~= burst then tat = now end
   if tat < now then tat = now end
   local new_tat = tat + interval
   local allow_at = new_tat - burst * interval
   if now < allow_at then
     return {1, allow_at - now, 0, -1}
   end
-  redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1000)
+  redis.call('HSET', KEYS[1], 'tat', string.format('%.0f', new_tat), 'interval', ARGV[1], 'burst', ARGV[2])
+  redis.call('PEXPIRE', KEYS[1], math.ceil((new_tat - now) / 1000) + 1000)
   remaining = math.floor((burst * interval - (new_tat - now)) / interval)
 end
 
@@ -383,7 +389,8 @@ impl RedisLimits {
         let mut connection = self.connection.clone();
         let (outcome, wait_us, remaining, tokens_left): (i64, i64, i64, i64) = self
             .admit
-            .key(self.key(tenant_id, "rate"))
+            // A hash (the string "rate" of earlier versions expires by itself).
+            .key(self.key(tenant_id, "gcra"))
             .key(self.key(tenant_id, "leases"))
             .key(self.key(tenant_id, "tpm"))
             .key(self.key(tenant_id, &format!("quota:{month}")))

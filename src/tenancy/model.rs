@@ -90,6 +90,11 @@ impl Budget {
 }
 
 impl Limits {
+    /// Whether no limit of any kind is set.
+    pub fn is_empty(&self) -> bool {
+        *self == Limits::default()
+    }
+
     /// The slowest request rate a tenant may have: one request per day.
     pub const MIN_REQUESTS_PER_SECOND: f64 = 1.0 / 86_400.0;
     /// The fastest: far above what one gateway serves, low enough that the
@@ -181,6 +186,8 @@ pub struct ApiKeyRecord {
     pub revoked_at_us: Option<i64>,
     pub last_used_at_us: Option<i64>,
     pub previous_expires_at_us: Option<i64>,
+    /// The key's own limits, inside its tenant's (no token quota per key).
+    pub limits: Limits,
 }
 
 #[derive(Debug, Clone)]
@@ -189,6 +196,8 @@ pub struct NewApiKey {
     /// Empty: `inference` only.
     pub scopes: Vec<String>,
     pub expires_at_us: Option<i64>,
+    /// The key's own limits, inside its tenant's.
+    pub limits: Limits,
 }
 
 /// A key just created or rotated: the record, and the full key, which exists

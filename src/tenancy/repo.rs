@@ -250,10 +250,38 @@ struct KeyRow {
     revoked_at_us: Option<i64>,
     last_used_at_us: Option<i64>,
     previous_expires_at_us: Option<i64>,
+    requests_per_second: Option<f64>,
+    burst: Option<i64>,
+    tokens_per_minute: Option<i64>,
+    max_concurrent_requests: Option<i64>,
+    monthly_budget_nanos: Option<i64>,
+    monthly_budget_currency: Option<String>,
 }
 
 const KEY_COLUMNS: &str = "key_id, tenant_id, name, scopes, created_at_us, expires_at_us, \
-     revoked_at_us, last_used_at_us, previous_expires_at_us";
+     revoked_at_us, last_used_at_us, previous_expires_at_us, requests_per_second, burst, \
+     tokens_per_minute, max_concurrent_requests, monthly_budget_nanos, monthly_budget_currency";
+
+/// Limits as stored in a row's columns (the checks keep them in range).
+fn stored_limits(
+    requests_per_second: Option<f64>,
+    burst: Option<i64>,
+    tokens_per_minute: Option<i64>,
+    max_concurrent_requests: Option<i64>,
+    monthly_token_quota: Option<i64>,
+    budget: Option<Budget>,
+) -> Limits {
+    let u32_of = |v: i64| u32::try_from(v).unwrap_or(u32::MAX);
+    let u64_of = |v: i64| u64::try_from(v).unwrap_or(0);
+    Limits {
+        requests_per_second,
+        burst: burst.map(u32_of),
+        tokens_per_minute: tokens_per_minute.map(u64_of),
+        max_concurrent_requests: max_concurrent_requests.map(u32_of),
+        monthly_token_quota: monthly_token_quota.map(u64_of),
+        monthly_budget: budget,
+    }
+}
 
 pub(crate) fn parse_scopes(text: &str) -> Vec<Scope> {
     text.split_whitespace().filter_map(Scope::parse).collect()
@@ -279,6 +307,14 @@ impl From<KeyRow> for ApiKeyRecord {
             revoked_at_us: row.revoked_at_us,
             last_used_at_us: row.last_used_at_us,
             previous_expires_at_us: row.previous_expires_at_us,
+            limits: stored_limits(
+                row.requests_per_second,
+                row.burst,
+                row.tokens_per_minute,
+                row.max_concurrent_requests,
+                None,
+                budget_of(row.monthly_budget_nanos, row.monthly_budget_currency),
+            ),
         }
     }
 }
@@ -299,6 +335,43 @@ pub async fn insert_key(
     .bind(secret_hash)
     .bind(key.created_at_us)
     .bind(key.expires_at_us)
+    .execute(&mut *conn)
+    .await?;
+    update_key_limits(conn, &key.key_id, &key.limits).await
+}
+
+/// Writes a key's limit columns.
+pub async fn update_key_limits(
+    conn: &mut AnyConnection,
+    key_id: &str,
+    limits: &Limits,
+) -> Result<(), TenancyError> {
+    sqlx::query(
+        "UPDATE api_keys SET requests_per_second = $2, burst = $3, tokens_per_minute = $4, \
+         max_concurrent_requests = $5, monthly_budget_nanos = $6, \
+         monthly_budget_currency = $7 WHERE key_id = $1",
+    )
+    // Not a cached statement: through sqlx's Any driver PostgreSQL would
+    // keep the parameter types of the first execution, where an unset
+    // limit's NULL carried no float type, and refuse a later rate.
+    .persistent(false)
+    .bind(key_id)
+    .bind(limits.requests_per_second)
+    .bind(limits.burst.map(i64::from))
+    .bind(limits.tokens_per_minute.map(to_i64))
+    .bind(limits.max_concurrent_requests.map(i64::from))
+    .bind(
+        limits
+            .monthly_budget
+            .as_ref()
+            .map(|b| to_i64(b.amount_nanos)),
+    )
+    .bind(
+        limits
+            .monthly_budget
+            .as_ref()
+            .map(|b| b.currency_code.clone()),
+    )
     .execute(&mut *conn)
     .await?;
     Ok(())
@@ -395,24 +468,43 @@ pub struct KeyForAuth {
     pub monthly_budget_nanos: Option<i64>,
     pub monthly_budget_currency: Option<String>,
     pub cache_scope: String,
+    pub key_requests_per_second: Option<f64>,
+    pub key_burst: Option<i64>,
+    pub key_tokens_per_minute: Option<i64>,
+    pub key_max_concurrent_requests: Option<i64>,
+    pub key_monthly_budget_nanos: Option<i64>,
+    pub key_monthly_budget_currency: Option<String>,
 }
 
 impl KeyForAuth {
     /// The tenant's limits as stored (the checks keep them in range).
     pub fn limits(&self) -> Limits {
-        let u32_of = |v: i64| u32::try_from(v).unwrap_or(u32::MAX);
-        let u64_of = |v: i64| u64::try_from(v).unwrap_or(0);
-        Limits {
-            requests_per_second: self.requests_per_second,
-            burst: self.burst.map(u32_of),
-            tokens_per_minute: self.tokens_per_minute.map(u64_of),
-            max_concurrent_requests: self.max_concurrent_requests.map(u32_of),
-            monthly_token_quota: self.monthly_token_quota.map(u64_of),
-            monthly_budget: budget_of(
+        stored_limits(
+            self.requests_per_second,
+            self.burst,
+            self.tokens_per_minute,
+            self.max_concurrent_requests,
+            self.monthly_token_quota,
+            budget_of(
                 self.monthly_budget_nanos,
                 self.monthly_budget_currency.clone(),
             ),
-        }
+        )
+    }
+
+    /// The key's own limits as stored.
+    pub fn key_limits(&self) -> Limits {
+        stored_limits(
+            self.key_requests_per_second,
+            self.key_burst,
+            self.key_tokens_per_minute,
+            self.key_max_concurrent_requests,
+            None,
+            budget_of(
+                self.key_monthly_budget_nanos,
+                self.key_monthly_budget_currency.clone(),
+            ),
+        )
     }
 }
 
@@ -426,7 +518,12 @@ pub async fn key_for_auth(
          t.status AS tenant_status, t.price_plan, t.scheduling_weight, t.requests_per_second, \
          t.burst, \
          t.tokens_per_minute, t.max_concurrent_requests, t.monthly_token_quota, \
-         t.monthly_budget_nanos, t.monthly_budget_currency, t.cache_scope \
+         t.monthly_budget_nanos, t.monthly_budget_currency, t.cache_scope, \
+         k.requests_per_second AS key_requests_per_second, k.burst AS key_burst, \
+         k.tokens_per_minute AS key_tokens_per_minute, \
+         k.max_concurrent_requests AS key_max_concurrent_requests, \
+         k.monthly_budget_nanos AS key_monthly_budget_nanos, \
+         k.monthly_budget_currency AS key_monthly_budget_currency \
          FROM api_keys k JOIN tenants t ON t.id = k.tenant_id WHERE k.key_id = $1",
     )
     .bind(key_id)

@@ -8,7 +8,8 @@ use secrecy::ExposeSecret;
 use serde::Serialize;
 
 use super::model::{
-    ApiKeyRecord, AuditEvent, IssuedKey, NewApiKey, NewTenant, Tenant, TenantPatch, TenantStatus,
+    ApiKeyRecord, AuditEvent, IssuedKey, Limits, NewApiKey, NewTenant, Tenant, TenantPatch,
+    TenantStatus,
 };
 use super::page::{Page, PageRequest};
 use super::repo::{self, KeyForAuth};
@@ -269,6 +270,8 @@ impl TenancyService {
         }
         let mut tx = self.db.begin_write().await?;
         let owner = Self::live_tenant(&mut tx, tenant).await?;
+        let mut limits = new.limits;
+        Self::check_key_limits(&mut tx, &owner, &mut limits).await?;
         let key_id = key::new_key_id()?;
         let (full_key, hash) = key::new_secret(&key_id)?;
         let record = ApiKeyRecord {
@@ -281,6 +284,7 @@ impl TenancyService {
             revoked_at_us: None,
             last_used_at_us: None,
             previous_expires_at_us: None,
+            limits,
         };
         repo::insert_key(&mut tx, &record, &hash.to_hex()).await?;
         let event = Self::audit::<(), _>(
@@ -294,6 +298,85 @@ impl TenancyService {
         repo::insert_audit(&mut tx, &event).await?;
         tx.commit().await?;
         Ok(IssuedKey { record, full_key })
+    }
+
+    /// A key's limits checked as a tenant's are (plus: no token quota per
+    /// key), its budget in the tenant's plan's currency.
+    async fn check_key_limits(
+        conn: &mut sqlx::AnyConnection,
+        owner: &Tenant,
+        limits: &mut Limits,
+    ) -> Result<(), TenancyError> {
+        if limits.monthly_token_quota.is_some() {
+            return Err(TenancyError::invalid(
+                "limits.monthly_token_quota",
+                "not available per key; set it on the tenant",
+            ));
+        }
+        validate::limits(limits)?;
+        let currency = repo::plan_currency(conn, &owner.price_plan)
+            .await?
+            .unwrap_or_default();
+        validate::budget_currency(limits, &currency, false)
+    }
+
+    /// Sets the kinds of limit `patch` has on a key, keeps the others, then
+    /// clears the named kinds; applies at once on this node (its cached
+    /// lookups are dropped).
+    pub async fn update_key_limits(
+        &self,
+        actor: &str,
+        key_id: &str,
+        patch: Limits,
+        clear: &[String],
+    ) -> Result<ApiKeyRecord, TenancyError> {
+        let mut tx = self.db.begin_write().await?;
+        let before = repo::fetch_key(&mut tx, key_id)
+            .await?
+            .filter(|k| k.revoked_at_us.is_none())
+            .ok_or_else(|| TenancyError::NotFound(format!("live key {key_id:?}")))?;
+        let owner = Self::live_tenant(&mut tx, &before.tenant_id).await?;
+        let mut after = before.clone();
+        let kept = &before.limits;
+        after.limits = Limits {
+            requests_per_second: patch.requests_per_second.or(kept.requests_per_second),
+            burst: patch.burst.or(kept.burst),
+            tokens_per_minute: patch.tokens_per_minute.or(kept.tokens_per_minute),
+            max_concurrent_requests: patch
+                .max_concurrent_requests
+                .or(kept.max_concurrent_requests),
+            monthly_token_quota: patch.monthly_token_quota,
+            monthly_budget: patch.monthly_budget.or_else(|| kept.monthly_budget.clone()),
+        };
+        validate::clear_limits(&mut after.limits, clear)?;
+        Self::check_key_limits(&mut tx, &owner, &mut after.limits).await?;
+        repo::update_key_limits(&mut tx, key_id, &after.limits).await?;
+        self.commit_key_change(tx, actor, "key.update", &before, after)
+            .await
+    }
+
+    /// Audits a key's change, commits it and drops this node's cached
+    /// lookups of the key.
+    async fn commit_key_change(
+        &self,
+        mut tx: sqlx::Transaction<'static, sqlx::Any>,
+        actor: &str,
+        action: &str,
+        before: &ApiKeyRecord,
+        after: ApiKeyRecord,
+    ) -> Result<ApiKeyRecord, TenancyError> {
+        let event = Self::audit(
+            actor,
+            action,
+            &after.key_id,
+            &after.tenant_id,
+            Some(before),
+            &after,
+        );
+        repo::insert_audit(&mut tx, &event).await?;
+        tx.commit().await?;
+        self.notify_key(&after.key_id);
+        Ok(after)
     }
 
     pub async fn list_keys(
@@ -328,18 +411,8 @@ impl TenancyService {
         }
         repo::revoke_key(&mut tx, key_id, now_us()).await?;
         let after = Self::existing_key(&mut tx, key_id).await?;
-        let event = Self::audit(
-            actor,
-            "key.revoke",
-            key_id,
-            &after.tenant_id,
-            Some(&before),
-            &after,
-        );
-        repo::insert_audit(&mut tx, &event).await?;
-        tx.commit().await?;
-        self.notify_key(key_id);
-        Ok(after)
+        self.commit_key_change(tx, actor, "key.revoke", &before, after)
+            .await
     }
 
     /// A new secret under the same key id; the old one works for `overlap`.

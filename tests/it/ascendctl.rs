@@ -388,3 +388,72 @@ async fn monthly_budgets_from_the_command_line() {
     assert!(cleared["monthly_budget"].is_null(), "{cleared}");
     gateway.stop().await.expect("clean stop");
 }
+
+/// Per-key limits from the command line: set at creation, changed and
+/// cleared with `key update`, shown by `key list`.
+#[tokio::test]
+async fn key_limits_from_the_command_line() {
+    let gateway = TestGateway::start().await;
+    let token = Some(ADMIN_TOKEN);
+    stdout(&ascendctl(&gateway, token, &["tenant", "create", "keyed"]).await);
+    let issued = json(
+        &ascendctl(
+            &gateway,
+            token,
+            &[
+                "-o",
+                "json",
+                "key",
+                "create",
+                "keyed",
+                "--rps",
+                "2",
+                "--burst",
+                "4",
+                "--monthly-budget",
+                "1.50",
+            ],
+        )
+        .await,
+    );
+    let key = &issued["key"];
+    assert_eq!(key["requests_per_second"], 2.0, "{issued}");
+    assert_eq!(key["burst"], 4);
+    assert_eq!(key["monthly_budget"]["amount"], "1.50");
+    let key_id = key["key_id"].as_str().expect("key id").to_owned();
+    let updated = json(
+        &ascendctl(
+            &gateway,
+            token,
+            &[
+                "-o",
+                "json",
+                "key",
+                "update",
+                &key_id,
+                "--max-concurrent",
+                "3",
+                "--clear-limit",
+                "monthly_budget",
+            ],
+        )
+        .await,
+    );
+    assert_eq!(updated["max_concurrent_requests"], 3, "{updated}");
+    assert_eq!(updated["requests_per_second"], 2.0, "kept: {updated}");
+    assert!(updated["monthly_budget"].is_null(), "{updated}");
+    let table = stdout(&ascendctl(&gateway, token, &["key", "list", "keyed"]).await);
+    assert!(table.contains("2 rps (burst 4), 3 at once"), "{table}");
+    let output = ascendctl(
+        &gateway,
+        token,
+        &["key", "update", &key_id, "--monthly-quota", "100"],
+    )
+    .await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success() && stderr.contains("limits.monthly_token_quota"),
+        "{stderr}"
+    );
+    gateway.stop().await.expect("clean stop");
+}

@@ -16,6 +16,7 @@ mod hostile;
 mod hosts;
 mod http;
 mod idempotency;
+mod key_limits;
 mod limits;
 mod metering;
 mod prefix_cache;

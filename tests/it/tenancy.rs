@@ -34,6 +34,7 @@ async fn create_key(channel: &Channel, tenant: &str, scopes: &[&str]) -> (String
             name: "test".to_owned(),
             scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
             expires_at: None,
+            limits: None,
         }))
         .await
         .expect("create key")

@@ -228,6 +228,18 @@ pub enum KeyCommand {
         /// Expire after this long, e.g. 90d
         #[arg(long, value_parser = humantime::parse_duration)]
         expires_in: Option<Duration>,
+        /// The key's own limits, inside its tenant's (no --monthly-quota per key)
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
+    /// Set a key's own limits (the flags given; the others are kept).
+    Update {
+        key_id: String,
+        #[command(flatten)]
+        limits: LimitArgs,
+        /// Remove a limit kind (a TenantLimits field, e.g. requests_per_second, monthly_budget); repeatable
+        #[arg(long = "clear-limit", value_name = "LIMIT")]
+        clear_limits: Vec<String>,
     },
     /// List a tenant's keys.
     List {
@@ -479,6 +491,7 @@ async fn key(ctx: &Ctx, command: KeyCommand) -> anyhow::Result<()> {
             name,
             scopes,
             expires_in,
+            limits,
         } => {
             let expires_at =
                 expires_in.map(|ttl| prost_types::Timestamp::from(SystemTime::now() + ttl));
@@ -488,6 +501,7 @@ async fn key(ctx: &Ctx, command: KeyCommand) -> anyhow::Result<()> {
                     name,
                     scopes,
                     expires_at,
+                    limits: Some(limits.over(TenantLimits::default())?),
                 })?)
                 .await
                 .map_err(|s| ctx.rpc_error(s))?
@@ -516,6 +530,22 @@ async fn key(ctx: &Ctx, command: KeyCommand) -> anyhow::Result<()> {
             })
             .await?;
             output::keys(ctx.output, keys)
+        }
+        KeyCommand::Update {
+            key_id,
+            limits,
+            clear_limits,
+        } => {
+            let key = client
+                .update_api_key(ctx.admin(ascend_gateway::api::pb::v1::UpdateApiKeyRequest {
+                    key_id,
+                    limits: Some(limits.over(TenantLimits::default())?),
+                    clear_limits,
+                })?)
+                .await
+                .map_err(|s| ctx.rpc_error(s))?
+                .into_inner();
+            output::keys(ctx.output, vec![key])
         }
         KeyCommand::Revoke { key_id } => {
             let key = client

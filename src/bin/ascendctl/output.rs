@@ -100,11 +100,23 @@ struct KeyView {
     revoked_at: Option<String>,
     last_used_at: Option<String>,
     previous_secret_expires_at: Option<String>,
+    /// The key's own limits (inside its tenant's).
+    requests_per_second: Option<f64>,
+    burst: Option<u32>,
+    tokens_per_minute: Option<u64>,
+    max_concurrent_requests: Option<u32>,
+    monthly_budget: Option<MoneyView>,
 }
 
 impl From<ApiKey> for KeyView {
     fn from(k: ApiKey) -> KeyView {
+        let limits = k.limits.clone().unwrap_or_default();
         KeyView {
+            requests_per_second: limits.requests_per_second,
+            burst: limits.burst,
+            tokens_per_minute: limits.tokens_per_minute,
+            max_concurrent_requests: limits.max_concurrent_requests,
+            monthly_budget: money_view(limits.monthly_budget.as_ref()),
             created_at: time(k.created_at.as_ref()),
             expires_at: time(k.expires_at.as_ref()),
             revoked_at: time(k.revoked_at.as_ref()),
@@ -210,6 +222,7 @@ pub fn keys(output: Output, keys: Vec<ApiKey>) -> anyhow::Result<()> {
     let rows = views
         .into_iter()
         .map(|k| {
+            let limits = key_limits_text(&k);
             vec![
                 k.key_id,
                 k.name,
@@ -218,6 +231,7 @@ pub fn keys(output: Output, keys: Vec<ApiKey>) -> anyhow::Result<()> {
                 or_dash(k.expires_at),
                 or_dash(k.revoked_at),
                 or_dash(k.last_used_at),
+                limits,
             ]
         })
         .collect();
@@ -230,10 +244,33 @@ pub fn keys(output: Output, keys: Vec<ApiKey>) -> anyhow::Result<()> {
             "EXPIRES",
             "REVOKED",
             "LAST USED",
+            "KEY LIMITS",
         ],
         rows,
     );
     Ok(())
+}
+
+/// A key's own limits in a few words, "-" for none.
+fn key_limits_text(k: &KeyView) -> String {
+    let mut parts = Vec::new();
+    if let Some(rps) = k.requests_per_second {
+        parts.push(format!("{rps} rps (burst {})", k.burst.unwrap_or(1)));
+    }
+    if let Some(tpm) = k.tokens_per_minute {
+        parts.push(format!("{tpm} tokens/min"));
+    }
+    if let Some(n) = k.max_concurrent_requests {
+        parts.push(format!("{n} at once"));
+    }
+    if let Some(budget) = &k.monthly_budget {
+        parts.push(format!("{} {}/month", budget.amount, budget.currency_code));
+    }
+    if parts.is_empty() {
+        "-".to_owned()
+    } else {
+        parts.join(", ")
+    }
 }
 
 /// A new key: the only time the secret is shown.
