@@ -55,6 +55,7 @@ fn setup() -> Setup {
                     scheduling_weight: None,
                     limits: Limits::default(),
                     cache_scope: None,
+                    budget_alerts: None,
                 },
             )
             .await

@@ -81,10 +81,16 @@ fn limits_to_pb(limits: Limits) -> pb::TenantLimits {
     }
 }
 
+/// Thresholds given; empty means the gateway's default (`None`).
+fn alerts_from_pb(alerts: pb::BudgetAlerts) -> Option<Vec<u32>> {
+    (!alerts.percents.is_empty()).then_some(alerts.percents)
+}
+
 fn tenant_to_pb(t: Tenant) -> pb::Tenant {
     pb::Tenant {
         status: status_to_pb(t.status).into(),
         limits: Some(limits_to_pb(t.limits)),
+        budget_alert_percents: t.budget_alerts.unwrap_or_default(),
         created_at: Some(timestamp(t.created_at_us)),
         updated_at: Some(timestamp(t.updated_at_us)),
         id: t.id,
@@ -165,6 +171,7 @@ impl TenantAdmin for TenantAdminApi {
             scheduling_weight: r.scheduling_weight,
             limits: limits_from_pb(r.limits)?,
             cache_scope: cache_scope_from_pb(r.cache_scope)?,
+            budget_alerts: r.budget_alerts.and_then(alerts_from_pb),
         };
         let tenant = self
             .tenancy
@@ -224,6 +231,7 @@ impl TenantAdmin for TenantAdminApi {
             limits: r.limits.map(|l| limits_from_pb(Some(l))).transpose()?,
             clear_limits: r.clear_limits,
             cache_scope: cache_scope_from_pb(r.cache_scope)?,
+            budget_alerts: r.budget_alerts.map(alerts_from_pb),
         };
         let tenant = self
             .tenancy

@@ -118,6 +118,9 @@ pub struct Tenant {
     pub scheduling_weight: u32,
     pub limits: Limits,
     pub cache_scope: CacheScope,
+    /// Percentages of the monthly budget that send
+    /// `budget.threshold_reached`; `None`: the gateway's default.
+    pub budget_alerts: Option<Vec<u32>>,
     pub created_at_us: i64,
     pub updated_at_us: i64,
 }
@@ -132,6 +135,8 @@ pub struct NewTenant {
     pub limits: Limits,
     /// `None`: [`CacheScope::Tenant`].
     pub cache_scope: Option<CacheScope>,
+    /// `None`: the gateway's default thresholds.
+    pub budget_alerts: Option<Vec<u32>>,
 }
 
 /// A partial update: `None` fields stay as they are.
@@ -145,6 +150,8 @@ pub struct TenantPatch {
     /// Limit kinds to remove, by API field name.
     pub clear_limits: Vec<String>,
     pub cache_scope: Option<CacheScope>,
+    /// `Some(None)`: back to the gateway's default thresholds.
+    pub budget_alerts: Option<Option<Vec<u32>>>,
 }
 
 /// What a key may do.

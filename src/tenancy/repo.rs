@@ -26,6 +26,7 @@ struct TenantRow {
     monthly_budget_nanos: Option<i64>,
     monthly_budget_currency: Option<String>,
     cache_scope: String,
+    budget_alert_percents: Option<String>,
     created_at_us: i64,
     updated_at_us: i64,
 }
@@ -33,7 +34,7 @@ struct TenantRow {
 const TENANT_COLUMNS: &str = "id, slug, display_name, status, status_reason, price_plan, \
      scheduling_weight, requests_per_second, burst, tokens_per_minute, \
      max_concurrent_requests, monthly_token_quota, monthly_budget_nanos, \
-     monthly_budget_currency, cache_scope, created_at_us, updated_at_us";
+     monthly_budget_currency, cache_scope, budget_alert_percents, created_at_us, updated_at_us";
 
 fn corrupt(what: &str) -> TenancyError {
     TenancyError::from(sqlx::Error::Decode(
@@ -80,6 +81,11 @@ impl TryFrom<TenantRow> for Tenant {
                     .transpose()?,
                 monthly_budget: budget_of(row.monthly_budget_nanos, row.monthly_budget_currency),
             },
+            budget_alerts: row
+                .budget_alert_percents
+                .as_deref()
+                .map(parse_percents)
+                .transpose()?,
             id: row.id,
             slug: row.slug,
             display_name: row.display_name,
@@ -89,6 +95,24 @@ impl TryFrom<TenantRow> for Tenant {
             updated_at_us: row.updated_at_us,
         })
     }
+}
+
+/// Stored alert percentages: "50 80 100".
+fn parse_percents(text: &str) -> Result<Vec<u32>, TenancyError> {
+    text.split_whitespace()
+        .map(|p| {
+            p.parse()
+                .map_err(|_| corrupt("tenants.budget_alert_percents"))
+        })
+        .collect()
+}
+
+fn join_percents(percents: &[u32]) -> String {
+    percents
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// The budget stored in a tenant row's two columns (both set or neither;
@@ -168,6 +192,7 @@ fn bind_mutable<'q>(query: AnyQuery<'q>, t: &'q Tenant) -> AnyQuery<'q> {
                 .as_ref()
                 .map(|b| b.currency_code.clone()),
         )
+        .bind(t.budget_alerts.as_deref().map(join_percents))
 }
 
 pub async fn insert_tenant(conn: &mut AnyConnection, t: &Tenant) -> Result<(), TenancyError> {
@@ -175,8 +200,8 @@ pub async fn insert_tenant(conn: &mut AnyConnection, t: &Tenant) -> Result<(), T
         "INSERT INTO tenants (id, slug, created_at_us, display_name, status, status_reason, \
          price_plan, scheduling_weight, requests_per_second, burst, tokens_per_minute, \
          max_concurrent_requests, monthly_token_quota, updated_at_us, cache_scope, \
-         monthly_budget_nanos, monthly_budget_currency) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
+         monthly_budget_nanos, monthly_budget_currency, budget_alert_percents) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)",
     )
     .bind(&t.id)
     .bind(&t.slug)
@@ -196,8 +221,8 @@ pub async fn update_tenant(conn: &mut AnyConnection, t: &Tenant) -> Result<(), T
         "UPDATE tenants SET display_name = $2, status = $3, status_reason = $4, price_plan = $5, \
          scheduling_weight = $6, requests_per_second = $7, burst = $8, tokens_per_minute = $9, \
          max_concurrent_requests = $10, monthly_token_quota = $11, updated_at_us = $12, \
-         cache_scope = $13, monthly_budget_nanos = $14, monthly_budget_currency = $15 \
-         WHERE id = $1",
+         cache_scope = $13, monthly_budget_nanos = $14, monthly_budget_currency = $15, \
+         budget_alert_percents = $16 WHERE id = $1",
     )
     .bind(&t.id);
     bind_mutable(query, t).execute(&mut *conn).await?;

@@ -91,6 +91,11 @@ impl TenancyService {
             scheduling_weight: weight,
             limits: new.limits,
             cache_scope: new.cache_scope.unwrap_or_default(),
+            budget_alerts: new
+                .budget_alerts
+                .as_deref()
+                .map(validate::budget_alerts)
+                .transpose()?,
             created_at_us: now,
             updated_at_us: now,
         };
@@ -163,6 +168,9 @@ impl TenancyService {
         }
         if let Some(scope) = patch.cache_scope {
             after.cache_scope = scope;
+        }
+        if let Some(alerts) = patch.budget_alerts {
+            after.budget_alerts = alerts.as_deref().map(validate::budget_alerts).transpose()?;
         }
         validate::clear_limits(&mut after.limits, &patch.clear_limits)?;
         validate::limits(&after.limits)?;

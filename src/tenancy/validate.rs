@@ -192,6 +192,34 @@ pub fn budget_currency(
     Ok(())
 }
 
+/// The most alert thresholds a tenant may have.
+pub const MAX_BUDGET_ALERTS: usize = 10;
+
+/// Budget alert percentages: 1 to 100, distinct, at most
+/// [`MAX_BUDGET_ALERTS`]; returned ascending.
+pub fn budget_alerts(percents: &[u32]) -> Result<Vec<u32>, TenancyError> {
+    const FIELD: &str = "budget_alerts.percents";
+    if percents.len() > MAX_BUDGET_ALERTS {
+        return Err(TenancyError::invalid(
+            FIELD,
+            format!("at most {MAX_BUDGET_ALERTS} thresholds"),
+        ));
+    }
+    let mut sorted = percents.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    if sorted.len() != percents.len() {
+        return Err(TenancyError::invalid(FIELD, "each percentage once"));
+    }
+    if let Some(bad) = sorted.iter().find(|p| !(1..=100).contains(*p)) {
+        return Err(TenancyError::invalid(
+            FIELD,
+            format!("{bad}: percentages of the budget, from 1 to 100"),
+        ));
+    }
+    Ok(sorted)
+}
+
 /// Removes the named limit kinds; unknown names are an error.
 pub fn clear_limits(limits: &mut Limits, names: &[String]) -> Result<(), TenancyError> {
     for name in names {

@@ -46,6 +46,7 @@ struct Watched {
     monthly_budget_nanos: Option<i64>,
     monthly_budget_currency: Option<String>,
     monthly_token_quota: Option<i64>,
+    budget_alert_percents: Option<String>,
 }
 
 pub struct Watcher {
@@ -84,7 +85,8 @@ impl Watcher {
             let mut conn = self.db.pool().acquire().await?;
             sqlx::query_as(
                 "SELECT t.id, t.monthly_budget_nanos, t.monthly_budget_currency, \
-                 t.monthly_token_quota FROM tenants t WHERE t.status = 'active' \
+                 t.monthly_token_quota, t.budget_alert_percents FROM tenants t \
+                 WHERE t.status = 'active' \
                  AND (t.monthly_budget_nanos IS NOT NULL OR t.monthly_token_quota IS NOT NULL) \
                  AND EXISTS (SELECT 1 FROM webhooks w WHERE w.deleted_at_us IS NULL \
                    AND (w.tenant_id IS NULL OR w.tenant_id = t.id) \
@@ -98,7 +100,15 @@ impl Watcher {
             if let (Some(budget), Some(currency)) =
                 (tenant.monthly_budget_nanos, &tenant.monthly_budget_currency)
             {
-                self.budget(&tenant.id, budget, currency).await?;
+                let thresholds = match &tenant.budget_alert_percents {
+                    Some(text) => text
+                        .split_whitespace()
+                        .filter_map(|p| p.parse().ok())
+                        .collect(),
+                    None => self.settings.budget_thresholds.clone(),
+                };
+                self.budget(&tenant.id, budget, currency, thresholds)
+                    .await?;
             }
             if let Some(quota) = tenant.monthly_token_quota {
                 self.quota(&tenant.id, quota).await?;
@@ -130,14 +140,15 @@ impl Watcher {
         Ok(())
     }
 
+    /// Records each of `thresholds` (percentages) the month's spend reached.
     async fn budget(
         &self,
         tenant_id: &str,
         budget: i64,
         currency: &str,
+        mut thresholds: Vec<u32>,
     ) -> Result<(), WebhookError> {
         let period = crate::billing::Period::of_us(now_us()).to_string();
-        let mut thresholds = self.settings.budget_thresholds.clone();
         thresholds.sort_unstable();
         let keys: Vec<String> = thresholds
             .iter()

@@ -156,7 +156,7 @@ async fn priced_tenant(channel: &Channel, slug: &str, only_price: Price) -> Stri
 
 /// Records small events (100 prompt, 10 completion tokens on an
 /// ascend-910b), one per (tenant, request id, model, finish time).
-async fn record(db: &Db, events: &[(&str, &str, &str, i64)]) {
+pub(crate) async fn record(db: &Db, events: &[(&str, &str, &str, i64)]) {
     let events: Vec<UsageEvent> = events
         .iter()
         .map(|(tenant, id, model, at)| event(tenant, id, model, "ascend-910b", *at))

@@ -192,6 +192,18 @@ fn quick_webhooks(settings: &mut ascend_gateway::config::Settings) {
     settings.webhooks.timeout = Duration::from_secs(2);
 }
 
+/// A gateway on the embedded default with quick webhook timings, then
+/// `configure`.
+async fn quick_gateway(
+    configure: impl FnOnce(&mut ascend_gateway::config::Settings),
+) -> TestGateway {
+    let data_dir = tempfile::tempdir().expect("data dir");
+    let mut settings = test_settings(&data_dir);
+    quick_webhooks(&mut settings);
+    configure(&mut settings);
+    TestGateway::start_with(settings, data_dir).await
+}
+
 fn threshold(post: &Received) -> u64 {
     post.json()["data"]["threshold_percent"]
         .as_u64()
@@ -375,11 +387,10 @@ async fn a_failed_delivery_is_retried_with_its_id_and_survives_a_kill_9() {
 #[tokio::test]
 async fn a_receiver_that_never_answers_holds_nothing_up() {
     let receiver = Receiver::start(StatusCode::OK, true).await;
-    let data_dir = tempfile::tempdir().expect("data dir");
-    let mut settings = test_settings(&data_dir);
-    quick_webhooks(&mut settings);
-    settings.webhooks.timeout = Duration::from_millis(500);
-    let gateway = TestGateway::start_with(settings, data_dir).await;
+    let gateway = quick_gateway(|s| {
+        s.webhooks.timeout = Duration::from_millis(500);
+    })
+    .await;
     let channel = &gateway.channel;
     let (webhook_id, _) = create_webhook(channel, "", &receiver.url, &["tenant.suspended"]).await;
     for i in 0..20 {
@@ -504,10 +515,7 @@ async fn bad_endpoints_are_refused_with_the_reason() {
 /// nothing more.
 #[tokio::test]
 async fn test_events_reach_one_endpoint_and_deleted_ones_none() {
-    let data_dir = tempfile::tempdir().expect("data dir");
-    let mut settings = test_settings(&data_dir);
-    quick_webhooks(&mut settings);
-    let gateway = TestGateway::start_with(settings, data_dir).await;
+    let gateway = quick_gateway(|_| {}).await;
     let (first, second) = (
         Receiver::start(StatusCode::OK, false).await,
         Receiver::start(StatusCode::OK, false).await,
@@ -553,10 +561,7 @@ async fn test_events_reach_one_endpoint_and_deleted_ones_none() {
 #[tokio::test]
 async fn quota_and_expiring_key_events_come_once_to_the_operators_endpoint() {
     use ascend_gateway::api::pb::v1::{CreateApiKeyRequest, TenantLimits};
-    let data_dir = tempfile::tempdir().expect("data dir");
-    let mut settings = test_settings(&data_dir);
-    quick_webhooks(&mut settings);
-    let gateway = TestGateway::start_with(settings, data_dir).await;
+    let gateway = quick_gateway(|_| {}).await;
     let channel = &gateway.channel;
     let receiver = Receiver::start(StatusCode::OK, false).await;
     let (_, secret) = create_webhook(
@@ -632,5 +637,137 @@ async fn quota_and_expiring_key_events_come_once_to_the_operators_endpoint() {
             }
         }
     }
+    gateway.stop().await.expect("stop");
+}
+
+/// A tenant's own thresholds replace the gateway's, and finalizing an
+/// invoice sends `invoice.finalized` from the finalization's transaction.
+#[tokio::test]
+async fn per_tenant_thresholds_and_finalized_invoices() {
+    use ascend_gateway::api::pb::v1::billing_client::BillingClient;
+    use ascend_gateway::api::pb::v1::{
+        BudgetAlerts, CreateApiKeyRequest, CreateTenantRequest, FinalizeInvoiceRequest, Money,
+        TenantLimits,
+    };
+    let gateway = quick_gateway(|s| {
+        s.billing.grace_period = Duration::ZERO;
+    })
+    .await;
+    let channel = &gateway.channel;
+    let receiver = Receiver::start(StatusCode::OK, false).await;
+    let (_, secret) = create_webhook(
+        channel,
+        "",
+        &receiver.url,
+        &["budget.threshold_reached", "invoice.finalized"],
+    )
+    .await;
+    crate::budgets::put_plan(channel, "own-alerts-plan").await;
+    let mut admin_client = TenantAdminClient::new(channel.clone());
+    let tenant = admin_client
+        .create_tenant(admin(CreateTenantRequest {
+            slug: "own-alerts".to_owned(),
+            price_plan: "own-alerts-plan".to_owned(),
+            limits: Some(TenantLimits {
+                monthly_budget: Some(Money {
+                    currency_code: String::new(),
+                    amount_nanos: CENT_NANOS,
+                }),
+                ..Default::default()
+            }),
+            budget_alerts: Some(BudgetAlerts {
+                percents: vec![90, 30],
+            }),
+            ..Default::default()
+        }))
+        .await
+        .expect("tenant")
+        .into_inner();
+    assert_eq!(tenant.budget_alert_percents, [30, 90], "kept ascending");
+    for (percents, field) in [
+        (vec![0], "budget_alerts.percents"),
+        (vec![50, 50], "budget_alerts.percents"),
+        (vec![101], "budget_alerts.percents"),
+        ((1..=11).collect(), "budget_alerts.percents"),
+    ] {
+        let refused = admin_client
+            .update_tenant(admin(ascend_gateway::api::pb::v1::UpdateTenantRequest {
+                tenant: "own-alerts".to_owned(),
+                budget_alerts: Some(BudgetAlerts {
+                    percents: percents.clone(),
+                }),
+                ..Default::default()
+            }))
+            .await
+            .expect_err("bad thresholds");
+        assert_eq!(refused.code(), Code::InvalidArgument, "{percents:?}");
+        assert!(refused.message().contains(field), "{refused:?}");
+    }
+    let key = admin_client
+        .create_api_key(admin(CreateApiKeyRequest {
+            tenant: "own-alerts".to_owned(),
+            ..Default::default()
+        }))
+        .await
+        .expect("key")
+        .into_inner()
+        .secret;
+    let request = exact_request(channel, &key).await;
+    // $0.004 of $0.01: past 30%, not 50% (the gateway's) nor 90%.
+    for _ in 0..2 {
+        InferenceClient::new(channel.clone())
+            .generate(authed(request.clone(), &key))
+            .await
+            .expect("within the budget");
+    }
+    let posts = receiver
+        .wait_for(Duration::from_secs(20), |p| !p.is_empty())
+        .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(receiver.received().len(), 1, "{posts:#?}");
+    assert_eq!(threshold(&posts[0]), 30);
+
+    // Last month's usage, then its invoice finalized.
+    let last_month = ascend_gateway::billing::Period::of_us(
+        ascend_gateway::billing::Period::of_us(ascend_gateway::store::now_us()).start_us() - 1,
+    );
+    crate::billing::record(
+        &gateway.db,
+        &[(
+            tenant.id.as_str(),
+            "last-month-1",
+            "tiny",
+            last_month.start_us() + 3_600_000_000,
+        )],
+    )
+    .await;
+    let invoice_id = BillingClient::new(channel.clone())
+        .get_invoice(admin(ascend_gateway::api::pb::v1::GetInvoiceRequest {
+            tenant: tenant.id.clone(),
+            period: last_month.to_string(),
+            ..Default::default()
+        }))
+        .await
+        .expect("last month's draft")
+        .into_inner()
+        .id;
+    let finalized = BillingClient::new(channel.clone())
+        .finalize_invoice(admin(FinalizeInvoiceRequest {
+            invoice_id: invoice_id.clone(),
+        }))
+        .await
+        .expect("finalize")
+        .into_inner();
+    let posts = receiver
+        .wait_for(Duration::from_secs(20), |p| p.len() == 2)
+        .await;
+    let event = posts[1].json();
+    assert_eq!(event["type"], "invoice.finalized");
+    assert_eq!(event["data"]["invoice_id"], invoice_id.as_str());
+    assert_eq!(
+        event["data"]["total"]["amount_nanos"],
+        finalized.total.expect("total").amount_nanos
+    );
+    assert_signed(&posts[1], &secret);
     gateway.stop().await.expect("stop");
 }

@@ -6,10 +6,10 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, bail};
 use ascend_gateway::api::pb::v1::tenant_admin_client::TenantAdminClient;
 use ascend_gateway::api::pb::v1::{
-    CacheScope, CreateApiKeyRequest, CreateTenantRequest, DeleteTenantRequest, GetTenantRequest,
-    ListApiKeysRequest, ListAuditEventsRequest, ListTenantsRequest, ResumeTenantRequest,
-    RevokeApiKeyRequest, RotateApiKeyRequest, SuspendTenantRequest, TenantLimits, TenantStatus,
-    UpdateTenantRequest,
+    BudgetAlerts, CacheScope, CreateApiKeyRequest, CreateTenantRequest, DeleteTenantRequest,
+    GetTenantRequest, ListApiKeysRequest, ListAuditEventsRequest, ListTenantsRequest,
+    ResumeTenantRequest, RevokeApiKeyRequest, RotateApiKeyRequest, SuspendTenantRequest,
+    TenantLimits, TenantStatus, UpdateTenantRequest,
 };
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tonic::transport::Channel;
@@ -99,6 +99,21 @@ pub enum Command {
     Completions { shell: clap_complete::Shell },
 }
 
+/// `--budget-alerts`: "50,80,100", or "default" (an empty list: the
+/// gateway's thresholds).
+fn parse_budget_alerts(text: &str) -> Result<Vec<u32>, String> {
+    if text.trim() == "default" {
+        return Ok(Vec::new());
+    }
+    text.split(',')
+        .map(|p| {
+            p.trim()
+                .parse::<u32>()
+                .map_err(|_| format!("{p:?}: percentages such as 50,80,100, or \"default\""))
+        })
+        .collect()
+}
+
 #[derive(Args, Default)]
 pub struct LimitArgs {
     /// Sustained requests per second
@@ -178,6 +193,10 @@ pub enum TenantCommand {
         /// token, what others sent) [default: tenant]
         #[arg(long, value_enum)]
         cache_scope: Option<CacheScopeArg>,
+        /// Percentages of the monthly budget that send budget.threshold_reached
+        /// webhooks, e.g. 50,80,100, or "default" [default: the gateway's]
+        #[arg(long, value_parser = parse_budget_alerts, value_name = "PERCENTS")]
+        budget_alerts: Option<Vec<u32>>,
     },
     /// List tenants (all pages).
     List {
@@ -202,6 +221,10 @@ pub enum TenantCommand {
         clear_limits: Vec<String>,
         #[arg(long, value_enum)]
         cache_scope: Option<CacheScopeArg>,
+        /// Percentages of the monthly budget that send budget.threshold_reached
+        /// webhooks, e.g. 50,80,100, or "default" [default: the gateway's]
+        #[arg(long, value_parser = parse_budget_alerts, value_name = "PERCENTS")]
+        budget_alerts: Option<Vec<u32>>,
     },
     /// Suspend a tenant: its keys are refused until it is resumed.
     Suspend {
@@ -387,6 +410,7 @@ async fn tenant(ctx: &Ctx, command: TenantCommand) -> anyhow::Result<()> {
             weight,
             limits,
             cache_scope,
+            budget_alerts,
         } => {
             client
                 .create_tenant(ctx.admin(CreateTenantRequest {
@@ -396,6 +420,7 @@ async fn tenant(ctx: &Ctx, command: TenantCommand) -> anyhow::Result<()> {
                     scheduling_weight: weight,
                     limits: Some(limits.over(TenantLimits::default())?),
                     cache_scope: cache_scope_pb(cache_scope).into(),
+                    budget_alerts: budget_alerts.map(|percents| BudgetAlerts { percents }),
                 })?)
                 .await
         }
@@ -437,6 +462,7 @@ async fn tenant(ctx: &Ctx, command: TenantCommand) -> anyhow::Result<()> {
             limits,
             clear_limits,
             cache_scope,
+            budget_alerts,
         } => {
             // The API replaces limits whole; merge the flags over the current ones.
             let new_limits = if limits.is_empty() {
@@ -460,6 +486,7 @@ async fn tenant(ctx: &Ctx, command: TenantCommand) -> anyhow::Result<()> {
                     limits: new_limits,
                     clear_limits,
                     cache_scope: cache_scope_pb(cache_scope).into(),
+                    budget_alerts: budget_alerts.map(|percents| BudgetAlerts { percents }),
                 })?)
                 .await
         }

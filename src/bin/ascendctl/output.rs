@@ -52,6 +52,8 @@ struct TenantView {
     max_concurrent_requests: Option<u32>,
     monthly_token_quota: Option<u64>,
     monthly_budget: Option<MoneyView>,
+    /// Empty: the gateway's default thresholds.
+    budget_alert_percents: Vec<u32>,
     /// "tenant" or "shared".
     cache_scope: String,
     created_at: Option<String>,
@@ -85,6 +87,7 @@ impl From<pb::Tenant> for TenantView {
             max_concurrent_requests: limits.max_concurrent_requests,
             monthly_token_quota: limits.monthly_token_quota,
             monthly_budget: money_view(limits.monthly_budget.as_ref()),
+            budget_alert_percents: t.budget_alert_percents,
         }
     }
 }
