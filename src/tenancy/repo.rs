@@ -365,6 +365,23 @@ pub async fn insert_key(
     update_key_limits(conn, &key.key_id, &key.limits).await
 }
 
+/// A live key of the tenant whose budget is not in `currency`, if any.
+pub async fn key_budget_in_other_currency(
+    conn: &mut AnyConnection,
+    tenant_id: &str,
+    currency: &str,
+) -> Result<Option<String>, TenancyError> {
+    let row: Option<(String,)> = sqlx::query_as(
+        "SELECT key_id FROM api_keys WHERE tenant_id = $1 AND revoked_at_us IS NULL \
+         AND monthly_budget_currency IS NOT NULL AND monthly_budget_currency <> $2 LIMIT 1",
+    )
+    .bind(tenant_id)
+    .bind(currency)
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(row.map(|(key_id,)| key_id))
+}
+
 /// Writes a key's limit columns.
 pub async fn update_key_limits(
     conn: &mut AnyConnection,

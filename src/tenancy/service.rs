@@ -186,6 +186,17 @@ impl TenancyService {
         };
         let budget_given = after.limits.monthly_budget != before.limits.monthly_budget;
         validate::budget_currency(&mut after.limits, &currency, plan_changed && !budget_given)?;
+        if plan_changed
+            && let Some(key_id) =
+                repo::key_budget_in_other_currency(&mut tx, &after.id, &currency).await?
+        {
+            return Err(TenancyError::invalid(
+                "price_plan",
+                format!(
+                    "the new plan bills in {currency} but key {key_id} has a monthly budget in another currency; clear or change it first"
+                ),
+            ));
+        }
         after.updated_at_us = now_us();
         repo::update_tenant(&mut tx, &after).await?;
         let event = Self::audit(

@@ -254,6 +254,50 @@ async fn bad_key_limits_are_refused_naming_the_field() {
             .expect_err("no live key");
         assert_eq!(refused.code(), Code::NotFound, "{id}: {refused:?}");
     }
+    // A plan in another currency while a key's budget is in USD: refused.
+    let (budgeted, _) = key_with(
+        channel,
+        "bad-keys",
+        TenantLimits {
+            monthly_budget: usd(CENT_NANOS),
+            ..Default::default()
+        },
+    )
+    .await;
+    ascend_gateway::api::pb::v1::billing_client::BillingClient::new(channel.clone())
+        .put_prices(admin(ascend_gateway::api::pb::v1::PutPricesRequest {
+            plan: "in-euros".to_owned(),
+            currency_code: "EUR".to_owned(),
+            description: String::new(),
+            prices: vec![ascend_gateway::api::pb::v1::Price {
+                model: "tiny".to_owned(),
+                prompt_per_million_tokens: Some(Money {
+                    currency_code: "EUR".to_owned(),
+                    amount_nanos: 1,
+                }),
+                completion_per_million_tokens: Some(Money {
+                    currency_code: "EUR".to_owned(),
+                    amount_nanos: 1,
+                }),
+                effective_from: Some(prost_types::Timestamp::default()),
+                ..Default::default()
+            }],
+        }))
+        .await
+        .expect("a EUR plan");
+    let refused = client
+        .update_tenant(admin(ascend_gateway::api::pb::v1::UpdateTenantRequest {
+            tenant: "bad-keys".to_owned(),
+            price_plan: Some("in-euros".to_owned()),
+            ..Default::default()
+        }))
+        .await
+        .expect_err("a key budget in USD");
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(
+        refused.message().contains("price_plan") && refused.message().contains(&budgeted),
+        "{refused:?}"
+    );
     // A tenant key cannot change keys.
     let (_, key) = key_with(channel, "bad-keys", TenantLimits::default()).await;
     let refused = client
