@@ -108,6 +108,9 @@ pub enum ServeError {
     /// The descriptor set is built into the binary, so this is a build defect.
     #[error("cannot build the reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// The TLS files changed between the start's check and their use.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// A gateway ready to serve.
@@ -548,9 +551,15 @@ impl App {
         );
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let stop_accepting = CancellationToken::new();
+        // Checked by the settings' validation already; loaded for use here.
+        let tls = crate::tls::TlsServer::load(&settings.tls)?;
+        if let Some(tls) = &tls {
+            tasks.spawn(tls.clone().watch(stop_tasks.clone()));
+        }
         let (incoming, accept_loop) = crate::listener::accept(
             listener,
             &settings.server,
+            tls.as_ref().map(|t| t.grpc_acceptor().clone()),
             connections.clone(),
             stop_accepting.clone(),
         );
@@ -559,7 +568,11 @@ impl App {
             .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
             .http2_keepalive_interval(Some(settings.server.http2_keepalive_interval))
             .http2_keepalive_timeout(Some(settings.server.http2_keepalive_timeout))
-            .layer(AuthLayer::new(authenticator.clone(), refusals.clone()))
+            .layer(AuthLayer::new(
+                authenticator.clone(),
+                refusals.clone(),
+                tls.as_ref().is_some_and(|t| t.admin_needs_client_cert()),
+            ))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
@@ -599,6 +612,7 @@ impl App {
             tokio::spawn(crate::http::serve(
                 listener,
                 http_api.router(),
+                tls.as_ref().map(|t| t.http_acceptor().clone()),
                 settings.server.clone(),
                 connections.clone(),
                 stop_http.clone(),

@@ -49,6 +49,9 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("ASCEND_LIMITS_REDIS_FAILURE", "limits.redis_failure"),
     ("ASCEND_LIMITS_REPLICAS", "limits.replicas"),
     ("ASCEND_WEBHOOKS_ALLOW_PRIVATE", "webhooks.allow_private"),
+    ("ASCEND_TLS_CERT_FILE", "tls.cert_file"),
+    ("ASCEND_TLS_KEY_FILE", "tls.key_file"),
+    ("ASCEND_TLS_CLIENT_CA_FILE", "tls.client_ca_file"),
     ("ASCEND_LOG_FORMAT", "log.format"),
     ("ASCEND_LOG", "log.filter"),
 ];
@@ -95,6 +98,8 @@ pub struct Settings {
     pub idempotency: crate::idempotency::IdempotencySettings,
     pub server: crate::listener::ServerSettings,
     pub webhooks: crate::webhooks::WebhookSettings,
+    /// TLS for the gRPC and HTTP listeners; off (plaintext) by default.
+    pub tls: crate::tls::TlsSettings,
     /// The served models (`[[models]]` tables).
     pub models: Vec<crate::serving::ModelSettings>,
     pub log: LogSettings,
@@ -243,6 +248,7 @@ impl Default for Settings {
             idempotency: crate::idempotency::IdempotencySettings::default(),
             server: crate::listener::ServerSettings::default(),
             webhooks: crate::webhooks::WebhookSettings::default(),
+            tls: crate::tls::TlsSettings::default(),
             models: vec![crate::serving::ModelSettings::default()],
             log: LogSettings::default(),
         }
@@ -419,6 +425,14 @@ impl Settings {
         }
         if let Some((key, problem)) = self.webhooks.problem() {
             return Err(ConfigError::Invalid { key, problem });
+        }
+        // Read here, before any side effect: a wrong file fails the start
+        // with the setting named.
+        if let Err(error) = crate::tls::check(&self.tls) {
+            return Err(ConfigError::Invalid {
+                key: error.key(),
+                problem: error.to_string(),
+            });
         }
         let mut ids = std::collections::HashSet::new();
         for model in &self.models {

@@ -29,4 +29,5 @@ pub mod serving;
 pub mod store;
 pub mod telemetry;
 pub mod tenancy;
+pub mod tls;
 pub mod webhooks;

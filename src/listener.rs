@@ -65,10 +65,24 @@ pub struct ConnectionStats {
     pub open: AtomicU64,
 }
 
-/// A connection that passed the preface check, holding its slot under the
-/// cap until it closes.
+/// A connection's bytes: in the clear, or inside TLS.
+enum Transport {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+/// What the server knows of a connection, in each request's extensions.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    pub tcp: TcpConnectInfo,
+    /// The client presented a certificate the TLS handshake verified.
+    pub client_cert: bool,
+}
+
+/// A connection that passed the preface check (or the TLS handshake),
+/// holding its slot under the cap until it closes.
 pub struct Admitted {
-    stream: TcpStream,
+    stream: Transport,
     stats: Arc<ConnectionStats>,
     _slot: OwnedSemaphorePermit,
 }
@@ -80,11 +94,33 @@ impl Drop for Admitted {
 }
 
 impl Connected for Admitted {
-    type ConnectInfo = TcpConnectInfo;
+    type ConnectInfo = ConnInfo;
 
-    fn connect_info(&self) -> TcpConnectInfo {
-        self.stream.connect_info()
+    fn connect_info(&self) -> ConnInfo {
+        match &self.stream {
+            Transport::Plain(tcp) => ConnInfo {
+                tcp: tcp.connect_info(),
+                client_cert: false,
+            },
+            Transport::Tls(tls) => {
+                let (tcp, session) = tls.get_ref();
+                ConnInfo {
+                    tcp: tcp.connect_info(),
+                    client_cert: session.peer_certificates().is_some_and(|c| !c.is_empty()),
+                }
+            }
+        }
     }
+}
+
+/// Both transports' bytes, one call each.
+macro_rules! on_transport {
+    ($self:ident, $stream:ident => $call:expr) => {
+        match &mut $self.stream {
+            Transport::Plain($stream) => $call,
+            Transport::Tls($stream) => $call,
+        }
+    };
 }
 
 impl AsyncRead for Admitted {
@@ -93,7 +129,7 @@ impl AsyncRead for Admitted {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+        on_transport!(self, s => Pin::new(s).poll_read(cx, buf))
     }
 }
 
@@ -103,15 +139,15 @@ impl AsyncWrite for Admitted {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        on_transport!(self, s => Pin::new(s).poll_write(cx, buf))
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
+        on_transport!(self, s => Pin::new(s).poll_flush(cx))
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
+        on_transport!(self, s => Pin::new(s).poll_shutdown(cx))
     }
 
     fn poll_write_vectored(
@@ -119,11 +155,14 @@ impl AsyncWrite for Admitted {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        on_transport!(self, s => Pin::new(s).poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
+        match &self.stream {
+            Transport::Plain(s) => s.is_write_vectored(),
+            Transport::Tls(s) => s.is_write_vectored(),
+        }
     }
 }
 
@@ -151,6 +190,7 @@ pub type Incoming = tokio_stream::wrappers::ReceiverStream<Result<Admitted, io::
 pub fn accept(
     listener: TcpListener,
     settings: &ServerSettings,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     stats: Arc<ConnectionStats>,
     stop: CancellationToken,
 ) -> (Incoming, impl Future<Output = ()> + Send + 'static) {
@@ -181,20 +221,41 @@ pub fn accept(
             };
             let _ = stream.set_nodelay(true);
             stats.open.fetch_add(1, Ordering::Relaxed);
-            let connection = Admitted {
-                stream,
-                stats: stats.clone(),
-                _slot: slot,
-            };
-            let (admitted, stats) = (admitted.clone(), stats.clone());
+            let (admitted, stats, tls) = (admitted.clone(), stats.clone(), tls.clone());
             tokio::spawn(async move {
-                let ready =
-                    tokio::time::timeout(handshake_timeout, preface_arrives(&connection.stream))
-                        .await;
-                if ready == Ok(true) {
-                    let _ = admitted.send(Ok(connection)).await;
-                } else {
-                    stats.handshake_failures.fetch_add(1, Ordering::Relaxed);
+                // The preface check runs on the clear bytes; inside TLS the
+                // handshake itself must finish in time.
+                let transport = match tls {
+                    None => {
+                        let ready =
+                            tokio::time::timeout(handshake_timeout, preface_arrives(&stream)).await;
+                        (ready == Ok(true)).then_some(Transport::Plain(stream))
+                    }
+                    Some(acceptor) => {
+                        match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await
+                        {
+                            Ok(Ok(tls)) => Some(Transport::Tls(Box::new(tls))),
+                            Ok(Err(error)) => {
+                                tracing::debug!(%peer, %error, "TLS handshake failed");
+                                None
+                            }
+                            Err(_) => None,
+                        }
+                    }
+                };
+                let connection = transport.map(|stream| Admitted {
+                    stream,
+                    stats: stats.clone(),
+                    _slot: slot,
+                });
+                match connection {
+                    Some(connection) => {
+                        let _ = admitted.send(Ok(connection)).await;
+                    }
+                    None => {
+                        stats.open.fetch_sub(1, Ordering::Relaxed);
+                        stats.handshake_failures.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
             });
         }

@@ -18,6 +18,7 @@ use super::deadline::{self, ClientDeadline};
 use super::refusals::Refusals;
 use super::status::to_status;
 use crate::auth::{Authenticator, Requirement};
+use crate::listener::ConnInfo;
 use crate::tenancy::Scope;
 
 /// Paths served without credentials: health checks and reflection.
@@ -52,14 +53,23 @@ pub fn requirement_for(path: &str) -> Option<Requirement> {
 pub struct AuthLayer {
     authenticator: Arc<Authenticator>,
     refusals: Arc<Refusals>,
+    admin_needs_client_cert: bool,
 }
 
 impl AuthLayer {
     /// `refusals` counts every RESOURCE_EXHAUSTED that leaves.
-    pub fn new(authenticator: Arc<Authenticator>, refusals: Arc<Refusals>) -> AuthLayer {
+    /// `admin_needs_client_cert`: the operator services (every path that
+    /// admits the admin token) need a client certificate the TLS handshake
+    /// verified (`tls.client_ca_file`).
+    pub fn new(
+        authenticator: Arc<Authenticator>,
+        refusals: Arc<Refusals>,
+        admin_needs_client_cert: bool,
+    ) -> AuthLayer {
         AuthLayer {
             authenticator,
             refusals,
+            admin_needs_client_cert,
         }
     }
 }
@@ -72,6 +82,7 @@ impl<S> Layer<S> for AuthLayer {
             inner,
             authenticator: self.authenticator.clone(),
             refusals: self.refusals.clone(),
+            admin_needs_client_cert: self.admin_needs_client_cert,
         }
     }
 }
@@ -81,6 +92,7 @@ pub struct AuthService<S> {
     inner: S,
     authenticator: Arc<Authenticator>,
     refusals: Arc<Refusals>,
+    admin_needs_client_cert: bool,
 }
 
 type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
@@ -119,18 +131,31 @@ where
         let ready = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, ready);
         let authenticator = self.authenticator.clone();
+        let admin_needs_client_cert = self.admin_needs_client_cert;
         let call = async move {
             let Some(requirement) = requirement_for(request.uri().path()) else {
                 return inner.call(request).await;
             };
+            let connection = request.extensions().get::<ConnInfo>().cloned();
+            let operator_service = matches!(
+                requirement,
+                Requirement::Admin | Requirement::AdminOrScope(_)
+            );
+            if admin_needs_client_cert
+                && operator_service
+                && !connection.as_ref().is_some_and(|c| c.client_cert)
+            {
+                return Ok(tonic::Status::unauthenticated(
+                    "the operator services need a client certificate (tls.client_ca_file); connect with one",
+                )
+                .into_http());
+            }
             let header = request
                 .headers()
                 .get(http::header::AUTHORIZATION)
                 .map(|value| value.as_bytes().to_vec());
-            let peer = request
-                .extensions()
-                .get::<tonic::transport::server::TcpConnectInfo>()
-                .and_then(|info| info.remote_addr())
+            let peer = connection
+                .and_then(|info| info.tcp.remote_addr())
                 .map(|addr| addr.ip());
             match authenticator
                 .authenticate(header.as_deref(), requirement, peer)

@@ -85,6 +85,7 @@ impl BareHttpServer {
         let task = tokio::spawn(crate::http::serve(
             listener,
             router,
+            None,
             ServerSettings::default(),
             Arc::new(ConnectionStats::default()),
             stop.clone(),

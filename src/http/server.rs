@@ -28,6 +28,7 @@ const MAX_HEADER_BYTES: usize = 64 * 1024;
 pub async fn serve(
     listener: TcpListener,
     router: Router,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     settings: ServerSettings,
     stats: Arc<ConnectionStats>,
     stop: CancellationToken,
@@ -73,16 +74,44 @@ pub async fn serve(
             let mut router = router.clone();
             async move { router.call(request.map(axum::body::Body::new)).await }
         });
-        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-        let connection = graceful.watch(connection.into_owned());
         let stats = stats.clone();
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%peer, error = %error, "HTTP connection ended with an error");
+        match &tls {
+            None => {
+                let connection =
+                    builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                let connection = graceful.watch(connection.into_owned());
+                tokio::spawn(async move {
+                    if let Err(error) = connection.await {
+                        tracing::debug!(%peer, error = %error, "HTTP connection ended with an error");
+                    }
+                    stats.open.fetch_sub(1, Ordering::Relaxed);
+                    drop(slot);
+                });
             }
-            stats.open.fetch_sub(1, Ordering::Relaxed);
-            drop(slot);
-        });
+            Some(acceptor) => {
+                // The handshake runs on the connection's own task, bounded
+                // like the request headers, so a slow client holds up no
+                // one else.
+                let (acceptor, builder, watcher) =
+                    (acceptor.clone(), builder.clone(), graceful.watcher());
+                let handshake_timeout = settings.handshake_timeout;
+                tokio::spawn(async move {
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => {
+                            let connection =
+                                builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+                            if let Err(error) = watcher.watch(connection.into_owned()).await {
+                                tracing::debug!(%peer, error = %error, "HTTPS connection ended with an error");
+                            }
+                        }
+                        Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                    stats.open.fetch_sub(1, Ordering::Relaxed);
+                    drop(slot);
+                });
+            }
+        }
     }
     drop(listener);
     graceful.shutdown().await;

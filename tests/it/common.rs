@@ -103,6 +103,24 @@ impl TestGateway {
     }
 
     pub async fn start_with(settings: Settings, data_dir: TempDir) -> TestGateway {
+        Self::start_inner(settings, data_dir, None).await
+    }
+
+    /// A gateway whose listeners speak TLS with a certificate `ca_pem`
+    /// signed for "localhost"; its channel trusts that CA.
+    pub async fn start_with_tls(
+        settings: Settings,
+        data_dir: TempDir,
+        ca_pem: &str,
+    ) -> TestGateway {
+        Self::start_inner(settings, data_dir, Some(ca_pem)).await
+    }
+
+    async fn start_inner(
+        settings: Settings,
+        data_dir: TempDir,
+        ca_pem: Option<&str>,
+    ) -> TestGateway {
         let app = App::build(settings).await.expect("gateway builds");
         let addr = app.local_addr();
         let metrics_addr = app.metrics_addr();
@@ -113,11 +131,20 @@ impl TestGateway {
         let task = tokio::spawn(app.run_until(async {
             let _ = stopped.await;
         }));
-        let channel = Channel::from_shared(format!("http://{addr}"))
-            .expect("endpoint")
-            .connect()
-            .await
-            .expect("connect to the test gateway");
+        let channel = match ca_pem {
+            None => Channel::from_shared(format!("http://{addr}")).expect("endpoint"),
+            Some(ca) => Channel::from_shared(format!("https://{addr}"))
+                .expect("endpoint")
+                .tls_config(
+                    tonic::transport::ClientTlsConfig::new()
+                        .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+                        .domain_name("localhost"),
+                )
+                .expect("tls"),
+        }
+        .connect()
+        .await
+        .expect("connect to the test gateway");
         TestGateway {
             addr,
             metrics_addr,

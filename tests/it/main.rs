@@ -25,5 +25,6 @@ mod server;
 mod startup;
 mod store;
 mod tenancy;
+mod tls;
 mod topology;
 mod webhooks;

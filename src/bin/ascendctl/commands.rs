@@ -38,7 +38,16 @@ pub struct Cli {
         hide_env_values = true
     )]
     admin_token: Option<String>,
-    /// Config file with `endpoint` and `admin_token` [default: ~/.config/ascendctl/config.toml]
+    /// CA certificate (PEM) to trust for an https:// endpoint [default: the Mozilla roots]
+    #[arg(long, env = "ASCENDCTL_CA_CERT", global = true)]
+    ca_cert: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS, with --client-key
+    #[arg(long, env = "ASCENDCTL_CLIENT_CERT", global = true)]
+    client_cert: Option<PathBuf>,
+    /// Client private key (PEM) for mutual TLS
+    #[arg(long, env = "ASCENDCTL_CLIENT_KEY", global = true)]
+    client_key: Option<PathBuf>,
+    /// Config file with `endpoint`, `admin_token`, `ca_cert`, `client_cert`, `client_key` [default: ~/.config/ascendctl/config.toml]
     #[arg(long, env = "ASCENDCTL_CONFIG", global = true)]
     config: Option<PathBuf>,
     /// Output format
@@ -337,11 +346,24 @@ where
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    let resolved = settings::resolve(cli.endpoint, cli.admin_token, cli.config)?;
-    let channel = tonic::transport::Endpoint::from_shared(resolved.endpoint.clone())
+    let resolved = settings::resolve(
+        cli.endpoint,
+        cli.admin_token,
+        settings::TlsFiles {
+            ca_cert: cli.ca_cert,
+            client_cert: cli.client_cert,
+            client_key: cli.client_key,
+        },
+        cli.config,
+    )?;
+    let endpoint = tonic::transport::Endpoint::from_shared(resolved.endpoint.clone())
         .with_context(|| {
-            format!("invalid endpoint {:?}; use e.g. http://127.0.0.1:50051", resolved.endpoint)
-        })?
+            format!(
+                "invalid endpoint {:?}; use e.g. http://127.0.0.1:50051",
+                resolved.endpoint
+            )
+        })?;
+    let channel = crate::tls::configure(endpoint, &resolved)?
         .connect_timeout(Duration::from_secs(5))
         .connect()
         .await

@@ -7,6 +7,7 @@ mod billing;
 mod commands;
 mod output;
 mod settings;
+mod tls;
 mod webhook;
 
 use std::process::ExitCode;

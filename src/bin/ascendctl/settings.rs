@@ -1,4 +1,4 @@
-//! Where ascendctl finds its gateway and credential: flags, then the
+//! Where ascendctl finds its gateway, credential and TLS files: flags, then the
 //! `ASCENDCTL_*` environment, then a TOML file (`--config`,
 //! `ASCENDCTL_CONFIG`, or `$XDG_CONFIG_HOME/ascendctl/config.toml`, falling
 //! back to `~/.config/ascendctl/config.toml`).
@@ -15,11 +15,24 @@ pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:50051";
 struct FileSettings {
     endpoint: Option<String>,
     admin_token: Option<String>,
+    ca_cert: Option<PathBuf>,
+    client_cert: Option<PathBuf>,
+    client_key: Option<PathBuf>,
+}
+
+/// TLS for an `https://` endpoint: the CA to trust (else the Mozilla roots)
+/// and a client certificate for mutual TLS.
+#[derive(Debug, Default, Clone)]
+pub struct TlsFiles {
+    pub ca_cert: Option<PathBuf>,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
 }
 
 pub struct Resolved {
     pub endpoint: String,
     pub admin_token: Option<String>,
+    pub tls: TlsFiles,
 }
 
 fn default_path() -> Option<PathBuf> {
@@ -33,6 +46,7 @@ fn default_path() -> Option<PathBuf> {
 pub fn resolve(
     endpoint: Option<String>,
     admin_token: Option<String>,
+    tls: TlsFiles,
     config: Option<PathBuf>,
 ) -> anyhow::Result<Resolved> {
     let explicit = config.is_some();
@@ -50,5 +64,10 @@ pub fn resolve(
             .or(file.endpoint)
             .unwrap_or_else(|| DEFAULT_ENDPOINT.to_owned()),
         admin_token: admin_token.or(file.admin_token),
+        tls: TlsFiles {
+            ca_cert: tls.ca_cert.or(file.ca_cert),
+            client_cert: tls.client_cert.or(file.client_cert),
+            client_key: tls.client_key.or(file.client_key),
+        },
     })
 }
