@@ -478,6 +478,11 @@ impl App {
         let usage_barrier = metering.clone();
         let connections = Arc::new(crate::listener::ConnectionStats::default());
         let refusals = Arc::new(crate::api::refusals::Refusals::default());
+        // Checked by the settings' validation already; loaded for use here.
+        let tls = crate::tls::TlsServer::load(&settings.tls)?;
+        if let Some(tls) = &tls {
+            tasks.spawn(tls.clone().watch(stop_tasks.clone()));
+        }
         let metrics_registry = crate::metrics::registry(crate::metrics::GatewayCollector {
             limiter: limiter.clone(),
             metering,
@@ -486,6 +491,7 @@ impl App {
             claims: claims.clone(),
             authenticator: authenticator.clone(),
             refusals: refusals.clone(),
+            tls: tls.clone(),
         });
         tasks.spawn(crate::metrics::serve(
             metrics_listener,
@@ -551,11 +557,6 @@ impl App {
         );
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let stop_accepting = CancellationToken::new();
-        // Checked by the settings' validation already; loaded for use here.
-        let tls = crate::tls::TlsServer::load(&settings.tls)?;
-        if let Some(tls) = &tls {
-            tasks.spawn(tls.clone().watch(stop_tasks.clone()));
-        }
         let (incoming, accept_loop) = crate::listener::accept(
             listener,
             &settings.server,

@@ -37,6 +37,8 @@ pub struct GatewayCollector {
     pub claims: Arc<crate::idempotency::Idempotency>,
     pub authenticator: Arc<crate::auth::Authenticator>,
     pub refusals: Arc<crate::api::refusals::Refusals>,
+    /// The listeners' TLS, when on: its certificate's expiry.
+    pub tls: Option<Arc<crate::tls::TlsServer>>,
 }
 
 /// One gauge family with a `model` label.
@@ -154,6 +156,14 @@ impl Collector for GatewayCollector {
             "Failed attempts to write or ship usage",
             spool.write_errors.load(Ordering::Relaxed),
         )?;
+        if let Some(tls) = &self.tls {
+            gauge(
+                &mut encoder,
+                "ascend_gateway_tls_certificate_expiry_timestamp_seconds",
+                "When the listeners' TLS certificate in use expires (Unix seconds)",
+                tls.not_after_unix(),
+            )?;
+        }
         let connections = &self.connections;
         gauge(
             &mut encoder,
