@@ -11,6 +11,7 @@ mod budgets;
 mod common;
 mod crash;
 mod deepseek_tokenizer;
+mod deploy;
 mod generate;
 mod hostile;
 mod hosts;

@@ -110,8 +110,8 @@ fn der_of(pem: &str) -> Vec<u8> {
         .to_vec()
 }
 
-struct Secured {
-    gateway: TestGateway,
+pub(crate) struct Secured {
+    pub(crate) gateway: TestGateway,
     dir: tempfile::TempDir,
     server_issuer: CertifiedIssuer<'static, KeyPair>,
     server_ca: String,
@@ -120,7 +120,7 @@ struct Secured {
 
 /// A gateway with TLS from a test CA, client certificates from another CA
 /// required on the operator services, and quick reloads.
-async fn secured() -> Secured {
+pub(crate) async fn secured() -> Secured {
     let dir = tempfile::tempdir().expect("dir");
     let server_ca = ca("server CA");
     let client_ca = ca("client CA");
