@@ -16,6 +16,7 @@ use super::pb::v1::{
     UpdateTenantRequest,
 };
 use super::status::to_status;
+use crate::tenancy::operators::{Operator, Role};
 use crate::tenancy::{
     ApiKeyRecord, AuditEvent, Budget, CacheScope, IssuedKey, Limits, NewApiKey, NewTenant,
     PageRequest, TenancyService, Tenant, TenantPatch, TenantStatus,
@@ -84,6 +85,16 @@ fn limits_to_pb(limits: Limits) -> pb::TenantLimits {
 /// Thresholds given; empty means the gateway's default (`None`).
 fn alerts_from_pb(alerts: pb::BudgetAlerts) -> Option<Vec<u32>> {
     (!alerts.percents.is_empty()).then_some(alerts.percents)
+}
+
+fn operator_to_pb(o: Operator) -> pb::Operator {
+    pb::Operator {
+        role: o.role.as_str().to_owned(),
+        created_at: Some(timestamp(o.created_at_us)),
+        revoked_at: opt_timestamp(o.revoked_at_us),
+        id: o.id,
+        name: o.name,
+    }
 }
 
 fn tenant_to_pb(t: Tenant) -> pb::Tenant {
@@ -341,6 +352,56 @@ impl TenantAdmin for TenantAdminApi {
             .await
             .map_err(|e| to_status(&e))?;
         Ok(Response::new(key_to_pb(key)))
+    }
+
+    async fn create_operator(
+        &self,
+        request: Request<pb::CreateOperatorRequest>,
+    ) -> Result<Response<pb::CreateOperatorResponse>, Status> {
+        let actor = principal(&request)?.actor();
+        let r = request.into_inner();
+        let role = Role::parse(&r.role).ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "invalid `role`: {:?}; one of admin, billing, viewer",
+                r.role
+            ))
+        })?;
+        let issued = self
+            .tenancy
+            .create_operator(&actor, &r.name, role)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(pb::CreateOperatorResponse {
+            operator: Some(operator_to_pb(issued.operator)),
+            token: issued.token.expose_secret().to_owned(),
+        }))
+    }
+
+    async fn list_operators(
+        &self,
+        _request: Request<pb::ListOperatorsRequest>,
+    ) -> Result<Response<pb::ListOperatorsResponse>, Status> {
+        let operators = self
+            .tenancy
+            .list_operators()
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(pb::ListOperatorsResponse {
+            operators: operators.into_iter().map(operator_to_pb).collect(),
+        }))
+    }
+
+    async fn revoke_operator(
+        &self,
+        request: Request<pb::RevokeOperatorRequest>,
+    ) -> Result<Response<pb::Operator>, Status> {
+        let actor = principal(&request)?.actor();
+        let operator = self
+            .tenancy
+            .revoke_operator(&actor, &request.into_inner().operator)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(operator_to_pb(operator)))
     }
 
     async fn update_api_key(

@@ -17,9 +17,10 @@ use tower_service::Service;
 use super::deadline::{self, ClientDeadline};
 use super::refusals::Refusals;
 use super::status::to_status;
-use crate::auth::{Authenticator, Requirement};
+use crate::auth::{Authenticator, Principal, Requirement};
 use crate::listener::ConnInfo;
 use crate::tenancy::Scope;
+use crate::tenancy::operators::Role;
 
 /// Paths served without credentials: health checks and reflection.
 pub const PUBLIC_PREFIXES: &[&str] = &[
@@ -47,6 +48,24 @@ pub fn requirement_for(path: &str) -> Option<Requirement> {
         // TenantAdmin, Webhooks, and anything unknown: the operator only.
         _ => Requirement::Admin,
     })
+}
+
+/// What an operator's role may call: `admin` everything; `viewer` the
+/// reads (methods named Get*, List*, Export*); `billing` the reads and all
+/// of Billing (prices, finalization).
+pub fn role_allows(role: Role, path: &str) -> bool {
+    let (service, method) = path
+        .trim_start_matches('/')
+        .split_once('/')
+        .unwrap_or_default();
+    let read = ["Get", "List", "Export"]
+        .iter()
+        .any(|prefix| method.starts_with(prefix));
+    match role {
+        Role::Admin => true,
+        Role::Billing => read || service == "ascend.gateway.v1.Billing",
+        Role::Viewer => read,
+    }
 }
 
 #[derive(Clone)]
@@ -137,6 +156,7 @@ where
                 return inner.call(request).await;
             };
             let connection = request.extensions().get::<ConnInfo>().cloned();
+            let path = request.uri().path().to_owned();
             let operator_service = matches!(
                 requirement,
                 Requirement::Admin | Requirement::AdminOrScope(_)
@@ -161,6 +181,14 @@ where
                 .authenticate(header.as_deref(), requirement, peer)
                 .await
             {
+                Ok(Principal::Admin(operator)) if !role_allows(operator.role, &path) => {
+                    Ok(tonic::Status::permission_denied(format!(
+                        "operator {} has the role `{}`, which may not call {path}",
+                        operator.name,
+                        operator.role.as_str()
+                    ))
+                    .into_http())
+                }
                 Ok(principal) => {
                     request.extensions_mut().insert(principal);
                     let mut response = inner.call(request).await?;

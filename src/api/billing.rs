@@ -87,7 +87,7 @@ impl BillingApi {
         asked: &str,
     ) -> Result<Option<String>, Status> {
         match principal {
-            Principal::Admin if asked.is_empty() => Ok(None),
+            Principal::Admin(_) if asked.is_empty() => Ok(None),
             _ => self.scoped_tenant(principal, asked).await.map(Some),
         }
     }
@@ -109,7 +109,7 @@ impl BillingApi {
     /// tenant; the admin token must name one.
     async fn scoped_tenant(&self, principal: &Principal, asked: &str) -> Result<String, Status> {
         match principal {
-            Principal::Admin => {
+            Principal::Admin(_) => {
                 if asked.is_empty() {
                     return Err(Status::invalid_argument(
                         "invalid `tenant`: required with the admin token (an id or slug)",
@@ -137,7 +137,7 @@ impl BillingApi {
 
 fn require_admin(caller: &Principal, rpc: &str) -> Result<(), Status> {
     match caller {
-        Principal::Admin => Ok(()),
+        Principal::Admin(_) => Ok(()),
         Principal::Tenant(_) => Err(Status::permission_denied(format!(
             "{rpc} needs the admin token"
         ))),
@@ -523,7 +523,7 @@ impl Billing for BillingApi {
         let r = request.into_inner();
         let invoice = if !r.invoice_id.is_empty() {
             let own = match &caller {
-                Principal::Admin => None,
+                Principal::Admin(_) => None,
                 Principal::Tenant(t) => Some(t.tenant_id.as_str()),
             };
             self.billing.get_invoice(&r.invoice_id, own).await

@@ -46,7 +46,7 @@ impl InferenceApi {
         match principal(request)? {
             crate::auth::Principal::Tenant(tenant) => Ok(tenant),
             // The auth layer lets only tenant keys reach Inference.
-            crate::auth::Principal::Admin => Err(Status::permission_denied(
+            crate::auth::Principal::Admin(_) => Err(Status::permission_denied(
                 "Inference needs a tenant API key",
             )),
         }

@@ -6,11 +6,12 @@ use std::time::{Duration, Instant};
 
 use super::cache::{KeyCache, Lookup};
 use super::key::{self, KeyHash};
+use super::principal::OperatorPrincipal;
 use super::throttle::{FailureKind, FailureThrottle};
 use super::{AdminCredential, AuthError, LastUsedRecorder, Principal, TenantPrincipal};
 use crate::error::{Classified, ErrorKind};
 use crate::store::now_us;
-use crate::tenancy::{KeyForAuth, Scope, TenancyService, TenantStatus};
+use crate::tenancy::{KeyForAuth, Scope, TenancyService, TenantStatus, operators};
 
 /// What an RPC demands of its caller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -172,6 +173,9 @@ impl Authenticator {
                 "malformed `authorization`: expected `Bearer <key>`",
             )
         })?;
+        if let Some(presented) = key::parse_operator(token) {
+            return self.operator(presented, requirement).await;
+        }
         match key::parse(token) {
             Some(presented) => {
                 let principal = self.tenant_key(presented.key_id, &presented.hash).await?;
@@ -191,7 +195,12 @@ impl Authenticator {
                     ));
                 }
                 match requirement {
-                    Requirement::Admin | Requirement::AdminOrScope(_) => Ok(Principal::Admin),
+                    Requirement::Admin | Requirement::AdminOrScope(_) => {
+                        Ok(Principal::Admin(OperatorPrincipal {
+                            name: operators::BOOTSTRAP.to_owned(),
+                            role: operators::Role::Admin,
+                        }))
+                    }
                     Requirement::Scope(scope) => Err(AuthError::PermissionDenied(format!(
                         "the admin token cannot call this RPC; use a tenant API key with scope `{}`",
                         scope.as_str()
@@ -199,6 +208,46 @@ impl Authenticator {
                     .into()),
                 }
             }
+        }
+    }
+
+    /// A named operator's token: its role decides later which RPCs it may
+    /// call; it never calls tenant RPCs.
+    async fn operator(
+        &self,
+        presented: key::PresentedKey<'_>,
+        requirement: Requirement,
+    ) -> Result<Principal, Refusal> {
+        let found = self
+            .tenancy
+            .operator_for_auth(presented.key_id)
+            .await
+            .map_err(|e| Refusal {
+                error: e.into(),
+                kind: None,
+                detail: "operator lookup failed".to_owned(),
+            })?;
+        let valid = found.filter(|(_, hash)| {
+            KeyHash::from_hex(hash).is_some_and(|stored| stored.matches(&presented.hash))
+        });
+        let Some((operator, _)) = valid else {
+            return Err(unauthenticated(
+                FailureKind::InvalidToken,
+                "invalid credentials: not a valid operator token (unknown, revoked or mistyped)",
+            ));
+        };
+        match requirement {
+            Requirement::Admin | Requirement::AdminOrScope(_) => {
+                Ok(Principal::Admin(OperatorPrincipal {
+                    name: operator.name,
+                    role: operator.role,
+                }))
+            }
+            Requirement::Scope(scope) => Err(AuthError::PermissionDenied(format!(
+                "an operator token cannot call this RPC; use a tenant API key with scope `{}`",
+                scope.as_str()
+            ))
+            .into()),
         }
     }
 

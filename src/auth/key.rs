@@ -56,13 +56,25 @@ pub struct PresentedKey<'a> {
     pub hash: KeyHash,
 }
 
+/// Operator tokens read `agwop_<operator id>_<secret>`, in the keys' form.
+pub const OPERATOR_PREFIX: &str = "agwop_";
+
 /// Splits and hashes a presented key; `None` if it is not of our format.
 /// Never echoes the input.
 pub fn parse(presented: &str) -> Option<PresentedKey<'_>> {
-    if presented.len() != KEY_LEN || !presented.starts_with(PREFIX) {
+    parse_prefixed(PREFIX, presented)
+}
+
+/// As [`parse`], for an operator token.
+pub fn parse_operator(presented: &str) -> Option<PresentedKey<'_>> {
+    parse_prefixed(OPERATOR_PREFIX, presented)
+}
+
+fn parse_prefixed<'a>(prefix: &str, presented: &'a str) -> Option<PresentedKey<'a>> {
+    if presented.len() != KEY_LEN - PREFIX.len() + prefix.len() || !presented.starts_with(prefix) {
         return None;
     }
-    let rest = &presented[PREFIX.len()..];
+    let rest = &presented[prefix.len()..];
     let (key_id, secret) = rest.split_once('_')?;
     let lower_hex = |s: &str| s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
     if key_id.len() != 2 * KEY_ID_BYTES || !lower_hex(key_id) || !lower_hex(secret) {
@@ -81,8 +93,17 @@ pub fn new_key_id() -> Result<String, TenancyError> {
 
 /// A fresh secret under `key_id`: the full key and its hash.
 pub fn new_secret(key_id: &str) -> Result<(SecretString, KeyHash), TenancyError> {
+    new_token(PREFIX, key_id)
+}
+
+/// A fresh operator token under `operator_id`, and its hash.
+pub fn new_operator_token(operator_id: &str) -> Result<(SecretString, KeyHash), TenancyError> {
+    new_token(OPERATOR_PREFIX, operator_id)
+}
+
+fn new_token(prefix: &str, id: &str) -> Result<(SecretString, KeyHash), TenancyError> {
     let secret = crate::tenancy::hex(&random::<SECRET_BYTES>()?);
-    let full = SecretString::from(format!("{PREFIX}{key_id}_{secret}"));
+    let full = SecretString::from(format!("{prefix}{id}_{secret}"));
     let hash = KeyHash::of(full.expose_secret());
     Ok((full, hash))
 }

@@ -20,4 +20,4 @@ pub use authenticator::{Authenticator, Requirement};
 pub use cache::KeyCache;
 pub use error::AuthError;
 pub use last_used::LastUsedRecorder;
-pub use principal::{Principal, TenantPrincipal};
+pub use principal::{OperatorPrincipal, Principal, TenantPrincipal};

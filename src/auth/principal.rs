@@ -3,13 +3,22 @@
 
 use std::sync::Arc;
 
+use crate::tenancy::operators::Role;
 use crate::tenancy::{CacheScope, Limits, Scope};
 
 #[derive(Debug, Clone)]
 pub enum Principal {
-    /// The operator, holding the admin token.
-    Admin,
+    /// An operator: a named one, or `bootstrap` with the configured admin
+    /// token.
+    Admin(OperatorPrincipal),
     Tenant(Arc<TenantPrincipal>),
+}
+
+/// Who an operator is and what they may do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OperatorPrincipal {
+    pub name: String,
+    pub role: Role,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -34,7 +43,7 @@ impl Principal {
     /// How the audit log and logs name this caller.
     pub fn actor(&self) -> String {
         match self {
-            Principal::Admin => "admin".to_owned(),
+            Principal::Admin(operator) => format!("operator:{}", operator.name),
             Principal::Tenant(t) => format!("key:{}", t.key_id),
         }
     }

@@ -143,7 +143,7 @@ impl HttpApi {
             .await
         {
             Ok(Principal::Tenant(tenant)) => Ok(tenant),
-            Ok(Principal::Admin) => Err(ApiError::new(
+            Ok(Principal::Admin(_)) => Err(ApiError::new(
                 StatusCode::FORBIDDEN,
                 "permission_error",
                 "the admin token cannot call the inference API; use a tenant API key",

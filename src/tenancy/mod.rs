@@ -9,6 +9,7 @@
 
 mod error;
 mod model;
+pub mod operators;
 mod page;
 mod repo;
 mod service;

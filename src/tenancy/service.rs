@@ -13,7 +13,7 @@ use super::model::{
 };
 use super::page::{Page, PageRequest};
 use super::repo::{self, KeyForAuth};
-use super::{TenancyError, validate};
+use super::{TenancyError, operators, validate};
 use crate::auth::key;
 use crate::store::{Db, now_us};
 
@@ -396,6 +396,83 @@ impl TenancyService {
         tx.commit().await?;
         self.notify_key(&after.key_id);
         Ok(after)
+    }
+
+    /// A new named operator and its token (shown this once).
+    pub async fn create_operator(
+        &self,
+        actor: &str,
+        name: &str,
+        role: operators::Role,
+    ) -> Result<operators::IssuedOperator, TenancyError> {
+        operators::validate_name(name)?;
+        let id = key::new_key_id()?;
+        let (token, hash) = key::new_operator_token(&id)?;
+        let operator = operators::Operator {
+            id,
+            name: name.to_owned(),
+            role,
+            created_at_us: now_us(),
+            revoked_at_us: None,
+        };
+        let mut tx = self.db.begin_write().await?;
+        operators::insert(&mut tx, &operator, &hash.to_hex()).await?;
+        let event = Self::operator_audit(actor, "operator.create", None, &operator);
+        repo::insert_audit(&mut tx, &event).await?;
+        tx.commit().await?;
+        Ok(operators::IssuedOperator { operator, token })
+    }
+
+    pub async fn list_operators(&self) -> Result<Vec<operators::Operator>, TenancyError> {
+        let mut conn = self.db.pool().acquire().await?;
+        operators::list(&mut conn).await
+    }
+
+    /// Revokes an operator (by id or name) at once; twice is a no-op.
+    pub async fn revoke_operator(
+        &self,
+        actor: &str,
+        id_or_name: &str,
+    ) -> Result<operators::Operator, TenancyError> {
+        let mut tx = self.db.begin_write().await?;
+        let (before, _) = operators::fetch(&mut tx, id_or_name)
+            .await?
+            .ok_or_else(|| TenancyError::NotFound(format!("operator {id_or_name:?}")))?;
+        if before.revoked_at_us.is_some() {
+            return Ok(before);
+        }
+        operators::revoke(&mut tx, &before.id, now_us()).await?;
+        let (after, _) = operators::fetch(&mut tx, &before.id)
+            .await?
+            .ok_or_else(|| TenancyError::NotFound(format!("operator {id_or_name:?}")))?;
+        let event = Self::operator_audit(actor, "operator.revoke", Some(&before), &after);
+        repo::insert_audit(&mut tx, &event).await?;
+        tx.commit().await?;
+        Ok(after)
+    }
+
+    /// A live operator by id with its token hash, for authentication.
+    pub async fn operator_for_auth(
+        &self,
+        id: &str,
+    ) -> Result<Option<(operators::Operator, String)>, TenancyError> {
+        let mut conn = self.db.pool().acquire().await?;
+        Ok(operators::fetch(&mut conn, id)
+            .await?
+            .filter(|(o, _)| o.id == id && o.revoked_at_us.is_none()))
+    }
+
+    fn operator_audit(
+        actor: &str,
+        action: &str,
+        before: Option<&operators::Operator>,
+        after: &operators::Operator,
+    ) -> AuditEvent {
+        // About no tenant.
+        AuditEvent {
+            tenant_id: None,
+            ..Self::audit(actor, action, &after.name, "", before, after)
+        }
     }
 
     pub async fn list_keys(

@@ -457,3 +457,44 @@ async fn key_limits_from_the_command_line() {
     );
     gateway.stop().await.expect("clean stop");
 }
+
+/// Operators from the command line: created with a role (the token shown
+/// once), listed, used as the admin token, named in the audit log, revoked.
+#[tokio::test]
+async fn operators_from_the_command_line() {
+    let gateway = TestGateway::start().await;
+    let token = Some(ADMIN_TOKEN);
+    let created = json(
+        &ascendctl(
+            &gateway,
+            token,
+            &[
+                "-o", "json", "operator", "create", "vera", "--role", "viewer",
+            ],
+        )
+        .await,
+    );
+    assert_eq!(created["operator"]["role"], "viewer", "{created}");
+    let vera = created["token"].as_str().expect("token").to_owned();
+    assert!(vera.starts_with("agwop_"), "{vera}");
+    let listed = stdout(&ascendctl(&gateway, token, &["operator", "list"]).await);
+    assert!(
+        listed.contains("vera") && listed.contains("viewer"),
+        "{listed}"
+    );
+    // The viewer's token works for reads and is refused for changes.
+    stdout(&ascendctl(&gateway, Some(&vera), &["tenant", "list"]).await);
+    let output = ascendctl(&gateway, Some(&vera), &["tenant", "create", "by-vera"]).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success() && stderr.contains("PERMISSION_DENIED"),
+        "{stderr}"
+    );
+    let audit = stdout(&ascendctl(&gateway, Some(&vera), &["audit"]).await);
+    assert!(audit.contains("operator:bootstrap"), "{audit}");
+    stdout(&ascendctl(&gateway, token, &["operator", "revoke", "vera"]).await);
+    let output = ascendctl(&gateway, Some(&vera), &["tenant", "list"]).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("UNAUTHENTICATED"), "{stderr}");
+    gateway.stop().await.expect("clean stop");
+}

@@ -20,6 +20,7 @@ mod idempotency;
 mod key_limits;
 mod limits;
 mod metering;
+mod operators;
 mod prefix_cache;
 mod secrets;
 mod server;

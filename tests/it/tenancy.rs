@@ -315,7 +315,7 @@ async fn every_change_is_audited_and_the_log_is_append_only() {
         actions,
         ["tenant.create", "key.create", "tenant.update", "key.revoke"]
     );
-    assert!(events.iter().all(|e| e.actor == "admin"));
+    assert!(events.iter().all(|e| e.actor == "operator:bootstrap"));
     assert!(events[2].before_json.contains("\"scheduling_weight\":1"));
     assert!(events[2].after_json.contains("\"scheduling_weight\":3"));
     assert!(events.iter().all(|e| !e.after_json.contains("secret")));

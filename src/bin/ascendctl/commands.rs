@@ -101,6 +101,9 @@ pub enum Command {
     /// Billing exports.
     #[command(subcommand)]
     Billing(BillingCommand),
+    /// Named operators with roles.
+    #[command(subcommand)]
+    Operator(crate::operator::OperatorCommand),
     /// Webhook endpoints and their deliveries.
     #[command(subcommand)]
     Webhook(crate::webhook::WebhookCommand),
@@ -395,6 +398,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Invoice(command) => billing::invoice(&ctx, command).await,
         Command::Billing(command) => billing::billing(&ctx, command).await,
         Command::Webhook(command) => crate::webhook::webhook(&ctx, command).await,
+        Command::Operator(command) => crate::operator::operator(&ctx, command).await,
         Command::Completions { .. } => Ok(()),
     }
 }

@@ -5,6 +5,7 @@
 
 mod billing;
 mod commands;
+mod operator;
 mod output;
 mod settings;
 mod tls;
