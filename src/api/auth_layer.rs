@@ -157,19 +157,7 @@ where
             };
             let connection = request.extensions().get::<ConnInfo>().cloned();
             let path = request.uri().path().to_owned();
-            let operator_service = matches!(
-                requirement,
-                Requirement::Admin | Requirement::AdminOrScope(_)
-            );
-            if admin_needs_client_cert
-                && operator_service
-                && !connection.as_ref().is_some_and(|c| c.client_cert)
-            {
-                return Ok(tonic::Status::unauthenticated(
-                    "the operator services need a client certificate (tls.client_ca_file); connect with one",
-                )
-                .into_http());
-            }
+            let client_cert = connection.as_ref().is_some_and(|c| c.client_cert);
             let header = request
                 .headers()
                 .get(http::header::AUTHORIZATION)
@@ -181,6 +169,14 @@ where
                 .authenticate(header.as_deref(), requirement, peer)
                 .await
             {
+                // Operators need a verified client certificate when the
+                // gateway has a client CA; tenant keys never do.
+                Ok(Principal::Admin(_)) if admin_needs_client_cert && !client_cert => {
+                    Ok(tonic::Status::unauthenticated(
+                        "operators need a client certificate (tls.client_ca_file); connect with one",
+                    )
+                    .into_http())
+                }
                 Ok(Principal::Admin(operator)) if !role_allows(operator.role, &path) => {
                     Ok(tonic::Status::permission_denied(format!(
                         "operator {} has the role `{}`, which may not call {path}",

@@ -45,6 +45,11 @@ pub enum GenerationError {
         "the price plan cannot be read to reserve the request's cost against the monthly budget; retry shortly"
     )]
     BudgetUnpriced,
+    /// A budget counts money, and the plan has no price for the model.
+    #[error(
+        "the tenant's price plan has no price for model `{0}` now, so a monthly budget cannot count it; add a price with PutPrices"
+    )]
+    NoPrice(String),
 }
 
 impl GenerationError {
@@ -77,6 +82,7 @@ impl Classified for GenerationError {
             GenerationError::DeadlineExceeded => ErrorKind::DeadlineExceeded,
             GenerationError::Cancelled => ErrorKind::Cancelled,
             GenerationError::BudgetUnpriced => ErrorKind::Unavailable,
+            GenerationError::NoPrice(_) => ErrorKind::FailedPrecondition,
             _ => ErrorKind::Internal,
         }
     }

@@ -367,8 +367,9 @@ impl Generation {
     /// For a tenant with a monthly budget: the request's worst-case cost in
     /// nanos (prompt tokens all computed, `max_tokens` all generated, at the
     /// price in effect now) and the meter that prices its exact usage when
-    /// it ends. `(0, None)` without a budget. A request whose model has no
-    /// price under the plan costs nothing and reserves nothing.
+    /// it ends. `(0, None)` without a budget. A model without a price under
+    /// the plan is refused: its usage could not be priced into the spend
+    /// the budget is seeded from (nor into the invoice).
     fn budgeted(
         &self,
         tenant: &TenantPrincipal,
@@ -391,7 +392,10 @@ impl Generation {
         let nanos = |quote: Option<crate::billing::quote::Quote>| {
             quote.map_or(0, |q| u64::try_from(q.amount_nanos).unwrap_or(0))
         };
-        let reserve = nanos(plan.quote(&model, &served.device_profile, now_us(), worst));
+        let Some(reserve) = plan.quote(&model, &served.device_profile, now_us(), worst) else {
+            return Err(GenerationError::NoPrice(model));
+        };
+        let reserve = nanos(Some(reserve));
         let meter: SpendMeter = Arc::new(move |usage: &JobUsage| {
             nanos(plan.quote(&model, &usage.device_profile, now_us(), consumption(usage)))
         });

@@ -254,9 +254,15 @@ async fn metered_this_month(
 /// Whether a tenant's monthly counters have been seeded on this node, and
 /// whether the spend was among them.
 enum Seeded {
-    Done { with_spend: bool },
+    Done { with_spend: bool, at: Instant },
     FailedAt(Instant),
 }
+
+/// A budgeted tenant's spend counter is raised to the month's metered spend
+/// at least this often by each node that admits it (a raise never lowers
+/// it), so spend the counter missed (while the budget was unset, or since
+/// Redis rebuilt it) is counted within this plus the metering lag.
+const SPEND_RESEED: Duration = Duration::from_secs(60);
 
 pub struct Limiter {
     local: LocalLimits,
@@ -366,8 +372,15 @@ impl Limiter {
         {
             let seeded = self.seeded.lock().unwrap_or_else(|e| e.into_inner());
             match seeded.get(tenant_id) {
-                Some((m, Seeded::Done { with_spend: had }))
-                    if *m == month && !again && (*had || !with_spend) =>
+                Some((
+                    m,
+                    Seeded::Done {
+                        with_spend: had,
+                        at,
+                    },
+                )) if *m == month
+                    && !again
+                    && (!with_spend || (*had && at.elapsed() < SPEND_RESEED)) =>
                 {
                     return true;
                 }
@@ -396,18 +409,40 @@ impl Limiter {
             }
             Err(e) => Err(e),
         };
-        let ok = outcome.is_ok();
-        let state = match outcome {
-            Ok(()) => Seeded::Done { with_spend },
+        let mut seeded = self.seeded.lock().unwrap_or_else(|e| e.into_inner());
+        // A counter seeded this month stays seeded when only a periodic
+        // reseed fails: the next try comes after SEED_RETRY.
+        let seeded_before = matches!(
+            seeded.get(tenant_id),
+            Some((m, Seeded::Done { with_spend: had, .. })) if *m == month && (*had || !with_spend)
+        ) && !again;
+        let (state, ok) = match outcome {
+            Ok(()) => (
+                Seeded::Done {
+                    with_spend,
+                    at: Instant::now(),
+                },
+                true,
+            ),
+            Err(error) if seeded_before => {
+                tracing::warn!(%error, tenant = tenant_id, "monthly spend not re-seeded from metered usage; the counter goes on, retrying later");
+                let retry_at = Instant::now()
+                    .checked_sub(SPEND_RESEED.saturating_sub(SEED_RETRY))
+                    .unwrap_or_else(Instant::now);
+                (
+                    Seeded::Done {
+                        with_spend,
+                        at: retry_at,
+                    },
+                    true,
+                )
+            }
             Err(error) => {
                 tracing::warn!(%error, tenant = tenant_id, "monthly quota not seeded from metered usage; retrying later");
-                Seeded::FailedAt(Instant::now())
+                (Seeded::FailedAt(Instant::now()), false)
             }
         };
-        self.seeded
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(tenant_id.to_owned(), (month, state));
+        seeded.insert(tenant_id.to_owned(), (month, state));
         ok
     }
 
@@ -859,7 +894,8 @@ impl Permit {
     /// counted exactly, even past its reservation.
     pub async fn settle(mut self, used: Used) {
         if let Some(inner) = self.inner.take() {
-            inner.settle_detached(used);
+            // Awaited, not queued: a full settlement queue must not drop it.
+            Box::pin(inner.settle(used)).await;
         }
         if let Some((tenant_id, grant)) = self.end() {
             let settlement = Settlement {

@@ -100,6 +100,14 @@ pub fn validate_name(name: &str) -> Result<(), TenancyError> {
             "lowercase letters, digits and '-', 3 to 63 characters, starting and ending with a letter or digit",
         )
     })?;
+    // An operator is named by id or name in the API: a name in the form of
+    // an id (16 hex digits) could stand for another operator.
+    if name.len() == 16 && name.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(TenancyError::invalid(
+            "name",
+            "16 hex digits is the form of an operator id; choose another name",
+        ));
+    }
     if name == BOOTSTRAP {
         return Err(TenancyError::invalid(
             "name",
@@ -132,14 +140,31 @@ pub async fn insert(
     }
 }
 
+/// An operator by id alone, with its token hash (authentication).
+pub async fn fetch_by_id(
+    conn: &mut AnyConnection,
+    id: &str,
+) -> Result<Option<(Operator, String)>, TenancyError> {
+    fetch_where(conn, "id = $1", id).await
+}
+
 /// An operator by id or name, with its token hash.
 pub async fn fetch(
     conn: &mut AnyConnection,
     id_or_name: &str,
 ) -> Result<Option<(Operator, String)>, TenancyError> {
-    let sql = format!("SELECT {COLUMNS} FROM operators WHERE id = $1 OR name = $1");
+    // Names never take the form of ids (`validate_name`): one row at most.
+    fetch_where(conn, "id = $1 OR name = $1", id_or_name).await
+}
+
+async fn fetch_where(
+    conn: &mut AnyConnection,
+    condition: &str,
+    value: &str,
+) -> Result<Option<(Operator, String)>, TenancyError> {
+    let sql = format!("SELECT {COLUMNS} FROM operators WHERE {condition}");
     let row: Option<OperatorRow> = sqlx::query_as(&sql)
-        .bind(id_or_name)
+        .bind(value)
         .fetch_optional(&mut *conn)
         .await?;
     row.map(OperatorRow::operator).transpose()

@@ -457,9 +457,9 @@ impl TenancyService {
         id: &str,
     ) -> Result<Option<(operators::Operator, String)>, TenancyError> {
         let mut conn = self.db.pool().acquire().await?;
-        Ok(operators::fetch(&mut conn, id)
+        Ok(operators::fetch_by_id(&mut conn, id)
             .await?
-            .filter(|(o, _)| o.id == id && o.revoked_at_us.is_none()))
+            .filter(|(o, _)| o.revoked_at_us.is_none()))
     }
 
     fn operator_audit(

@@ -120,13 +120,36 @@ pub fn is_public(ip: IpAddr) -> bool {
             if let Some(v4) = v6.to_ipv4_mapped() {
                 return is_public_v4(v4);
             }
-            let first = v6.segments()[0];
+            let s = v6.segments();
+            // IPv4-compatible ::a.b.c.d and 6to4 2002:aabb:ccdd::/48 carry
+            // an IPv4 address: judged by it.
+            if s[..6] == [0; 6] {
+                return is_public_v4(Ipv4Addr::new(
+                    (s[6] >> 8) as u8,
+                    s[6] as u8,
+                    (s[7] >> 8) as u8,
+                    s[7] as u8,
+                ));
+            }
+            if s[0] == 0x2002 {
+                return is_public_v4(Ipv4Addr::new(
+                    (s[1] >> 8) as u8,
+                    s[1] as u8,
+                    (s[2] >> 8) as u8,
+                    s[2] as u8,
+                ));
+            }
+            let first = s[0];
             !(v6.is_loopback()
                 || v6.is_unspecified()
                 || v6.is_multicast()
-                // fc00::/7 unique local, fe80::/10 link-local.
+                // fc00::/7 unique local, fe80::/10 link-local, fec0::/10
+                // the old site-local.
                 || (first & 0xfe00) == 0xfc00
                 || (first & 0xffc0) == 0xfe80
+                || (first & 0xffc0) == 0xfec0
+                // 64:ff9b:1::/48, the local-use NAT64 prefix.
+                || (first == 0x0064 && s[1] == 0xff9b && s[2] == 0x0001)
                 // 2001:db8::/32 documentation; 64:ff9b::/96 NAT64 of anything.
                 || (first == 0x2001 && v6.segments()[1] == 0x0db8)
                 || (first == 0x0064 && v6.segments()[1] == 0xff9b))
@@ -146,8 +169,10 @@ fn is_public_v4(ip: Ipv4Addr) -> bool {
         || a == 0
         // 100.64.0.0/10 shared address space.
         || (a == 100 && (64..128).contains(&b))
-        // 198.18.0.0/15 benchmarking; 240.0.0.0/4 reserved.
+        // 198.18.0.0/15 benchmarking; 192.0.0.0/24 protocol assignments;
+        // 240.0.0.0/4 reserved.
         || (a == 198 && (b == 18 || b == 19))
+        || (a == 192 && b == 0 && ip.octets()[2] == 0)
         || a >= 240)
 }
 
@@ -213,6 +238,13 @@ mod tests {
             "::ffff:127.0.0.1",
             "::ffff:10.0.0.1",
             "64:ff9b::a00:1",
+            "::7f00:1",
+            "::a00:1",
+            "2002:a00:1::1",
+            "2002:7f00:1::1",
+            "64:ff9b:1::1",
+            "fec0::1",
+            "192.0.0.8",
         ] {
             assert!(!is_public(ip.parse().expect(ip)), "{ip}");
         }

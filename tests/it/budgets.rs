@@ -436,6 +436,55 @@ async fn bad_budgets_are_refused_naming_the_field() {
         );
         assert!(refused.message().contains(field), "{budget:?}: {refused:?}");
     }
+    // A budget counts money: a model without a price under the plan is
+    // refused rather than counted as free.
+    BillingClient::new(channel.clone())
+        .put_prices(admin(PutPricesRequest {
+            plan: "prices-small-only".to_owned(),
+            currency_code: "USD".to_owned(),
+            description: String::new(),
+            prices: vec![Price {
+                model: "small".to_owned(),
+                device_class: String::new(),
+                prompt_per_million_tokens: usd(1),
+                cached_prompt_per_million_tokens: None,
+                completion_per_million_tokens: usd(1),
+                per_kwh: None,
+                effective_from: Some(prost_types::Timestamp::default()),
+            }],
+        }))
+        .await
+        .expect("a plan without tiny");
+    let (_, key) = crate::common::tenant_with(
+        channel,
+        CreateTenantRequest {
+            slug: "unpriced".to_owned(),
+            price_plan: "prices-small-only".to_owned(),
+            limits: Some(TenantLimits {
+                monthly_budget: usd(CENT_NANOS),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    )
+    .await;
+    let refused = InferenceClient::new(channel.clone())
+        .generate(authed(
+            GenerateRequest {
+                model: "tiny".to_owned(),
+                prompt: "hi".to_owned(),
+                max_tokens: Some(2),
+                ..Default::default()
+            },
+            &key,
+        ))
+        .await
+        .expect_err("no price for tiny");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(
+        refused.message().contains("no price for model `tiny`"),
+        "{refused:?}"
+    );
     // Nothing was created by the refusals; a good budget still is.
     let tenant = client
         .create_tenant(admin(create("bad-budget", money("", CENT_NANOS))))

@@ -180,6 +180,7 @@ async fn bad_operators_are_refused_naming_the_field() {
         ("Bad Name", "viewer", "name", Code::InvalidArgument),
         ("bootstrap", "viewer", "name", Code::InvalidArgument),
         ("x", "viewer", "name", Code::InvalidArgument),
+        ("0123456789abcdef", "viewer", "name", Code::InvalidArgument),
     ] {
         let refused = tenants
             .create_operator(admin(CreateOperatorRequest {
