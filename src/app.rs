@@ -522,10 +522,12 @@ impl App {
             }
             Err(error) => tracing::error!(%error, "webhook deliveries are off"),
         }
+        // One billing service for the watcher, the Billing API and balances.
+        let billing = BillingService::new(db.clone(), &settings.billing);
         tasks.spawn(
             crate::webhooks::watcher::Watcher::new(
                 db.clone(),
-                BillingService::new(db.clone(), &settings.billing),
+                billing.clone(),
                 settings.webhooks.clone(),
             )
             .run(stop_tasks.clone()),
@@ -582,7 +584,7 @@ impl App {
             .add_service(BillingServer::new(BillingApi::new(
                 db.clone(),
                 tenancy.clone(),
-                BillingService::new(db.clone(), &settings.billing),
+                billing.clone(),
                 limiter.clone(),
                 &settings.billing,
             )))
@@ -598,7 +600,7 @@ impl App {
         let http_api = crate::http::HttpApi::new(
             generation,
             crate::billing::balance::Balances::new(
-                BillingService::new(db.clone(), &settings.billing),
+                billing.clone(),
                 limiter.clone(),
             ),
             authenticator,

@@ -389,15 +389,17 @@ impl Generation {
             completion_tokens: params.max_tokens as u64,
             energy_mj: 0,
         };
-        let nanos = |quote: Option<crate::billing::quote::Quote>| {
-            quote.map_or(0, |q| u64::try_from(q.amount_nanos).unwrap_or(0))
-        };
-        let Some(reserve) = plan.quote(&model, &served.device_profile, now_us(), worst) else {
+        let nanos =
+            |quote: crate::billing::quote::Quote| u64::try_from(quote.amount_nanos).unwrap_or(0);
+        let Some(reserve) = plan
+            .quote(&model, &served.device_profile, now_us(), worst)
+            .map(nanos)
+        else {
             return Err(GenerationError::NoPrice(model));
         };
-        let reserve = nanos(Some(reserve));
         let meter: SpendMeter = Arc::new(move |usage: &JobUsage| {
-            nanos(plan.quote(&model, &usage.device_profile, now_us(), consumption(usage)))
+            plan.quote(&model, &usage.device_profile, now_us(), consumption(usage))
+                .map_or(0, nanos)
         });
         Ok((reserve, Some(meter)))
     }

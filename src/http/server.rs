@@ -23,6 +23,10 @@ use crate::listener::{ConnectionStats, ServerSettings};
 /// Largest request header block, as on the gRPC port.
 const MAX_HEADER_BYTES: usize = 64 * 1024;
 
+/// A connection's bytes, in the clear or inside TLS.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Io for T {}
+
 /// Serves `router` on `listener` until `stop`, then waits for open
 /// connections to finish their requests (the caller bounds the wait).
 pub async fn serve(
@@ -75,43 +79,35 @@ pub async fn serve(
             async move { router.call(request.map(axum::body::Body::new)).await }
         });
         let stats = stats.clone();
-        match &tls {
-            None => {
-                let connection =
-                    builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                let connection = graceful.watch(connection.into_owned());
-                tokio::spawn(async move {
-                    if let Err(error) = connection.await {
+        let (tls, builder, watcher) = (tls.clone(), builder.clone(), graceful.watcher());
+        let handshake_timeout = settings.handshake_timeout;
+        // Each connection on its own task, the TLS handshake included
+        // (bounded like the request headers), so a slow client holds up no
+        // one else.
+        tokio::spawn(async move {
+            let io: Result<Box<dyn Io>, String> = match tls {
+                None => Ok(Box::new(stream)),
+                Some(acceptor) => {
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => Ok(Box::new(tls)),
+                        Ok(Err(error)) => Err(format!("TLS handshake failed: {error}")),
+                        Err(_) => Err("TLS handshake timed out".to_owned()),
+                    }
+                }
+            };
+            match io {
+                Ok(io) => {
+                    let connection =
+                        builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+                    if let Err(error) = watcher.watch(connection.into_owned()).await {
                         tracing::debug!(%peer, error = %error, "HTTP connection ended with an error");
                     }
-                    stats.open.fetch_sub(1, Ordering::Relaxed);
-                    drop(slot);
-                });
+                }
+                Err(error) => tracing::debug!(%peer, %error, "HTTP connection not served"),
             }
-            Some(acceptor) => {
-                // The handshake runs on the connection's own task, bounded
-                // like the request headers, so a slow client holds up no
-                // one else.
-                let (acceptor, builder, watcher) =
-                    (acceptor.clone(), builder.clone(), graceful.watcher());
-                let handshake_timeout = settings.handshake_timeout;
-                tokio::spawn(async move {
-                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                        Ok(Ok(tls)) => {
-                            let connection =
-                                builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
-                            if let Err(error) = watcher.watch(connection.into_owned()).await {
-                                tracing::debug!(%peer, error = %error, "HTTPS connection ended with an error");
-                            }
-                        }
-                        Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                    }
-                    stats.open.fetch_sub(1, Ordering::Relaxed);
-                    drop(slot);
-                });
-            }
-        }
+            stats.open.fetch_sub(1, Ordering::Relaxed);
+            drop(slot);
+        });
     }
     drop(listener);
     graceful.shutdown().await;

@@ -101,6 +101,15 @@ impl MonthToDate {
             spend_nanos: None,
         }
     }
+
+    /// One node's share of the month, for the fail-open fallback.
+    fn share(self, replicas: u32) -> MonthToDate {
+        let n = u64::from(replicas.max(1));
+        MonthToDate {
+            tokens: self.tokens / n,
+            spend_nanos: self.spend_nanos.map(|spend| spend / n),
+        }
+    }
 }
 
 /// A tenant's monthly budget counters, as the limiter admits against them.
@@ -254,7 +263,11 @@ async fn metered_this_month(
 /// Whether a tenant's monthly counters have been seeded on this node, and
 /// whether the spend was among them.
 enum Seeded {
-    Done { with_spend: bool, at: Instant },
+    /// `refresh_at`: when a budget's spend is read again (a raise).
+    Done {
+        with_spend: bool,
+        refresh_at: Instant,
+    },
     FailedAt(Instant),
 }
 
@@ -360,7 +373,6 @@ impl Limiter {
                 tokens: 0,
                 spend_nanos: with_spend.then_some(0),
             };
-            self.local.seed_quota(tenant_id, &month, zero);
             return match &self.redis {
                 Some(redis) if again => redis
                     .seed_quota(tenant_id, &month, zero, calendar::secs_until_month_end(now))
@@ -376,11 +388,11 @@ impl Limiter {
                     m,
                     Seeded::Done {
                         with_spend: had,
-                        at,
+                        refresh_at,
                     },
                 )) if *m == month
                     && !again
-                    && (!with_spend || (*had && at.elapsed() < SPEND_RESEED)) =>
+                    && (!with_spend || (*had && Instant::now() < *refresh_at)) =>
                 {
                     return true;
                 }
@@ -420,19 +432,16 @@ impl Limiter {
             Ok(()) => (
                 Seeded::Done {
                     with_spend,
-                    at: Instant::now(),
+                    refresh_at: Instant::now() + SPEND_RESEED,
                 },
                 true,
             ),
             Err(error) if seeded_before => {
                 tracing::warn!(%error, tenant = tenant_id, "monthly spend not re-seeded from metered usage; the counter goes on, retrying later");
-                let retry_at = Instant::now()
-                    .checked_sub(SPEND_RESEED.saturating_sub(SEED_RETRY))
-                    .unwrap_or_else(Instant::now);
                 (
                     Seeded::Done {
                         with_spend,
-                        at: retry_at,
+                        refresh_at: Instant::now() + SEED_RETRY,
                     },
                     true,
                 )
@@ -936,15 +945,13 @@ impl Drop for Permit {
     fn drop(&mut self) {
         if let Some((tenant_id, grant)) = self.end() {
             // Unknown use: the whole reservation, never a refund.
-            let used = match &grant {
-                Grant::Local(g) => Used {
-                    tokens: g.bucket_tokens.max(g.quota_tokens),
-                    spend_nanos: g.budget_nanos,
-                },
-                Grant::Redis(g) => Used {
-                    tokens: g.bucket_tokens.max(g.quota_tokens),
-                    spend_nanos: g.budget_nanos,
-                },
+            let (tokens, spend_nanos) = match &grant {
+                Grant::Local(g) => (g.bucket_tokens.max(g.quota_tokens), g.budget_nanos),
+                Grant::Redis(g) => (g.bucket_tokens.max(g.quota_tokens), g.budget_nanos),
+            };
+            let used = Used {
+                tokens,
+                spend_nanos,
             };
             // If the background task is gone the process is shutting down;
             // leases expire and local state dies with the process.
@@ -978,17 +985,6 @@ fn per_node(limits: &Limits, replicas: u32) -> Limits {
                 currency_code: budget.currency_code.clone(),
                 amount_nanos: share_u64(budget.amount_nanos),
             }),
-    }
-}
-
-impl MonthToDate {
-    /// One node's share of the month, for the fail-open fallback.
-    fn share(self, replicas: u32) -> MonthToDate {
-        let n = u64::from(replicas.max(1));
-        MonthToDate {
-            tokens: self.tokens / n,
-            spend_nanos: self.spend_nanos.map(|spend| spend / n),
-        }
     }
 }
 
