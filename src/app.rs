@@ -599,10 +599,7 @@ impl App {
         tracing::info!(address = %local_addr, "gateway listening");
         let http_api = crate::http::HttpApi::new(
             generation,
-            crate::billing::balance::Balances::new(
-                billing.clone(),
-                limiter.clone(),
-            ),
+            crate::billing::balance::Balances::new(billing.clone(), limiter.clone()),
             authenticator,
             refusals,
             crate::http::BodyBounds {
