@@ -571,6 +571,9 @@ impl App {
             .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
             .http2_keepalive_interval(Some(settings.server.http2_keepalive_interval))
             .http2_keepalive_timeout(Some(settings.server.http2_keepalive_timeout))
+            .layer(crate::traces::TraceLayer::new(
+                crate::traces::Protocol::Grpc,
+            ))
             .layer(AuthLayer::new(
                 authenticator.clone(),
                 refusals.clone(),

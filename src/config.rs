@@ -54,6 +54,20 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("ASCEND_TLS_CLIENT_CA_FILE", "tls.client_ca_file"),
     ("ASCEND_LOG_FORMAT", "log.format"),
     ("ASCEND_LOG", "log.filter"),
+    // OpenTelemetry's standard names. The signal-specific ones come after
+    // the general ones, so they win.
+    ("OTEL_EXPORTER_OTLP_ENDPOINT", "otel.endpoint"),
+    ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "otel.traces_endpoint"),
+    ("OTEL_EXPORTER_OTLP_PROTOCOL", "otel.protocol"),
+    ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "otel.protocol"),
+    ("OTEL_EXPORTER_OTLP_HEADERS", "otel.headers"),
+    ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "otel.headers"),
+    ("OTEL_SERVICE_NAME", "otel.service_name"),
+    ("OTEL_RESOURCE_ATTRIBUTES", "otel.resource_attributes"),
+    ("OTEL_TRACES_SAMPLER", "otel.traces_sampler"),
+    ("OTEL_TRACES_SAMPLER_ARG", "otel.traces_sampler_arg"),
+    ("OTEL_BSP_SCHEDULE_DELAY", "otel.bsp_schedule_delay"),
+    ("OTEL_SDK_DISABLED", "otel.sdk_disabled"),
 ];
 
 /// Every setting of a running gateway. Built by [`Settings::load`]; passed by
@@ -100,6 +114,8 @@ pub struct Settings {
     pub webhooks: crate::webhooks::WebhookSettings,
     /// TLS for the gRPC and HTTP listeners; off (plaintext) by default.
     pub tls: crate::tls::TlsSettings,
+    /// OpenTelemetry traces over OTLP; off unless an endpoint is set.
+    pub otel: crate::traces::OtelSettings,
     /// The served models (`[[models]]` tables).
     pub models: Vec<crate::serving::ModelSettings>,
     pub log: LogSettings,
@@ -249,6 +265,7 @@ impl Default for Settings {
             server: crate::listener::ServerSettings::default(),
             webhooks: crate::webhooks::WebhookSettings::default(),
             tls: crate::tls::TlsSettings::default(),
+            otel: crate::traces::OtelSettings::default(),
             models: vec![crate::serving::ModelSettings::default()],
             log: LogSettings::default(),
         }
@@ -424,6 +441,9 @@ impl Settings {
             });
         }
         if let Some((key, problem)) = self.webhooks.problem() {
+            return Err(ConfigError::Invalid { key, problem });
+        }
+        if let Some((key, problem)) = self.otel.problem() {
             return Err(ConfigError::Invalid { key, problem });
         }
         // Read here, before any side effect: a wrong file fails the start
@@ -717,6 +737,7 @@ const NUMERIC_ENV_KEYS: &[&str] = &[
     "database.max_connections",
     "limits.replicas",
     "http_max_body_bytes",
+    "otel.bsp_schedule_delay",
 ];
 
 /// An address that may be turned off: the empty string is `None`.
@@ -749,7 +770,7 @@ mod optional_addr {
 /// Settings set by environment variables whose type is a boolean: `true`
 /// or `false` (any case) is read as one; anything else stays text and is
 /// refused naming the variable.
-const BOOLEAN_ENV_KEYS: &[&str] = &["webhooks.allow_private"];
+const BOOLEAN_ENV_KEYS: &[&str] = &["webhooks.allow_private", "otel.sdk_disabled"];
 
 fn env_value(key: &str, value: String) -> figment::value::Value {
     if NUMERIC_ENV_KEYS.contains(&key)
@@ -794,7 +815,7 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
-fn serialize_redacted<S: serde::Serializer>(
+pub(crate) fn serialize_redacted<S: serde::Serializer>(
     secret: &Option<SecretString>,
     serializer: S,
 ) -> Result<S::Ok, S::Error> {

@@ -35,6 +35,24 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
+    /// A stable lower-case name, for span attributes and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::InvalidArgument => "invalid_argument",
+            ErrorKind::NotFound => "not_found",
+            ErrorKind::AlreadyExists => "already_exists",
+            ErrorKind::FailedPrecondition => "failed_precondition",
+            ErrorKind::Aborted => "aborted",
+            ErrorKind::Unauthenticated => "unauthenticated",
+            ErrorKind::PermissionDenied => "permission_denied",
+            ErrorKind::ResourceExhausted => "resource_exhausted",
+            ErrorKind::DeadlineExceeded => "deadline_exceeded",
+            ErrorKind::Cancelled => "cancelled",
+            ErrorKind::Unavailable => "unavailable",
+            ErrorKind::Internal => "internal",
+        }
+    }
+
     /// Whether the error's own message may be shown to the client. Outage and
     /// internal errors may carry hostnames, SQL or paths, so they never are.
     pub fn is_client_visible(self) -> bool {

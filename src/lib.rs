@@ -30,4 +30,5 @@ pub mod store;
 pub mod telemetry;
 pub mod tenancy;
 pub mod tls;
+pub mod traces;
 pub mod webhooks;

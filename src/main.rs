@@ -196,7 +196,6 @@ fn main() -> ExitCode {
             }
         };
     }
-    telemetry::init(&settings.log);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -204,6 +203,17 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_FAILURE);
         }
     };
+    let traces = match ascend_gateway::traces::Pipeline::start(&settings.otel, runtime.handle()) {
+        Ok(traces) => traces,
+        Err(e) => {
+            eprintln!("error: setting `otel`: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    telemetry::init(&settings.log, traces.as_ref());
+    if let Some(traces) = &traces {
+        tracing::info!(export = %traces.describe(), "exporting traces");
+    }
     let result = runtime.block_on(async {
         match cli.command {
             Command::Serve(_) => serve(settings).await,
@@ -211,6 +221,10 @@ fn main() -> ExitCode {
             Command::Config(_) | Command::Model(_) | Command::Bench(_) => Ok(()),
         }
     });
+    // Off the runtime's threads, so the exports it waits for can run there.
+    if let Some(traces) = traces {
+        traces.shutdown();
+    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -240,7 +254,7 @@ fn bench_command(command: &BenchCommand) -> ExitCode {
         filter: "warn,ascend_gateway::bench=info".to_owned(),
         ..Default::default()
     };
-    telemetry::init(&log);
+    telemetry::init(&log, None);
     let invocation = std::env::args().collect::<Vec<_>>().join(" ");
     let result = tokio::runtime::Runtime::new()
         .context("cannot start the async runtime")

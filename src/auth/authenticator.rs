@@ -137,6 +137,34 @@ impl Authenticator {
         requirement: Requirement,
         peer: Option<std::net::IpAddr>,
     ) -> Result<Principal, AuthError> {
+        use tracing::Instrument as _;
+        let request = tracing::Span::current();
+        let span = crate::trace_span!("authenticate");
+        let result = self
+            .authenticate_untraced(header, requirement, peer)
+            .instrument(span.clone())
+            .await;
+        match &result {
+            Ok(Principal::Tenant(tenant)) => {
+                crate::traces::set(&request, "ascend.tenant_id", tenant.tenant_id.clone());
+                crate::traces::set(&request, "ascend.api_key_id", tenant.key_id.clone());
+            }
+            Ok(Principal::Admin(operator)) => {
+                crate::traces::set(&request, "ascend.operator", operator.name.clone());
+            }
+            Err(error) => {
+                crate::traces::set(&span, "ascend.auth.refused", error.kind().as_str());
+            }
+        }
+        result
+    }
+
+    async fn authenticate_untraced(
+        &self,
+        header: Option<&[u8]>,
+        requirement: Requirement,
+        peer: Option<std::net::IpAddr>,
+    ) -> Result<Principal, AuthError> {
         if let Err(retry_after) = self.failures.check(peer) {
             self.failures.record(
                 peer,

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::sync::mpsc;
+use tracing::Instrument as _;
 
 pub use answer::{Answer, AnswerUsage, Cost, Finish, LogprobEntry, Update};
 pub use error::GenerationError;
@@ -24,6 +25,7 @@ pub use request::{GenerateInput, MAX_REQUEST_ID_LEN, ValidRequest};
 
 use crate::auth::TenantPrincipal;
 use crate::billing::quote::{Consumption, PlanPrices, PriceCache};
+use crate::error::Classified as _;
 use crate::idempotency::{Claim, Claimed, Idempotency, RequestKey};
 use crate::limits::{Cost as LimitCost, Headroom, Limiter, Permit, Used};
 use crate::metering::Metering;
@@ -119,6 +121,25 @@ impl Generation {
     /// Admits against the key's own limits first, then the tenant's; a
     /// tenant refusal hands the key's reservation back.
     async fn admit(
+        &self,
+        tenant: &TenantPrincipal,
+        cost: LimitCost,
+    ) -> Result<Permit, GenerationError> {
+        let span = crate::trace_span!("limits.admit");
+        let admitted = self
+            .admit_untraced(tenant, cost)
+            .instrument(span.clone())
+            .await;
+        let outcome = match &admitted {
+            Ok(_) => "admitted",
+            Err(error) if error.kind() == crate::error::ErrorKind::ResourceExhausted => "refused",
+            Err(_) => "failed",
+        };
+        crate::traces::set(&span, "ascend.limits.outcome", outcome);
+        admitted
+    }
+
+    async fn admit_untraced(
         &self,
         tenant: &TenantPrincipal,
         cost: LimitCost,
@@ -221,7 +242,11 @@ impl Generation {
     pub async fn validate(&self, input: &GenerateInput) -> Result<ValidRequest, GenerationError> {
         let served = self.model(&input.model)?;
         let (request_id, client_request_id) = request::request_id(input.request_id.as_deref())?;
-        let prompt = self.tokenize(&served, input).await?;
+        let prompt = self
+            .tokenize(&served, input)
+            .instrument(crate::trace_span!("tokenize"))
+            .await?;
+        crate::traces::set_current("gen_ai.usage.input_tokens", prompt.len() as i64);
         let params = request::sampling(input, &served, prompt.len())?;
         Ok(ValidRequest {
             served,
@@ -255,6 +280,8 @@ impl Generation {
             request_id,
             client_request_id,
         } = valid;
+        crate::traces::set_current("ascend.request_id", request_id.clone());
+        crate::traces::set_current("gen_ai.request.model", served.settings.id.clone());
         // Duplicates are decided before any work: a replay costs no work, no
         // tokens and no billing, only a request against the rate, as a
         // refusal does.
@@ -263,7 +290,12 @@ impl Generation {
                 tenant_id: tenant.tenant_id.clone(),
                 request_id: request_id.clone(),
             };
-            match self.claims.claim(key, &input.fingerprint()).await {
+            match self
+                .claims
+                .claim(key, &input.fingerprint())
+                .instrument(crate::trace_span!("idempotency.claim"))
+                .await
+            {
                 Ok(Claimed::New(claim)) => Some(claim),
                 Ok(Claimed::Replay(bytes)) => {
                     self.admit_call(&tenant).await?;
@@ -332,6 +364,7 @@ impl Generation {
             permit: Some(permit),
             spend,
             events: sender,
+            trace: crate::traces::JobTrace::in_current_span(),
         };
         if let Err(refused) = served.submit(job, priority) {
             let (full, mut job) = *refused;

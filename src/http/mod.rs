@@ -100,6 +100,9 @@ impl HttpApi {
             .route("/health", get(health))
             .fallback(not_found)
             .method_not_allowed_fallback(method_not_allowed)
+            .layer(crate::traces::TraceLayer::new(
+                crate::traces::Protocol::Http,
+            ))
             .with_state(self.clone())
     }
 

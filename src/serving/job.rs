@@ -70,6 +70,8 @@ pub struct Job {
     /// Prices the job's usage for the permit's settlement (budgets only).
     pub spend: Option<SpendMeter>,
     pub events: mpsc::UnboundedSender<JobEvent>,
+    /// Its part of the request's trace (empty when not traced).
+    pub trace: crate::traces::JobTrace,
 }
 
 /// Why a job ended without finishing.

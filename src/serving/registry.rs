@@ -224,6 +224,7 @@ impl ServedModel {
                 usage: usage.clone(),
                 stalled: false,
                 evictions_counted: 0,
+                steps: 0,
                 deferred: std::collections::VecDeque::new(),
                 pacing: Default::default(),
                 model_id: id.clone(),

@@ -68,6 +68,8 @@ pub(crate) struct Worker {
     pub stalled: bool,
     /// Evictions of the pool already added to the model's counter.
     pub evictions_counted: u64,
+    /// Steps this worker ran, numbering them in traces.
+    pub steps: u64,
     /// Jobs taken from the queue that wait for a running sequence to finish computing the
     /// prompt prefix they share (counted against the batch's sequence cap).
     pub deferred: VecDeque<Job>,
@@ -238,6 +240,7 @@ impl Worker {
                     );
                     let reused = self.attach_prefix(r.seq, &r.job, &hashes, &r.pending);
                     r.pending.drain(..reused);
+                    r.job.trace.admitted(self.config.index, reused);
                     running.push(r);
                 }
                 continue;
@@ -315,7 +318,7 @@ impl Worker {
     }
 
     /// Starts `job` as a new sequence, on the cached blocks of its prompt's prefix.
-    fn start(&mut self, job: Job, running: &mut Vec<Running>, next_seq: &mut SeqId) {
+    fn start(&mut self, mut job: Job, running: &mut Vec<Running>, next_seq: &mut SeqId) {
         let generation = match Generation::new(job.params.clone(), self.tokenizer.eos_id()) {
             Ok(g) => g,
             Err(e) => {
@@ -326,6 +329,7 @@ impl Worker {
         *next_seq += 1;
         let admitted_at = Instant::now();
         let cached = self.attach_prefix(*next_seq, &job, &job.prefix_hashes, &job.prompt);
+        job.trace.admitted(self.config.index, cached);
         let stats = &self.shared.stats;
         stats.queue_time.observe(micros(
             admitted_at.saturating_duration_since(job.received_at),
@@ -401,6 +405,7 @@ impl Worker {
             }
         };
         self.stalled = false;
+        self.steps += 1;
         for &(i, _) in &chosen {
             self.publish_full_blocks(&running[i]);
         }
@@ -437,9 +442,17 @@ impl Worker {
             .step_tokens
             .observe(chosen.iter().map(|&(_, take)| take as u64).sum());
         let mut finished = Vec::new();
+        let batch_tokens = chosen.iter().map(|&(_, take)| take).sum();
         for ((&(i, take), logits), share) in chosen.iter().zip(&output.logits).zip(&output.per_seq)
         {
             let r = &mut running[i];
+            r.job.trace.step(crate::traces::StepRecord {
+                step: self.steps,
+                sequences: chosen.len(),
+                batch_tokens,
+                tokens: take,
+                device_us: share.device_us,
+            });
             r.device_us += share.device_us;
             r.energy_j += share.energy_j;
             r.pending.drain(..take);
@@ -492,6 +505,7 @@ impl Worker {
         let mut r = running.swap_remove(victim);
         self.kv.free(r.seq);
         self.shared.count_preemption();
+        r.job.trace.preempted();
         if running.is_empty() {
             // Alone and still too big for the whole pool: it can never run.
             self.end(
@@ -566,7 +580,7 @@ impl Worker {
 pub(crate) fn finish_job(
     shared: &Shared,
     sink: &dyn UsageSink,
-    job: Job,
+    mut job: Job,
     outcome: Result<FinishReason, Failure>,
     usage: JobUsage,
 ) {
@@ -584,6 +598,14 @@ pub(crate) fn finish_job(
     stats
         .prompt_tokens
         .fetch_add(u64::from(usage.prompt_tokens), Ordering::Relaxed);
+    let metering_span = job.trace.finish(crate::traces::JobEnd {
+        outcome: reason.as_str(),
+        prompt_tokens: usage.prompt_tokens,
+        cached_prompt_tokens: usage.cached_prompt_tokens,
+        completion_tokens: usage.completion_tokens,
+        device_time_us: usage.device_time_us,
+        energy_mj: usage.energy_mj,
+    });
     let permit = job.permit;
     let events = job.events;
     let request_id = job.requester.request_id.clone();
@@ -607,8 +629,11 @@ pub(crate) fn finish_job(
         &usage,
         reason.as_str(),
         Box::new(move |recorded| {
-            if let Err(e) = recorded {
+            if let Err(e) = &recorded {
                 tracing::error!(error = %e, %request_id, "usage not recorded");
+            }
+            if let Some(span) = metering_span {
+                crate::traces::set(&span, "ascend.metering.durable", recorded.is_ok());
             }
             if let Some(permit) = permit {
                 permit.settle_detached(used);

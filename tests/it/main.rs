@@ -29,4 +29,5 @@ mod store;
 mod tenancy;
 mod tls;
 mod topology;
+mod traces;
 mod webhooks;

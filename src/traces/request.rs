@@ -1,0 +1,281 @@
+//! The request span: a tower layer in front of the gRPC services and the
+//! HTTP routes opens one server span per request, continues the client's
+//! W3C trace when its `traceparent` header is well formed (a malformed one
+//! is ignored: the request starts a trace of its own), runs the request
+//! inside it, and closes it when the response body ends, with the status
+//! (gRPC's from the trailers, or the headers of a trailers-only answer).
+//!
+//! Knows HTTP and the gRPC status headers, nothing of what the services do;
+//! the spans name no credential and no prompt (they carry ids, counts and
+//! statuses only).
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use axum::http;
+use http_body::{Body, Frame, SizeHint};
+use opentelemetry::propagation::{Extractor, TextMapPropagator as _};
+use opentelemetry::trace::{Status, TraceContextExt as _};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use tracing::{Instrument as _, Span};
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+
+use super::TARGET;
+
+/// Which front end a [`TraceLayer`] is in front of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Grpc,
+    Http,
+}
+
+/// Opens the request span of every request through it.
+#[derive(Debug, Clone, Copy)]
+pub struct TraceLayer {
+    protocol: Protocol,
+}
+
+impl TraceLayer {
+    pub fn new(protocol: Protocol) -> TraceLayer {
+        TraceLayer { protocol }
+    }
+}
+
+impl<S> tower_layer::Layer<S> for TraceLayer {
+    type Service = TraceService<S>;
+
+    fn layer(&self, inner: S) -> TraceService<S> {
+        TraceService {
+            inner,
+            protocol: self.protocol,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct TraceService<S> {
+    inner: S,
+    protocol: Protocol,
+}
+
+type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+impl<S, ReqBody, ResBody> tower_service::Service<http::Request<ReqBody>> for TraceService<S>
+where
+    S: tower_service::Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
+    S::Future: Send + 'static,
+    S::Error: 'static,
+    ResBody: Body + 'static,
+{
+    type Response = http::Response<TracedBody<ResBody>>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
+        let span = match self.protocol {
+            Protocol::Grpc => grpc_span(request.uri().path()),
+            Protocol::Http => http_span(&request),
+        };
+        if let Some(parent) = remote_parent(request.headers()) {
+            // Fails only for a span that is off or already started; then
+            // the request keeps a trace of its own.
+            let _ = span.set_parent(parent);
+        }
+        let future = span.in_scope(|| self.inner.call(request));
+        let protocol = self.protocol;
+        Box::pin(async move {
+            let response = future.instrument(span.clone()).await?;
+            Ok(traced(response, span, protocol))
+        })
+    }
+}
+
+/// The span of one gRPC call, named `package.Service/Method` as
+/// OpenTelemetry's RPC conventions ask.
+fn grpc_span(path: &str) -> Span {
+    let name = path.trim_start_matches('/');
+    let (service, method) = name.split_once('/').unwrap_or((name, ""));
+    tracing::debug_span!(
+        target: TARGET,
+        "request",
+        otel.name = name,
+        otel.kind = "server",
+        rpc.system = "grpc",
+        rpc.service = service,
+        rpc.method = method,
+    )
+}
+
+/// The span of one HTTP request, named by its method and route (not its
+/// path, so ids in paths do not make a name per request).
+fn http_span<B>(request: &http::Request<B>) -> Span {
+    let method = request.method().as_str();
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|path| path.as_str().to_owned());
+    let name = match &route {
+        Some(route) => format!("{method} {route}"),
+        None => method.to_owned(),
+    };
+    let span = tracing::debug_span!(
+        target: TARGET,
+        "request",
+        otel.name = name,
+        otel.kind = "server",
+        http.request.method = method,
+        url.path = request.uri().path(),
+    );
+    if let Some(route) = route {
+        span.set_attribute("http.route", route);
+    }
+    span
+}
+
+/// The client's trace context, when its `traceparent` is well formed.
+pub fn remote_parent(headers: &http::HeaderMap) -> Option<opentelemetry::Context> {
+    headers.get("traceparent")?;
+    let context = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
+    context.span().span_context().is_valid().then_some(context)
+}
+
+struct HeaderExtractor<'a>(&'a http::HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|value| value.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(http::HeaderName::as_str).collect()
+    }
+}
+
+/// The response with its body wrapped to end `span` when the body ends.
+fn traced<B: Body>(
+    response: http::Response<B>,
+    span: Span,
+    protocol: Protocol,
+) -> http::Response<TracedBody<B>> {
+    let (parts, inner) = response.into_parts();
+    let mut body = TracedBody {
+        ended: inner.is_end_stream(),
+        inner,
+        span: Some(span),
+        protocol,
+        grpc_status: None,
+    };
+    match protocol {
+        // A trailers-only answer (every refusal) has its status here.
+        Protocol::Grpc => body.grpc_status = grpc_status(&parts.headers),
+        Protocol::Http => {
+            let status = parts.status.as_u16();
+            if let Some(span) = &body.span {
+                span.set_attribute("http.response.status_code", i64::from(status));
+                if status >= 500 {
+                    span.set_status(Status::error(status.to_string()));
+                }
+            }
+        }
+    }
+    http::Response::from_parts(parts, body)
+}
+
+fn grpc_status(headers: &http::HeaderMap) -> Option<i32> {
+    headers.get("grpc-status")?.to_str().ok()?.parse().ok()
+}
+
+/// The gRPC codes OpenTelemetry counts as a server's errors (the others are
+/// the client's: a refusal, a bad argument).
+fn is_server_error(code: i32) -> bool {
+    matches!(code, 2 | 4 | 12 | 13 | 14 | 15)
+}
+
+/// A response body that holds its request's span open until it ends (a
+/// stream's last message, or the client going away).
+pub struct TracedBody<B> {
+    inner: B,
+    span: Option<Span>,
+    protocol: Protocol,
+    grpc_status: Option<i32>,
+    ended: bool,
+}
+
+impl<B> TracedBody<B> {
+    /// Records how the response ended and closes the span.
+    fn finish(&mut self, complete: bool) {
+        let Some(span) = self.span.take() else {
+            return;
+        };
+        match (self.protocol, self.grpc_status) {
+            (Protocol::Grpc, Some(code)) => {
+                span.set_attribute("rpc.grpc.status_code", i64::from(code));
+                if is_server_error(code) {
+                    span.set_status(Status::error(format!("gRPC status {code}")));
+                }
+            }
+            // The stream stopped before its status: the client went away
+            // (or the connection did), which gRPC calls CANCELLED.
+            (Protocol::Grpc, None) => span.set_attribute("rpc.grpc.status_code", 1_i64),
+            (Protocol::Http, _) => {}
+        }
+        if !complete {
+            span.set_attribute("ascend.response.incomplete", true);
+        }
+    }
+}
+
+impl<B: Body + Unpin> Body for TracedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = &mut *self;
+        let polled = match &this.span {
+            Some(span) => span.in_scope(|| Pin::new(&mut this.inner).poll_frame(cx)),
+            None => Pin::new(&mut this.inner).poll_frame(cx),
+        };
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(trailers) = frame.trailers_ref()
+                    && let Some(code) = grpc_status(trailers)
+                {
+                    this.grpc_status = Some(code);
+                }
+                // The last frame of a body that knows its end.
+                this.ended |= this.inner.is_end_stream();
+            }
+            Poll::Ready(Some(Err(_))) => this.finish(false),
+            Poll::Ready(None) => {
+                this.ended = true;
+                this.finish(true);
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<B> Drop for TracedBody<B> {
+    fn drop(&mut self) {
+        // A body known to be over (a trailers-only answer, a full buffer)
+        // may be dropped without its last poll.
+        let complete = self.ended || self.grpc_status.is_some();
+        self.finish(complete);
+    }
+}
