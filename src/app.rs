@@ -133,6 +133,7 @@ pub struct App {
     registry: ModelRegistry,
     claims: Arc<Idempotency>,
     pending_claims: PendingFinishes,
+    tenant_tokens: Arc<crate::metrics::tenants::TenantTokens>,
 }
 
 /// Turns a finished job's usage into a usage event on the spool. The
@@ -141,6 +142,8 @@ pub struct App {
 /// writer's last round at shutdown seals the spool behind every append.
 struct MeteringSink {
     metering: Arc<Metering>,
+    /// Tokens per tenant for `/metrics`.
+    tenant_tokens: Arc<crate::metrics::tenants::TenantTokens>,
 }
 
 impl UsageSink for MeteringSink {
@@ -177,6 +180,12 @@ impl UsageSink for MeteringSink {
             started_at_us,
             finished_at_us: crate::store::now_us(),
         };
+        self.tenant_tokens.add(
+            &requester.tenant_slug,
+            usage.prompt_tokens,
+            usage.cached_prompt_tokens,
+            usage.completion_tokens,
+        );
         self.metering.record_then(&event, then);
     }
 }
@@ -371,8 +380,10 @@ impl App {
         let spool = Spool::open(&spool_dir, settings.metering.spool.clone())?;
         let metering = Arc::new(Metering::new(spool.clone(), &settings.metering));
         let usage_writer = UsageWriter::new(spool, db.clone(), settings.metering.batch_size);
+        let tenant_tokens = Arc::new(crate::metrics::tenants::TenantTokens::default());
         let sink: Arc<dyn UsageSink> = Arc::new(MeteringSink {
             metering: metering.clone(),
+            tenant_tokens: tenant_tokens.clone(),
         });
         let (models, data_dir) = (settings.models.clone(), settings.data_dir.clone());
         // Loading (or first creating) models is heavy compute: off the runtime.
@@ -414,6 +425,7 @@ impl App {
             registry,
             claims,
             pending_claims,
+            tenant_tokens,
         })
     }
 
@@ -471,6 +483,7 @@ impl App {
             registry,
             claims,
             pending_claims,
+            tenant_tokens,
         } = self;
         let tasks = TaskTracker::new();
         let stop_tasks = CancellationToken::new();
@@ -478,6 +491,7 @@ impl App {
         let usage_barrier = metering.clone();
         let connections = Arc::new(crate::listener::ConnectionStats::default());
         let refusals = Arc::new(crate::api::refusals::Refusals::default());
+        let requests = Arc::new(crate::metrics::requests::RequestCounts::default());
         // Checked by the settings' validation already; loaded for use here.
         let tls = crate::tls::TlsServer::load(&settings.tls)?;
         if let Some(tls) = &tls {
@@ -492,6 +506,8 @@ impl App {
             authenticator: authenticator.clone(),
             refusals: refusals.clone(),
             tls: tls.clone(),
+            requests: requests.clone(),
+            tenant_tokens,
         });
         tasks.spawn(crate::metrics::serve(
             metrics_listener,
@@ -573,6 +589,7 @@ impl App {
             .http2_keepalive_timeout(Some(settings.server.http2_keepalive_timeout))
             .layer(crate::traces::TraceLayer::new(
                 crate::traces::Protocol::Grpc,
+                requests.clone(),
             ))
             .layer(AuthLayer::new(
                 authenticator.clone(),
@@ -605,6 +622,7 @@ impl App {
             crate::billing::balance::Balances::new(billing.clone(), limiter.clone()),
             authenticator,
             refusals,
+            requests,
             crate::http::BodyBounds {
                 max_bytes: settings.http_max_body_bytes,
                 timeout: settings.http_body_timeout,

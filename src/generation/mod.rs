@@ -348,6 +348,7 @@ impl Generation {
             requester: Requester {
                 request_id: metered_id,
                 tenant_id: tenant.tenant_id.clone(),
+                tenant_slug: tenant.tenant_slug.clone(),
                 key_id: tenant.key_id.clone(),
                 model: served.settings.id.clone(),
                 weight: tenant.scheduling_weight,

@@ -65,6 +65,8 @@ struct Inner {
     balances: Balances,
     authenticator: Arc<Authenticator>,
     refusals: Arc<Refusals>,
+    /// Responses by route and status, counted by the request layer.
+    requests: Arc<crate::metrics::requests::RequestCounts>,
     body: BodyBounds,
     serving: AtomicBool,
 }
@@ -75,6 +77,7 @@ impl HttpApi {
         balances: Balances,
         authenticator: Arc<Authenticator>,
         refusals: Arc<Refusals>,
+        requests: Arc<crate::metrics::requests::RequestCounts>,
         body: BodyBounds,
     ) -> HttpApi {
         HttpApi {
@@ -83,6 +86,7 @@ impl HttpApi {
                 balances,
                 authenticator,
                 refusals,
+                requests,
                 body,
                 serving: AtomicBool::new(true),
             }),
@@ -102,6 +106,7 @@ impl HttpApi {
             .method_not_allowed_fallback(method_not_allowed)
             .layer(crate::traces::TraceLayer::new(
                 crate::traces::Protocol::Http,
+                self.inner.requests.clone(),
             ))
             .with_state(self.clone())
     }

@@ -38,6 +38,8 @@ impl IsolationKey {
 pub struct Requester {
     pub request_id: String,
     pub tenant_id: String,
+    /// For the per-tenant metrics' label.
+    pub tenant_slug: String,
     pub key_id: String,
     pub model: String,
     pub weight: u32,

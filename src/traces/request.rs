@@ -5,11 +5,15 @@
 //! inside it, and closes it when the response body ends, with the status
 //! (gRPC's from the trailers, or the headers of a trailers-only answer).
 //!
+//! The same layer counts every response by its final status for `/metrics`
+//! (`metrics::requests`), since it is the one place that sees a stream end.
+//!
 //! Knows HTTP and the gRPC status headers, nothing of what the services do;
 //! the spans name no credential and no prompt (they carry ids, counts and
 //! statuses only).
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use axum::http;
@@ -21,6 +25,7 @@ use tracing::{Instrument as _, Span};
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use super::TARGET;
+use crate::metrics::requests::{RequestCounts, grpc_service_index, http_route_index};
 
 /// Which front end a [`TraceLayer`] is in front of.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,15 +34,17 @@ pub enum Protocol {
     Http,
 }
 
-/// Opens the request span of every request through it.
-#[derive(Debug, Clone, Copy)]
+/// Opens the request span of every request through it, and counts its
+/// response into `counts`.
+#[derive(Debug, Clone)]
 pub struct TraceLayer {
     protocol: Protocol,
+    counts: Arc<RequestCounts>,
 }
 
 impl TraceLayer {
-    pub fn new(protocol: Protocol) -> TraceLayer {
-        TraceLayer { protocol }
+    pub fn new(protocol: Protocol, counts: Arc<RequestCounts>) -> TraceLayer {
+        TraceLayer { protocol, counts }
     }
 }
 
@@ -48,6 +55,7 @@ impl<S> tower_layer::Layer<S> for TraceLayer {
         TraceService {
             inner,
             protocol: self.protocol,
+            counts: self.counts.clone(),
         }
     }
 }
@@ -56,6 +64,7 @@ impl<S> tower_layer::Layer<S> for TraceLayer {
 pub struct TraceService<S> {
     inner: S,
     protocol: Protocol,
+    counts: Arc<RequestCounts>,
 }
 
 type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;
@@ -76,7 +85,7 @@ where
     }
 
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
-        let span = match self.protocol {
+        let (span, slot) = match self.protocol {
             Protocol::Grpc => grpc_span(request.uri().path()),
             Protocol::Http => http_span(&request),
         };
@@ -86,20 +95,31 @@ where
             let _ = span.set_parent(parent);
         }
         let future = span.in_scope(|| self.inner.call(request));
-        let protocol = self.protocol;
+        let counted = Counted {
+            protocol: self.protocol,
+            counts: self.counts.clone(),
+            slot,
+        };
         Box::pin(async move {
             let response = future.instrument(span.clone()).await?;
-            Ok(traced(response, span, protocol))
+            Ok(traced(response, span, counted))
         })
     }
 }
 
+/// Where a response is counted: its front end and its label slot.
+struct Counted {
+    protocol: Protocol,
+    counts: Arc<RequestCounts>,
+    slot: usize,
+}
+
 /// The span of one gRPC call, named `package.Service/Method` as
-/// OpenTelemetry's RPC conventions ask.
-fn grpc_span(path: &str) -> Span {
+/// OpenTelemetry's RPC conventions ask, and its service's counter slot.
+fn grpc_span(path: &str) -> (Span, usize) {
     let name = path.trim_start_matches('/');
     let (service, method) = name.split_once('/').unwrap_or((name, ""));
-    tracing::debug_span!(
+    let span = tracing::debug_span!(
         target: TARGET,
         "request",
         otel.name = name,
@@ -107,12 +127,14 @@ fn grpc_span(path: &str) -> Span {
         rpc.system = "grpc",
         rpc.service = service,
         rpc.method = method,
-    )
+    );
+    (span, grpc_service_index(service))
 }
 
 /// The span of one HTTP request, named by its method and route (not its
-/// path, so ids in paths do not make a name per request).
-fn http_span<B>(request: &http::Request<B>) -> Span {
+/// path, so ids in paths do not make a name per request), and its route's
+/// counter slot.
+fn http_span<B>(request: &http::Request<B>) -> (Span, usize) {
     let method = request.method().as_str();
     let route = request
         .extensions()
@@ -130,10 +152,11 @@ fn http_span<B>(request: &http::Request<B>) -> Span {
         http.request.method = method,
         url.path = request.uri().path(),
     );
+    let slot = http_route_index(route.as_deref());
     if let Some(route) = route {
         span.set_attribute("http.route", route);
     }
-    span
+    (span, slot)
 }
 
 /// The client's trace context, when its `traceparent` is well formed.
@@ -159,21 +182,22 @@ impl Extractor for HeaderExtractor<'_> {
 fn traced<B: Body>(
     response: http::Response<B>,
     span: Span,
-    protocol: Protocol,
+    counted: Counted,
 ) -> http::Response<TracedBody<B>> {
     let (parts, inner) = response.into_parts();
     let mut body = TracedBody {
         ended: inner.is_end_stream(),
         inner,
         span: Some(span),
-        protocol,
         grpc_status: None,
+        http_status: parts.status.as_u16(),
+        counted,
     };
-    match protocol {
+    match body.counted.protocol {
         // A trailers-only answer (every refusal) has its status here.
         Protocol::Grpc => body.grpc_status = grpc_status(&parts.headers),
         Protocol::Http => {
-            let status = parts.status.as_u16();
+            let status = body.http_status;
             if let Some(span) = &body.span {
                 span.set_attribute("http.response.status_code", i64::from(status));
                 if status >= 500 {
@@ -200,28 +224,35 @@ fn is_server_error(code: i32) -> bool {
 pub struct TracedBody<B> {
     inner: B,
     span: Option<Span>,
-    protocol: Protocol,
     grpc_status: Option<i32>,
+    http_status: u16,
+    counted: Counted,
     ended: bool,
 }
 
 impl<B> TracedBody<B> {
-    /// Records how the response ended and closes the span.
+    /// Counts how the response ended, records it and closes the span.
     fn finish(&mut self, complete: bool) {
         let Some(span) = self.span.take() else {
             return;
         };
-        match (self.protocol, self.grpc_status) {
-            (Protocol::Grpc, Some(code)) => {
+        let Counted {
+            protocol,
+            counts,
+            slot,
+        } = &self.counted;
+        match protocol {
+            Protocol::Grpc => {
+                // A stream that stopped before its status: the client went
+                // away (or the connection did), which gRPC calls CANCELLED.
+                let code = self.grpc_status.unwrap_or(1);
+                counts.grpc(*slot, code);
                 span.set_attribute("rpc.grpc.status_code", i64::from(code));
                 if is_server_error(code) {
                     span.set_status(Status::error(format!("gRPC status {code}")));
                 }
             }
-            // The stream stopped before its status: the client went away
-            // (or the connection did), which gRPC calls CANCELLED.
-            (Protocol::Grpc, None) => span.set_attribute("rpc.grpc.status_code", 1_i64),
-            (Protocol::Http, _) => {}
+            Protocol::Http => counts.http(*slot, self.http_status),
         }
         if !complete {
             span.set_attribute("ascend.response.incomplete", true);

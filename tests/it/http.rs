@@ -57,7 +57,7 @@ fn client(http2: bool) -> Client<HttpConnector, Full<Bytes>> {
         .build_http()
 }
 
-async fn send(
+pub(crate) async fn send(
     gateway: &TestGateway,
     method: &str,
     path: &str,

@@ -22,6 +22,7 @@ mod limits;
 mod metering;
 mod operators;
 mod prefix_cache;
+mod responses;
 mod secrets;
 mod server;
 mod startup;

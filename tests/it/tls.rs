@@ -56,7 +56,7 @@ fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
 }
 
 /// A channel over TLS trusting `ca_pem`, with an optional client identity.
-async fn tls_channel(
+pub(crate) async fn tls_channel(
     addr: std::net::SocketAddr,
     ca_pem: &str,
     identity: Option<(&str, &str)>,
@@ -114,8 +114,8 @@ pub(crate) struct Secured {
     pub(crate) gateway: TestGateway,
     dir: tempfile::TempDir,
     server_issuer: CertifiedIssuer<'static, KeyPair>,
-    server_ca: String,
-    client: (String, String),
+    pub(crate) server_ca: String,
+    pub(crate) client: (String, String),
 }
 
 /// A gateway with TLS from a test CA, client certificates from another CA

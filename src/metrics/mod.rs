@@ -4,7 +4,13 @@
 //!
 //! Values are read from the components' own atomic counters at scrape time
 //! (a collector), so components keep no metrics registry of their own and
-//! the hot paths pay one relaxed atomic add at most.
+//! the hot paths pay one relaxed atomic add at most. The two counters no
+//! single component owns live here and are handed out: `requests` (every
+//! response by front end and status, fed by the request layer) and
+//! `tenants` (tokens per tenant, bounded series, fed by the metering sink).
+
+pub mod requests;
+pub mod tenants;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -39,6 +45,8 @@ pub struct GatewayCollector {
     pub refusals: Arc<crate::api::refusals::Refusals>,
     /// The listeners' TLS, when on: its certificate's expiry.
     pub tls: Option<Arc<crate::tls::TlsServer>>,
+    pub requests: Arc<requests::RequestCounts>,
+    pub tenant_tokens: Arc<tenants::TenantTokens>,
 }
 
 /// One gauge family with a `model` label.
@@ -260,6 +268,7 @@ impl Collector for GatewayCollector {
             let labels = [("cause", cause.as_str())];
             ConstCounter::new(self.refusals.count(cause)).encode(family.encode_family(&labels)?)?;
         }
+        self.encode_requests(&mut encoder)?;
         let count = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         per_model(
             &mut encoder,
@@ -309,6 +318,49 @@ impl Collector for GatewayCollector {
 }
 
 impl GatewayCollector {
+    /// Responses by front end and status, and tokens by tenant.
+    fn encode_requests(&self, encoder: &mut DescriptorEncoder) -> std::fmt::Result {
+        let mut family = encoder.encode_descriptor(
+            "ascend_gateway_grpc_requests",
+            "gRPC calls answered, by service and final status code (a stream counts when it ends)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (service, code, count) in self.requests.grpc_series() {
+            let labels = [("grpc_service", service), ("grpc_code", code)];
+            ConstCounter::new(count).encode(family.encode_family(&labels)?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "ascend_gateway_http_requests",
+            "HTTP API requests answered, by route and status (a stream counts when it ends)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (route, status, count) in self.requests.http_series() {
+            let status = status.to_string();
+            let labels = [("route", route), ("code", status.as_str())];
+            ConstCounter::new(count).encode(family.encode_family(&labels)?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "ascend_gateway_tenant_tokens",
+            "Tokens metered per tenant since start (kind: prompt, of it cached_prompt, completion); \
+             tenants past the first 1000 of a process share tenant=\"_other\"",
+            None,
+            MetricType::Counter,
+        )?;
+        for (tenant, counts) in self.tenant_tokens.snapshot() {
+            for (kind, value) in [
+                ("prompt", counts.prompt),
+                ("cached_prompt", counts.cached_prompt),
+                ("completion", counts.completion),
+            ] {
+                let labels = [("tenant", tenant.as_str()), ("kind", kind)];
+                ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Latency and batch histograms and token counters, per model.
     fn encode_serving(&self, encoder: &mut DescriptorEncoder) -> std::fmt::Result {
         let models = &self.models;
