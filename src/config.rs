@@ -462,35 +462,10 @@ impl Settings {
                     problem: format!("model ids must be unique and non-empty (`{}`)", model.id),
                 });
             }
-            if model.workers == 0 || model.max_batch_size == 0 || model.max_batch_tokens == 0 {
+            if let Some(problem) = model.problem() {
                 return Err(ConfigError::Invalid {
                     key: "models",
-                    problem: format!(
-                        "model `{}`: workers, max_batch_size and max_batch_tokens must be at least 1",
-                        model.id
-                    ),
-                });
-            }
-            if !(model.prefix_cache_max_share.is_finite()
-                && (0.0..=1.0).contains(&model.prefix_cache_max_share))
-            {
-                return Err(ConfigError::Invalid {
-                    key: "models",
-                    problem: format!(
-                        "model `{}`: prefix_cache_max_share must be between 0 and 1 (a share of \
-                         the KV pool), not {}",
-                        model.id, model.prefix_cache_max_share
-                    ),
-                });
-            }
-            if model.workers > crate::serving::MAX_AFFINITY_WORKERS {
-                return Err(ConfigError::Invalid {
-                    key: "models",
-                    problem: format!(
-                        "model `{}`: at most {} workers (emulated devices) per model",
-                        model.id,
-                        crate::serving::MAX_AFFINITY_WORKERS
-                    ),
+                    problem: format!("model `{}`: {problem}", model.id),
                 });
             }
         }

@@ -330,7 +330,7 @@ fn model_command(command: &ModelCommand) -> anyhow::Result<()> {
     use ascend_gateway::model::tokenizer::Tokenizer;
     use ascend_gateway::model::transformer::{LoadOptions, Model};
     use ascend_gateway::model::{GenerateRequest, Preset, generate};
-    use ascend_gateway::npu::{Device, DeviceProfile, WeightFormat};
+    use ascend_gateway::npu::{Device, WeightFormat};
 
     match command {
         ModelCommand::Init {
@@ -367,11 +367,7 @@ fn model_command(command: &ModelCommand) -> anyhow::Result<()> {
         } => {
             let model = Model::load(dir, &LoadOptions::default())?;
             let tokenizer = Tokenizer::from_dir(dir)?;
-            let profile = if device.ends_with(".toml") {
-                DeviceProfile::from_file(device)?
-            } else {
-                DeviceProfile::builtin(device)?
-            };
+            let profile = ascend_gateway::npu::ProfileSource::parse(device).load()?;
             let mut kv = KvPool::for_device(
                 model.config(),
                 &profile,

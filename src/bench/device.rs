@@ -392,8 +392,8 @@ pub async fn device_report(
             let model = ModelSettings {
                 id: "report".to_owned(),
                 dir: Some(args.model_dir.clone()),
-                init_preset: Some("small".to_owned()),
-                device_profile: (*device).to_owned(),
+                init_preset: Some(crate::model::Preset::Small),
+                device_profile: crate::npu::ProfileSource::parse(device),
                 pace: Pace::Device,
                 max_batch_size: batch,
                 served_as: Some(shape.clone()),

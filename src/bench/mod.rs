@@ -418,8 +418,8 @@ pub fn bench_model(
     ModelSettings {
         id: id.to_owned(),
         dir: Some(dir),
-        init_preset: Some("small".to_owned()),
-        device_profile: device.to_owned(),
+        init_preset: Some(crate::model::Preset::Small),
+        device_profile: crate::npu::ProfileSource::parse(device),
         pace,
         batching,
         max_batch_size,

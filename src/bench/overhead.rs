@@ -247,7 +247,7 @@ pub async fn overhead_suite(
     let model = ModelSettings {
         id: "echo".to_owned(),
         dir: Some(args.model_dir.clone()),
-        init_preset: Some("small".to_owned()),
+        init_preset: Some(crate::model::Preset::Small),
         engine: Engine::Echo,
         workers: 2,
         max_queue_requests: 100_000,

@@ -139,7 +139,8 @@ pub struct ModelConfig {
 }
 
 /// Named sizes `init_model_dir` can write.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Preset {
     /// For tests: a step runs in milliseconds.
     Tiny,

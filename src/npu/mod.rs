@@ -86,6 +86,6 @@ pub use kernels::attention::{AttnShape, Values};
 pub use kernels::kv_cache::{KvDtype, PagedKvCache, ValueLayout};
 pub use kernels::moe::{Dispatch, GateConfig, Routing, ScoringFunc};
 pub use kernels::rope::{Rope, RopeMode};
-pub use profile::{BUILTIN_DEVICES, CubePrecision, DeviceProfile};
+pub use profile::{BUILTIN_DEVICES, CubePrecision, DeviceProfile, ProfileSource};
 pub use profiler::{OpTotals, Profiler};
 pub use weights::{LinearWeight, WeightData};

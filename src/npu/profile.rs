@@ -141,6 +141,55 @@ impl CubePrecision {
     }
 }
 
+/// Where a profile comes from, as a setting names it: a builtin name, or a
+/// path ending in `.toml`. Parsed once, wherever the name is given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProfileSource {
+    Builtin(String),
+    File(std::path::PathBuf),
+}
+
+impl ProfileSource {
+    /// The one rule: a name ending in `.toml` is a file, anything else a
+    /// builtin name.
+    pub fn parse(name: &str) -> ProfileSource {
+        if Path::new(name).extension().is_some_and(|e| e == "toml") {
+            ProfileSource::File(name.into())
+        } else {
+            ProfileSource::Builtin(name.to_owned())
+        }
+    }
+
+    /// Reads and validates the profile.
+    pub fn load(&self) -> Result<DeviceProfile> {
+        match self {
+            ProfileSource::Builtin(name) => DeviceProfile::builtin(name),
+            ProfileSource::File(path) => DeviceProfile::from_file(path),
+        }
+    }
+}
+
+impl std::fmt::Display for ProfileSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ProfileSource::Builtin(name) => f.write_str(name),
+            ProfileSource::File(path) => write!(f, "{}", path.display()),
+        }
+    }
+}
+
+impl Serialize for ProfileSource {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for ProfileSource {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        Ok(ProfileSource::parse(&String::deserialize(d)?))
+    }
+}
+
 impl DeviceProfile {
     /// Loads a builtin profile by name (`ascend-910b`, `ascend-910c`, `h100-sxm`).
     pub fn builtin(name: &str) -> Result<Self> {

@@ -97,11 +97,11 @@ pub struct ModelSettings {
     /// When the directory does not exist, create it with `model init` of
     /// this preset (`tiny` or `small`) and `seed`; unset: a missing
     /// directory is an error.
-    pub init_preset: Option<String>,
+    pub init_preset: Option<crate::model::Preset>,
     pub init_seed: u64,
     pub description: String,
     /// Emulated device of each worker: a builtin profile name or a TOML file.
-    pub device_profile: String,
+    pub device_profile: crate::npu::ProfileSource,
     pub engine: Engine,
     pub workers: usize,
     pub max_batch_size: usize,
@@ -136,17 +136,55 @@ pub struct ModelSettings {
     pub cache_affinity_margin: usize,
 }
 
+impl ModelSettings {
+    /// What makes these settings unusable, checked once at start before any
+    /// side effect: the device profile is read (a builtin name or a TOML
+    /// file) and the served-as shape checked, so a bad one fails the start
+    /// as a configuration error rather than after the database migrated.
+    pub fn problem(&self) -> Option<String> {
+        if self.workers == 0 || self.max_batch_size == 0 || self.max_batch_tokens == 0 {
+            return Some(
+                "workers, max_batch_size and max_batch_tokens must be at least 1".to_owned(),
+            );
+        }
+        if !(self.prefix_cache_max_share.is_finite()
+            && (0.0..=1.0).contains(&self.prefix_cache_max_share))
+        {
+            return Some(format!(
+                "prefix_cache_max_share must be between 0 and 1 (a share of the KV pool), not {}",
+                self.prefix_cache_max_share
+            ));
+        }
+        if self.workers > MAX_AFFINITY_WORKERS {
+            return Some(format!(
+                "at most {MAX_AFFINITY_WORKERS} workers (emulated devices) per model"
+            ));
+        }
+        if self.engine == Engine::Npu {
+            if let Err(e) = self.device_profile.load() {
+                return Some(format!("device_profile `{}`: {e}", self.device_profile));
+            }
+            if let Some(served_as) = &self.served_as
+                && let Err(e) = served_as.validate()
+            {
+                return Some(format!("served_as: {e}"));
+            }
+        }
+        None
+    }
+}
+
 impl Default for ModelSettings {
     fn default() -> Self {
         ModelSettings {
             id: "v4-small".to_owned(),
             dir: None,
-            init_preset: Some("v4-small".to_owned()),
+            init_preset: Some(crate::model::Preset::V4Small),
             init_seed: 0,
             description: "DeepSeek-style MoE (v4-small executable shape) on DeepSeek V4's \
                           tokenizer, seeded random weights"
                 .to_owned(),
-            device_profile: "ascend-910b".to_owned(),
+            device_profile: crate::npu::ProfileSource::Builtin("ascend-910b".to_owned()),
             engine: Engine::Npu,
             workers: 1,
             max_batch_size: 32,

@@ -12,12 +12,12 @@ use super::queue::{Priority, QueueFull, QueueLimits};
 use super::worker::{Worker, WorkerConfig};
 use super::{Engine, Job, ModelSettings, Shared, UsageSink};
 use crate::error::{Classified, ErrorKind};
+use crate::model::ModelError;
 use crate::model::config::ModelConfig;
 use crate::model::kv_cache::{KvPool, KvPoolOptions};
 use crate::model::prefix::PrefixHasher;
 use crate::model::tokenizer::Tokenizer;
 use crate::model::transformer::{LoadOptions, Model};
-use crate::model::{ModelError, Preset};
 use crate::npu::{Device, DeviceProfile};
 
 #[derive(Debug, thiserror::Error)]
@@ -87,17 +87,14 @@ fn spawn_worker(
 }
 
 fn profile(settings: &ModelSettings) -> Result<DeviceProfile, ServingError> {
-    let name = &settings.device_profile;
-    let result = if Path::new(name).extension().is_some_and(|e| e == "toml") {
-        DeviceProfile::from_file(name)
-    } else {
-        DeviceProfile::builtin(name)
-    };
-    result.map_err(|e| ServingError::Device {
-        id: settings.id.clone(),
-        profile: name.clone(),
-        message: e.to_string(),
-    })
+    settings
+        .device_profile
+        .load()
+        .map_err(|e| ServingError::Device {
+            id: settings.id.clone(),
+            profile: settings.device_profile.to_string(),
+            message: e.to_string(),
+        })
 }
 
 impl ServedModel {
@@ -118,10 +115,9 @@ impl ServedModel {
             .clone()
             .unwrap_or_else(|| data_dir.join("models").join(&settings.id));
         if !dir.join("config.json").exists() {
-            let Some(preset) = &settings.init_preset else {
+            let Some(preset) = settings.init_preset else {
                 return Err(ServingError::MissingDir { id, dir });
             };
-            let preset: Preset = preset.parse().map_err(model_error)?;
             tracing::info!(model = %id, dir = %dir.display(), ?preset, "creating the model directory");
             crate::model::init::init_model_dir(preset, settings.init_seed, &dir)
                 .map_err(model_error)?;
@@ -177,7 +173,7 @@ impl ServedModel {
         for n in 0..workers {
             let device = Device::new(profile.clone()).map_err(|e| ServingError::Device {
                 id: id.clone(),
-                profile: settings.device_profile.clone(),
+                profile: settings.device_profile.to_string(),
                 message: e.to_string(),
             })?;
             let kv_options = KvPoolOptions {

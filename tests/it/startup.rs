@@ -170,3 +170,42 @@ fn a_model_whose_tokenizer_is_broken_or_too_large_is_a_usage_error_naming_both_s
     let line = one_error_line(&output);
     assert!(line.contains("tokenizer.json"), "{line}");
 }
+
+#[test]
+fn a_bad_model_setting_is_a_usage_error_before_any_database_exists() {
+    let cases = [
+        ("device_profile = \"ascend-920z\"", "ascend-920z"),
+        (
+            "device_profile = \"/nonexistent/device.toml\"",
+            "device.toml",
+        ),
+        ("init_preset = \"huge\"", "init_preset"),
+        (
+            "[models.served_as]\nname = \"x\"\ntotal_params = 0\nactive_params = 0\ndevices = 0\ntp_efficiency = 7.0",
+            "served_as",
+        ),
+    ];
+    for (model_setting, named) in cases {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("gateway.toml");
+        std::fs::write(&file, format!("[[models]]\nid = \"m\"\n{model_setting}\n")).expect("write");
+        let data = dir.path().join("data");
+        let output = gateway(
+            &[
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--config",
+                file.to_str().expect("utf8"),
+            ],
+            &data,
+        );
+        assert_eq!(output.status.code(), Some(2), "{model_setting}");
+        let line = one_error_line(&output);
+        assert!(line.contains(named), "{model_setting}: {line}");
+        assert!(
+            !data.join("ascend-gateway.db").exists(),
+            "{model_setting}: a database was created before the settings were checked"
+        );
+    }
+}
