@@ -29,8 +29,8 @@ impl EchoWorker {
     pub fn run(self) {
         loop {
             let (job, expired) = self.shared.pop(0, Instant::now());
-            for job in expired {
-                self.end_early(job, Failure::DeadlineExceeded);
+            for (job, why) in expired {
+                self.end_early(job, why);
             }
             match job {
                 Some(job) => self.answer(job),

@@ -76,6 +76,22 @@ pub struct Job {
     pub trace: crate::traces::JobTrace,
 }
 
+impl Job {
+    /// Why a job that has not started should leave the queue unserved: its
+    /// deadline (`deadline`, the queue's own bound) passed, or its client
+    /// went away. Deadline first: a unary handler that gave up at its
+    /// deadline has also closed the channel, and the usage should say why.
+    pub fn gone(&self, deadline: Option<Instant>, now: Instant) -> Option<Failure> {
+        if deadline.is_some_and(|d| d <= now) {
+            Some(Failure::DeadlineExceeded)
+        } else if self.events.is_closed() {
+            Some(Failure::Cancelled)
+        } else {
+            None
+        }
+    }
+}
+
 /// Why a job ended without finishing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Failure {

@@ -208,6 +208,10 @@ impl Default for ModelSettings {
 /// State shared by a model's workers and its submitters.
 pub(crate) struct Shared {
     queue: Mutex<queue::FairQueue<Job>>,
+    /// Jobs a full queue swept out because their client left or their
+    /// deadline passed, for the next worker to end (guarded by `queue`'s
+    /// lock order: taken only while holding it).
+    swept: Mutex<Vec<(Job, Failure)>>,
     /// Content addresses of prompt blocks, the same in the router and every worker.
     prefix: crate::model::prefix::PrefixHasher,
     /// KV block size of the workers' pools (tokens).
@@ -255,6 +259,7 @@ impl Shared {
     ) -> Shared {
         Shared {
             queue: Mutex::new(queue::FairQueue::new(limits)),
+            swept: Mutex::new(Vec::new()),
             prefix,
             block_size,
             affinity,
@@ -300,17 +305,24 @@ impl Shared {
             job.preferred_worker = affinity.prefer(&job.prefix_hashes, &self.loads(&queue));
         }
         let marked = job.preferred_worker.is_some();
-        queue
-            .push(
-                &tenant,
-                weight,
-                priority,
-                cost,
-                deadline,
-                Instant::now(),
-                job,
-            )
-            .map_err(Box::new)?;
+        let now = Instant::now();
+        let pushed = match queue.push(&tenant, weight, priority, cost, deadline, now, job) {
+            // Full: the places of requests whose client left (or whose
+            // deadline passed) are freed now, not when a worker gets to them.
+            Err((_, job)) => {
+                let gone = queue.take_where(|e| e.item.gone(e.deadline, now).is_some());
+                if !gone.is_empty() {
+                    let mut swept = self.swept.lock().unwrap_or_else(|e| e.into_inner());
+                    swept.extend(
+                        gone.into_iter()
+                            .filter_map(|e| e.item.gone(e.deadline, now).map(|why| (e.item, why))),
+                    );
+                }
+                queue.push(&tenant, weight, priority, cost, deadline, now, job)
+            }
+            pushed => pushed,
+        };
+        pushed.map_err(Box::new)?;
         drop(queue);
         if marked {
             // notify_one might wake a worker that leaves the job to another.
@@ -335,15 +347,19 @@ impl Shared {
     }
 
     /// The next job for `worker` in fair order (leaving jobs that wait for another worker's
-    /// cached prefix to it, while the affinity rule allows), and the jobs whose deadline
-    /// passed.
-    fn pop(&self, worker: usize, now: Instant) -> (Option<Job>, Vec<Job>) {
+    /// cached prefix to it, while the affinity rule allows), and the jobs that left the
+    /// queue unserved, each with why (see [`Job::gone`]).
+    fn pop(&self, worker: usize, now: Instant) -> (Option<Job>, Vec<(Job, Failure)>) {
         let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-        let expired = queue
-            .take_expired(now)
-            .into_iter()
-            .map(|e| e.item)
-            .collect();
+        // Jobs whose client left go too, so they stop holding places.
+        let mut expired: Vec<(Job, Failure)> =
+            std::mem::take(&mut *self.swept.lock().unwrap_or_else(|e| e.into_inner()));
+        expired.extend(
+            queue
+                .take_where(|e| e.item.gone(e.deadline, now).is_some())
+                .into_iter()
+                .filter_map(|e| e.item.gone(e.deadline, now).map(|why| (e.item, why))),
+        );
         let job = if self.affinity.is_some() {
             let loads = self.loads(&queue);
             queue.pop_where(now, |e| self.may_take(worker, &e.item, &loads, now))

@@ -10,7 +10,13 @@
 //! is tagged near the current virtual time and is served within a few
 //! requests of arriving, whatever the flood. Priority tiers come before tags; a waiting
 //! request rises one tier per `aging_step` so no request starves. The queue
-//! is bounded in requests and in tokens: full means refused at once.
+//! is bounded in requests and in tokens: full means refused at once. A
+//! tenant's clock is kept only while it can still matter (its last finish
+//! tag ahead of virtual time), so memory stays bounded by the waiting
+//! requests, however many tenants came and went.
+//!
+//! Preempted sequences do not come back here: the worker keeps them, ahead
+//! of this queue.
 //!
 //! Pure data structure: no threads, no async, no clock of its own (callers
 //! pass `now`), so it is tested exactly.
@@ -139,14 +145,6 @@ impl<T> FairQueue<T> {
         Ok(id)
     }
 
-    /// Puts a preempted request back, ahead of everything its tags allow:
-    /// it keeps its original start tag and arrival time, and is never
-    /// refused for capacity (it was admitted once already).
-    pub fn requeue(&mut self, entry: Entry<T>) {
-        self.tokens += entry.cost_tokens;
-        self.entries.push(entry);
-    }
-
     fn effective_tier(&self, entry: &Entry<T>, now: Instant) -> u64 {
         let waited = now.saturating_duration_since(entry.enqueued_at);
         let steps = if self.limits.aging_step.is_zero() {
@@ -157,28 +155,43 @@ impl<T> FairQueue<T> {
         (entry.priority as u64 + steps).min(Priority::High as u64)
     }
 
-    /// Removes and returns the requests whose deadline has passed.
-    pub fn take_expired(&mut self, now: Instant) -> Vec<Entry<T>> {
-        let mut expired = Vec::new();
+    /// Removes and returns the requests `gone` picks (a deadline passed, a
+    /// client left), freeing their places at once.
+    pub fn take_where(&mut self, gone: impl Fn(&Entry<T>) -> bool) -> Vec<Entry<T>> {
+        let mut taken = Vec::new();
         let mut i = 0;
         while i < self.entries.len() {
-            if self.entries[i].deadline.is_some_and(|d| d <= now) {
+            if gone(&self.entries[i]) {
                 let entry = self.entries.swap_remove(i);
                 self.tokens -= entry.cost_tokens;
-                expired.push(entry);
+                taken.push(entry);
             } else {
                 i += 1;
             }
         }
-        expired
+        taken
     }
 
-    /// Removes a request (its client went away).
-    pub fn cancel(&mut self, id: u64) -> Option<Entry<T>> {
-        let index = self.entries.iter().position(|e| e.id == id)?;
-        let entry = self.entries.swap_remove(index);
-        self.tokens -= entry.cost_tokens;
-        Some(entry)
+    /// Tenants with a clock (for tests of the bound).
+    pub fn tenant_clocks(&self) -> usize {
+        self.tenants.len()
+    }
+
+    /// Drops the clocks that no longer matter. Idle (nothing waits), virtual
+    /// time moves to the largest finish tag served, as start-time fair
+    /// queuing defines it for an idle server, and every clock goes. Busy, a
+    /// clock whose last finish is not ahead of virtual time tags the
+    /// tenant's next request exactly as no clock does; those go once clocks
+    /// outnumber waiting requests by a margin (amortized).
+    fn prune_clocks(&mut self) {
+        if self.entries.is_empty() {
+            let latest = self.tenants.values().map(|c| c.last_finish);
+            self.virtual_time = latest.fold(self.virtual_time, f64::max);
+            self.tenants.clear();
+        } else if self.tenants.len() > 2 * self.entries.len() + 64 {
+            let now = self.virtual_time;
+            self.tenants.retain(|_, clock| clock.last_finish > now);
+        }
     }
 
     /// The next request to serve: highest effective tier, then smallest
@@ -204,6 +217,7 @@ impl<T> FairQueue<T> {
         let entry = self.entries.swap_remove(best);
         self.tokens -= entry.cost_tokens;
         self.virtual_time = self.virtual_time.max(entry.start_tag);
+        self.prune_clocks();
         Some(entry)
     }
 
@@ -314,33 +328,74 @@ mod tests {
         let soon = Some(now + Duration::from_millis(10));
         q.push("t", 1, Priority::Normal, 5, soon, now, "expiring")
             .expect("room");
-        let id = q
-            .push("t", 1, Priority::Normal, 7, None, now, "cancelled")
+        q.push("t", 1, Priority::Normal, 7, None, now, "cancelled")
             .expect("room");
         q.push("t", 1, Priority::Normal, 9, None, now, "kept")
             .expect("room");
         assert_eq!(q.queued_tokens(), 21);
-        let expired = q.take_expired(now + Duration::from_millis(20));
+        let later = now + Duration::from_millis(20);
+        let expired = q.take_where(|e| e.deadline.is_some_and(|d| d <= later));
         assert_eq!(expired.len(), 1);
         assert_eq!(expired[0].item, "expiring");
-        assert_eq!(q.cancel(id).expect("present").item, "cancelled");
+        let cancelled = q.take_where(|e| e.item == "cancelled");
+        assert_eq!(cancelled.len(), 1);
         assert_eq!(q.queued_tokens(), 9);
         assert_eq!(q.pop(now).expect("one").item, "kept");
         assert!(q.is_empty());
     }
 
     #[test]
-    fn a_preempted_request_goes_back_to_the_front() {
+    fn tenant_clocks_stay_bounded_and_fairness_holds_while_they_are_pruned() {
         let now = Instant::now();
-        let mut q = queue(10);
-        q.push("a", 1, Priority::Normal, 10, None, now, "first")
+        let mut q: FairQueue<String> = FairQueue::new(QueueLimits {
+            max_requests: 1000,
+            max_tokens: u64::MAX,
+            aging_step: Duration::from_secs(3600),
+        });
+        // 100,000 tenants come, send one request each, and leave.
+        for t in 0..100_000 {
+            q.push(
+                &format!("t{t}"),
+                1,
+                Priority::Normal,
+                10,
+                None,
+                now,
+                String::new(),
+            )
             .expect("room");
-        q.push("a", 1, Priority::Normal, 10, None, now, "second")
+            q.pop(now).expect("served");
+            assert!(
+                q.tenant_clocks() <= 2 * q.len() + 65,
+                "{}",
+                q.tenant_clocks()
+            );
+        }
+        // A flooding tenant still only pushes itself back.
+        for _ in 0..100 {
+            q.push(
+                "flood",
+                1,
+                Priority::Normal,
+                10,
+                None,
+                now,
+                "flood".to_owned(),
+            )
             .expect("room");
-        let first = q.pop(now).expect("first");
-        q.push("b", 1, Priority::Normal, 10, None, now, "b")
-            .expect("room");
-        q.requeue(first);
-        assert_eq!(q.pop(now).expect("front").item, "first");
+        }
+        q.push(
+            "late",
+            1,
+            Priority::Normal,
+            10,
+            None,
+            now,
+            "late".to_owned(),
+        )
+        .expect("room");
+        let order: Vec<String> = std::iter::from_fn(|| q.pop(now).map(|e| e.item)).collect();
+        let late = order.iter().position(|t| t == "late").expect("served");
+        assert!(late <= 1, "the newcomer waited behind {late} of the flood");
     }
 }

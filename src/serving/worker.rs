@@ -249,8 +249,8 @@ impl Worker {
                 break;
             }
             let (job, expired) = self.shared.pop(self.config.index, Instant::now());
-            for job in expired {
-                self.fail_unstarted(job, Failure::DeadlineExceeded);
+            for (job, why) in expired {
+                self.fail_unstarted(job, why);
             }
             let Some(job) = job else { break };
             if job.events.is_closed() {

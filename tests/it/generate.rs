@@ -772,3 +772,93 @@ async fn the_echo_engine_answers_with_the_prompt_and_is_metered_like_any_model()
     assert_eq!(completion, i64::from(usage.completion_tokens));
     gateway.stop().await.expect("clean stop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_whose_clients_left_give_their_queue_places_back_at_once() {
+    let data_dir = tempfile::tempdir().expect("temp dir");
+    let mut settings = crate::common::test_settings(&data_dir);
+    let mut slow = slow_model();
+    slow.max_queue_requests = 2;
+    slow.max_batch_size = 1;
+    settings.models.push(slow);
+    let gateway = TestGateway::start_with(settings, data_dir).await;
+    let key = tenant_key(&gateway, "leavers").await;
+    let slow_request = |seed| {
+        let mut r = request("hold the worker", seed);
+        r.model = "slow".to_owned();
+        r.max_tokens = Some(48);
+        r.ignore_eos = true;
+        r
+    };
+    // One request holds the only batch slot for seconds (device pace).
+    let mut holder = InferenceClient::new(gateway.channel.clone());
+    let mut held = holder
+        .generate_stream(authed(slow_request(1), &key))
+        .await
+        .expect("stream")
+        .into_inner();
+    held.message().await.expect("first").expect("a message");
+    // Two more fill the queue, and their clients leave.
+    let mut leavers = Vec::new();
+    for seed in 2..4 {
+        let mut client = InferenceClient::new(gateway.channel.clone());
+        let mut stream = client
+            .generate_stream(authed(slow_request(seed), &key))
+            .await
+            .expect("queued")
+            .into_inner();
+        leavers.push(tokio::spawn(async move {
+            // Nothing comes while it waits behind the holder.
+            let _ = tokio::time::timeout(Duration::from_millis(100), stream.message()).await;
+        }));
+    }
+    for leaver in leavers {
+        leaver.await.expect("join");
+    }
+    let model = gateway.models.get("slow").expect("slow");
+    assert_eq!(model.queue_depth().0, 2, "both wait behind the holder");
+    // The server has seen both leave once their calls are counted Canceled.
+    let canceled = "ascend_gateway_grpc_requests_total{grpc_service=\"ascend.gateway.v1.Inference\",grpc_code=\"Canceled\"} 2";
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !crate::common::scrape(gateway.metrics_addr)
+        .await
+        .contains(canceled)
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the leavers were never seen to leave"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(model.queue_depth().0, 2, "still queued: no worker was free");
+    // The queue is full of requests nobody waits for: a new one takes a
+    // freed place instead of being refused.
+    let mut client = InferenceClient::new(gateway.channel.clone());
+    let mut newcomer = slow_request(5);
+    newcomer.max_tokens = Some(2);
+    let answered = tokio::spawn(async move { client.generate(authed(newcomer, &key)).await });
+    // Queued alone (the leavers swept out), while the holder still runs.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while model.queue_depth().0 != 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline && !answered.is_finished(),
+            "the newcomer was not queued in a freed place"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(held);
+    let answer = answered
+        .await
+        .expect("join")
+        .expect("admitted, not refused");
+    assert_eq!(
+        answer.into_inner().usage.expect("usage").completion_tokens,
+        2
+    );
+    let metrics = crate::common::scrape(gateway.metrics_addr).await;
+    assert!(
+        metrics.contains("ascend_gateway_queue_full_rejections_total{model=\"slow\"} 0"),
+        "{metrics}"
+    );
+    gateway.stop().await.expect("clean stop");
+}
