@@ -1,6 +1,7 @@
 //! The `TenantAdmin` service: tenants, API keys, the audit log. The auth
 //! layer has already required the admin token for every RPC here.
 
+use super::status::OrStatus;
 use std::time::Duration;
 
 use secrecy::ExposeSecret;
@@ -15,7 +16,6 @@ use super::pb::v1::{
     ResumeTenantRequest, RevokeApiKeyRequest, RotateApiKeyRequest, SuspendTenantRequest,
     UpdateTenantRequest,
 };
-use super::status::to_status;
 use crate::tenancy::operators::{Operator, Role};
 use crate::tenancy::{
     ApiKeyRecord, AuditEvent, Budget, CacheScope, IssuedKey, Limits, NewApiKey, NewTenant,
@@ -184,11 +184,7 @@ impl TenantAdmin for TenantAdminApi {
             cache_scope: cache_scope_from_pb(r.cache_scope)?,
             budget_alerts: r.budget_alerts.and_then(alerts_from_pb),
         };
-        let tenant = self
-            .tenancy
-            .create_tenant(&actor, new)
-            .await
-            .map_err(|e| to_status(&e))?;
+        let tenant = self.tenancy.create_tenant(&actor, new).await.or_status()?;
         Ok(Response::new(tenant_to_pb(tenant)))
     }
 
@@ -200,7 +196,7 @@ impl TenantAdmin for TenantAdminApi {
             .tenancy
             .get_tenant(&request.into_inner().tenant)
             .await
-            .map_err(|e| to_status(&e))?;
+            .or_status()?;
         Ok(Response::new(tenant_to_pb(tenant)))
     }
 
@@ -216,13 +212,8 @@ impl TenantAdmin for TenantAdminApi {
             Ok(pb::TenantStatus::Deleted) => Some(TenantStatus::Deleted),
             Err(_) => return Err(Status::invalid_argument("invalid `status`: unknown value")),
         };
-        let page =
-            PageRequest::parse("tenants", r.page_size, &r.page_token).map_err(|e| to_status(&e))?;
-        let page = self
-            .tenancy
-            .list_tenants(status, page)
-            .await
-            .map_err(|e| to_status(&e))?;
+        let page = PageRequest::parse("tenants", r.page_size, &r.page_token).or_status()?;
+        let page = self.tenancy.list_tenants(status, page).await.or_status()?;
         Ok(Response::new(ListTenantsResponse {
             tenants: page.items.into_iter().map(tenant_to_pb).collect(),
             next_page_token: page.next_token.unwrap_or_default(),
@@ -248,7 +239,7 @@ impl TenantAdmin for TenantAdminApi {
             .tenancy
             .update_tenant(&actor, &r.tenant, patch)
             .await
-            .map_err(|e| to_status(&e))?;
+            .or_status()?;
         Ok(Response::new(tenant_to_pb(tenant)))
     }
 
@@ -262,7 +253,7 @@ impl TenantAdmin for TenantAdminApi {
             .tenancy
             .set_status(&actor, &r.tenant, TenantStatus::Suspended, &r.reason)
             .await
-            .map_err(|e| to_status(&e))?;
+            .or_status()?;
         Ok(Response::new(tenant_to_pb(tenant)))
     }
 
@@ -276,7 +267,7 @@ impl TenantAdmin for TenantAdminApi {
             .tenancy
             .set_status(&actor, &r.tenant, TenantStatus::Active, "")
             .await
-            .map_err(|e| to_status(&e))?;
+            .or_status()?;
         Ok(Response::new(tenant_to_pb(tenant)))
     }
 
@@ -290,7 +281,7 @@ impl TenantAdmin for TenantAdminApi {
             .tenancy
             .set_status(&actor, &r.tenant, TenantStatus::Deleted, "")
             .await
-            .map_err(|e| to_status(&e))?;
+            .or_status()?;
         Ok(Response::new(tenant_to_pb(tenant)))
     }
 
@@ -319,7 +310,7 @@ impl TenantAdmin for TenantAdminApi {
             .tenancy
             .create_key(&actor, &r.tenant, new)
             .await
-            .map_err(|e| to_status(&e))?;
+            .or_status()?;
         Ok(Response::new(issued_to_pb(issued)))
     }
 
@@ -328,13 +319,12 @@ impl TenantAdmin for TenantAdminApi {
         request: Request<ListApiKeysRequest>,
     ) -> Result<Response<ListApiKeysResponse>, Status> {
         let r = request.into_inner();
-        let page =
-            PageRequest::parse("keys", r.page_size, &r.page_token).map_err(|e| to_status(&e))?;
+        let page = PageRequest::parse("keys", r.page_size, &r.page_token).or_status()?;
         let page = self
             .tenancy
             .list_keys(&r.tenant, r.include_revoked, page)
             .await
-            .map_err(|e| to_status(&e))?;
+            .or_status()?;
         Ok(Response::new(ListApiKeysResponse {
             keys: page.items.into_iter().map(key_to_pb).collect(),
             next_page_token: page.next_token.unwrap_or_default(),
@@ -350,7 +340,7 @@ impl TenantAdmin for TenantAdminApi {
             .tenancy
             .revoke_key(&actor, &request.into_inner().key_id)
             .await
-            .map_err(|e| to_status(&e))?;
+            .or_status()?;
         Ok(Response::new(key_to_pb(key)))
     }
 
@@ -370,7 +360,7 @@ impl TenantAdmin for TenantAdminApi {
             .tenancy
             .create_operator(&actor, &r.name, role)
             .await
-            .map_err(|e| to_status(&e))?;
+            .or_status()?;
         Ok(Response::new(pb::CreateOperatorResponse {
             operator: Some(operator_to_pb(issued.operator)),
             token: issued.token.expose_secret().to_owned(),
@@ -381,11 +371,7 @@ impl TenantAdmin for TenantAdminApi {
         &self,
         _request: Request<pb::ListOperatorsRequest>,
     ) -> Result<Response<pb::ListOperatorsResponse>, Status> {
-        let operators = self
-            .tenancy
-            .list_operators()
-            .await
-            .map_err(|e| to_status(&e))?;
+        let operators = self.tenancy.list_operators().await.or_status()?;
         Ok(Response::new(pb::ListOperatorsResponse {
             operators: operators.into_iter().map(operator_to_pb).collect(),
         }))
@@ -400,7 +386,7 @@ impl TenantAdmin for TenantAdminApi {
             .tenancy
             .revoke_operator(&actor, &request.into_inner().operator)
             .await
-            .map_err(|e| to_status(&e))?;
+            .or_status()?;
         Ok(Response::new(operator_to_pb(operator)))
     }
 
@@ -415,7 +401,7 @@ impl TenantAdmin for TenantAdminApi {
             .tenancy
             .update_key_limits(&actor, &r.key_id, patch, &r.clear_limits)
             .await
-            .map_err(|e| to_status(&e))?;
+            .or_status()?;
         Ok(Response::new(key_to_pb(key)))
     }
 
@@ -433,7 +419,7 @@ impl TenantAdmin for TenantAdminApi {
             .tenancy
             .rotate_key(&actor, &r.key_id, overlap)
             .await
-            .map_err(|e| to_status(&e))?;
+            .or_status()?;
         Ok(Response::new(issued_to_pb(issued)))
     }
 
@@ -442,14 +428,9 @@ impl TenantAdmin for TenantAdminApi {
         request: Request<ListAuditEventsRequest>,
     ) -> Result<Response<ListAuditEventsResponse>, Status> {
         let r = request.into_inner();
-        let page =
-            PageRequest::parse("audit", r.page_size, &r.page_token).map_err(|e| to_status(&e))?;
+        let page = PageRequest::parse("audit", r.page_size, &r.page_token).or_status()?;
         let tenant = (!r.tenant.is_empty()).then_some(r.tenant.as_str());
-        let page = self
-            .tenancy
-            .list_audit(tenant, page)
-            .await
-            .map_err(|e| to_status(&e))?;
+        let page = self.tenancy.list_audit(tenant, page).await.or_status()?;
         Ok(Response::new(ListAuditEventsResponse {
             events: page.items.into_iter().map(audit_to_pb).collect(),
             next_page_token: page.next_token.unwrap_or_default(),

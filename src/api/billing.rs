@@ -1,5 +1,6 @@
 //! The `Billing` service: usage queries, price plans, invoices, exports.
 
+use super::status::OrStatus;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -18,7 +19,6 @@ use super::pb::v1::{
     ListPricePlansResponse, Money, Price, PricePlan, PutPricesRequest,
 };
 use super::pb::v1::{UsageBucket, UsageGrouping};
-use super::status::to_status;
 use crate::auth::Principal;
 use crate::billing::BillingSettings;
 use crate::billing::export::{CHUNK_ROWS, EventPager, LinePager, Pager};
@@ -73,7 +73,7 @@ impl BillingApi {
                 .limiter
                 .admit(&scope, &self.tenant_limits, Cost::default())
                 .await
-                .map_err(|e| to_status(&e))?;
+                .or_status()?;
             permit.settle(crate::limits::Used::NOTHING).await;
         }
         Ok(caller)
@@ -99,8 +99,7 @@ impl BillingApi {
     ) -> Result<(Option<String>, Period), Status> {
         let caller = self.caller(&request).await?;
         let r = request.into_inner();
-        let period =
-            BillingService::parse_period("period", &r.period).map_err(|e| to_status(&e))?;
+        let period = BillingService::parse_period("period", &r.period).or_status()?;
         let tenant = self.tenant_or_all(&caller, &r.tenant).await?;
         Ok((tenant, period))
     }
@@ -115,11 +114,7 @@ impl BillingApi {
                         "invalid `tenant`: required with the admin token (an id or slug)",
                     ));
                 }
-                let tenant = self
-                    .tenancy
-                    .get_tenant(asked)
-                    .await
-                    .map_err(|e| to_status(&e))?;
+                let tenant = self.tenancy.get_tenant(asked).await.or_status()?;
                 Ok(tenant.id)
             }
             Principal::Tenant(own) => {
@@ -334,7 +329,7 @@ fn chunk_stream<P: Pager, M: Send + 'static>(
     Box::pin(try_unfold(
         (pager, true),
         move |(mut pager, first)| async move {
-            let rows = pager.next_chunk().await.map_err(|e| to_status(&e))?;
+            let rows = pager.next_chunk().await.or_status()?;
             if rows.is_none() && !first {
                 return Ok(None);
             }
@@ -388,7 +383,7 @@ impl Billing for BillingApi {
         let (groups, total) =
             metering::query::usage(&self.db, &tenant_id, start, end, model, grouping)
                 .await
-                .map_err(|e| to_status(&e))?;
+                .or_status()?;
         Ok(Response::new(GetUsageResponse {
             tenant_id,
             buckets: groups.into_iter().map(bucket).collect(),
@@ -401,7 +396,7 @@ impl Billing for BillingApi {
         request: Request<ListPricePlansRequest>,
     ) -> Result<Response<ListPricePlansResponse>, Status> {
         let caller = self.caller(&request).await?;
-        let mut plans = self.billing.list_plans().await.map_err(|e| to_status(&e))?;
+        let mut plans = self.billing.list_plans().await.or_status()?;
         // A tenant sees the plan it is billed under, not other tenants'
         // prices.
         if let Principal::Tenant(tenant) = &caller {
@@ -448,7 +443,7 @@ impl Billing for BillingApi {
                 },
             )
             .await
-            .map_err(|e| to_status(&e))?;
+            .or_status()?;
         Ok(Response::new(plan_pb(plan)))
     }
 
@@ -462,7 +457,7 @@ impl Billing for BillingApi {
         let period = if r.period.is_empty() {
             None
         } else {
-            Some(BillingService::parse_period("period", &r.period).map_err(|e| to_status(&e))?)
+            Some(BillingService::parse_period("period", &r.period).or_status()?)
         };
         let status = match InvoiceStatus::try_from(r.status) {
             Ok(InvoiceStatus::Unspecified) => None,
@@ -470,13 +465,12 @@ impl Billing for BillingApi {
             Ok(InvoiceStatus::Finalized) => Some(billing::InvoiceStatus::Finalized),
             Err(_) => return Err(Status::invalid_argument("invalid `status`: unknown value")),
         };
-        let page = PageRequest::parse("invoices", r.page_size, &r.page_token)
-            .map_err(|e| to_status(&e))?;
+        let page = PageRequest::parse("invoices", r.page_size, &r.page_token).or_status()?;
         let page = self
             .billing
             .list_invoices(tenant.as_deref(), period, status, &page)
             .await
-            .map_err(|e| to_status(&e))?;
+            .or_status()?;
         Ok(Response::new(ListInvoicesResponse {
             invoices: page.items.into_iter().map(invoice_pb).collect(),
             next_page_token: page.next_token.unwrap_or_default(),
@@ -490,16 +484,12 @@ impl Billing for BillingApi {
         let caller = self.caller(&request).await?;
         let r = request.into_inner();
         let tenant_id = self.scoped_tenant(&caller, &r.tenant).await?;
-        let tenant = self
-            .tenancy
-            .get_tenant(&tenant_id)
-            .await
-            .map_err(|e| to_status(&e))?;
+        let tenant = self.tenancy.get_tenant(&tenant_id).await.or_status()?;
         let budget = tenant.limits.monthly_budget.map(|b| b.amount_nanos);
         let b = billing::balance::Balances::new(self.billing.clone(), self.limiter.clone())
             .of(&tenant_id, budget)
             .await
-            .map_err(|e| to_status(&e))?;
+            .or_status()?;
         let currency = b.currency_code;
         Ok(Response::new(pb::Balance {
             tenant_id: b.tenant_id,
@@ -533,14 +523,11 @@ impl Billing for BillingApi {
                     "invalid `period`: required without `invoice_id` (YYYY-MM)",
                 ));
             }
-            let period =
-                BillingService::parse_period("period", &r.period).map_err(|e| to_status(&e))?;
+            let period = BillingService::parse_period("period", &r.period).or_status()?;
             let tenant_id = self.scoped_tenant(&caller, &r.tenant).await?;
             self.billing.get_invoice_of(&tenant_id, period).await
         };
-        Ok(Response::new(invoice_pb(
-            invoice.map_err(|e| to_status(&e))?,
-        )))
+        Ok(Response::new(invoice_pb(invoice.or_status()?)))
     }
 
     async fn finalize_invoice(
@@ -557,7 +544,7 @@ impl Billing for BillingApi {
             .billing
             .finalize(&caller.actor(), &r.invoice_id)
             .await
-            .map_err(|e| to_status(&e))?;
+            .or_status()?;
         Ok(Response::new(invoice_pb(invoice)))
     }
 
@@ -570,7 +557,7 @@ impl Billing for BillingApi {
         let (tenant, period) = self.export_scope(request).await?;
         let pager = LinePager::open(&self.billing, tenant.as_deref(), period, CHUNK_ROWS)
             .await
-            .map_err(|e| to_status(&e))?;
+            .or_status()?;
         Ok(Response::new(chunk_stream(pager, |total_rows, lines| {
             ExportInvoiceLinesResponse {
                 total_rows,
@@ -588,7 +575,7 @@ impl Billing for BillingApi {
         let (tenant, period) = self.export_scope(request).await?;
         let pager = EventPager::open(&self.db, tenant.as_deref(), period, CHUNK_ROWS)
             .await
-            .map_err(|e| to_status(&e))?;
+            .or_status()?;
         Ok(Response::new(chunk_stream(pager, |total_rows, events| {
             ExportUsageEventsResponse {
                 total_rows,

@@ -2,6 +2,7 @@
 //! shared request path in `generation`, and its updates back as protobuf.
 //! No request rule lives here; the HTTP front end shares every one.
 
+use super::status::OrStatus;
 use std::pin::Pin;
 use std::time::Instant;
 
@@ -63,7 +64,7 @@ impl InferenceApi {
         self.generation
             .start(tenant, &input, received_at, deadline)
             .await
-            .map_err(|e| to_status(&e))
+            .or_status()
     }
 }
 
@@ -263,7 +264,7 @@ impl Inference for InferenceApi {
             Start::Replay(stored) => return Ok(replayed(answer_to_pb(stored))),
         };
         let headroom = running.headroom();
-        let answer = running.finish().await.map_err(|e| to_status(&e))?;
+        let answer = running.finish().await.or_status()?;
         Ok(with_rate_headers(
             Response::new(answer_to_pb(answer)),
             headroom,
@@ -294,11 +295,7 @@ impl Inference for InferenceApi {
         let tenant = Self::tenant(&request)?;
         let r = request.into_inner();
         // Admitted first: a refused count costs the tenant a request too.
-        let headroom = self
-            .generation
-            .admit_call(&tenant)
-            .await
-            .map_err(|e| to_status(&e))?;
+        let headroom = self.generation.admit_call(&tenant).await.or_status()?;
         let counted = async {
             let served = self.generation.model(&r.model)?;
             let input = GenerateInput {
@@ -310,7 +307,7 @@ impl Inference for InferenceApi {
             };
             self.generation.tokenize(&served, &input).await
         };
-        let tokens = counted.await.map_err(|e| to_status(&e))?;
+        let tokens = counted.await.or_status()?;
         let response = CountTokensResponse {
             token_count: u32::try_from(tokens.len()).unwrap_or(u32::MAX),
             token_ids: if r.return_token_ids {
@@ -327,11 +324,7 @@ impl Inference for InferenceApi {
         request: Request<ListModelsRequest>,
     ) -> Result<Response<ListModelsResponse>, Status> {
         let tenant = Self::tenant(&request)?;
-        let headroom = self
-            .generation
-            .admit_call(&tenant)
-            .await
-            .map_err(|e| to_status(&e))?;
+        let headroom = self.generation.admit_call(&tenant).await.or_status()?;
         let models = self
             .generation
             .models()

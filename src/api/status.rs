@@ -9,6 +9,18 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::error::{Classified, ErrorKind};
 
+/// `result.or_status()?` in a handler: a domain error as the status the
+/// client sees (through [`to_status`]).
+pub trait OrStatus<T> {
+    fn or_status(self) -> Result<T, Status>;
+}
+
+impl<T, E: Classified> OrStatus<T> for Result<T, E> {
+    fn or_status(self) -> Result<T, Status> {
+        self.map_err(|e| to_status(&e))
+    }
+}
+
 /// Converts any classified domain error into the status the client sees.
 pub fn to_status<E: Classified>(error: &E) -> Status {
     let kind = error.kind();

@@ -1,12 +1,12 @@
 //! The `Webhooks` service: endpoints and their delivery log, for the admin
 //! token only (the auth layer's default for this service).
 
+use super::status::OrStatus;
 use tonic::{Request, Response, Status};
 
 use super::convert::{opt_timestamp, timestamp};
 use super::pb::v1 as pb;
 use super::pb::v1::webhooks_server::Webhooks;
-use super::status::to_status;
 use crate::tenancy::TenancyService;
 use crate::webhooks::{DeliveryRecord, Webhook, WebhookService};
 
@@ -27,11 +27,7 @@ impl WebhooksApi {
         if tenant.is_empty() {
             return Ok(None);
         }
-        let tenant = self
-            .tenancy
-            .get_tenant(tenant)
-            .await
-            .map_err(|e| to_status(&e))?;
+        let tenant = self.tenancy.get_tenant(tenant).await.or_status()?;
         Ok(Some(tenant.id))
     }
 }
@@ -85,7 +81,7 @@ impl Webhooks for WebhooksApi {
             .webhooks
             .create(tenant_id.as_deref(), &r.url, &r.events)
             .await
-            .map_err(|e| to_status(&e))?;
+            .or_status()?;
         Ok(Response::new(pb::CreateWebhookResponse {
             webhook: Some(webhook_pb(webhook)),
             signing_secret: secret,
@@ -97,11 +93,7 @@ impl Webhooks for WebhooksApi {
         request: Request<pb::ListWebhooksRequest>,
     ) -> Result<Response<pb::ListWebhooksResponse>, Status> {
         let tenant_id = self.tenant_id(&request.into_inner().tenant).await?;
-        let webhooks = self
-            .webhooks
-            .list(tenant_id.as_deref())
-            .await
-            .map_err(|e| to_status(&e))?;
+        let webhooks = self.webhooks.list(tenant_id.as_deref()).await.or_status()?;
         Ok(Response::new(pb::ListWebhooksResponse {
             webhooks: webhooks.into_iter().map(webhook_pb).collect(),
         }))
@@ -115,7 +107,7 @@ impl Webhooks for WebhooksApi {
         self.webhooks
             .delete(required("id", &r.id)?)
             .await
-            .map_err(|e| to_status(&e))?;
+            .or_status()?;
         Ok(Response::new(pb::DeleteWebhookResponse {}))
     }
 
@@ -128,7 +120,7 @@ impl Webhooks for WebhooksApi {
             .webhooks
             .test(required("id", &r.id)?)
             .await
-            .map_err(|e| to_status(&e))?;
+            .or_status()?;
         Ok(Response::new(pb::TestWebhookResponse { event_id }))
     }
 
@@ -141,7 +133,7 @@ impl Webhooks for WebhooksApi {
             .webhooks
             .deliveries(required("id", &r.id)?, r.page_size)
             .await
-            .map_err(|e| to_status(&e))?;
+            .or_status()?;
         Ok(Response::new(pb::ListWebhookDeliveriesResponse {
             deliveries: deliveries.into_iter().map(delivery_pb).collect(),
         }))

@@ -23,6 +23,18 @@ impl LimitKind {
         LimitKind::MonthlyBudget,
     ];
 
+    /// This kind's slot in per-kind arrays of `ALL.len()` entries; a match,
+    /// so a new kind cannot silently share a slot.
+    pub fn index(self) -> usize {
+        match self {
+            LimitKind::Requests => 0,
+            LimitKind::Concurrency => 1,
+            LimitKind::TokensPerMinute => 2,
+            LimitKind::MonthlyQuota => 3,
+            LimitKind::MonthlyBudget => 4,
+        }
+    }
+
     /// The limit's name in the API (a `TenantLimits` field).
     pub fn field(self) -> &'static str {
         match self {
@@ -32,6 +44,14 @@ impl LimitKind {
             LimitKind::MonthlyQuota => "monthly_token_quota",
             LimitKind::MonthlyBudget => "monthly_budget",
         }
+    }
+}
+
+#[cfg(test)]
+#[test]
+fn every_kind_has_its_own_slot_in_all_order() {
+    for (i, kind) in LimitKind::ALL.iter().enumerate() {
+        assert_eq!(kind.index(), i);
     }
 }
 

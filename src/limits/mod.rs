@@ -292,7 +292,7 @@ pub struct Limiter {
     fallback_reseeded: Mutex<HashMap<String, Instant>>,
     fallbacks: std::sync::atomic::AtomicU64,
     /// Refusals by limit, indexed like `LimitKind::ALL`.
-    rejections: [std::sync::atomic::AtomicU64; 5],
+    rejections: [std::sync::atomic::AtomicU64; LimitKind::ALL.len()],
     background: mpsc::Sender<Settlement>,
     /// Permits admitted and not yet settled by their request (alive).
     in_flight: std::sync::atomic::AtomicU64,
@@ -462,8 +462,7 @@ impl Limiter {
 
     /// Requests refused by limit `kind` so far.
     pub fn rejections(&self, kind: LimitKind) -> u64 {
-        let index = LimitKind::ALL.iter().position(|k| *k == kind).unwrap_or(0);
-        self.rejections[index].load(std::sync::atomic::Ordering::Relaxed)
+        self.rejections[kind.index()].load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Checks every limit of the tenant and reserves `cost`.
@@ -476,8 +475,7 @@ impl Limiter {
         let result = self.decide(tenant_id, limits, cost).await;
         if let Err(LimitError::Exceeded { kind, .. } | LimitError::TooLarge { kind, .. }) = &result
         {
-            let index = LimitKind::ALL.iter().position(|k| k == kind).unwrap_or(0);
-            self.rejections[index].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.rejections[kind.index()].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         result
     }

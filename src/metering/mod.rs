@@ -21,7 +21,6 @@ mod writer;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -91,7 +90,7 @@ impl Metering {
 
     /// Whether new requests may be admitted, given the spool's size.
     pub fn admitting(&self) -> Result<(), MeteringError> {
-        let bytes = self.spool.stats().bytes.load(Ordering::Relaxed);
+        let bytes = self.spool.stats().bytes();
         if bytes > self.max_bytes && self.policy == SpoolFullPolicy::Reject {
             return Err(MeteringError::SpoolFull { bytes });
         }

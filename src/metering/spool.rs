@@ -53,12 +53,52 @@ impl Default for SpoolSettings {
 #[derive(Debug, Default)]
 pub struct SpoolStats {
     /// Bytes in all segments on disk.
-    pub bytes: AtomicU64,
+    bytes: AtomicU64,
     /// Events appended and not yet committed to the database.
-    pub pending_events: AtomicU64,
+    pending_events: AtomicU64,
     /// `finished_at_us` of the oldest pending event; 0 when none.
-    pub oldest_pending_us: AtomicI64,
-    pub write_errors: AtomicU64,
+    oldest_pending_us: AtomicI64,
+    write_errors: AtomicU64,
+}
+
+impl SpoolStats {
+    /// Bytes in all segments on disk.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Events appended and not yet committed to the database.
+    pub fn pending_events(&self) -> u64 {
+        self.pending_events.load(Ordering::Relaxed)
+    }
+
+    /// `finished_at_us` of the oldest pending event; 0 when none.
+    pub fn oldest_pending_us(&self) -> i64 {
+        self.oldest_pending_us.load(Ordering::Relaxed)
+    }
+
+    /// Failed attempts to write or ship usage.
+    pub fn write_errors(&self) -> u64 {
+        self.write_errors.load(Ordering::Relaxed)
+    }
+
+    /// `events` reached the database: no longer pending (and no oldest
+    /// pending event once none is).
+    pub fn shipped(&self, events: u64) {
+        let _ = self
+            .pending_events
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some(n.saturating_sub(events))
+            });
+        if self.pending_events() == 0 {
+            self.oldest_pending_us.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// A write or a shipment failed.
+    pub fn count_write_error(&self) {
+        self.write_errors.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// Called on the spool's own thread once an append is durable (or has

@@ -3,7 +3,6 @@
 //! If the database is down, segments wait on disk and ship when it returns.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -55,22 +54,10 @@ impl UsageWriter {
                 report.inserted += repo::insert_batch(&self.db, chunk).await?;
             }
             self.spool.remove(&segment)?;
-            let stats = self.spool.stats();
-            let shipped = read.events.len() as u64;
-            let _ = stats
-                .pending_events
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                    Some(n.saturating_sub(shipped))
-                });
+            self.spool.stats().shipped(read.events.len() as u64);
             report.segments += 1;
             report.events += read.events.len();
             report.torn += usize::from(read.truncated_at.is_some());
-        }
-        if self.spool.stats().pending_events.load(Ordering::Relaxed) == 0 {
-            self.spool
-                .stats()
-                .oldest_pending_us
-                .store(0, Ordering::Relaxed);
         }
         Ok(report)
     }
@@ -102,10 +89,7 @@ impl UsageWriter {
             }
             Ok(_) => {}
             Err(e) => {
-                self.spool
-                    .stats()
-                    .write_errors
-                    .fetch_add(1, Ordering::Relaxed);
+                self.spool.stats().count_write_error();
                 tracing::warn!(error = %e, "usage not shipped yet; it stays in the spool");
             }
         }

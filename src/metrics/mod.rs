@@ -138,15 +138,15 @@ impl Collector for GatewayCollector {
             &mut encoder,
             "ascend_gateway_usage_spool_bytes",
             "Bytes of usage waiting in the local spool",
-            as_i64(spool.bytes.load(Ordering::Relaxed)),
+            as_i64(spool.bytes()),
         )?;
         gauge(
             &mut encoder,
             "ascend_gateway_usage_events_pending",
             "Usage events spooled and not yet committed to the database",
-            as_i64(spool.pending_events.load(Ordering::Relaxed)),
+            as_i64(spool.pending_events()),
         )?;
-        let oldest = spool.oldest_pending_us.load(Ordering::Relaxed);
+        let oldest = spool.oldest_pending_us();
         let age_s = if oldest == 0 {
             0
         } else {
@@ -162,7 +162,7 @@ impl Collector for GatewayCollector {
             &mut encoder,
             "ascend_gateway_usage_write_errors",
             "Failed attempts to write or ship usage",
-            spool.write_errors.load(Ordering::Relaxed),
+            spool.write_errors(),
         )?;
         if let Some(tls) = &self.tls {
             gauge(

@@ -48,7 +48,7 @@ pub struct Device {
     profiler: Profiler,
 }
 
-fn ms(start: Instant) -> f64 {
+fn elapsed_us(start: Instant) -> f64 {
     start.elapsed().as_secs_f64() * 1e6
 }
 
@@ -100,7 +100,7 @@ impl Device {
     }
 
     fn record(&mut self, w: &Workload, start: Instant) -> LaunchCost {
-        let cpu_us = ms(start);
+        let cpu_us = elapsed_us(start);
         let cost = estimate(&self.profile, w);
         self.profiler.record(cost.clone(), start, cpu_us);
         cost

@@ -180,13 +180,7 @@ async fn a_database_outage_loses_nothing_and_the_backlog_drains() {
             );
         }
     }
-    assert!(
-        spool
-            .stats()
-            .pending_events
-            .load(std::sync::atomic::Ordering::Relaxed)
-            >= 1000
-    );
+    assert!(spool.stats().pending_events() >= 1000);
     test_db.set_reachable(true).await;
 
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
