@@ -230,8 +230,23 @@ impl Default for RedisSettings {
 pub struct LogSettings {
     pub format: LogFormat,
     /// A `tracing` filter such as `info` or `info,ascend_gateway=debug`.
-    /// `RUST_LOG`, when set, wins.
+    /// `RUST_LOG`, when set, wins (and is validated like the setting).
     pub filter: String,
+}
+
+impl LogSettings {
+    /// The bench commands' log: warnings and the bench's own progress, or
+    /// `RUST_LOG` when it is set and valid.
+    pub fn for_bench() -> LogSettings {
+        let filter = std::env::var("RUST_LOG")
+            .ok()
+            .filter(|spec| tracing_subscriber::EnvFilter::try_new(spec).is_ok())
+            .unwrap_or_else(|| "warn,ascend_gateway::bench=info".to_owned());
+        LogSettings {
+            filter,
+            ..LogSettings::default()
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -362,6 +377,10 @@ impl Settings {
             if let Some(value) = env(var) {
                 figment = figment.merge(Serialized::global(key, env_value(key, value)));
             }
+        }
+        // The tracing ecosystem's own variable wins over the gateway's.
+        if let Some(value) = env("RUST_LOG") {
+            figment = figment.merge(Serialized::global("log.filter", value));
         }
         for (key, value) in flags.as_keys() {
             figment = figment.merge(Serialized::global(key, value));
@@ -821,6 +840,21 @@ mod tests {
                 .find(|(k, _)| *k == name)
                 .map(|(_, v)| (*v).to_owned())
         }
+    }
+
+    #[test]
+    fn rust_log_wins_over_the_gateways_own_filter_and_is_validated() {
+        let env = &[("ASCEND_LOG", "warn"), ("RUST_LOG", "debug,h2=info")];
+        let settings = load(
+            Some("[log]\nfilter = \"error\"\n"),
+            &FlagOverrides::default(),
+            env,
+        )
+        .expect("load");
+        assert_eq!(settings.log.filter, "debug,h2=info");
+        let err = load(None, &FlagOverrides::default(), &[("RUST_LOG", "[=")])
+            .expect_err("a broken filter");
+        assert!(err.to_string().contains("log.filter"), "{err}");
     }
 
     fn load(

@@ -106,8 +106,8 @@ enum ModelCommand {
 
 #[derive(Args)]
 struct CommonArgs {
-    /// TOML configuration file [env: ASCEND_CONFIG]
-    #[arg(long, value_name = "FILE")]
+    /// TOML configuration file
+    #[arg(long, value_name = "FILE", env = "ASCEND_CONFIG")]
     config: Option<PathBuf>,
     /// postgres://… or sqlite://…; default: SQLite under the data dir [env: DATABASE_URL, ASCEND_DATABASE_URL]
     #[arg(long, value_name = "URL")]
@@ -153,9 +153,7 @@ impl CommonArgs {
     }
 
     fn config_file(&self) -> Option<PathBuf> {
-        self.config
-            .clone()
-            .or_else(|| std::env::var_os("ASCEND_CONFIG").map(PathBuf::from))
+        self.config.clone()
     }
 }
 
@@ -250,11 +248,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
 
 /// Runs a bench command; the report goes to stdout, progress to stderr.
 fn bench_command(command: &BenchCommand) -> ExitCode {
-    let log = ascend_gateway::config::LogSettings {
-        filter: "warn,ascend_gateway::bench=info".to_owned(),
-        ..Default::default()
-    };
-    telemetry::init(&log, None);
+    telemetry::init(&ascend_gateway::config::LogSettings::for_bench(), None);
     let invocation = std::env::args().collect::<Vec<_>>().join(" ");
     let result = tokio::runtime::Runtime::new()
         .context("cannot start the async runtime")

@@ -13,15 +13,12 @@ use tracing_subscriber::util::SubscriberInitExt as _;
 use crate::config::{LogFormat, LogSettings};
 use crate::traces::Pipeline;
 
-/// Installs the global subscriber. `RUST_LOG`, when set, overrides the
-/// configured filter of the log (not of the traces). A second call (tests
-/// start many servers) is a no-op.
+/// Installs the global subscriber with the log's filter (`log.filter`, which
+/// `RUST_LOG` sets in `config`; the traces have their own). A second call
+/// (tests start many servers) is a no-op.
 pub fn init(log: &LogSettings, traces: Option<&Pipeline>) {
-    let filter = std::env::var("RUST_LOG")
-        .ok()
-        .and_then(|spec| EnvFilter::try_new(spec).ok())
-        .or_else(|| EnvFilter::try_new(&log.filter).ok())
-        .unwrap_or_else(|| EnvFilter::new("info"));
+    // Validated by the settings already; "info" only for a hand-made one.
+    let filter = EnvFilter::try_new(&log.filter).unwrap_or_else(|_| EnvFilter::new("info"));
     let stderr = match log.format {
         LogFormat::Human => tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)

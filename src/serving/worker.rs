@@ -12,7 +12,9 @@
 //! With prefix caching, a sequence starts on the cached blocks of its prompt's prefix, and
 //! a job whose prefix a running sequence is still prefilling waits (beside the batch, in
 //! the order taken) until those blocks are cached, instead of computing them twice.
-//! Usage is made durable (blocking on the spool) before a job's last event.
+//! A job's usage is handed to the spool without waiting; the spool's thread
+//! settles the job's limits and sends its last event once the usage is
+//! durable, so the worker never blocks on the disk.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
