@@ -111,6 +111,29 @@ pub enum ServeError {
     /// The TLS files changed between the start's check and their use.
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
+    /// A part the gateway cannot serve without stopped; the gateway drained
+    /// and flushed, then stopped too, so its supervisor restarts it.
+    #[error("{component} failed: {reason}")]
+    Component {
+        component: &'static str,
+        reason: String,
+    },
+}
+
+/// Where a component reports that it failed beyond repair: the gateway then
+/// stops as on a shutdown signal (health NOT_SERVING, in-flight requests
+/// drained within `shutdown_grace`, workers stopped, usage flushed) and
+/// `run_until` returns the failure. Cheap to clone.
+#[derive(Clone)]
+pub struct FailureReporter(tokio::sync::mpsc::UnboundedSender<ServeError>);
+
+impl FailureReporter {
+    pub fn report(&self, component: &'static str, reason: impl Into<String>) {
+        let _ = self.0.send(ServeError::Component {
+            component,
+            reason: reason.into(),
+        });
+    }
 }
 
 /// A gateway ready to serve.
@@ -134,6 +157,10 @@ pub struct App {
     claims: Arc<Idempotency>,
     pending_claims: PendingFinishes,
     tenant_tokens: Arc<crate::metrics::tenants::TenantTokens>,
+    failures: (
+        FailureReporter,
+        tokio::sync::mpsc::UnboundedReceiver<ServeError>,
+    ),
 }
 
 /// Turns a finished job's usage into a usage event on the spool. The
@@ -426,7 +453,16 @@ impl App {
             claims,
             pending_claims,
             tenant_tokens,
+            failures: {
+                let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+                (FailureReporter(sender), receiver)
+            },
         })
+    }
+
+    /// Where components report a failure that must stop the gateway.
+    pub fn failure_reporter(&self) -> FailureReporter {
+        self.failures.0.clone()
     }
 
     /// The address actually bound (differs from the setting when it asked
@@ -484,6 +520,7 @@ impl App {
             claims,
             pending_claims,
             tenant_tokens,
+            failures: (_, mut failures),
         } = self;
         let tasks = TaskTracker::new();
         let stop_tasks = CancellationToken::new();
@@ -658,31 +695,69 @@ impl App {
             http_api.set_not_serving();
             tokio::time::sleep(settings.shutdown_delay).await;
         };
-        tokio::select! {
+        // Serving ends with the shutdown signal, or with a component that
+        // failed (the gRPC server or the HTTP API ending on their own count
+        // as failed). Either way the one teardown below runs.
+        let mut grpc_result = None;
+        let mut http_ended = false;
+        let serving: Result<(), ServeError> = tokio::select! {
             result = &mut server => {
-                stop_accepting.cancel();
-                stop_http.cancel();
-                stop_tasks.cancel();
-                tasks.close();
-                tasks.wait().await;
-                db.close().await;
-                return result.map_err(ServeError::from);
+                let failure = match result {
+                    Err(e) => ServeError::from(e),
+                    Ok(()) => ServeError::Component {
+                        component: "the gRPC server",
+                        reason: "it stopped serving".to_owned(),
+                    },
+                };
+                grpc_result = Some(Ok(()));
+                Err(failure)
             }
-            () = announce_shutdown => {}
+            ended = async {
+                match http_server.as_mut() {
+                    Some(http) => http.await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                http_ended = true;
+                Err(ServeError::Component {
+                    component: "the HTTP API",
+                    reason: match ended {
+                        Err(e) => e.to_string(),
+                        Ok(()) => "it stopped serving".to_owned(),
+                    },
+                })
+            }
+            Some(failure) = failures.recv() => Err(failure),
+            () = announce_shutdown => Ok(()),
+        };
+        if let Err(failure) = &serving {
+            tracing::error!(error = %failure, ?grace, "stopping: draining in-flight requests");
+            for name in api::SERVICE_NAMES.iter().chain(std::iter::once(&"")) {
+                health_reporter
+                    .set_service_status(*name, ServingStatus::NotServing)
+                    .await;
+            }
+            http_api.set_not_serving();
+        }
+        if http_ended {
+            http_server = None;
         }
         let _ = stop_tx.send(());
         stop_accepting.cancel();
         stop_http.cancel();
         // Both ports drain together within the one grace period.
         let drained = async {
-            let grpc = (&mut server).await;
+            let grpc = match grpc_result.take() {
+                Some(done) => done,
+                None => (&mut server).await,
+            };
             if let Some(http) = http_server.as_mut() {
                 let _ = http.await;
             }
             grpc
         };
-        match tokio::time::timeout(grace, drained).await {
-            Ok(result) => result?,
+        let drained = match tokio::time::timeout(grace, drained).await {
+            Ok(result) => result.map_err(ServeError::from),
             Err(_) => {
                 if let Some(http) = &http_server {
                     http.abort();
@@ -691,8 +766,9 @@ impl App {
                     ?grace,
                     "grace period over with requests still running; closing their connections"
                 );
+                Ok(())
             }
-        }
+        };
         // Workers finish what they run (recording its usage) before the
         // usage writer's last round.
         let models = registry.clone();
@@ -709,7 +785,7 @@ impl App {
         tasks.wait().await;
         db.close().await;
         tracing::info!("gateway stopped");
-        Ok(())
+        serving.and(drained)
     }
 }
 

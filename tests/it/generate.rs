@@ -370,7 +370,7 @@ async fn a_tiny_kv_pool_preempts_and_still_completes_every_request_exactly() {
 
 /// The tiny model paced as the 175B launch shape on an emulated 910B: each
 /// step lasts tens of milliseconds, so a request takes seconds.
-fn slow_model() -> ascend_gateway::serving::ModelSettings {
+pub(crate) fn slow_model() -> ascend_gateway::serving::ModelSettings {
     ascend_gateway::serving::ModelSettings {
         id: "slow".to_owned(),
         pace: ascend_gateway::serving::Pace::Device,

@@ -299,3 +299,100 @@ async fn idle_sockets_are_closed_and_connections_are_capped() {
     assert!(handshake_failures >= 3.0, "{handshake_failures}");
     gateway.stop().await.expect("clean stop");
 }
+
+/// One teardown for every way serving ends: a component that fails stops
+/// the gateway as a shutdown signal would. Health turns NOT_SERVING, the
+/// stream in flight runs to its end, the workers stop and the usage reaches
+/// the database before `run_until` returns the failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_component_still_drains_in_flight_requests_and_flushes_usage() {
+    use ascend_gateway::api::pb::v1::GenerateRequest;
+    use ascend_gateway::api::pb::v1::generate_stream_response::Event;
+    use ascend_gateway::api::pb::v1::inference_client::InferenceClient;
+
+    let data_dir = tempfile::tempdir().expect("temp dir");
+    let mut settings = crate::common::test_settings(&data_dir);
+    settings.models.push(crate::generate::slow_model());
+    let app = ascend_gateway::app::App::build(settings)
+        .await
+        .expect("build");
+    let addr = app.local_addr();
+    let failures = app.failure_reporter();
+    let run = tokio::spawn(app.run_until(std::future::pending()));
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    let (_, key) = crate::common::tenant_with_limits(&channel, "failing", Default::default()).await;
+    let mut inference = InferenceClient::new(channel.clone());
+    let mut stream = inference
+        .generate_stream(authed(
+            GenerateRequest {
+                model: "slow".to_owned(),
+                prompt: "keep going".to_owned(),
+                max_tokens: Some(24),
+                ignore_eos: true,
+                request_id: "in-flight-at-failure".to_owned(),
+                ..Default::default()
+            },
+            &key,
+        ))
+        .await
+        .expect("stream")
+        .into_inner();
+    stream.message().await.expect("first").expect("a message");
+
+    failures.report("a test component", "injected failure");
+    let mut health = HealthClient::new(channel.clone());
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let status = health
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .map(|r| r.into_inner().status);
+        if status
+            .as_ref()
+            .is_ok_and(|s| *s == ServingStatus::NotServing as i32)
+            || status.is_err()
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "health still SERVING"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    // The stream in flight is drained, not cut.
+    let mut completion_tokens = None;
+    while let Some(message) = stream.message().await.expect("the stream runs to its end") {
+        if let Some(Event::Complete(done)) = message.event {
+            completion_tokens = done.usage.map(|u| u.completion_tokens);
+        }
+    }
+    assert_eq!(completion_tokens, Some(24));
+    let error = run
+        .await
+        .expect("join")
+        .expect_err("the failure is the result");
+    assert!(error.to_string().contains("injected failure"), "{error}");
+
+    // Its usage reached the database before run_until returned.
+    let db = sqlx::sqlite::SqlitePoolOptions::new()
+        .connect(&format!(
+            "sqlite://{}",
+            data_dir.path().join("ascend-gateway.db").display()
+        ))
+        .await
+        .expect("open the database");
+    let (count,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM usage_events WHERE request_id LIKE 'in-flight-at-failure%'",
+    )
+    .fetch_one(&db)
+    .await
+    .expect("count");
+    assert_eq!(count, 1);
+}
