@@ -56,7 +56,7 @@ fn seed_event(period: Period) -> UsageEvent {
         device_time_us: 1,
         energy_mj: 1,
         mean_power_mw: 1,
-        finish_reason: "eos".to_owned(),
+        finish_reason: ascend_gateway::metering::FinishReason::Eos,
         started_at_us: period.start_us(),
         finished_at_us: period.start_us(),
     }

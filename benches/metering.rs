@@ -37,7 +37,7 @@ fn event(i: u64) -> UsageEvent {
         device_time_us: 700,
         energy_mj: 30,
         mean_power_mw: 350_000,
-        finish_reason: "eos".to_owned(),
+        finish_reason: ascend_gateway::metering::FinishReason::Eos,
         started_at_us: finished_at_us - 5000,
         finished_at_us,
     }

@@ -179,7 +179,7 @@ impl UsageSink for MeteringSink {
         requester: &Requester,
         started_at_us: i64,
         usage: &JobUsage,
-        finish_reason: &str,
+        outcome: crate::serving::stats::Outcome,
         then: crate::serving::WhenRecorded,
     ) {
         // mJ per us is kW; times 1e6 gives mW. No device time, no power.
@@ -203,7 +203,7 @@ impl UsageSink for MeteringSink {
             device_time_us: usage.device_time_us,
             energy_mj: usage.energy_mj,
             mean_power_mw,
-            finish_reason: finish_reason.to_owned(),
+            finish_reason: finish_reason(outcome),
             started_at_us,
             finished_at_us: crate::store::now_us(),
         };
@@ -213,7 +213,24 @@ impl UsageSink for MeteringSink {
             usage.cached_prompt_tokens,
             usage.completion_tokens,
         );
-        self.metering.record_then(&event, then);
+        self.metering.record_then(
+            &event,
+            Box::new(move |durable| then(durable.map_err(|e| e as crate::serving::RecordError))),
+        );
+    }
+}
+
+/// How serving's outcome of a job is recorded.
+fn finish_reason(outcome: crate::serving::stats::Outcome) -> crate::metering::FinishReason {
+    use crate::metering::FinishReason;
+    use crate::serving::stats::Outcome;
+    match outcome {
+        Outcome::Eos => FinishReason::Eos,
+        Outcome::Stop => FinishReason::Stop,
+        Outcome::Length => FinishReason::Length,
+        Outcome::Cancelled => FinishReason::Cancelled,
+        Outcome::DeadlineExceeded => FinishReason::DeadlineExceeded,
+        Outcome::Error => FinishReason::Error,
     }
 }
 

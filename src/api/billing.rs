@@ -276,7 +276,7 @@ pub fn event_from_pb(e: &pb::UsageEvent) -> metering::UsageEvent {
         device_time_us: e.device_time_us,
         energy_mj: e.energy_mj,
         mean_power_mw: e.mean_power_mw,
-        finish_reason: e.finish_reason.clone(),
+        finish_reason: metering::FinishReason::from_stored(&e.finish_reason),
         started_at_us: micros_of(e.started_at.as_ref()),
         finished_at_us: micros_of(e.finished_at.as_ref()),
     }
@@ -298,7 +298,7 @@ fn event_pb(e: metering::UsageEvent) -> pb::UsageEvent {
         device_time_us: e.device_time_us,
         energy_mj: e.energy_mj,
         mean_power_mw: e.mean_power_mw,
-        finish_reason: e.finish_reason,
+        finish_reason: e.finish_reason.as_str().to_owned(),
         started_at: Some(timestamp(e.started_at_us)),
         finished_at: Some(timestamp(e.finished_at_us)),
     }

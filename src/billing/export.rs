@@ -164,7 +164,7 @@ impl From<EventRow> for UsageEvent {
             device_time_us: u64_of(r.device_time_us),
             energy_mj: u64_of(r.energy_mj),
             mean_power_mw: u64_of(r.mean_power_mw),
-            finish_reason: r.finish_reason,
+            finish_reason: crate::metering::FinishReason::from_stored(&r.finish_reason),
             started_at_us: r.started_at_us,
             finished_at_us: r.finished_at_us,
         }

@@ -197,7 +197,7 @@ impl From<&UsageEvent> for EventRecord {
             device_time_us: i(e.device_time_us),
             energy_mj: i(e.energy_mj),
             mean_power_mw: i(e.mean_power_mw),
-            finish_reason: e.finish_reason.clone(),
+            finish_reason: e.finish_reason.as_str().to_owned(),
             started_at_us: e.started_at_us,
             finished_at_us: e.finished_at_us,
         }

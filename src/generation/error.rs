@@ -33,8 +33,8 @@ pub enum GenerationError {
     DeadlineExceeded,
     #[error("the request was cancelled")]
     Cancelled,
-    #[error("generation failed: {0}")]
-    Failed(String),
+    #[error("generation failed")]
+    Failed(#[source] crate::serving::InternalFailure),
     #[error("the stored answer of this request_id is unreadable")]
     StoredAnswerUnreadable,
     #[error("the worker ended the request without an answer")]

@@ -19,6 +19,9 @@ pub enum MeteringError {
     Stopped,
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// One failure that several waiters share (a group commit's).
+    #[error(transparent)]
+    Shared(std::sync::Arc<MeteringError>),
 }
 
 impl From<sqlx::Error> for MeteringError {
@@ -33,6 +36,7 @@ impl Classified for MeteringError {
             MeteringError::SpoolFull { .. } | MeteringError::Stopped => ErrorKind::Unavailable,
             MeteringError::Store(e) => e.kind(),
             MeteringError::Io { .. } | MeteringError::Encode(_) => ErrorKind::Internal,
+            MeteringError::Shared(e) => e.kind(),
         }
     }
 }

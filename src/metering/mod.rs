@@ -26,7 +26,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use error::MeteringError;
-pub use event::{HOUR_US, UsageEvent};
+pub use event::{FinishReason, HOUR_US, UsageEvent};
 pub use query::{Grouping, UsageTotals};
 pub use repo::insert_batch;
 pub use spool::{Spool, SpoolSettings, SpoolStats, WhenDurable};

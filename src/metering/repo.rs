@@ -135,7 +135,7 @@ async fn insert_postgres(pg: &PgPool, events: &[&UsageEvent]) -> Result<u64, Met
     .bind(col_i(|e| i64_of(e.device_time_us)))
     .bind(col_i(|e| i64_of(e.energy_mj)))
     .bind(col_i(|e| i64_of(e.mean_power_mw)))
-    .bind(col_s(|e| &e.finish_reason))
+    .bind(col_s(|e| e.finish_reason.as_str()))
     .bind(col_i(|e| e.started_at_us))
     .bind(col_i(|e| e.finished_at_us))
     .bind(col_i(|e| i64::from(e.cached_prompt_tokens)))
@@ -207,7 +207,7 @@ async fn insert_sqlite(db: &Db, events: &[&UsageEvent]) -> Result<u64, MeteringE
                 .bind(i64_of(e.device_time_us))
                 .bind(i64_of(e.energy_mj))
                 .bind(i64_of(e.mean_power_mw))
-                .bind(&e.finish_reason)
+                .bind(e.finish_reason.as_str())
                 .bind(e.started_at_us)
                 .bind(e.finished_at_us)
                 .bind(i64::from(e.cached_prompt_tokens));

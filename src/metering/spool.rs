@@ -101,20 +101,24 @@ impl SpoolStats {
     }
 }
 
+/// Whether an append (or a seal) is durable; one commit's failure is shared
+/// by every append it carried.
+pub type Durability = Result<(), Arc<MeteringError>>;
+
 /// Called on the spool's own thread once an append is durable (or has
 /// failed). It must not block: the next commit waits for it.
-pub type WhenDurable = Box<dyn FnOnce(Result<(), String>) + Send>;
+pub type WhenDurable = Box<dyn FnOnce(Durability) + Send>;
 
 /// Who hears that an append is durable.
 enum Ack {
     /// An async caller awaiting the answer.
-    Waiter(oneshot::Sender<Result<(), String>>),
+    Waiter(oneshot::Sender<Durability>),
     /// A thread that moved on; the spool runs the rest of its work.
     Then(WhenDurable),
 }
 
 impl Ack {
-    fn answer(self, result: Result<(), String>) {
+    fn answer(self, result: Durability) {
         match self {
             Ack::Waiter(sender) => {
                 let _ = sender.send(result);
@@ -133,7 +137,7 @@ impl Ack {
 
 enum Command {
     Append(Vec<u8>, i64, Ack),
-    Seal(oneshot::Sender<Result<(), String>>),
+    Seal(oneshot::Sender<Durability>),
 }
 
 pub struct Spool {
@@ -250,12 +254,9 @@ impl Spool {
         }
     }
 
-    fn failed(&self, message: String) -> MeteringError {
+    fn failed(&self, error: Arc<MeteringError>) -> MeteringError {
         self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
-        MeteringError::Io {
-            path: self.dir.clone(),
-            source: std::io::Error::other(message),
-        }
+        Arc::try_unwrap(error).unwrap_or_else(MeteringError::Shared)
     }
 
     /// Appends `event` and returns once it is durable on disk.
@@ -279,11 +280,11 @@ impl Spool {
     pub fn append_then(&self, event: &UsageEvent, then: WhenDurable) {
         let payload = match serde_json::to_vec(event) {
             Ok(payload) => payload,
-            Err(e) => return then(Err(format!("usage event not serializable: {e}"))),
+            Err(e) => return then(Err(Arc::new(MeteringError::Encode(e)))),
         };
         let command = Command::Append(payload, event.finished_at_us, Ack::Then(then));
         if let Err(Command::Append(_, _, ack)) = self.send_or_return(command) {
-            ack.answer(Err(MeteringError::Stopped.to_string()));
+            ack.answer(Err(Arc::new(MeteringError::Stopped)));
         }
     }
 
@@ -426,7 +427,12 @@ impl Committer {
                         let result = self
                             .commit(&mut buffer, &mut acks)
                             .and_then(|()| if self.size > 0 { self.rotate() } else { Ok(()) });
-                        let _ = ack.send(result.map_err(|e| e.to_string()));
+                        let _ = ack.send(result.map_err(|source| {
+                            Arc::new(MeteringError::Io {
+                                path: self.dir.clone(),
+                                source,
+                            })
+                        }));
                     }
                 }
                 if acks.len() < 4096 {
@@ -476,12 +482,19 @@ impl Committer {
                 }
             }
         }
+        let shared: Durability = match &result {
+            Ok(()) => Ok(()),
+            Err(e) => Err(Arc::new(MeteringError::Io {
+                path: self.dir.clone(),
+                source: std::io::Error::new(e.kind(), e.to_string()),
+            })),
+        };
         for ack in acks.drain(..) {
             if result.is_err() && matches!(ack, Ack::Then(_)) {
                 // A waiter counts its own failure in `Spool::failed`.
                 self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
             }
-            ack.answer(result.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+            ack.answer(shared.clone());
         }
         buffer.clear();
         result
@@ -526,7 +539,7 @@ mod tests {
             device_time_us: 4,
             energy_mj: 5,
             mean_power_mw: 6,
-            finish_reason: "eos".to_owned(),
+            finish_reason: crate::metering::FinishReason::Eos,
             started_at_us: 10,
             finished_at_us: 20 + i64::from(i),
         }
@@ -564,7 +577,7 @@ mod tests {
         let mut answered: Vec<_> = (0..50).map(|_| rx.recv().expect("answer")).collect();
         answered.sort_by_key(|(i, _, _)| *i);
         for (i, result, written) in &answered {
-            assert_eq!(result, &Ok(()), "event {i}");
+            assert!(result.is_ok(), "event {i}: {result:?}");
             assert!(
                 *written > 0,
                 "event {i} answered before its bytes were written"
@@ -607,7 +620,7 @@ mod tests {
                 let _ = tx.send(result);
             }),
         );
-        assert_eq!(rx.await.expect("answered"), Ok(()));
+        assert!(rx.await.expect("answered").is_ok());
         spool.close();
     }
 

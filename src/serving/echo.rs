@@ -73,7 +73,7 @@ impl EchoWorker {
         let echoed = job.params.max_tokens.min(job.prompt.len());
         let text = match self.tokenizer.decode(&job.prompt[..echoed], true) {
             Ok(text) => text,
-            Err(e) => return self.end_early(job, Failure::Internal(e.to_string())),
+            Err(e) => return self.end_early(job, Failure::from(e)),
         };
         let _ = job.events.send(JobEvent::Delta {
             text,

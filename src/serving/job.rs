@@ -93,11 +93,27 @@ impl Job {
 }
 
 /// Why a job ended without finishing.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Failure {
     DeadlineExceeded,
     Cancelled,
-    Internal(String),
+    Internal(InternalFailure),
+}
+
+/// A job the gateway could not run; the client sees an opaque error, the
+/// log the cause.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum InternalFailure {
+    #[error("the model failed")]
+    Model(#[source] std::sync::Arc<crate::model::ModelError>),
+    #[error("the request does not fit in this device's KV cache")]
+    DoesNotFit,
+}
+
+impl From<crate::model::ModelError> for Failure {
+    fn from(error: crate::model::ModelError) -> Failure {
+        Failure::Internal(InternalFailure::Model(std::sync::Arc::new(error)))
+    }
 }
 
 /// What the job consumed, timed on the gateway and priced by the cost model.

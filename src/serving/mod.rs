@@ -29,7 +29,9 @@ use serde::{Deserialize, Serialize};
 
 pub use affinity::MAX_AFFINITY_WORKERS;
 pub use echo::ECHO_DEVICE;
-pub use job::{Failure, IsolationKey, Job, JobEvent, JobUsage, Requester, SpendMeter};
+pub use job::{
+    Failure, InternalFailure, IsolationKey, Job, JobEvent, JobUsage, Requester, SpendMeter,
+};
 pub use queue::{Priority, QueueFull};
 pub use registry::{ModelRegistry, ServedModel, ServingError};
 
@@ -45,7 +47,10 @@ pub enum Pace {
 }
 
 /// What runs once a job's usage is durable (or failed to become so).
-pub type WhenRecorded = Box<dyn FnOnce(Result<(), String>) + Send>;
+pub type WhenRecorded = Box<dyn FnOnce(Result<(), RecordError>) + Send>;
+
+/// Why a job's usage could not be made durable (the sink's own error).
+pub type RecordError = std::sync::Arc<dyn std::error::Error + Send + Sync>;
 
 /// Where finished jobs' usage goes. `record` returns at once; `then` runs
 /// when the usage is durable, so a worker never waits on storage and many
@@ -56,7 +61,7 @@ pub trait UsageSink: Send + Sync {
         requester: &Requester,
         started_at_us: i64,
         usage: &JobUsage,
-        finish_reason: &str,
+        outcome: stats::Outcome,
         then: WhenRecorded,
     );
 }

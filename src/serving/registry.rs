@@ -24,11 +24,11 @@ use crate::npu::{Device, DeviceProfile};
 pub enum ServingError {
     #[error("model `{id}` (setting `models`): {source}")]
     Model { id: String, source: ModelError },
-    #[error("model `{id}`: device profile `{profile}`: {message}")]
+    #[error("model `{id}`: device profile `{profile}`: {source}")]
     Device {
         id: String,
         profile: String,
-        message: String,
+        source: crate::npu::NpuError,
     },
     #[error("model `{id}`: directory {dir} has no config.json and no `init_preset` to create it")]
     MissingDir { id: String, dir: PathBuf },
@@ -93,7 +93,7 @@ fn profile(settings: &ModelSettings) -> Result<DeviceProfile, ServingError> {
         .map_err(|e| ServingError::Device {
             id: settings.id.clone(),
             profile: settings.device_profile.to_string(),
-            message: e.to_string(),
+            source: e,
         })
 }
 
@@ -174,7 +174,7 @@ impl ServedModel {
             let device = Device::new(profile.clone()).map_err(|e| ServingError::Device {
                 id: id.clone(),
                 profile: settings.device_profile.to_string(),
-                message: e.to_string(),
+                source: e,
             })?;
             let kv_options = KvPoolOptions {
                 max_blocks: settings.kv_max_blocks,

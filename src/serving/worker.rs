@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use super::job::{Failure, Job, JobEvent, JobUsage};
+use super::job::{Failure, InternalFailure, Job, JobEvent, JobUsage};
 use super::stats::Outcome;
 use super::{Batching, Pace, Shared, UsageSink};
 use crate::model::generation::Generation;
@@ -324,7 +324,7 @@ impl Worker {
         let generation = match Generation::new(job.params.clone(), self.tokenizer.eos_id()) {
             Ok(g) => g,
             Err(e) => {
-                self.fail_unstarted(job, Failure::Internal(e.to_string()));
+                self.fail_unstarted(job, Failure::from(e));
                 return;
             }
         };
@@ -395,13 +395,15 @@ impl Worker {
             Err(e) => {
                 drop(batch);
                 tracing::error!(error = %e, "model step failed; failing its batch");
+                // One cause, shared by every sequence of the batch.
+                let failure = Failure::from(e);
                 let mut failed: Vec<usize> = chosen.iter().map(|&(i, _)| i).collect();
                 // Highest index first, so each swap_remove leaves the rest in place.
                 failed.sort_unstable_by(|a, b| b.cmp(a));
                 for i in failed {
                     let r = running.swap_remove(i);
                     self.kv.free(r.seq);
-                    self.end(r, Err(Failure::Internal(e.to_string())));
+                    self.end(r, Err(failure.clone()));
                 }
                 return;
             }
@@ -485,7 +487,7 @@ impl Worker {
                         None => r.pending.push(event.token),
                     }
                 }
-                Err(e) => finished.push((i, Err(Failure::Internal(e.to_string())))),
+                Err(e) => finished.push((i, Err(Failure::from(e)))),
             }
         }
         finished.sort_by_key(|(i, _)| std::cmp::Reverse(*i));
@@ -510,12 +512,7 @@ impl Worker {
         r.job.trace.preempted();
         if running.is_empty() {
             // Alone and still too big for the whole pool: it can never run.
-            self.end(
-                r,
-                Err(Failure::Internal(
-                    "the request does not fit in this device's KV cache".to_owned(),
-                )),
-            );
+            self.end(r, Err(Failure::Internal(InternalFailure::DoesNotFit)));
             return;
         }
         let mut replay = r.job.prompt.clone();
@@ -629,7 +626,7 @@ pub(crate) fn finish_job(
         &job.requester,
         job.started_at_us,
         &usage,
-        reason.as_str(),
+        reason,
         Box::new(move |recorded| {
             if let Err(e) = &recorded {
                 tracing::error!(error = %e, %request_id, "usage not recorded");

@@ -141,7 +141,7 @@ fn event(
         device_time_us: 700,
         energy_mj: 30,
         mean_power_mw: 350_000,
-        finish_reason: "eos".to_owned(),
+        finish_reason: ascend_gateway::metering::FinishReason::Eos,
         started_at_us: finished_at_us - 5000,
         finished_at_us,
     }
@@ -1034,12 +1034,11 @@ async fn ascendctl_exports_csv_jsonl_and_parquet_that_parse_back_alike() {
                 period.start_us() + i as i64 * 1000,
             );
             e.prompt_tokens = 1000 + i as u32;
-            // A finish reason with a comma and a quote, to exercise CSV quoting.
-            e.finish_reason = if i == 7 {
-                "stop,\"x\"".to_owned()
-            } else {
-                "eos".to_owned()
-            };
+            // A request id with a comma and a quote, to exercise CSV quoting.
+            if i == 7 {
+                e.request_id = format!("exp-{i:05},\"x\"");
+                e.finish_reason = ascend_gateway::metering::FinishReason::Stop;
+            }
             e
         })
         .collect();
