@@ -1,13 +1,19 @@
 //! Inserting usage exactly once, with rollups, in one transaction.
 //!
+//! The idempotency record is the events table's primary key, `(tenant_id,
+//! finished_at_us, request_id)`: a record and its replay are the same bytes,
+//! so they meet on it in the month partition the event lives in, and the
+//! key leaves with that partition when the month is archived. Two
+//! executions of one client request id never share a key: each attempt is
+//! metered under its own id (`idempotency`).
+//!
 //! PostgreSQL: one statement per batch. Column arrays go in through
-//! `UNNEST`; the idempotency table takes the ids first (`ON CONFLICT DO
-//! NOTHING` returns only the new ones); only events whose id was new are
-//! inserted; the rollups are incremented from exactly the inserted rows.
-//! SQLite: the same logic inside one transaction in multi-row statements of
-//! up to 512 rows, the rollups summed here first (each statement is a round
-//! trip to the driver's thread: one per row cost a thread wake-up per row). Either way, a batch shipped twice, or a client
-//! retry with the same request id, counts once.
+//! `UNNEST`; the events are inserted with `ON CONFLICT DO NOTHING`, and the
+//! rollups are incremented from exactly the rows it returns (the new ones).
+//! SQLite: the same inside one transaction, in multi-row statements of up
+//! to 512 rows, the rollups summed here from the rows each insert returns
+//! (each statement is a round trip to the driver's thread: one per row cost
+//! a thread wake-up per row). Either way, a batch shipped twice counts once.
 //!
 //! `recorded_at_us` is the database's clock when the row is written, taken
 //! after the statement holds its table lock: billing finalizes an invoice
@@ -28,13 +34,19 @@ fn i64_of(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-/// Drops repeats of the same (tenant, request id) within one batch; the
-/// first occurrence wins, as it would across batches.
+/// Drops repeats of one record's key within one batch (a statement may not
+/// insert a key twice); the first occurrence wins, as across batches.
 fn dedupe(events: &[UsageEvent]) -> Vec<&UsageEvent> {
     let mut seen = HashSet::new();
     events
         .iter()
-        .filter(|e| seen.insert((e.tenant_id.as_str(), e.request_id.as_str())))
+        .filter(|e| {
+            seen.insert((
+                e.tenant_id.as_str(),
+                e.finished_at_us,
+                e.request_id.as_str(),
+            ))
+        })
         .collect()
 }
 
@@ -92,17 +104,14 @@ async fn insert_postgres(pg: &PgPool, events: &[&UsageEvent]) -> Result<u64, Met
            AS b(tenant_id, request_id, key_id, model, device_profile, prompt_tokens, \
              completion_tokens, queue_time_us, ttft_us, total_time_us, device_time_us, energy_mj, \
              mean_power_mw, finish_reason, started_at_us, finished_at_us, cached_prompt_tokens) \
-         ), new_ids AS ( \
-           INSERT INTO usage_request_ids (tenant_id, request_id) \
-           SELECT tenant_id, request_id FROM batch ON CONFLICT DO NOTHING \
-           RETURNING tenant_id, request_id \
          ), inserted AS ( \
            INSERT INTO usage_events (tenant_id, request_id, key_id, model, device_profile, \
              prompt_tokens, completion_tokens, queue_time_us, ttft_us, total_time_us, \
              device_time_us, energy_mj, mean_power_mw, finish_reason, started_at_us, \
              finished_at_us, cached_prompt_tokens, recorded_at_us) \
            SELECT b.*, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint \
-           FROM batch b JOIN new_ids n USING (tenant_id, request_id) \
+           FROM batch b \
+           ON CONFLICT (tenant_id, finished_at_us, request_id) DO NOTHING \
            RETURNING tenant_id, model, finished_at_us, prompt_tokens, cached_prompt_tokens, \
              completion_tokens, device_time_us, energy_mj \
          ), rolled AS ( \
@@ -160,38 +169,22 @@ type HourlySums<'a> = BTreeMap<(&'a str, &'a str, i64), [i64; 6]>;
 
 async fn insert_sqlite(db: &Db, events: &[&UsageEvent]) -> Result<u64, MeteringError> {
     let mut tx = db.begin_write().await?;
-    let mut claimed_rows: Vec<(String, String)> = Vec::new();
+    let mut inserted_rows: Vec<(String, i64, String)> = Vec::new();
     for chunk in events.chunks(SQLITE_ROWS_PER_STATEMENT) {
-        let sql = format!(
-            "INSERT INTO usage_request_ids (tenant_id, request_id) VALUES {} \
-             ON CONFLICT DO NOTHING RETURNING tenant_id, request_id",
-            placeholders(chunk.len(), 2)
-        );
-        let mut query = sqlx::query_as::<_, (String, String)>(&sql);
-        for e in chunk {
-            query = query.bind(&e.tenant_id).bind(&e.request_id);
-        }
-        claimed_rows.extend(query.fetch_all(&mut *tx).await?);
-    }
-    let claimed: HashSet<(&str, &str)> = claimed_rows
-        .iter()
-        .map(|(tenant, request)| (tenant.as_str(), request.as_str()))
-        .collect();
-    let new: Vec<&UsageEvent> = events
-        .iter()
-        .copied()
-        .filter(|e| claimed.contains(&(e.tenant_id.as_str(), e.request_id.as_str())))
-        .collect();
-    for chunk in new.chunks(SQLITE_ROWS_PER_STATEMENT) {
+        // `WHERE true`: SQLite's parser needs it between a SELECT and an
+        // upsert clause.
         let sql = format!(
             "INSERT INTO usage_events (tenant_id, request_id, key_id, model, device_profile, \
              prompt_tokens, completion_tokens, queue_time_us, ttft_us, total_time_us, \
              device_time_us, energy_mj, mean_power_mw, finish_reason, started_at_us, \
              finished_at_us, cached_prompt_tokens, recorded_at_us) \
-             SELECT *, CAST(unixepoch('subsec') * 1000000 AS INTEGER) FROM (VALUES {})",
+             SELECT *, CAST(unixepoch('subsec') * 1000000 AS INTEGER) FROM (VALUES {}) \
+             WHERE true \
+             ON CONFLICT (tenant_id, finished_at_us, request_id) DO NOTHING \
+             RETURNING tenant_id, finished_at_us, request_id",
             placeholders(chunk.len(), 17)
         );
-        let mut query = sqlx::query(&sql);
+        let mut query = sqlx::query_as::<_, (String, i64, String)>(&sql);
         for e in chunk {
             query = query
                 .bind(&e.tenant_id)
@@ -212,8 +205,23 @@ async fn insert_sqlite(db: &Db, events: &[&UsageEvent]) -> Result<u64, MeteringE
                 .bind(e.finished_at_us)
                 .bind(i64::from(e.cached_prompt_tokens));
         }
-        query.execute(&mut *tx).await?;
+        inserted_rows.extend(query.fetch_all(&mut *tx).await?);
     }
+    let inserted: HashSet<(&str, i64, &str)> = inserted_rows
+        .iter()
+        .map(|(tenant, finished, request)| (tenant.as_str(), *finished, request.as_str()))
+        .collect();
+    let new: Vec<&UsageEvent> = events
+        .iter()
+        .copied()
+        .filter(|e| {
+            inserted.contains(&(
+                e.tenant_id.as_str(),
+                e.finished_at_us,
+                e.request_id.as_str(),
+            ))
+        })
+        .collect();
     let mut hourly: HourlySums = BTreeMap::new();
     for e in &new {
         let sums = hourly
