@@ -67,6 +67,8 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("OTEL_TRACES_SAMPLER", "otel.traces_sampler"),
     ("OTEL_TRACES_SAMPLER_ARG", "otel.traces_sampler_arg"),
     ("OTEL_BSP_SCHEDULE_DELAY", "otel.bsp_schedule_delay"),
+    ("OTEL_EXPORTER_OTLP_TIMEOUT", "otel.timeout"),
+    ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "otel.timeout"),
     ("OTEL_SDK_DISABLED", "otel.sdk_disabled"),
 ];
 
@@ -366,7 +368,21 @@ impl Settings {
             .iter()
             .filter(|(var, _)| !var.starts_with("ASCEND_"))
         {
-            if let Some(value) = env(var) {
+            let value = env(var);
+            if var.starts_with("OTEL_") {
+                // OpenTelemetry's rules: an empty value is unset, and
+                // OTEL_SDK_DISABLED is true only when it says "true".
+                let Some(value) = value.filter(|v| !v.trim().is_empty()) else {
+                    continue;
+                };
+                let value = match *key {
+                    "otel.sdk_disabled" => {
+                        figment::value::Value::from(value.trim().eq_ignore_ascii_case("true"))
+                    }
+                    _ => env_value(key, value),
+                };
+                figment = figment.merge(Serialized::global(key, value));
+            } else if let Some(value) = value {
                 figment = figment.merge(Serialized::global(key, env_value(key, value)));
             }
         }
@@ -378,8 +394,11 @@ impl Settings {
                 figment = figment.merge(Serialized::global(key, env_value(key, value)));
             }
         }
-        // The tracing ecosystem's own variable wins over the gateway's.
-        if let Some(value) = env("RUST_LOG") {
+        // The tracing ecosystem's own variable wins over the gateway's; one
+        // it cannot read is ignored, as tracing's own subscribers do.
+        if let Some(value) = env("RUST_LOG")
+            && tracing_subscriber::EnvFilter::try_new(&value).is_ok()
+        {
             figment = figment.merge(Serialized::global("log.filter", value));
         }
         for (key, value) in flags.as_keys() {
@@ -732,6 +751,7 @@ const NUMERIC_ENV_KEYS: &[&str] = &[
     "limits.replicas",
     "http_max_body_bytes",
     "otel.bsp_schedule_delay",
+    "otel.timeout",
 ];
 
 /// An address that may be turned off: the empty string is `None`.
@@ -764,7 +784,7 @@ mod optional_addr {
 /// Settings set by environment variables whose type is a boolean: `true`
 /// or `false` (any case) is read as one; anything else stays text and is
 /// refused naming the variable.
-const BOOLEAN_ENV_KEYS: &[&str] = &["webhooks.allow_private", "otel.sdk_disabled"];
+const BOOLEAN_ENV_KEYS: &[&str] = &["webhooks.allow_private"];
 
 fn env_value(key: &str, value: String) -> figment::value::Value {
     if NUMERIC_ENV_KEYS.contains(&key)
@@ -843,7 +863,7 @@ mod tests {
     }
 
     #[test]
-    fn rust_log_wins_over_the_gateways_own_filter_and_is_validated() {
+    fn rust_log_wins_over_the_gateways_own_filter_unless_unreadable() {
         let env = &[("ASCEND_LOG", "warn"), ("RUST_LOG", "debug,h2=info")];
         let settings = load(
             Some("[log]\nfilter = \"error\"\n"),
@@ -852,9 +872,9 @@ mod tests {
         )
         .expect("load");
         assert_eq!(settings.log.filter, "debug,h2=info");
-        let err = load(None, &FlagOverrides::default(), &[("RUST_LOG", "[=")])
-            .expect_err("a broken filter");
-        assert!(err.to_string().contains("log.filter"), "{err}");
+        let ignored = load(None, &FlagOverrides::default(), &[("RUST_LOG", "[=")])
+            .expect("a filter RUST_LOG cannot hold is ignored");
+        assert_eq!(ignored.log.filter, "info");
     }
 
     fn load(

@@ -306,6 +306,11 @@ impl Shared {
         let cost = job.prompt.len() as u64 + job.params.max_tokens as u64;
         let tenant = job.requester.tenant_id.clone();
         let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        // Checked under the queue's lock, which `take_all` takes after the
+        // flag is set: a job is either refused here or ended by it.
+        if self.stopping() {
+            return Err(Box::new((QueueFull::ShuttingDown, job)));
+        }
         if let Some(affinity) = &self.affinity {
             job.preferred_worker = affinity.prefer(&job.prefix_hashes, &self.loads(&queue));
         }
@@ -400,6 +405,19 @@ impl Shared {
 
     fn stopping(&self) -> bool {
         self.stopping.load(Ordering::Acquire)
+    }
+
+    /// Every job still queued or swept aside, for a stopped model to end.
+    fn take_all(&self) -> Vec<Job> {
+        let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        let mut jobs: Vec<Job> = queue
+            .take_where(|_| true)
+            .into_iter()
+            .map(|e| e.item)
+            .collect();
+        let swept = std::mem::take(&mut *self.swept.lock().unwrap_or_else(|e| e.into_inner()));
+        jobs.extend(swept.into_iter().map(|(job, _)| job));
+        jobs
     }
 
     /// What worker `worker` runs and holds now.

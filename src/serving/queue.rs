@@ -46,6 +46,9 @@ pub enum QueueFull {
     Requests(usize),
     #[error("the model's queue holds its maximum of {0} tokens")]
     Tokens(u64),
+    /// The model is stopping: its workers take nothing more.
+    #[error("the model is shutting down; retry on another replica")]
+    ShuttingDown,
 }
 
 /// One waiting request.

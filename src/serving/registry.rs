@@ -44,17 +44,25 @@ impl Classified for ServingError {
     fn kind(&self) -> ErrorKind {
         match self {
             ServingError::UnknownModel(_) => ErrorKind::NotFound,
+            ServingError::QueueFull(QueueFull::ShuttingDown) => ErrorKind::Unavailable,
             ServingError::QueueFull(_) => ErrorKind::ResourceExhausted,
             _ => ErrorKind::Internal,
         }
     }
 
     fn retry_after(&self) -> Option<std::time::Duration> {
-        matches!(self, ServingError::QueueFull(_)).then(|| std::time::Duration::from_secs(1))
+        self.queue_full().then(|| std::time::Duration::from_secs(1))
     }
 
     fn quota_violation(&self) -> Option<(&'static str, String)> {
-        matches!(self, ServingError::QueueFull(_)).then(|| ("model_queue", self.to_string()))
+        self.queue_full().then(|| ("model_queue", self.to_string()))
+    }
+}
+
+impl ServingError {
+    /// Refused by a full queue (not by a stopping model).
+    fn queue_full(&self) -> bool {
+        matches!(self, ServingError::QueueFull(full) if *full != QueueFull::ShuttingDown)
     }
 }
 
@@ -69,6 +77,8 @@ pub struct ServedModel {
     pub device_profile: String,
     shared: Arc<Shared>,
     threads: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// Where jobs left in the queue at stop are recorded.
+    usage: Arc<dyn UsageSink>,
 }
 
 /// Starts one worker of model `id` on its own named OS thread.
@@ -162,6 +172,7 @@ impl ServedModel {
                 tokenizer,
                 shared,
                 threads: std::sync::Mutex::new(threads),
+                usage,
             });
         }
         let model = Arc::new(Model::load(&dir, &LoadOptions::default()).map_err(model_error)?);
@@ -237,6 +248,7 @@ impl ServedModel {
             tokenizer,
             shared,
             threads: std::sync::Mutex::new(threads),
+            usage,
         })
     }
 
@@ -308,6 +320,30 @@ impl ServedModel {
         let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
         for thread in threads {
             let _ = thread.join();
+        }
+        // No worker takes anything now, and the queue refuses new jobs:
+        // what is still in it (queued between a worker's last look and its
+        // end) is ended here, its usage recorded and its permit settled.
+        let now = std::time::Instant::now();
+        for job in self.shared.take_all() {
+            let usage = super::JobUsage {
+                prompt_tokens: u32::try_from(job.prompt.len()).unwrap_or(u32::MAX),
+                queue_time_us: super::worker::micros(
+                    now.saturating_duration_since(job.received_at),
+                ),
+                total_time_us: super::worker::micros(
+                    now.saturating_duration_since(job.received_at),
+                ),
+                device_profile: self.device_profile.clone(),
+                ..Default::default()
+            };
+            super::worker::finish_job(
+                &self.shared,
+                self.usage.as_ref(),
+                job,
+                Err(super::Failure::Cancelled),
+                usage,
+            );
         }
     }
 }

@@ -455,6 +455,7 @@ impl Worker {
                 sequences: chosen.len(),
                 batch_tokens,
                 tokens: take,
+                prefill: take > 1 || r.first_token_at.is_none(),
                 device_us: share.device_us,
             });
             r.device_us += share.device_us;

@@ -33,6 +33,9 @@ pub struct StepRecord {
     pub batch_tokens: usize,
     /// This sequence's tokens in the step (1 for a decode).
     pub tokens: usize,
+    /// A prefill chunk (the prompt, or a preempted sequence's recompute),
+    /// even of one token (all a cached prefix leaves to compute).
+    pub prefill: bool,
     /// This sequence's share of the step's device time.
     pub device_us: f64,
 }
@@ -134,7 +137,7 @@ impl JobTrace {
             return;
         };
         live.steps += 1;
-        if step.tokens > 1 {
+        if step.prefill {
             live.flush_run();
             if let Some(generate) = &live.generate {
                 generate.add_event(

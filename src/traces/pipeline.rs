@@ -24,9 +24,6 @@ use opentelemetry_sdk::trace::{
 
 use super::settings::{OtelSettings, OtlpProtocol, TracesSampler};
 
-/// How long one export may take before it is given up.
-const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// Most events one span keeps: a request's coalesced batch-step runs
 /// (`job`), with room to spare; more are dropped and counted by the SDK.
 const MAX_EVENTS_PER_SPAN: u32 = 512;
@@ -68,6 +65,8 @@ impl Pipeline {
         let processor = BatchSpanProcessor::builder(OnRuntime {
             exporter: Arc::new(exporter),
             runtime: runtime.clone(),
+            url: crate::config::redact_url(&url),
+            last_warning_us: std::sync::atomic::AtomicI64::new(i64::MIN),
         })
         .with_batch_config(batch)
         .build();
@@ -79,8 +78,8 @@ impl Pipeline {
             .build();
         Ok(Some(Pipeline {
             provider,
-            url,
-            protocol: settings.protocol,
+            url: crate::config::redact_url(&url),
+            protocol: settings.protocol(),
         }))
     }
 
@@ -90,11 +89,7 @@ impl Pipeline {
 
     /// Where spans go, for the start-up log line.
     pub fn describe(&self) -> String {
-        let protocol = match self.protocol {
-            OtlpProtocol::Grpc => "grpc",
-            OtlpProtocol::HttpProtobuf => "http/protobuf",
-        };
-        format!("{protocol} to {}", self.url)
+        format!("{} to {}", self.protocol.as_str(), self.url)
     }
 
     /// Exports what is buffered and stops. Blocks: call it off the
@@ -111,7 +106,8 @@ fn exporter(
     url: &str,
 ) -> Result<opentelemetry_otlp::SpanExporter, PipelineError> {
     let headers = settings.header_pairs();
-    let built = match settings.protocol {
+    let timeout = Duration::from_millis(settings.timeout);
+    let built = match settings.protocol() {
         OtlpProtocol::Grpc => {
             let mut metadata = tonic::metadata::MetadataMap::new();
             for (key, value) in headers {
@@ -122,11 +118,14 @@ fn exporter(
                     .map_err(|_| PipelineError::Header(key.clone()))?;
                 metadata.insert(name, value);
             }
+            // The Mozilla roots: tonic's default TLS config trusts nothing.
+            let tls = tonic::transport::ClientTlsConfig::new().with_webpki_roots();
             opentelemetry_otlp::SpanExporter::builder()
                 .with_tonic()
                 .with_endpoint(url)
-                .with_timeout(EXPORT_TIMEOUT)
+                .with_timeout(timeout)
                 .with_metadata(metadata)
+                .with_tls_config(tls)
                 .build()
         }
         OtlpProtocol::HttpProtobuf => {
@@ -136,27 +135,26 @@ fn exporter(
                 .enable_http1()
                 .enable_http2()
                 .build();
-            let client =
-                opentelemetry_http::hyper::HyperClient::new(connector, EXPORT_TIMEOUT, None);
+            let client = opentelemetry_http::hyper::HyperClient::new(connector, timeout, None);
             opentelemetry_otlp::SpanExporter::builder()
                 .with_http()
                 .with_endpoint(url)
                 .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-                .with_timeout(EXPORT_TIMEOUT)
+                .with_timeout(timeout)
                 .with_http_client(client)
                 .with_headers(headers.into_iter().collect::<HashMap<_, _>>())
                 .build()
         }
     };
     built.map_err(|source| PipelineError::Exporter {
-        url: url.to_owned(),
+        url: crate::config::redact_url(url),
         source,
     })
 }
 
 fn sampler(settings: &OtelSettings) -> Sampler {
     let ratio = settings.sampler_ratio();
-    match settings.traces_sampler {
+    match settings.sampler() {
         TracesSampler::AlwaysOn => Sampler::AlwaysOn,
         TracesSampler::AlwaysOff => Sampler::AlwaysOff,
         TracesSampler::Traceidratio => Sampler::TraceIdRatioBased(ratio),
@@ -188,20 +186,41 @@ fn resource(settings: &OtelSettings) -> Resource {
         .build()
 }
 
-/// An exporter whose exports run on a tokio runtime, whatever thread asks.
+/// An exporter whose exports run on a tokio runtime, whatever thread asks,
+/// and whose failures reach the log (the SDK drops them silently).
 #[derive(Debug)]
 struct OnRuntime<E> {
     exporter: Arc<E>,
     runtime: tokio::runtime::Handle,
+    /// The collector, for the warning (credentials redacted).
+    url: String,
+    /// When the last failure was logged: at most one warning a minute.
+    last_warning_us: std::sync::atomic::AtomicI64,
 }
 
 impl<E: SpanExporter + 'static> SpanExporter for OnRuntime<E> {
     async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
         let exporter = self.exporter.clone();
-        self.runtime
+        let spans = batch.len();
+        let result = self
+            .runtime
             .spawn(async move { exporter.export(batch).await })
             .await
-            .unwrap_or_else(|e| Err(OTelSdkError::InternalFailure(e.to_string())))
+            .unwrap_or_else(|e| Err(OTelSdkError::InternalFailure(e.to_string())));
+        if let Err(error) = &result {
+            use std::sync::atomic::Ordering;
+            let now = crate::store::now_us();
+            let last = self.last_warning_us.load(Ordering::Relaxed);
+            if now.saturating_sub(last) >= 60_000_000
+                && self
+                    .last_warning_us
+                    .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+            {
+                tracing::warn!(%error, spans, collector = %self.url, "traces not exported (logged at most once a minute)");
+            }
+        }
+        result
     }
 
     fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {

@@ -95,23 +95,86 @@ where
             let _ = span.set_parent(parent);
         }
         let future = span.in_scope(|| self.inner.call(request));
-        let counted = Counted {
-            protocol: self.protocol,
-            counts: self.counts.clone(),
-            slot,
+        let mut unanswered = Unanswered {
+            counted: Counted {
+                protocol: self.protocol,
+                counts: self.counts.clone(),
+                slot,
+            },
+            span: span.clone(),
+            armed: true,
         };
         Box::pin(async move {
-            let response = future.instrument(span.clone()).await?;
-            Ok(traced(response, span, counted))
+            let response = future.instrument(span.clone()).await;
+            let counted = unanswered.take();
+            match response {
+                Ok(response) => Ok(traced(response, span, counted)),
+                Err(error) => {
+                    // The service itself failed (tonic's and axum's never
+                    // do): counted as a server error.
+                    counted.count(2, 500, &span);
+                    Err(error)
+                }
+            }
         })
     }
 }
 
 /// Where a response is counted: its front end and its label slot.
+#[derive(Clone)]
 struct Counted {
     protocol: Protocol,
     counts: Arc<RequestCounts>,
     slot: usize,
+}
+
+impl Counted {
+    /// Counts one response that ended with `grpc_code` (gRPC) or
+    /// `http_status` (HTTP), and puts the status on the span.
+    fn count(&self, grpc_code: i32, http_status: u16, span: &Span) {
+        match self.protocol {
+            Protocol::Grpc => {
+                self.counts.grpc(self.slot, grpc_code);
+                span.set_attribute("rpc.grpc.status_code", i64::from(grpc_code));
+                if is_server_error(grpc_code) {
+                    span.set_status(Status::error(format!("gRPC status {grpc_code}")));
+                }
+            }
+            Protocol::Http => {
+                self.counts.http(self.slot, http_status);
+                span.set_attribute("http.response.status_code", i64::from(http_status));
+                if http_status >= 500 {
+                    span.set_status(Status::error(http_status.to_string()));
+                }
+            }
+        }
+    }
+}
+
+/// A request whose handler has not answered yet. Dropped so (the client
+/// went away, or a deadline cut it), it is counted as the client leaving:
+/// gRPC `Canceled`, HTTP 499 (nginx's "client closed request").
+struct Unanswered {
+    counted: Counted,
+    span: Span,
+    armed: bool,
+}
+
+impl Unanswered {
+    /// The handler answered: the response is counted by its body instead.
+    fn take(&mut self) -> Counted {
+        self.armed = false;
+        self.counted.clone()
+    }
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if self.armed {
+            self.counted.count(1, 499, &self.span);
+            self.span.set_attribute("ascend.response.incomplete", true);
+        }
+    }
 }
 
 /// The span of one gRPC call, named `package.Service/Method` as
@@ -119,6 +182,13 @@ struct Counted {
 fn grpc_span(path: &str) -> (Span, usize) {
     let name = path.trim_start_matches('/');
     let (service, method) = name.split_once('/').unwrap_or((name, ""));
+    let slot = grpc_service_index(service);
+    // Span names stay a bounded set: a service we do not serve is "other".
+    let name = if slot < crate::metrics::requests::GRPC_SERVICES.len() {
+        name
+    } else {
+        "other"
+    };
     let span = tracing::debug_span!(
         target: TARGET,
         "request",
@@ -128,7 +198,7 @@ fn grpc_span(path: &str) -> (Span, usize) {
         rpc.service = service,
         rpc.method = method,
     );
-    (span, grpc_service_index(service))
+    (span, slot)
 }
 
 /// The span of one HTTP request, named by its method and route (not its
@@ -193,18 +263,9 @@ fn traced<B: Body>(
         http_status: parts.status.as_u16(),
         counted,
     };
-    match body.counted.protocol {
-        // A trailers-only answer (every refusal) has its status here.
-        Protocol::Grpc => body.grpc_status = grpc_status(&parts.headers),
-        Protocol::Http => {
-            let status = body.http_status;
-            if let Some(span) = &body.span {
-                span.set_attribute("http.response.status_code", i64::from(status));
-                if status >= 500 {
-                    span.set_status(Status::error(status.to_string()));
-                }
-            }
-        }
+    // A trailers-only answer (every refusal) has its status here.
+    if body.counted.protocol == Protocol::Grpc {
+        body.grpc_status = grpc_status(&parts.headers);
     }
     http::Response::from_parts(parts, body)
 }
@@ -236,24 +297,10 @@ impl<B> TracedBody<B> {
         let Some(span) = self.span.take() else {
             return;
         };
-        let Counted {
-            protocol,
-            counts,
-            slot,
-        } = &self.counted;
-        match protocol {
-            Protocol::Grpc => {
-                // A stream that stopped before its status: the client went
-                // away (or the connection did), which gRPC calls CANCELLED.
-                let code = self.grpc_status.unwrap_or(1);
-                counts.grpc(*slot, code);
-                span.set_attribute("rpc.grpc.status_code", i64::from(code));
-                if is_server_error(code) {
-                    span.set_status(Status::error(format!("gRPC status {code}")));
-                }
-            }
-            Protocol::Http => counts.http(*slot, self.http_status),
-        }
+        // A gRPC stream that stopped before its status: the client went
+        // away (or the connection did), which gRPC calls CANCELLED.
+        self.counted
+            .count(self.grpc_status.unwrap_or(1), self.http_status, &span);
         if !complete {
             span.set_attribute("ascend.response.incomplete", true);
         }

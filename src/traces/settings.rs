@@ -1,6 +1,12 @@
 //! The OpenTelemetry settings, by the names of the standard `OTEL_*`
 //! environment variables (which `config` maps onto them), and the checks
 //! that refuse a bad value before start-up does anything.
+//!
+//! Platforms (an OpenTelemetry operator, a collector sidecar's template)
+//! set these variables on every process, so nothing is checked while traces
+//! are off: a stray or foreign value (`OTEL_TRACES_SAMPLER=xray` with no
+//! endpoint) never stops a gateway that exports no traces. Empty values
+//! count as unset, as the specification says.
 
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
@@ -17,7 +23,7 @@ pub struct OtelSettings {
     pub traces_endpoint: Option<String>,
     /// `OTEL_EXPORTER_OTLP_PROTOCOL` (or `..._TRACES_PROTOCOL`): `grpc` or
     /// `http/protobuf`, the specification's default.
-    pub protocol: OtlpProtocol,
+    pub protocol: String,
     /// `OTEL_EXPORTER_OTLP_HEADERS`: `key=value` pairs separated by commas
     /// (values percent-encoded), sent with every export; often a backend's
     /// API key, so it never prints.
@@ -28,14 +34,19 @@ pub struct OtelSettings {
     /// `OTEL_RESOURCE_ATTRIBUTES`: `key=value` pairs added to the resource
     /// (`deployment.environment.name=prod`, say).
     pub resource_attributes: Option<String>,
-    /// `OTEL_TRACES_SAMPLER`.
-    pub traces_sampler: TracesSampler,
+    /// `OTEL_TRACES_SAMPLER`: `always_on`, `always_off`, `traceidratio`,
+    /// `parentbased_always_on`, `parentbased_always_off` or
+    /// `parentbased_traceidratio`.
+    pub traces_sampler: String,
     /// `OTEL_TRACES_SAMPLER_ARG`: the ratio of the `*traceidratio`
     /// samplers, from 0 to 1 (default 1).
     pub traces_sampler_arg: Option<String>,
     /// `OTEL_BSP_SCHEDULE_DELAY`: milliseconds between two exports of
     /// finished spans.
     pub bsp_schedule_delay: u64,
+    /// `OTEL_EXPORTER_OTLP_TIMEOUT` (or `..._TRACES_TIMEOUT`): milliseconds
+    /// one export may take.
+    pub timeout: u64,
     /// `OTEL_SDK_DISABLED`: `true` turns traces off whatever else is set.
     pub sdk_disabled: bool,
 }
@@ -45,30 +56,45 @@ impl Default for OtelSettings {
         OtelSettings {
             endpoint: None,
             traces_endpoint: None,
-            protocol: OtlpProtocol::HttpProtobuf,
+            protocol: "http/protobuf".to_owned(),
             headers: None,
             service_name: "ascend-gateway".to_owned(),
             resource_attributes: None,
-            traces_sampler: TracesSampler::ParentbasedAlwaysOn,
+            traces_sampler: "parentbased_always_on".to_owned(),
             traces_sampler_arg: None,
             bsp_schedule_delay: 5000,
+            timeout: 10_000,
             sdk_disabled: false,
         }
     }
 }
 
 /// The OTLP transport.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OtlpProtocol {
-    #[serde(rename = "grpc")]
     Grpc,
-    #[serde(rename = "http/protobuf")]
     HttpProtobuf,
 }
 
+impl OtlpProtocol {
+    pub fn parse(name: &str) -> Option<OtlpProtocol> {
+        match name.trim() {
+            "grpc" => Some(OtlpProtocol::Grpc),
+            "http/protobuf" => Some(OtlpProtocol::HttpProtobuf),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OtlpProtocol::Grpc => "grpc",
+            OtlpProtocol::HttpProtobuf => "http/protobuf",
+        }
+    }
+}
+
 /// The samplers of `OTEL_TRACES_SAMPLER` this gateway knows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TracesSampler {
     AlwaysOn,
     AlwaysOff,
@@ -78,10 +104,53 @@ pub enum TracesSampler {
     ParentbasedTraceidratio,
 }
 
+impl TracesSampler {
+    const NAMES: [(&'static str, TracesSampler); 6] = [
+        ("always_on", TracesSampler::AlwaysOn),
+        ("always_off", TracesSampler::AlwaysOff),
+        ("traceidratio", TracesSampler::Traceidratio),
+        ("parentbased_always_on", TracesSampler::ParentbasedAlwaysOn),
+        (
+            "parentbased_always_off",
+            TracesSampler::ParentbasedAlwaysOff,
+        ),
+        (
+            "parentbased_traceidratio",
+            TracesSampler::ParentbasedTraceidratio,
+        ),
+    ];
+
+    pub fn parse(name: &str) -> Option<TracesSampler> {
+        let name = name.trim();
+        Self::NAMES
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, s)| *s)
+    }
+
+    /// Whether `OTEL_TRACES_SAMPLER_ARG` means something to it.
+    fn takes_ratio(self) -> bool {
+        matches!(
+            self,
+            TracesSampler::Traceidratio | TracesSampler::ParentbasedTraceidratio
+        )
+    }
+}
+
 impl OtelSettings {
     /// Whether traces are exported at all.
     pub fn enabled(&self) -> bool {
         !self.sdk_disabled && (self.endpoint.is_some() || self.traces_endpoint.is_some())
+    }
+
+    /// The transport (the default for a name `problem` refused).
+    pub fn protocol(&self) -> OtlpProtocol {
+        OtlpProtocol::parse(&self.protocol).unwrap_or(OtlpProtocol::HttpProtobuf)
+    }
+
+    /// The sampler (the default for a name `problem` refused).
+    pub fn sampler(&self) -> TracesSampler {
+        TracesSampler::parse(&self.traces_sampler).unwrap_or(TracesSampler::ParentbasedAlwaysOn)
     }
 
     /// The URL spans are sent to, as the specification resolves it.
@@ -90,7 +159,7 @@ impl OtelSettings {
             return Some(url.clone());
         }
         let base = self.endpoint.as_ref()?;
-        Some(match self.protocol {
+        Some(match self.protocol() {
             OtlpProtocol::Grpc => base.clone(),
             OtlpProtocol::HttpProtobuf => format!("{}/v1/traces", base.trim_end_matches('/')),
         })
@@ -120,8 +189,32 @@ impl OtelSettings {
             .unwrap_or_default()
     }
 
-    /// The first setting that cannot be used, and why; checked once at start.
+    /// The first setting that cannot be used, and why; checked once at
+    /// start, only when traces are on.
     pub fn problem(&self) -> Option<(&'static str, String)> {
+        if !self.enabled() {
+            return None;
+        }
+        if OtlpProtocol::parse(&self.protocol).is_none() {
+            return Some((
+                "otel.protocol",
+                format!(
+                    "OTEL_EXPORTER_OTLP_PROTOCOL: {:?} is not supported; use grpc or http/protobuf",
+                    self.protocol
+                ),
+            ));
+        }
+        if TracesSampler::parse(&self.traces_sampler).is_none() {
+            let known: Vec<&str> = TracesSampler::NAMES.iter().map(|(n, _)| *n).collect();
+            return Some((
+                "otel.traces_sampler",
+                format!(
+                    "OTEL_TRACES_SAMPLER: {:?} is not supported; use one of {}",
+                    self.traces_sampler,
+                    known.join(", ")
+                ),
+            ));
+        }
         for (key, var, url) in [
             (
                 "otel.endpoint",
@@ -146,7 +239,11 @@ impl OtelSettings {
                 "OTEL_SERVICE_NAME: must not be empty".to_owned(),
             ));
         }
-        if let Some(arg) = &self.traces_sampler_arg {
+        if let Some(arg) = self
+            .traces_sampler_arg
+            .as_ref()
+            .filter(|_| self.sampler().takes_ratio())
+        {
             let ratio = arg.trim().parse::<f64>();
             if !ratio.as_ref().is_ok_and(|r| (0.0..=1.0).contains(r)) {
                 return Some((
@@ -175,6 +272,12 @@ impl OtelSettings {
             return Some((
                 "otel.bsp_schedule_delay",
                 "OTEL_BSP_SCHEDULE_DELAY: milliseconds from 1 to 600000".to_owned(),
+            ));
+        }
+        if !(1..=600_000).contains(&self.timeout) {
+            return Some((
+                "otel.timeout",
+                "OTEL_EXPORTER_OTLP_TIMEOUT: milliseconds from 1 to 600000".to_owned(),
             ));
         }
         None
@@ -262,7 +365,7 @@ mod tests {
             settings.traces_url().as_deref(),
             Some("http://collector:4318/v1/traces")
         );
-        settings.protocol = OtlpProtocol::Grpc;
+        settings.protocol = "grpc".to_owned();
         assert_eq!(
             settings.traces_url().as_deref(),
             Some("http://collector:4318/")
@@ -276,6 +379,10 @@ mod tests {
 
     #[test]
     fn bad_values_are_refused_naming_the_variable() {
+        let on = || OtelSettings {
+            endpoint: Some("http://collector:4318".to_owned()),
+            ..OtelSettings::default()
+        };
         let bad = [
             OtelSettings {
                 endpoint: Some("collector:4317".to_owned()),
@@ -286,36 +393,64 @@ mod tests {
                 ..OtelSettings::default()
             },
             OtelSettings {
+                traces_sampler: "traceidratio".to_owned(),
                 traces_sampler_arg: Some("1.5".to_owned()),
-                ..OtelSettings::default()
+                ..on()
             },
             OtelSettings {
+                traces_sampler: "parentbased_traceidratio".to_owned(),
                 traces_sampler_arg: Some("NaN".to_owned()),
-                ..OtelSettings::default()
+                ..on()
+            },
+            OtelSettings {
+                traces_sampler: "xray".to_owned(),
+                ..on()
+            },
+            OtelSettings {
+                protocol: "http/json".to_owned(),
+                ..on()
             },
             OtelSettings {
                 headers: Some(SecretString::from("x-api-key")),
-                ..OtelSettings::default()
+                ..on()
             },
             OtelSettings {
                 resource_attributes: Some("a=%zz".to_owned()),
-                ..OtelSettings::default()
+                ..on()
             },
             OtelSettings {
                 service_name: " ".to_owned(),
-                ..OtelSettings::default()
+                ..on()
             },
             OtelSettings {
                 bsp_schedule_delay: 0,
-                ..OtelSettings::default()
+                ..on()
             },
+            OtelSettings { timeout: 0, ..on() },
         ];
         for settings in bad {
             let (key, problem) = settings.problem().expect("refused");
             assert!(key.starts_with("otel."), "{key}");
             assert!(problem.starts_with("OTEL_"), "{problem}");
         }
-        assert_eq!(OtelSettings::default().problem(), None);
+        assert_eq!(on().problem(), None);
+        // Off, nothing is checked: foreign values a platform sets on every
+        // process stop nothing.
+        let off = OtelSettings {
+            traces_sampler: "xray".to_owned(),
+            protocol: "http/json".to_owned(),
+            traces_sampler_arg: Some("nonsense".to_owned()),
+            resource_attributes: Some("%%%".to_owned()),
+            ..OtelSettings::default()
+        };
+        assert_eq!(off.problem(), None);
+        // A ratio is checked only for the samplers that read one.
+        let other_sampler = OtelSettings {
+            traces_sampler: "always_on".to_owned(),
+            traces_sampler_arg: Some("nonsense".to_owned()),
+            ..on()
+        };
+        assert_eq!(other_sampler.problem(), None);
     }
 
     #[test]

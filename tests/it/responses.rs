@@ -124,3 +124,41 @@ async fn responses_are_counted_by_final_status_and_tokens_by_tenant() {
     assert!(!metrics.contains("wp-admin"));
     gateway.stop().await.expect("stop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unary_call_the_client_leaves_before_its_answer_counts_canceled() {
+    let data_dir = tempfile::tempdir().expect("temp dir");
+    let mut settings = crate::common::test_settings(&data_dir);
+    settings.models.push(crate::generate::slow_model());
+    let gateway = TestGateway::start_with(settings, data_dir).await;
+    let key = tenant_key(&gateway, "impatient").await;
+    let mut inference = InferenceClient::new(gateway.channel.clone());
+    let slow = GenerateRequest {
+        model: "slow".to_owned(),
+        prompt: "take your time".to_owned(),
+        max_tokens: Some(32),
+        ignore_eos: true,
+        ..Default::default()
+    };
+    // The client gives up long before the answer (its call is dropped).
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(150),
+        inference.generate(authed(slow, &key)),
+    )
+    .await;
+    assert!(gave_up.is_err(), "the slow model answered within 150 ms");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let metrics = scrape(gateway.metrics_addr).await;
+        if sample(&metrics, &grpc("Inference", "Canceled")) == 1 {
+            assert_eq!(sample(&metrics, &grpc("Inference", "OK")), 0);
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the abandoned call was never counted: {metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    gateway.stop().await.expect("stop");
+}

@@ -520,12 +520,40 @@ async fn an_http_request_is_traced_over_otlp_http_under_the_clients_parent() {
     server.abort();
 }
 
+/// Runs `command` to its exit, killing it (and failing) if it is still
+/// running after `within`: a start that was not refused.
+fn refused_within(
+    mut command: std::process::Command,
+    within: std::time::Duration,
+) -> std::process::Output {
+    let mut child = command
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run");
+    let deadline = std::time::Instant::now() + within;
+    while child.try_wait().expect("wait").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{command:?} started instead of refusing its settings");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("output")
+}
+
 #[test]
 fn bad_otel_settings_stop_the_start_naming_the_variable() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let cases: [(&str, &str, &str); 5] = [
+    let cases: [(&str, &str, &str); 6] = [
         ("OTEL_TRACES_SAMPLER", "sometimes", "otel.traces_sampler"),
         ("OTEL_TRACES_SAMPLER_ARG", "2", "OTEL_TRACES_SAMPLER_ARG"),
+        (
+            "OTEL_EXPORTER_OTLP_TIMEOUT",
+            "0",
+            "OTEL_EXPORTER_OTLP_TIMEOUT",
+        ),
         ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json", "otel.protocol"),
         (
             "OTEL_EXPORTER_OTLP_HEADERS",
@@ -535,27 +563,49 @@ fn bad_otel_settings_stop_the_start_naming_the_variable() {
         ("OTEL_BSP_SCHEDULE_DELAY", "soon", "otel.bsp_schedule_delay"),
     ];
     for (var, value, named) in cases {
-        let output = std::process::Command::new(env!("CARGO_BIN_EXE_ascend-gateway"))
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_ascend-gateway"));
+        command
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(dir.path())
             .env("ASCEND_METRICS_LISTEN", "127.0.0.1:0")
             .env("ASCEND_HTTP_LISTEN", "127.0.0.1:0")
             .env("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318")
-            .env(var, value)
-            .output()
-            .expect("run");
+            // The ratio is read (and checked) by the ratio samplers only.
+            .env("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
+            .env(var, value);
+        let output = refused_within(command, std::time::Duration::from_secs(30));
         assert_eq!(output.status.code(), Some(2), "{var}={value}");
         let stderr = String::from_utf8_lossy(&output.stderr);
         let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
         assert_eq!(errors.len(), 1, "{var}={value}: {stderr}");
         assert!(errors[0].contains(named), "{var}={value}: {}", errors[0]);
     }
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_ascend-gateway"))
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_ascend-gateway"));
+    command
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(dir.path())
-        .env("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4317")
-        .output()
-        .expect("run");
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4317");
+    let output = refused_within(command, std::time::Duration::from_secs(30));
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("OTEL_EXPORTER_OTLP_ENDPOINT"));
+
+    // With traces off, what a platform sets on every process stops nothing:
+    // an empty endpoint is unset, foreign samplers and protocols are not
+    // looked at, and OTEL_SDK_DISABLED=1 is simply not "true".
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_ascend-gateway"))
+        .args(["config", "--data-dir"])
+        .arg(dir.path())
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", "")
+        .env("OTEL_TRACES_SAMPLER", "xray")
+        .env("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")
+        .env("OTEL_TRACES_SAMPLER_ARG", "whatever")
+        .env("OTEL_SDK_DISABLED", "1")
+        .output()
+        .expect("run");
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
