@@ -590,6 +590,17 @@ impl App {
                 .run_background(settlements, stop_tasks.clone()),
         );
         tasks.spawn(claims.clone().run(pending_claims, stop_tasks.clone()));
+        let archive_dir = settings
+            .billing
+            .archive_dir
+            .clone()
+            .unwrap_or_else(|| settings.data_dir.join("archive"));
+        if settings.billing.raw_retention_months > 0 {
+            let archiver = crate::billing::archive::Archiver::new(db.clone(), archive_dir.clone());
+            tasks.spawn(
+                archiver.run_retention(settings.billing.raw_retention_months, stop_tasks.clone()),
+            );
+        }
         tasks.spawn(usage_writer.run(
             settings.metering.ship_interval,
             settings.shutdown_grace,
@@ -662,6 +673,7 @@ impl App {
                 billing.clone(),
                 limiter.clone(),
                 &settings.billing,
+                archive_dir,
             )))
             .add_service(WebhooksServer::new(WebhooksApi::new(
                 crate::webhooks::WebhookService::new(db.clone(), &settings.webhooks),

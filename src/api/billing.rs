@@ -38,6 +38,7 @@ pub struct BillingApi {
     /// The request rate each tenant's keys get on this service, apart from
     /// their inference limits.
     tenant_limits: Limits,
+    archiver: billing::archive::Archiver,
 }
 
 impl BillingApi {
@@ -47,8 +48,10 @@ impl BillingApi {
         billing: BillingService,
         limiter: Arc<Limiter>,
         settings: &BillingSettings,
+        archive_dir: std::path::PathBuf,
     ) -> BillingApi {
         BillingApi {
+            archiver: billing::archive::Archiver::new(db.clone(), archive_dir),
             db,
             tenancy,
             billing,
@@ -126,6 +129,20 @@ impl BillingApi {
                     ))
                 }
             }
+        }
+    }
+}
+
+impl BillingApi {
+    fn archive_pb(&self, period: Period, manifest: billing::archive::Manifest) -> pb::UsageArchive {
+        pb::UsageArchive {
+            period: manifest.period,
+            file: self.archiver.paths(period).0.display().to_string(),
+            sha256: manifest.sha256,
+            events: manifest.events,
+            prompt_tokens: manifest.prompt_tokens,
+            completion_tokens: manifest.completion_tokens,
+            archived_at: Some(timestamp(manifest.archived_at_us)),
         }
     }
 }
@@ -546,6 +563,30 @@ impl Billing for BillingApi {
             .await
             .or_status()?;
         Ok(Response::new(invoice_pb(invoice)))
+    }
+
+    async fn archive_usage(
+        &self,
+        request: Request<pb::ArchiveUsageRequest>,
+    ) -> Result<Response<pb::UsageArchive>, Status> {
+        let caller = self.caller(&request).await?;
+        require_admin(&caller, "Billing.ArchiveUsage")?;
+        let period =
+            BillingService::parse_period("period", &request.get_ref().period).or_status()?;
+        let manifest = self.archiver.archive(period).await.or_status()?;
+        Ok(Response::new(self.archive_pb(period, manifest)))
+    }
+
+    async fn restore_usage(
+        &self,
+        request: Request<pb::RestoreUsageRequest>,
+    ) -> Result<Response<pb::UsageArchive>, Status> {
+        let caller = self.caller(&request).await?;
+        require_admin(&caller, "Billing.RestoreUsage")?;
+        let period =
+            BillingService::parse_period("period", &request.get_ref().period).or_status()?;
+        let manifest = self.archiver.restore(period).await.or_status()?;
+        Ok(Response::new(self.archive_pb(period, manifest)))
     }
 
     type ExportInvoiceLinesStream = ResponseStream<ExportInvoiceLinesResponse>;

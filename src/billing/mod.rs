@@ -19,6 +19,7 @@
 //! database triggers on both backends. Knows usage events and tenants' price
 //! plans as rows; knows nothing of gRPC.
 
+pub mod archive;
 pub mod balance;
 mod error;
 pub mod export;
@@ -59,6 +60,13 @@ pub struct BillingSettings {
     pub tenant_requests_per_second: f64,
     /// And at once.
     pub tenant_burst: u32,
+    /// Where archived months of raw usage go (Parquet and a manifest each);
+    /// unset: `<data_dir>/archive`.
+    pub archive_dir: Option<std::path::PathBuf>,
+    /// Months of raw usage events kept in the database besides the current
+    /// one; older finalized months are archived by this replica every hour.
+    /// 0 (the default): never archived on schedule.
+    pub raw_retention_months: u32,
 }
 
 impl Default for BillingSettings {
@@ -68,6 +76,8 @@ impl Default for BillingSettings {
             price_cache_ttl: Duration::from_secs(5),
             tenant_requests_per_second: 5.0,
             tenant_burst: 20,
+            archive_dir: None,
+            raw_retention_months: 0,
         }
     }
 }

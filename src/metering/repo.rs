@@ -50,16 +50,52 @@ fn dedupe(events: &[UsageEvent]) -> Vec<&UsageEvent> {
         .collect()
 }
 
-/// Inserts the events not yet recorded; returns how many were new.
-pub async fn insert_batch(db: &Db, events: &[UsageEvent]) -> Result<u64, MeteringError> {
+/// The PostgreSQL advisory lock between inserts (shared) and a month's
+/// archival (exclusive): an insert decides which months are archived and
+/// inserts under it, so no event lands in a month while it leaves.
+pub const ARCHIVE_LOCK_KEY: i64 = 0x6167_7761_7263_6876;
+
+/// What one batch did.
+#[derive(Debug, Default)]
+pub struct Inserted {
+    /// Events not recorded before.
+    pub new: u64,
+    /// Events of a month whose raw events were archived: the key that
+    /// would tell a replay from a new record left with them, so they are
+    /// not inserted (the writer keeps them aside and reports them).
+    pub refused: Vec<UsageEvent>,
+}
+
+/// Inserts the events not yet recorded and not of an archived month.
+pub async fn insert_batch(db: &Db, events: &[UsageEvent]) -> Result<Inserted, MeteringError> {
     let events = dedupe(events);
     if events.is_empty() {
-        return Ok(0);
+        return Ok(Inserted::default());
     }
     match (db.backend(), db.postgres()) {
         (Backend::Postgres, Some(pg)) => insert_postgres(pg, &events).await,
         _ => insert_sqlite(db, &events).await,
     }
+}
+
+/// Month starts whose raw events are archived (a row per archived month: a
+/// few hundred at most).
+const ARCHIVED_MONTHS: &str = "SELECT month_start_us FROM usage_archives WHERE state = 'archived'";
+
+/// Splits `events` into those of months still in the database and those of
+/// archived months.
+fn split_archived<'a>(
+    events: &[&'a UsageEvent],
+    archived: &[(i64,)],
+) -> (Vec<&'a UsageEvent>, Vec<UsageEvent>) {
+    if archived.is_empty() {
+        return (events.to_vec(), Vec::new());
+    }
+    let archived: HashSet<i64> = archived.iter().map(|(m,)| *m).collect();
+    let (refused, kept): (Vec<&UsageEvent>, Vec<&UsageEvent>) = events
+        .iter()
+        .partition(|e| archived.contains(&calendar::month_bounds_us(e.finished_at_us).0));
+    (kept, refused.into_iter().cloned().collect())
 }
 
 /// Creates the monthly partitions the batch needs.
@@ -89,7 +125,19 @@ async fn ensure_partitions(pg: &PgPool, events: &[&UsageEvent]) -> Result<(), Me
     Ok(())
 }
 
-async fn insert_postgres(pg: &PgPool, events: &[&UsageEvent]) -> Result<u64, MeteringError> {
+async fn insert_postgres(pg: &PgPool, events: &[&UsageEvent]) -> Result<Inserted, MeteringError> {
+    let mut tx = pg.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
+        .bind(ARCHIVE_LOCK_KEY)
+        .execute(&mut *tx)
+        .await?;
+    let archived: Vec<(i64,)> = sqlx::query_as(ARCHIVED_MONTHS).fetch_all(&mut *tx).await?;
+    let (events, refused) = split_archived(events, &archived);
+    if events.is_empty() {
+        tx.commit().await?;
+        return Ok(Inserted { new: 0, refused });
+    }
+    let events = events.as_slice();
     ensure_partitions(pg, events).await?;
     let col_s = |f: fn(&UsageEvent) -> &str| -> Vec<String> {
         events.iter().map(|e| f(e).to_owned()).collect()
@@ -148,9 +196,13 @@ async fn insert_postgres(pg: &PgPool, events: &[&UsageEvent]) -> Result<u64, Met
     .bind(col_i(|e| e.started_at_us))
     .bind(col_i(|e| e.finished_at_us))
     .bind(col_i(|e| i64::from(e.cached_prompt_tokens)))
-    .fetch_one(pg)
+    .fetch_one(&mut *tx)
     .await?;
-    Ok(u64::try_from(inserted).unwrap_or(0))
+    tx.commit().await?;
+    Ok(Inserted {
+        new: u64::try_from(inserted).unwrap_or(0),
+        refused,
+    })
 }
 
 /// Rows per multi-row SQLite statement: 17 parameters each stays well
@@ -167,8 +219,12 @@ fn placeholders(count: usize, width: usize) -> String {
 /// device time, energy.
 type HourlySums<'a> = BTreeMap<(&'a str, &'a str, i64), [i64; 6]>;
 
-async fn insert_sqlite(db: &Db, events: &[&UsageEvent]) -> Result<u64, MeteringError> {
+async fn insert_sqlite(db: &Db, events: &[&UsageEvent]) -> Result<Inserted, MeteringError> {
+    // The write lock serializes this with a month's archival.
     let mut tx = db.begin_write().await?;
+    let archived: Vec<(i64,)> = sqlx::query_as(ARCHIVED_MONTHS).fetch_all(&mut *tx).await?;
+    let (events, refused) = split_archived(events, &archived);
+    let events = events.as_slice();
     let mut inserted_rows: Vec<(String, i64, String)> = Vec::new();
     for chunk in events.chunks(SQLITE_ROWS_PER_STATEMENT) {
         // `WHERE true`: SQLite's parser needs it between a SELECT and an
@@ -263,5 +319,8 @@ async fn insert_sqlite(db: &Db, events: &[&UsageEvent]) -> Result<u64, MeteringE
         query.execute(&mut *tx).await?;
     }
     tx.commit().await?;
-    Ok(new.len() as u64)
+    Ok(Inserted {
+        new: new.len() as u64,
+        refused,
+    })
 }

@@ -59,6 +59,8 @@ pub struct SpoolStats {
     /// `finished_at_us` of the oldest pending event; 0 when none.
     oldest_pending_us: AtomicI64,
     write_errors: AtomicU64,
+    /// Events of archived months set aside under `refused/`.
+    refused_events: AtomicU64,
 }
 
 impl SpoolStats {
@@ -75,6 +77,11 @@ impl SpoolStats {
     /// `finished_at_us` of the oldest pending event; 0 when none.
     pub fn oldest_pending_us(&self) -> i64 {
         self.oldest_pending_us.load(Ordering::Relaxed)
+    }
+
+    /// Events of archived months set aside under `refused/`.
+    pub fn refused_events(&self) -> u64 {
+        self.refused_events.load(Ordering::Relaxed)
     }
 
     /// Failed attempts to write or ship usage.
@@ -317,6 +324,37 @@ impl Spool {
             Ordering::Relaxed,
         );
         Ok(())
+    }
+
+    /// Keeps `events` the database refused (of archived months) in a file of
+    /// their own under `refused/` beside the segments, synced before it
+    /// returns, so the segment they came in can go; returns the file.
+    pub fn set_aside(&self, events: &[UsageEvent]) -> Result<PathBuf, MeteringError> {
+        let dir = self.dir.join("refused");
+        crate::private_fs::private_dir(&dir).map_err(io_error(&dir))?;
+        let path = dir.join(format!(
+            "refused-{}-{}.jsonl",
+            crate::store::now_us(),
+            uuid::Uuid::new_v4().simple()
+        ));
+        let mut text = Vec::new();
+        for event in events {
+            serde_json::to_writer(&mut text, event)?;
+            text.push(b'\n');
+        }
+        let write = || -> std::io::Result<()> {
+            let mut file = crate::private_fs::private_file()
+                .write(true)
+                .create_new(true)
+                .open(&path)?;
+            std::io::Write::write_all(&mut file, &text)?;
+            file.sync_all()
+        };
+        write().map_err(io_error(&path))?;
+        self.stats
+            .refused_events
+            .fetch_add(events.len() as u64, Ordering::Relaxed);
+        Ok(path)
     }
 
     /// Stops the commit thread after it has written what it was given.

@@ -21,6 +21,8 @@ pub struct ShipReport {
     pub inserted: u64,
     /// Segments that had a torn or corrupt tail cut off.
     pub torn: usize,
+    /// Events of archived months, set aside rather than inserted.
+    pub refused: usize,
 }
 
 pub struct UsageWriter {
@@ -51,7 +53,27 @@ impl UsageWriter {
                     source: std::io::Error::other(e.to_string()),
                 })??;
             for chunk in read.events.chunks(self.batch_size) {
-                report.inserted += repo::insert_batch(&self.db, chunk).await?;
+                let batch = repo::insert_batch(&self.db, chunk).await?;
+                report.inserted += batch.new;
+                if !batch.refused.is_empty() {
+                    let file = self.spool.set_aside(&batch.refused)?;
+                    let periods: std::collections::BTreeSet<String> = batch
+                        .refused
+                        .iter()
+                        .map(|e| {
+                            let (year, month) = crate::calendar::year_month_of_us(e.finished_at_us);
+                            format!("{year:04}-{month:02}")
+                        })
+                        .collect();
+                    tracing::error!(
+                        events = batch.refused.len(),
+                        ?periods,
+                        file = %file.display(),
+                        "usage of archived months refused and set aside: restore the month \
+                         (ascendctl billing restore) to look at it"
+                    );
+                    report.refused += batch.refused.len();
+                }
             }
             self.spool.remove(&segment)?;
             self.spool.stats().shipped(read.events.len() as u64);

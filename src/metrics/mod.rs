@@ -164,6 +164,12 @@ impl Collector for GatewayCollector {
             "Failed attempts to write or ship usage",
             spool.write_errors(),
         )?;
+        counter(
+            &mut encoder,
+            "ascend_gateway_usage_events_refused",
+            "Usage events of archived months set aside under the spool's refused/ directory",
+            spool.refused_events(),
+        )?;
         if let Some(tls) = &self.tls {
             gauge(
                 &mut encoder,

@@ -324,7 +324,7 @@ async fn hundred_thousand_events_reconcile_to_the_unit() {
         .collect();
     for chunk in events.chunks(5000) {
         assert_eq!(
-            insert_batch(&gateway.db, chunk).await.expect("insert") as usize,
+            insert_batch(&gateway.db, chunk).await.expect("insert").new as usize,
             chunk.len()
         );
     }
@@ -1547,4 +1547,259 @@ async fn tenant_keys_see_their_own_plan_and_are_rate_limited() {
             .expect("the admin token is not limited");
     }
     gateway.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn an_archived_month_leaves_the_database_and_restores_event_for_event_on_sqlite() {
+    archive_flow(&sqlite_gateway().await).await;
+}
+
+#[tokio::test]
+async fn an_archived_month_leaves_the_database_and_restores_event_for_event_on_postgres() {
+    let (_db, gateway) = pg_gateway().await;
+    archive_flow(&gateway).await;
+}
+
+/// Every column of a month's events, in key order.
+async fn month_rows(
+    db: &Db,
+    period: Period,
+) -> Vec<ascend_gateway::billing::archive::ArchivedEvent> {
+    sqlx::query_as(
+        "SELECT tenant_id, request_id, key_id, model, device_profile, prompt_tokens, \
+         cached_prompt_tokens, completion_tokens, queue_time_us, ttft_us, total_time_us, \
+         device_time_us, energy_mj, mean_power_mw, finish_reason, started_at_us, finished_at_us, \
+         recorded_at_us FROM usage_events WHERE finished_at_us >= $1 AND finished_at_us < $2 \
+         ORDER BY tenant_id, finished_at_us, request_id",
+    )
+    .bind(period.start_us())
+    .bind(period.end_us())
+    .fetch_all(db.pool())
+    .await
+    .expect("rows")
+}
+
+async fn usage_of(channel: &Channel, tenant: &str, period: Period) -> Vec<(u64, u64)> {
+    BillingClient::new(channel.clone())
+        .get_usage(admin(ascend_gateway::api::pb::v1::GetUsageRequest {
+            tenant: tenant.to_owned(),
+            start_time: at(period.start_us()),
+            end_time: at(period.end_us()),
+            ..Default::default()
+        }))
+        .await
+        .expect("usage")
+        .into_inner()
+        .buckets
+        .iter()
+        .map(|b| (b.prompt_tokens, b.completion_tokens))
+        .collect()
+}
+
+async fn archive_flow(gateway: &TestGateway) {
+    let channel = gateway.channel.clone();
+    let tenant = priced_tenant(
+        &channel,
+        "archived-co",
+        price("m", "", 0, 1_000_000_000, 2_000_000_000),
+    )
+    .await;
+    let (old, next) = (months_ago(2), months_ago(1));
+    let events: Vec<UsageEvent> = (0..1200)
+        .map(|i| {
+            let mut e = event(
+                &tenant,
+                &format!("old-{i:04}"),
+                "m",
+                "ascend-910b",
+                old.start_us() + 1000 + i,
+            );
+            e.prompt_tokens = 100 + i as u32;
+            e
+        })
+        .chain(std::iter::once(event(
+            &tenant,
+            "next-1",
+            "m",
+            "ascend-910b",
+            next.start_us() + 5,
+        )))
+        .collect();
+    assert_eq!(
+        insert_batch(&gateway.db, &events)
+            .await
+            .expect("insert")
+            .new,
+        1201
+    );
+    let period = old.to_string();
+    let archive = |args: Vec<String>| async move {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        ascendctl(gateway, &args).await
+    };
+    let archive_args = || {
+        vec![
+            "-o".into(),
+            "json".into(),
+            "billing".into(),
+            "archive".into(),
+            "--period".into(),
+            period.clone(),
+        ]
+    };
+
+    // A draft still bills from the raw events: refused, naming why.
+    let refused = archive(archive_args()).await;
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("no finalized invoice"), "{stderr}");
+
+    let invoice = finalize(&channel, &get_invoice(&channel, &tenant, old).await.id)
+        .await
+        .expect("finalize");
+    // A late event of the month sits on the next draft as an adjustment.
+    insert_batch(
+        &gateway.db,
+        &[event(
+            &tenant,
+            "old-late",
+            "m",
+            "ascend-910b",
+            old.start_us() + 99,
+        )],
+    )
+    .await
+    .expect("late");
+    let refused = archive(archive_args()).await;
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("recorded after"), "{stderr}");
+    let next_invoice = finalize(&channel, &get_invoice(&channel, &tenant, next).await.id)
+        .await
+        .expect("finalize the next month, which takes the adjustment");
+    assert!(
+        next_invoice
+            .lines
+            .iter()
+            .any(|l| !l.adjusts_period.is_empty())
+    );
+
+    let before = month_rows(&gateway.db, old).await;
+    assert_eq!(before.len(), 1201);
+    let usage_before = usage_of(&channel, &tenant, old).await;
+    let archived: serde_json::Value =
+        serde_json::from_str(&succeeded(&archive(archive_args()).await)).expect("json");
+    assert_eq!(archived["events"], 1201);
+    let file = std::path::PathBuf::from(archived["file"].as_str().expect("file"));
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(file.with_file_name(format!("usage-events-{period}.manifest.json")))
+            .expect("manifest"),
+    )
+    .expect("manifest json");
+    let digest: String = {
+        use sha2::Digest;
+        sha2::Sha256::digest(std::fs::read(&file).expect("archive"))
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    };
+    assert_eq!(manifest["sha256"], digest.as_str());
+    assert_eq!(archived["sha256"], digest.as_str());
+
+    // Out of the database; the invoice and the rollups unchanged.
+    assert!(month_rows(&gateway.db, old).await.is_empty());
+    let again = get_invoice(&channel, &tenant, old).await;
+    assert_eq!(total_nanos(&again), total_nanos(&invoice));
+    assert_eq!(usage_of(&channel, &tenant, old).await, usage_before);
+    // Archiving twice is refused.
+    assert!(!archive(archive_args()).await.status.success());
+
+    // A replay of an archived record is refused and set aside, not billed
+    // again; the batch's other events go in.
+    let spool_dir = tempfile::tempdir().expect("spool");
+    let spool =
+        ascend_gateway::metering::Spool::open(spool_dir.path(), Default::default()).expect("spool");
+    let writer = ascend_gateway::metering::UsageWriter::new(spool.clone(), gateway.db.clone(), 100);
+    spool.append(&events[7]).await.expect("append the replay");
+    spool
+        .append(&event(
+            &tenant,
+            "now-1",
+            "m",
+            "ascend-910b",
+            ascend_gateway::store::now_us(),
+        ))
+        .await
+        .expect("append a new one");
+    let report = writer.ship().await.expect("ship");
+    assert_eq!((report.inserted, report.refused), (1, 1));
+    let set_aside = std::fs::read_dir(spool_dir.path().join("refused"))
+        .expect("refused dir")
+        .count();
+    assert_eq!(set_aside, 1);
+    assert!(month_rows(&gateway.db, old).await.is_empty());
+    spool.close();
+
+    // Restored: the same events, every column, recorded_at included.
+    let restored: serde_json::Value = serde_json::from_str(&succeeded(
+        &archive(vec![
+            "-o".into(),
+            "json".into(),
+            "billing".into(),
+            "restore".into(),
+            "--period".into(),
+            period.clone(),
+        ])
+        .await,
+    ))
+    .expect("json");
+    assert_eq!(restored["events"], 1201);
+    assert_eq!(month_rows(&gateway.db, old).await, before);
+    assert_eq!(usage_of(&channel, &tenant, old).await, usage_before);
+}
+
+#[tokio::test]
+async fn the_retention_job_archives_finalized_months_past_the_retention_only() {
+    let gateway = sqlite_gateway().await;
+    let channel = gateway.channel.clone();
+    let tenant = priced_tenant(
+        &channel,
+        "retained-co",
+        price("m", "", 0, 1_000_000_000, 2_000_000_000),
+    )
+    .await;
+    let (p3, p2, p1) = (months_ago(3), months_ago(2), months_ago(1));
+    record(
+        &gateway.db,
+        &[
+            (&tenant, "p3", "m", p3.start_us() + 10),
+            (&tenant, "p2", "m", p2.start_us() + 10),
+            (&tenant, "p1", "m", p1.start_us() + 10),
+        ],
+    )
+    .await;
+    for p in [p3, p2] {
+        finalize(&channel, &get_invoice(&channel, &tenant, p).await.id)
+            .await
+            .expect("finalize");
+    }
+    let dir = tempfile::tempdir().expect("archive dir");
+    let archiver =
+        ascend_gateway::billing::archive::Archiver::new(gateway.db.clone(), dir.path().to_owned());
+    // Keep one month besides the current: p2 and p3 are past it, p1 not
+    // (and its invoice is a draft anyway).
+    archiver.archive_due(1).await;
+    assert!(month_rows(&gateway.db, p3).await.is_empty());
+    assert!(month_rows(&gateway.db, p2).await.is_empty());
+    assert_eq!(month_rows(&gateway.db, p1).await.len(), 1);
+    for p in [p3, p2] {
+        assert!(
+            dir.path()
+                .join(format!("usage-events-{p}.parquet"))
+                .exists()
+        );
+    }
+    // A second round finds nothing more to do.
+    archiver.archive_due(1).await;
+    assert_eq!(month_rows(&gateway.db, p1).await.len(), 1);
 }

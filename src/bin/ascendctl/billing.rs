@@ -45,6 +45,20 @@ pub enum BillingCommand {
         #[arg(long)]
         tenant: Option<String>,
     },
+    /// Archive a finalized month's raw usage events to Parquet (with a
+    /// manifest) under the gateway's billing.archive_dir, and remove them
+    /// from the database; rollups and invoices stay.
+    Archive {
+        /// Month, YYYY-MM (UTC)
+        #[arg(long)]
+        period: String,
+    },
+    /// Put an archived month's raw usage events back from its file.
+    Restore {
+        /// Month, YYYY-MM (UTC)
+        #[arg(long)]
+        period: String,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -415,6 +429,22 @@ pub async fn billing(ctx: &Ctx, command: BillingCommand) -> anyhow::Result<()> {
                 .map_err(|s| ctx.rpc_error(s))?
                 .into_inner();
             return output::balance(ctx.output, balance);
+        }
+        BillingCommand::Archive { period } => {
+            let archive = client(ctx)
+                .archive_usage(ctx.admin(pb::ArchiveUsageRequest { period })?)
+                .await
+                .map_err(|s| ctx.rpc_error(s))?
+                .into_inner();
+            return output::usage_archive(ctx.output, archive);
+        }
+        BillingCommand::Restore { period } => {
+            let archive = client(ctx)
+                .restore_usage(ctx.admin(pb::RestoreUsageRequest { period })?)
+                .await
+                .map_err(|s| ctx.rpc_error(s))?
+                .into_inner();
+            return output::usage_archive(ctx.output, archive);
         }
         BillingCommand::Export {
             period,

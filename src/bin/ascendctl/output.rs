@@ -529,6 +529,39 @@ struct BalanceView {
     is_available: bool,
 }
 
+/// An archived (or restored) month of raw usage.
+pub fn usage_archive(output: Output, a: pb::UsageArchive) -> anyhow::Result<()> {
+    if output == Output::Json {
+        return print_json(&serde_json::json!({
+            "period": a.period,
+            "file": a.file,
+            "sha256": a.sha256,
+            "events": a.events,
+            "prompt_tokens": a.prompt_tokens,
+            "completion_tokens": a.completion_tokens,
+        }));
+    }
+    print_table(
+        &[
+            "PERIOD",
+            "EVENTS",
+            "PROMPT TOKENS",
+            "COMPLETION TOKENS",
+            "FILE",
+            "SHA-256",
+        ],
+        vec![vec![
+            a.period.clone(),
+            a.events.to_string(),
+            a.prompt_tokens.to_string(),
+            a.completion_tokens.to_string(),
+            a.file.clone(),
+            a.sha256.clone(),
+        ]],
+    );
+    Ok(())
+}
+
 pub fn balance(output: Output, b: pb::Balance) -> anyhow::Result<()> {
     if output == Output::Json {
         return print_json(&BalanceView {

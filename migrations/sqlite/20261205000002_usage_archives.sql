@@ -1,0 +1,16 @@
+-- Months whose raw usage events were archived to a Parquet file and left the
+-- database (hourly rollups and invoices stay). The metering writer refuses
+-- an event of such a month: its key may have gone with the partition, so it
+-- could be a replay of an archived record.
+CREATE TABLE usage_archives (
+    month_start_us INTEGER PRIMARY KEY,
+    period         TEXT NOT NULL UNIQUE,
+    state          TEXT NOT NULL CHECK (state IN ('archived', 'restored')),
+    file           TEXT NOT NULL,
+    sha256         TEXT NOT NULL,
+    events         INTEGER NOT NULL,
+    prompt_tokens  INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    archived_at_us INTEGER NOT NULL,
+    restored_at_us INTEGER
+) STRICT;
