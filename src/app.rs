@@ -374,7 +374,7 @@ impl App {
                                 drafts
                                     .key_month_spend(tenant, key)
                                     .await
-                                    .map_err(|e| e.to_string())?
+                                    .map_err(crate::limits::SeedError::from)?
                                     .max(0)
                                     .unsigned_abs(),
                             ),
@@ -394,7 +394,7 @@ impl App {
                         crate::metering::Grouping::Total,
                     )
                     .await
-                    .map_err(|e| e.to_string())?;
+                    .map_err(crate::limits::SeedError::from)?;
                     // The budget counts each request at its exact cost: the
                     // month's draft lines before their rounding.
                     let spend_nanos = match with_spend {
@@ -402,7 +402,7 @@ impl App {
                             drafts
                                 .month_spend(&tenant_id)
                                 .await
-                                .map_err(|e| e.to_string())?
+                                .map_err(crate::limits::SeedError::from)?
                                 .exact_nanos
                                 .max(0)
                                 .unsigned_abs(),

@@ -298,13 +298,13 @@ pub struct InvoiceRow {
 const INVOICE_COLUMNS: &str = "i.id, i.tenant_id, t.slug AS tenant_slug, i.period, i.status, \
      i.currency_code, i.total_nanos, i.created_at_us, i.finalized_at_us";
 
-/// Filters of an invoice listing; empty strings match everything.
+/// Filters of an invoice listing; `None` matches everything.
 #[derive(Debug, Clone, Default)]
 pub struct InvoiceFilter {
-    pub tenant_id: String,
-    pub period: String,
-    pub status: String,
-    pub id: String,
+    pub tenant_id: Option<String>,
+    pub period: Option<super::period::Period>,
+    pub status: Option<super::invoice::InvoiceStatus>,
+    pub id: Option<String>,
 }
 
 /// Invoice headers matching `filter` with ids after `after_id`, by id.
@@ -320,10 +320,11 @@ pub async fn list_invoices(
          AND ($3 = '' OR i.status = $3) AND ($4 = '' OR i.id = $4) AND i.id > $5 \
          ORDER BY i.id LIMIT $6"
     ))
-    .bind(&filter.tenant_id)
-    .bind(&filter.period)
-    .bind(&filter.status)
-    .bind(&filter.id)
+    // The statement reads an empty string as "any" (one plan for all filters).
+    .bind(filter.tenant_id.as_deref().unwrap_or(""))
+    .bind(filter.period.map(|p| p.to_string()).unwrap_or_default())
+    .bind(filter.status.map_or("", |s| s.as_str()))
+    .bind(filter.id.as_deref().unwrap_or(""))
     .bind(after_id)
     .bind(limit)
     .fetch_all(&mut *conn)

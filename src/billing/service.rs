@@ -46,10 +46,6 @@ pub fn invoice_id(tenant_id: &str, period: Period) -> String {
     format!("inv-{period}-{tenant_id}")
 }
 
-fn status_filter(status: Option<InvoiceStatus>) -> String {
-    status.map(|s| s.as_str().to_owned()).unwrap_or_default()
-}
-
 fn period_of(row: &InvoiceRow) -> Result<Period, BillingError> {
     Period::parse(&row.period).ok_or_else(|| {
         BillingError::from(sqlx::Error::Decode(
@@ -402,7 +398,7 @@ impl BillingService {
 
     async fn row_by_id(conn: &mut AnyConnection, id: &str) -> Result<InvoiceRow, BillingError> {
         let filter = InvoiceFilter {
-            id: id.to_owned(),
+            id: Some(id.to_owned()),
             ..InvoiceFilter::default()
         };
         repo::list_invoices(conn, &filter, "", 1)
@@ -513,10 +509,10 @@ impl BillingService {
         self.open_drafts(tenant_id).await?;
         let mut conn = self.db.pool().acquire().await?;
         let filter = InvoiceFilter {
-            tenant_id: tenant_id.unwrap_or_default().to_owned(),
-            period: period.map(|p| p.to_string()).unwrap_or_default(),
-            status: status_filter(status),
-            id: String::new(),
+            tenant_id: tenant_id.map(str::to_owned),
+            period,
+            status,
+            id: None,
         };
         let rows = repo::list_invoices(
             &mut conn,
@@ -635,8 +631,8 @@ impl BillingService {
         self.open_drafts(tenant_id).await?;
         let mut conn = self.db.pool().acquire().await?;
         let filter = InvoiceFilter {
-            tenant_id: tenant_id.unwrap_or_default().to_owned(),
-            period: period.to_string(),
+            tenant_id: tenant_id.map(str::to_owned),
+            period: Some(period),
             ..InvoiceFilter::default()
         };
         repo::list_invoices(&mut conn, &filter, "", i64::MAX).await

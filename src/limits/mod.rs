@@ -230,10 +230,18 @@ struct Settlement {
 /// by the application, which knows the database and the prices; the
 /// limiter knows only that it can ask.
 pub type QuotaSeed = Arc<
-    dyn Fn(String, i64, bool) -> Pin<Box<dyn Future<Output = Result<MonthToDate, String>> + Send>>
+    dyn Fn(
+            String,
+            i64,
+            bool,
+        ) -> Pin<Box<dyn Future<Output = Result<MonthToDate, SeedError>> + Send>>
         + Send
         + Sync,
 >;
+
+/// Why a seed could not be read (the application's own error, kept whole
+/// for the log).
+pub type SeedError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A failed seeding is retried no sooner than this, so a database outage
 /// does not add a query to every request.
@@ -250,14 +258,14 @@ async fn metered_this_month(
     tenant_id: &str,
     now: i64,
     with_spend: bool,
-) -> Result<MonthToDate, String> {
+) -> Result<MonthToDate, SeedError> {
     let (month_start_us, _, _) = calendar::month_bounds_us(now.saturating_mul(1_000_000));
     tokio::time::timeout(
         SEED_TIMEOUT,
         seed(tenant_id.to_owned(), month_start_us, with_spend),
     )
     .await
-    .unwrap_or_else(|_| Err("timed out".to_owned()))
+    .unwrap_or_else(|_| Err(format!("no answer within {SEED_TIMEOUT:?}").into()))
 }
 
 /// Whether a tenant's monthly counters have been seeded on this node, and
@@ -415,7 +423,7 @@ impl Limiter {
                     Some(redis) => redis
                         .seed_quota(tenant_id, &month, used, calendar::secs_until_month_end(now))
                         .await
-                        .map_err(|e| e.to_string()),
+                        .map_err(SeedError::from),
                     None => Ok(()),
                 }
             }
