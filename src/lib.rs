@@ -15,6 +15,7 @@ pub mod calendar;
 pub mod config;
 pub mod error;
 pub mod generation;
+pub mod hex;
 pub mod http;
 pub mod idempotency;
 pub mod limits;

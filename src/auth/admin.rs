@@ -29,7 +29,7 @@ impl AdminCredential {
 
     /// From a hex SHA-256, so the token itself never has to reach the server.
     pub fn from_sha256_hex(hex: &str) -> Option<AdminCredential> {
-        let bytes = crate::tenancy::unhex(&hex.to_ascii_lowercase())?;
+        let bytes = crate::hex::decode(hex)?;
         Some(AdminCredential {
             sha256: bytes.try_into().ok()?,
         })

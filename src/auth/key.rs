@@ -11,7 +11,10 @@ use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::tenancy::TenancyError;
+/// The OS random source failed: no key can be made safely.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read the OS random source: {0}")]
+pub struct KeyError(String);
 
 const PREFIX: &str = "agw_";
 const KEY_ID_BYTES: usize = 8;
@@ -35,11 +38,11 @@ impl KeyHash {
     }
 
     pub fn to_hex(self) -> String {
-        crate::tenancy::hex(&self.0)
+        crate::hex::encode(&self.0)
     }
 
     pub fn from_hex(text: &str) -> Option<KeyHash> {
-        let bytes = crate::tenancy::unhex(text)?;
+        let bytes = crate::hex::decode(text)?;
         Some(KeyHash(bytes.try_into().ok()?))
     }
 
@@ -87,30 +90,30 @@ fn parse_prefixed<'a>(prefix: &str, presented: &'a str) -> Option<PresentedKey<'
 }
 
 /// A fresh key id.
-pub fn new_key_id() -> Result<String, TenancyError> {
-    Ok(crate::tenancy::hex(&random::<KEY_ID_BYTES>()?))
+pub fn new_key_id() -> Result<String, KeyError> {
+    Ok(crate::hex::encode(&random::<KEY_ID_BYTES>()?))
 }
 
 /// A fresh secret under `key_id`: the full key and its hash.
-pub fn new_secret(key_id: &str) -> Result<(SecretString, KeyHash), TenancyError> {
+pub fn new_secret(key_id: &str) -> Result<(SecretString, KeyHash), KeyError> {
     new_token(PREFIX, key_id)
 }
 
 /// A fresh operator token under `operator_id`, and its hash.
-pub fn new_operator_token(operator_id: &str) -> Result<(SecretString, KeyHash), TenancyError> {
+pub fn new_operator_token(operator_id: &str) -> Result<(SecretString, KeyHash), KeyError> {
     new_token(OPERATOR_PREFIX, operator_id)
 }
 
-fn new_token(prefix: &str, id: &str) -> Result<(SecretString, KeyHash), TenancyError> {
-    let secret = crate::tenancy::hex(&random::<SECRET_BYTES>()?);
+fn new_token(prefix: &str, id: &str) -> Result<(SecretString, KeyHash), KeyError> {
+    let secret = crate::hex::encode(&random::<SECRET_BYTES>()?);
     let full = SecretString::from(format!("{prefix}{id}_{secret}"));
     let hash = KeyHash::of(full.expose_secret());
     Ok((full, hash))
 }
 
-fn random<const N: usize>() -> Result<[u8; N], TenancyError> {
+fn random<const N: usize>() -> Result<[u8; N], KeyError> {
     let mut bytes = [0u8; N];
-    getrandom::fill(&mut bytes).map_err(|e| TenancyError::Random(e.to_string()))?;
+    getrandom::fill(&mut bytes).map_err(|e| KeyError(e.to_string()))?;
     Ok(bytes)
 }
 

@@ -63,7 +63,7 @@ pub struct Fingerprint(String);
 
 impl Fingerprint {
     pub fn of(bytes: &[u8]) -> Fingerprint {
-        Fingerprint(crate::tenancy::hex(&Sha256::digest(bytes)))
+        Fingerprint(crate::hex::encode(&Sha256::digest(bytes)))
     }
 
     fn as_str(&self) -> &str {

@@ -18,8 +18,8 @@ pub enum TenancyError {
     /// The change does not fit the record's current state.
     #[error("{0}")]
     Conflict(String),
-    #[error("cannot generate a key: the OS random source failed: {0}")]
-    Random(String),
+    #[error("cannot generate a key")]
+    Random(#[from] crate::auth::key::KeyError),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]

@@ -24,7 +24,6 @@ pub use page::{Page, PageRequest};
 pub use repo::KeyForAuth;
 pub use service::{ChangeListener, TenancyService};
 
-pub(crate) use page::{hex_decode as unhex, hex_encode as hex};
 pub(crate) use repo::parse_scopes;
 #[cfg(test)]
 pub(crate) use validate::limits as validate_limits;

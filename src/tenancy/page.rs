@@ -69,34 +69,14 @@ impl PageRequest {
 }
 
 fn encode(kind: &str, last_id: &str) -> String {
-    hex_encode(format!("{kind}:{last_id}").as_bytes())
+    crate::hex::encode(format!("{kind}:{last_id}").as_bytes())
 }
 
 fn decode(kind: &str, token: &str) -> Option<String> {
-    let bytes = hex_decode(token)?;
+    let bytes = crate::hex::decode(token)?;
     let text = String::from_utf8(bytes).ok()?;
     let (token_kind, id) = text.split_once(':')?;
     (token_kind == kind && !id.is_empty()).then(|| id.to_owned())
-}
-
-pub(crate) fn hex_encode(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
-}
-
-pub(crate) fn hex_decode(text: &str) -> Option<Vec<u8>> {
-    if !text.len().is_multiple_of(2) || text.len() > 512 {
-        return None;
-    }
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
-        .collect()
 }
 
 #[cfg(test)]

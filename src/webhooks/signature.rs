@@ -27,11 +27,7 @@ fn mac(secret: &str, unix_secs: i64, body: &[u8]) -> Vec<u8> {
 }
 
 fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes.iter().fold(String::with_capacity(64), |mut out, b| {
-        let _ = write!(out, "{b:02x}");
-        out
-    })
+    crate::hex::encode(bytes)
 }
 
 /// A new signing secret: `whsec_` and 256 random bits in hex.
