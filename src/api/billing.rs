@@ -134,10 +134,10 @@ impl BillingApi {
 }
 
 impl BillingApi {
-    fn archive_pb(&self, period: Period, manifest: billing::archive::Manifest) -> pb::UsageArchive {
+    fn archive_pb(&self, manifest: billing::archive::Manifest) -> pb::UsageArchive {
         pb::UsageArchive {
+            file: self.archiver.file_path(&manifest).display().to_string(),
             period: manifest.period,
-            file: self.archiver.paths(period).0.display().to_string(),
             sha256: manifest.sha256,
             events: manifest.events,
             prompt_tokens: manifest.prompt_tokens,
@@ -574,7 +574,7 @@ impl Billing for BillingApi {
         let period =
             BillingService::parse_period("period", &request.get_ref().period).or_status()?;
         let manifest = self.archiver.archive(period).await.or_status()?;
-        Ok(Response::new(self.archive_pb(period, manifest)))
+        Ok(Response::new(self.archive_pb(manifest)))
     }
 
     async fn restore_usage(
@@ -586,7 +586,7 @@ impl Billing for BillingApi {
         let period =
             BillingService::parse_period("period", &request.get_ref().period).or_status()?;
         let manifest = self.archiver.restore(period).await.or_status()?;
-        Ok(Response::new(self.archive_pb(period, manifest)))
+        Ok(Response::new(self.archive_pb(manifest)))
     }
 
     type ExportInvoiceLinesStream = ResponseStream<ExportInvoiceLinesResponse>;

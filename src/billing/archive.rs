@@ -33,6 +33,9 @@ use crate::store::{Backend, Db, now_us};
 /// Events read and written per page.
 const PAGE_ROWS: i64 = 10_000;
 
+/// A claim on a month older than this is taken over: its run died.
+const STALE_CLAIM_US: i64 = 3_600_000_000;
+
 /// What an archive holds, written beside its Parquet file as JSON.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
@@ -153,17 +156,34 @@ impl Archiver {
         Archiver { db, dir }
     }
 
-    /// The archive files of `period`: (Parquet, manifest).
-    pub fn paths(&self, period: Period) -> (PathBuf, PathBuf) {
+    /// The archive files of `period` written by the run `claim`: (Parquet,
+    /// manifest). Each run writes files of its own, so a run that fails (or
+    /// races another) never overwrites an archive that holds a month.
+    fn paths(&self, period: Period, claim: &str) -> (PathBuf, PathBuf) {
         (
-            self.dir.join(format!("usage-events-{period}.parquet")),
             self.dir
-                .join(format!("usage-events-{period}.manifest.json")),
+                .join(format!("usage-events-{period}-{claim}.parquet")),
+            self.dir
+                .join(format!("usage-events-{period}-{claim}.manifest.json")),
         )
     }
 
+    /// Where the archive `manifest` describes lives.
+    pub fn file_path(&self, manifest: &Manifest) -> PathBuf {
+        self.dir.join(&manifest.file)
+    }
+
+    /// The manifest beside an archive file.
+    fn manifest_path(&self, file: &str) -> PathBuf {
+        let stem = file.strip_suffix(".parquet").unwrap_or(file);
+        self.dir.join(format!("{stem}.manifest.json"))
+    }
+
     /// Why `period` cannot be archived now, if it cannot.
-    async fn refusal(&self, period: Period) -> Result<Option<String>, BillingError> {
+    async fn refusal(
+        conn: &mut sqlx::AnyConnection,
+        period: Period,
+    ) -> Result<Option<String>, BillingError> {
         if period.end_us() > now_us() {
             return Ok(Some(format!("{period} is not over yet")));
         }
@@ -176,7 +196,7 @@ impl Archiver {
         .bind(period.start_us())
         .bind(period.end_us())
         .bind(period.to_string())
-        .fetch_one(self.db.pool())
+        .fetch_one(&mut *conn)
         .await?;
         if unbilled > 0 {
             return Ok(Some(format!(
@@ -192,7 +212,7 @@ impl Archiver {
         )
         .bind(period.start_us())
         .bind(period.end_us())
-        .fetch_one(self.db.pool())
+        .fetch_one(&mut *conn)
         .await?;
         if late > 0 {
             return Ok(Some(format!(
@@ -213,25 +233,102 @@ impl Archiver {
         Ok(row.map(|(state,)| state))
     }
 
-    /// Writes `period`'s events to its Parquet file and manifest, checks the
-    /// file against the database, and removes the events from it.
-    pub async fn archive(&self, period: Period) -> Result<Manifest, BillingError> {
-        if self.state(period).await?.as_deref() == Some("archived") {
-            return Err(BillingError::AlreadyExists(format!(
+    /// Claims `period` for the run `claim`: a month never archived, a
+    /// restored one, or one whose claim went stale. Two runs never hold one
+    /// month.
+    async fn claim(&self, period: Period, claim: &str) -> Result<(), BillingError> {
+        let now = now_us();
+        let won: Option<(String,)> = sqlx::query_as(
+            "INSERT INTO usage_archives (month_start_us, period, state, claim, claimed_at_us, \
+             file, sha256, events, prompt_tokens, completion_tokens, archived_at_us) \
+             VALUES ($1, $2, 'archiving', $3, $4, '', '', 0, 0, 0, 0) \
+             ON CONFLICT (month_start_us) DO UPDATE SET state = 'archiving', claim = $3, \
+             claimed_at_us = $4 \
+             WHERE usage_archives.state = 'restored' \
+             OR (usage_archives.state = 'archiving' AND usage_archives.claimed_at_us < $5) \
+             RETURNING claim",
+        )
+        .bind(period.start_us())
+        .bind(period.to_string())
+        .bind(claim)
+        .bind(now)
+        .bind(now.saturating_sub(STALE_CLAIM_US))
+        .fetch_optional(self.db.pool())
+        .await?;
+        if won.is_some() {
+            return Ok(());
+        }
+        match self.state(period).await?.as_deref() {
+            Some("archived") => Err(BillingError::AlreadyExists(format!(
                 "the archive of {period}"
-            )));
+            ))),
+            _ => Err(BillingError::Precondition(format!(
+                "{period} is being archived by another run; retry later"
+            ))),
         }
-        if let Some(why) = self.refusal(period).await? {
-            return Err(BillingError::Precondition(format!(
-                "cannot archive {period}: {why}"
-            )));
+    }
+
+    /// Gives up a claim that did not end in an archive: the month is as it
+    /// was (never archived, or restored).
+    async fn release(&self, period: Period, claim: &str) {
+        let released = sqlx::query(
+            "DELETE FROM usage_archives WHERE month_start_us = $1 AND claim = $2 \
+             AND state = 'archiving' AND restored_at_us IS NULL",
+        )
+        .bind(period.start_us())
+        .bind(claim)
+        .execute(self.db.pool())
+        .await;
+        let restored = sqlx::query(
+            "UPDATE usage_archives SET state = 'restored' WHERE month_start_us = $1 \
+             AND claim = $2 AND state = 'archiving'",
+        )
+        .bind(period.start_us())
+        .bind(claim)
+        .execute(self.db.pool())
+        .await;
+        if let Err(error) = released.and(restored) {
+            tracing::warn!(%error, %period, "archive: a failed run's claim stays until it is stale");
         }
+    }
+
+    /// Writes `period`'s events to files of their own and a manifest, checks
+    /// the file against the database, and removes the events from it.
+    pub async fn archive(&self, period: Period) -> Result<Manifest, BillingError> {
+        {
+            let mut conn = self.db.pool().acquire().await?;
+            if let Some(why) = Self::refusal(&mut conn, period).await? {
+                return Err(BillingError::Precondition(format!(
+                    "cannot archive {period}: {why}"
+                )));
+            }
+        }
+        let claim = uuid::Uuid::new_v4().simple().to_string();
+        self.claim(period, &claim).await?;
+        let archived = self.archive_claimed(period, &claim).await;
+        if archived.is_err() {
+            self.release(period, &claim).await;
+        }
+        archived
+    }
+
+    async fn archive_claimed(&self, period: Period, claim: &str) -> Result<Manifest, BillingError> {
         crate::private_fs::private_dir(&self.dir)
             .map_err(|e| internal(format!("archive directory {}: {e}", self.dir.display())))?;
-        let (parquet, manifest_path) = self.paths(period);
+        let (parquet, manifest_path) = self.paths(period, claim);
         let written = self.write_file(period, &parquet).await?;
-        let sha256 = sha256_of(&parquet)?;
-        let read_back = read_totals(&parquet)?;
+        if written.events == 0 {
+            let _ = std::fs::remove_file(&parquet);
+            return Err(BillingError::Precondition(format!(
+                "{period} has no usage events to archive"
+            )));
+        }
+        let check = parquet.clone();
+        let (sha256, read_back) = tokio::task::spawn_blocking(move || {
+            Ok::<_, BillingError>((sha256_of(&check)?, read_totals(&check)?))
+        })
+        .await
+        .map_err(internal)??;
         if read_back != written {
             return Err(internal(format!(
                 "the archive of {period} reads back as {read_back:?}, not {written:?}"
@@ -247,7 +344,9 @@ impl Archiver {
             archived_at_us: now_us(),
         };
         write_manifest(&manifest_path, &manifest)?;
-        self.remove_month(period, &manifest).await?;
+        // The file and manifest names are durable before their events go.
+        sync_dir(&self.dir)?;
+        self.remove_month(period, &manifest, claim).await?;
         tracing::info!(%period, events = manifest.events, file = %parquet.display(), "usage archived");
         Ok(manifest)
     }
@@ -293,9 +392,16 @@ impl Archiver {
     }
 
     /// Removes the month's events and records the archive, in one
-    /// transaction under the archive lock, after checking the database
-    /// still holds exactly what the file holds.
-    async fn remove_month(&self, period: Period, manifest: &Manifest) -> Result<(), BillingError> {
+    /// transaction under the archive lock (inserts wait for it), after
+    /// checking again, under the lock, that nothing bills from the month,
+    /// that the claim is still this run's, and that the database holds
+    /// exactly what the file holds.
+    async fn remove_month(
+        &self,
+        period: Period,
+        manifest: &Manifest,
+        claim: &str,
+    ) -> Result<(), BillingError> {
         let (start, end) = (period.start_us(), period.end_us());
         let mut tx = self.db.begin_write().await?;
         if self.db.backend() == Backend::Postgres {
@@ -303,6 +409,21 @@ impl Archiver {
                 .bind(crate::metering::ARCHIVE_LOCK_KEY)
                 .execute(&mut *tx)
                 .await?;
+        }
+        if let Some(why) = Self::refusal(&mut tx, period).await? {
+            return Err(BillingError::Precondition(format!(
+                "cannot archive {period}: {why}"
+            )));
+        }
+        let held: Option<(String, String)> =
+            sqlx::query_as("SELECT claim, state FROM usage_archives WHERE month_start_us = $1")
+                .bind(start)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if held != Some((claim.to_owned(), "archiving".to_owned())) {
+            return Err(BillingError::Precondition(format!(
+                "{period}: this run's claim was taken over; its files are left unused"
+            )));
         }
         // PostgreSQL sums BIGINT as NUMERIC: cast back for both drivers.
         let (events, prompt, completion): (i64, i64, i64) = sqlx::query_as(
@@ -331,26 +452,23 @@ impl Archiver {
             )));
         }
         sqlx::query(
-            "INSERT INTO usage_archives (month_start_us, period, state, file, sha256, events, \
-             prompt_tokens, completion_tokens, archived_at_us) \
-             VALUES ($1, $2, 'archived', $3, $4, $5, $6, $7, $8) \
-             ON CONFLICT (month_start_us) DO UPDATE SET state = 'archived', file = $3, \
-             sha256 = $4, events = $5, prompt_tokens = $6, completion_tokens = $7, \
-             archived_at_us = $8, restored_at_us = NULL",
+            "UPDATE usage_archives SET state = 'archived', file = $1, sha256 = $2, events = $3, \
+             prompt_tokens = $4, completion_tokens = $5, archived_at_us = $6, \
+             restored_at_us = NULL WHERE month_start_us = $7 AND claim = $8",
         )
-        .bind(start)
-        .bind(&manifest.period)
         .bind(&manifest.file)
         .bind(&manifest.sha256)
         .bind(events)
         .bind(prompt)
         .bind(completion)
         .bind(manifest.archived_at_us)
+        .bind(start)
+        .bind(claim)
         .execute(&mut *tx)
         .await?;
         if self.db.backend() == Backend::Postgres {
             // The whole partition goes at once; what sits in the default
-            // partition (none, normally) is deleted row by row.
+            // partition (none, normally) is deleted row by row below.
             let (_, _, suffix) = crate::calendar::month_bounds_us(start);
             let partition = format!("usage_events_{suffix}");
             let exists: Option<(String,)> =
@@ -380,149 +498,118 @@ impl Archiver {
     }
 
     /// Puts an archived month's events back from its file, after checking
-    /// the file against its manifest and the database's record of it.
+    /// the file against its manifest and the database's record of it. While
+    /// the month is archived the metering writer inserts nothing into it, so
+    /// no lock is needed; the events go in batches, in one transaction.
     pub async fn restore(&self, period: Period) -> Result<Manifest, BillingError> {
-        if self.state(period).await?.as_deref() != Some("archived") {
+        let row: Option<(String, String, String)> = sqlx::query_as(
+            "SELECT state, file, sha256 FROM usage_archives WHERE month_start_us = $1",
+        )
+        .bind(period.start_us())
+        .fetch_optional(self.db.pool())
+        .await?;
+        let Some((state, file, recorded)) = row.filter(|(state, _, _)| state == "archived") else {
             return Err(BillingError::NotFound(format!(
                 "an archive of {period} whose events are out of the database"
             )));
-        }
-        let (parquet, manifest_path) = self.paths(period);
+        };
+        let _ = state;
+        let parquet = self.dir.join(&file);
+        let manifest_path = self.manifest_path(&file);
         let manifest: Manifest = std::fs::read(&manifest_path)
             .map_err(|e| internal(format!("{}: {e}", manifest_path.display())))
             .and_then(|bytes| serde_json::from_slice(&bytes).map_err(internal))?;
-        let (recorded,): (String,) =
-            sqlx::query_as("SELECT sha256 FROM usage_archives WHERE month_start_us = $1")
-                .bind(period.start_us())
-                .fetch_one(self.db.pool())
-                .await?;
-        let sha256 = sha256_of(&parquet)?;
+        let check = parquet.clone();
+        let sha256 = tokio::task::spawn_blocking(move || sha256_of(&check))
+            .await
+            .map_err(internal)??;
         if sha256 != manifest.sha256 || sha256 != recorded {
             return Err(BillingError::Precondition(format!(
                 "{} does not match its manifest or the database's record of it (SHA-256 {sha256})",
                 parquet.display()
             )));
         }
-        let events = read_events(&parquet)?;
-        let mut tx = self.db.begin_write().await?;
-        if self.db.backend() == Backend::Postgres {
-            sqlx::query("SELECT pg_advisory_xact_lock($1)")
-                .bind(crate::metering::ARCHIVE_LOCK_KEY)
-                .execute(&mut *tx)
-                .await?;
+        if let Some(pg) = self.db.postgres() {
             let (start, end, suffix) = crate::calendar::month_bounds_us(period.start_us());
             sqlx::query(&format!(
                 "CREATE TABLE IF NOT EXISTS usage_events_{suffix} PARTITION OF usage_events \
                  FOR VALUES FROM ({start}) TO ({end})"
             ))
-            .execute(&mut *tx)
+            .execute(pg)
             .await?;
         }
-        for chunk in events.chunks(500) {
-            let rows = vec![
-                format!("({})", vec!["?"; ArchivedEvent::COLUMNS.len()].join(", "));
-                chunk.len()
-            ]
-            .join(", ");
-            let sql = numbered(&format!(
-                "INSERT INTO usage_events ({COLUMNS}) VALUES {rows}"
-            ));
-            let mut query = sqlx::query(&sql);
-            for e in chunk {
-                query = query
-                    .bind(&e.tenant_id)
-                    .bind(&e.request_id)
-                    .bind(&e.key_id)
-                    .bind(&e.model)
-                    .bind(&e.device_profile)
-                    .bind(e.prompt_tokens)
-                    .bind(e.cached_prompt_tokens)
-                    .bind(e.completion_tokens)
-                    .bind(e.queue_time_us)
-                    .bind(e.ttft_us)
-                    .bind(e.total_time_us)
-                    .bind(e.device_time_us)
-                    .bind(e.energy_mj)
-                    .bind(e.mean_power_mw)
-                    .bind(&e.finish_reason)
-                    .bind(e.started_at_us)
-                    .bind(e.finished_at_us)
-                    .bind(e.recorded_at_us);
+        let mut restored = 0u64;
+        let mut tx = self.db.begin_write().await?;
+        for batch in batches(&parquet)? {
+            let batch = batch?;
+            for chunk in batch.chunks(500) {
+                insert_events(&mut tx, chunk).await?;
             }
-            query.execute(&mut *tx).await?;
+            restored += batch.len() as u64;
+        }
+        if restored != manifest.events {
+            return Err(internal(format!(
+                "{} holds {restored} events, its manifest {}",
+                parquet.display(),
+                manifest.events
+            )));
         }
         sqlx::query(
             "UPDATE usage_archives SET state = 'restored', restored_at_us = $1 \
-             WHERE month_start_us = $2",
+             WHERE month_start_us = $2 AND state = 'archived'",
         )
         .bind(now_us())
         .bind(period.start_us())
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        tracing::info!(%period, events = events.len(), "usage restored from its archive");
+        tracing::info!(%period, events = restored, "usage restored from its archive");
         Ok(manifest)
     }
 }
 
-impl Archiver {
-    /// The retention job: every hour until `stop`, archives each month
-    /// that ended more than `months` months before the current one (looking
-    /// back three years), once nothing bills from it. A month not ready yet
-    /// (a draft, late usage) is tried again the next hour.
-    pub async fn run_retention(self, months: u32, stop: tokio_util::sync::CancellationToken) {
-        loop {
-            self.archive_due(months).await;
-            tokio::select! {
-                () = tokio::time::sleep(std::time::Duration::from_secs(3600)) => {}
-                () = stop.cancelled() => return,
-            }
-        }
+/// Inserts archived events as they were.
+async fn insert_events(
+    conn: &mut sqlx::AnyConnection,
+    events: &[ArchivedEvent],
+) -> Result<(), BillingError> {
+    let rows =
+        vec![format!("({})", vec!["?"; ArchivedEvent::COLUMNS.len()].join(", ")); events.len()]
+            .join(", ");
+    let sql = numbered(&format!(
+        "INSERT INTO usage_events ({COLUMNS}) VALUES {rows}"
+    ));
+    let mut query = sqlx::query(&sql);
+    for e in events {
+        query = query
+            .bind(&e.tenant_id)
+            .bind(&e.request_id)
+            .bind(&e.key_id)
+            .bind(&e.model)
+            .bind(&e.device_profile)
+            .bind(e.prompt_tokens)
+            .bind(e.cached_prompt_tokens)
+            .bind(e.completion_tokens)
+            .bind(e.queue_time_us)
+            .bind(e.ttft_us)
+            .bind(e.total_time_us)
+            .bind(e.device_time_us)
+            .bind(e.energy_mj)
+            .bind(e.mean_power_mw)
+            .bind(&e.finish_reason)
+            .bind(e.started_at_us)
+            .bind(e.finished_at_us)
+            .bind(e.recorded_at_us);
     }
+    query.execute(&mut *conn).await?;
+    Ok(())
+}
 
-    /// One round of the retention job.
-    pub async fn archive_due(&self, months: u32) {
-        let mut period = Period::of_us(now_us());
-        for _ in 0..months {
-            period = Period::of_us(period.start_us() - 1);
-        }
-        for _ in 0..36 {
-            period = Period::of_us(period.start_us() - 1);
-            match self.state(period).await {
-                Ok(Some(state)) if state == "archived" => continue,
-                Ok(_) => {}
-                Err(error) => {
-                    tracing::warn!(%error, "archive job: cannot read the archived months");
-                    return;
-                }
-            }
-            let any: Result<Option<(i64,)>, _> = sqlx::query_as(
-                "SELECT finished_at_us FROM usage_events \
-                 WHERE finished_at_us >= $1 AND finished_at_us < $2 LIMIT 1",
-            )
-            .bind(period.start_us())
-            .bind(period.end_us())
-            .fetch_optional(self.db.pool())
-            .await;
-            match any {
-                Ok(None) => continue,
-                Ok(Some(_)) => {}
-                Err(error) => {
-                    tracing::warn!(%error, %period, "archive job: cannot read the month");
-                    return;
-                }
-            }
-            match self.archive(period).await {
-                Ok(manifest) => {
-                    tracing::info!(%period, events = manifest.events, "archive job: month archived");
-                }
-                Err(BillingError::Precondition(why)) => {
-                    tracing::debug!(%period, %why, "archive job: not yet");
-                }
-                Err(error) => tracing::warn!(%error, %period, "archive job: month not archived"),
-            }
-        }
-    }
+/// Makes the names of files just created or renamed in `dir` durable.
+fn sync_dir(dir: &Path) -> Result<(), BillingError> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| internal(format!("{}: {e}", dir.display())))
 }
 
 /// `?` placeholders numbered `$1, $2, …` (both drivers read those).
@@ -575,46 +662,59 @@ fn write_manifest(path: &Path, manifest: &Manifest) -> Result<(), BillingError> 
     write().map_err(|e| internal(format!("{}: {e}", path.display())))
 }
 
-/// Every event of an archive file.
-pub fn read_events(path: &Path) -> Result<Vec<ArchivedEvent>, BillingError> {
+/// The events of an archive file, one record batch at a time, so memory
+/// holds one batch (about a thousand events), whatever the month's size.
+pub fn batches(
+    path: &Path,
+) -> Result<impl Iterator<Item = Result<Vec<ArchivedEvent>, BillingError>>, BillingError> {
     let file =
         std::fs::File::open(path).map_err(|e| internal(format!("{}: {e}", path.display())))?;
     let reader = ParquetRecordBatchReaderBuilder::try_new(file)
         .and_then(|b| b.build())
         .map_err(internal)?;
-    let mut events = Vec::new();
-    for batch in reader {
+    let path = path.to_owned();
+    Ok(reader.map(move |batch| {
         let batch = batch.map_err(internal)?;
-        let text = |name: &str| -> Result<Arc<StringArray>, BillingError> {
-            batch
-                .column_by_name(name)
-                .and_then(|c| c.as_any().downcast_ref::<StringArray>().cloned())
-                .map(Arc::new)
-                .ok_or_else(|| internal(format!("{}: no text column {name}", path.display())))
-        };
-        let int = |name: &str| -> Result<Arc<Int64Array>, BillingError> {
-            batch
-                .column_by_name(name)
-                .and_then(|c| c.as_any().downcast_ref::<Int64Array>().cloned())
-                .map(Arc::new)
-                .ok_or_else(|| internal(format!("{}: no integer column {name}", path.display())))
-        };
-        let (tenant, request, key, model, device, finish) = (
-            text("tenant_id")?,
-            text("request_id")?,
-            text("key_id")?,
-            text("model")?,
-            text("device_profile")?,
-            text("finish_reason")?,
-        );
-        let ints: Vec<Arc<Int64Array>> = ArchivedEvent::COLUMNS
-            .iter()
-            .filter(|(_, is_text)| !is_text)
-            .map(|(name, _)| int(name))
-            .collect::<Result<_, _>>()?;
-        for row in 0..batch.num_rows() {
+        events_of(&batch, &path)
+    }))
+}
+
+/// The events of one record batch.
+fn events_of(
+    batch: &arrow_array::RecordBatch,
+    path: &Path,
+) -> Result<Vec<ArchivedEvent>, BillingError> {
+    let text = |name: &str| -> Result<Arc<StringArray>, BillingError> {
+        batch
+            .column_by_name(name)
+            .and_then(|c| c.as_any().downcast_ref::<StringArray>().cloned())
+            .map(Arc::new)
+            .ok_or_else(|| internal(format!("{}: no text column {name}", path.display())))
+    };
+    let int = |name: &str| -> Result<Arc<Int64Array>, BillingError> {
+        batch
+            .column_by_name(name)
+            .and_then(|c| c.as_any().downcast_ref::<Int64Array>().cloned())
+            .map(Arc::new)
+            .ok_or_else(|| internal(format!("{}: no integer column {name}", path.display())))
+    };
+    let (tenant, request, key, model, device, finish) = (
+        text("tenant_id")?,
+        text("request_id")?,
+        text("key_id")?,
+        text("model")?,
+        text("device_profile")?,
+        text("finish_reason")?,
+    );
+    let ints: Vec<Arc<Int64Array>> = ArchivedEvent::COLUMNS
+        .iter()
+        .filter(|(_, is_text)| !is_text)
+        .map(|(name, _)| int(name))
+        .collect::<Result<_, _>>()?;
+    Ok((0..batch.num_rows())
+        .map(|row| {
             let i = |n: usize| ints[n].value(row);
-            events.push(ArchivedEvent {
+            ArchivedEvent {
                 tenant_id: tenant.value(row).to_owned(),
                 request_id: request.value(row).to_owned(),
                 key_id: key.value(row).to_owned(),
@@ -633,16 +733,79 @@ pub fn read_events(path: &Path) -> Result<Vec<ArchivedEvent>, BillingError> {
                 started_at_us: i(9),
                 finished_at_us: i(10),
                 recorded_at_us: i(11),
-            });
-        }
-    }
-    Ok(events)
+            }
+        })
+        .collect())
 }
 
 fn read_totals(path: &Path) -> Result<Totals, BillingError> {
     let mut totals = Totals::default();
-    for e in read_events(path)? {
-        totals.add(e.prompt_tokens, e.completion_tokens);
+    for batch in batches(path)? {
+        for e in batch? {
+            totals.add(e.prompt_tokens, e.completion_tokens);
+        }
     }
     Ok(totals)
+}
+
+impl Archiver {
+    /// The retention job: every hour until `stop`, archives each month
+    /// that ended more than `months` months before the current one (looking
+    /// back three years), once nothing bills from it. A month not ready yet
+    /// (a draft, late usage) is tried again the next hour; a month with a
+    /// row in `usage_archives` (archived, being archived, or restored for
+    /// an audit) is left alone.
+    pub async fn run_retention(self, months: u32, stop: tokio_util::sync::CancellationToken) {
+        loop {
+            self.archive_due(months).await;
+            tokio::select! {
+                () = tokio::time::sleep(std::time::Duration::from_secs(3600)) => {}
+                () = stop.cancelled() => return,
+            }
+        }
+    }
+
+    /// One round of the retention job.
+    pub async fn archive_due(&self, months: u32) {
+        let mut period = Period::of_us(now_us());
+        for _ in 0..months {
+            period = Period::of_us(period.start_us() - 1);
+        }
+        for _ in 0..36 {
+            period = Period::of_us(period.start_us() - 1);
+            match self.state(period).await {
+                Ok(Some(_)) => continue,
+                Ok(None) => {}
+                Err(error) => {
+                    tracing::warn!(%error, "archive job: cannot read the archived months");
+                    return;
+                }
+            }
+            let any: Result<Option<(i64,)>, _> = sqlx::query_as(
+                "SELECT finished_at_us FROM usage_events \
+                 WHERE finished_at_us >= $1 AND finished_at_us < $2 LIMIT 1",
+            )
+            .bind(period.start_us())
+            .bind(period.end_us())
+            .fetch_optional(self.db.pool())
+            .await;
+            match any {
+                Ok(None) => continue,
+                Ok(Some(_)) => {}
+                Err(error) => {
+                    tracing::warn!(%error, %period, "archive job: cannot read the month");
+                    return;
+                }
+            }
+            match self.archive(period).await {
+                Ok(manifest) => {
+                    tracing::info!(%period, events = manifest.events, "archive job: month archived");
+                }
+                Err(BillingError::Precondition(why)) => {
+                    tracing::debug!(%period, %why, "archive job: not yet");
+                }
+                Err(error) => tracing::warn!(%error, %period, "archive job: month not archived"),
+            }
+        }
+    }
 }

@@ -348,7 +348,9 @@ impl Spool {
                 .create_new(true)
                 .open(&path)?;
             std::io::Write::write_all(&mut file, &text)?;
-            file.sync_all()
+            file.sync_all()?;
+            // The name too, before the segment these came in is deleted.
+            std::fs::File::open(&dir)?.sync_all()
         };
         write().map_err(io_error(&path))?;
         self.stats

@@ -1692,8 +1692,7 @@ async fn archive_flow(gateway: &TestGateway) {
     assert_eq!(archived["events"], 1201);
     let file = std::path::PathBuf::from(archived["file"].as_str().expect("file"));
     let manifest: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(file.with_file_name(format!("usage-events-{period}.manifest.json")))
-            .expect("manifest"),
+        &std::fs::read(file.with_extension("manifest.json")).expect("manifest"),
     )
     .expect("manifest json");
     let digest: String = {
@@ -1786,20 +1785,35 @@ async fn the_retention_job_archives_finalized_months_past_the_retention_only() {
     let dir = tempfile::tempdir().expect("archive dir");
     let archiver =
         ascend_gateway::billing::archive::Archiver::new(gateway.db.clone(), dir.path().to_owned());
-    // Keep one month besides the current: p2 and p3 are past it, p1 not
-    // (and its invoice is a draft anyway).
-    archiver.archive_due(1).await;
+    // Two runs on one month at once (two replicas' jobs, or an operator and
+    // the job): one archives it, the other is refused; nothing is lost.
+    let p3_rows = month_rows(&gateway.db, p3).await;
+    let (a, b) = tokio::join!(archiver.archive(p3), archiver.archive(p3));
+    assert!(
+        a.is_ok() != b.is_ok(),
+        "exactly one run archives: {a:?} {b:?}"
+    );
     assert!(month_rows(&gateway.db, p3).await.is_empty());
+    // Keep one month besides the current: p2 is past it (p3 is done), p1
+    // not (and its invoice is a draft anyway).
+    archiver.archive_due(1).await;
     assert!(month_rows(&gateway.db, p2).await.is_empty());
     assert_eq!(month_rows(&gateway.db, p1).await.len(), 1);
-    for p in [p3, p2] {
-        assert!(
-            dir.path()
-                .join(format!("usage-events-{p}.parquet"))
-                .exists()
-        );
-    }
-    // A second round finds nothing more to do.
+    let archives = |p: Period| {
+        std::fs::read_dir(dir.path())
+            .expect("archive dir")
+            .filter_map(Result::ok)
+            .filter(|f| {
+                let name = f.file_name().to_string_lossy().into_owned();
+                name.starts_with(&format!("usage-events-{p}-")) && name.ends_with(".parquet")
+            })
+            .count()
+    };
+    assert_eq!((archives(p3), archives(p2)), (1, 1));
+    // A restored month is left alone by the job (it is being audited).
+    archiver.restore(p3).await.expect("restore");
+    assert_eq!(month_rows(&gateway.db, p3).await, p3_rows);
     archiver.archive_due(1).await;
+    assert_eq!(month_rows(&gateway.db, p3).await, p3_rows);
     assert_eq!(month_rows(&gateway.db, p1).await.len(), 1);
 }
