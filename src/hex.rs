@@ -13,9 +13,13 @@ pub fn encode(bytes: &[u8]) -> String {
 }
 
 /// The bytes of even-length hex text of at most 512 digits (any case);
-/// `None` for anything else.
+/// `None` for anything else (a sign included, which `from_str_radix` would
+/// take: "+1" is not a hex byte).
 pub fn decode(text: &str) -> Option<Vec<u8>> {
-    if !text.len().is_multiple_of(2) || text.len() > 512 {
+    if !text.len().is_multiple_of(2)
+        || text.len() > 512
+        || !text.bytes().all(|b| b.is_ascii_hexdigit())
+    {
         return None;
     }
     (0..text.len())
