@@ -792,9 +792,13 @@ impl App {
                 if let Some(http) = &http_server {
                     http.abort();
                 }
+                // gRPC handlers run on tasks of their own: their sequences
+                // are ended instead, so the workers stop without waiting
+                // for long generations.
+                registry.abandon_running();
                 tracing::warn!(
                     ?grace,
-                    "grace period over with requests still running; closing their connections"
+                    "grace period over with requests still running; ending them"
                 );
                 Ok(())
             }

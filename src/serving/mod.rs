@@ -225,6 +225,8 @@ pub(crate) struct Shared {
     affinity: Option<affinity::Affinity>,
     work: Condvar,
     stopping: AtomicBool,
+    /// A shutdown's grace period ran out: running sequences end now.
+    abandoning: AtomicBool,
     /// One per worker.
     gauges: Vec<WorkerGauges>,
     preemptions: AtomicU64,
@@ -270,6 +272,7 @@ impl Shared {
             affinity,
             work: Condvar::new(),
             stopping: AtomicBool::new(false),
+            abandoning: AtomicBool::new(false),
             gauges: (0..workers.max(1))
                 .map(|_| WorkerGauges::default())
                 .collect(),
@@ -405,6 +408,10 @@ impl Shared {
 
     fn stopping(&self) -> bool {
         self.stopping.load(Ordering::Acquire)
+    }
+
+    fn abandoning(&self) -> bool {
+        self.abandoning.load(Ordering::Acquire)
     }
 
     /// Every job still queued or swept aside, for a stopped model to end.

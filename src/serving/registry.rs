@@ -314,6 +314,14 @@ impl ServedModel {
     }
 
     /// Stops the workers once their running jobs end; blocks.
+    /// Ends every running sequence at the workers' next step, as if its
+    /// client had left (usage recorded, permit settled): a shutdown whose
+    /// grace period ran out does not wait for long generations.
+    pub fn abandon_running(&self) {
+        self.shared.abandoning.store(true, Ordering::Release);
+        self.shared.work.notify_all();
+    }
+
     pub fn stop(&self) {
         self.shared.stopping.store(true, Ordering::Release);
         self.shared.work.notify_all();
@@ -381,6 +389,13 @@ impl ModelRegistry {
     pub fn stop(&self) {
         for model in self.models.values() {
             model.stop();
+        }
+    }
+
+    /// [`ServedModel::abandon_running`] for every model.
+    pub fn abandon_running(&self) {
+        for model in self.models.values() {
+            model.abandon_running();
         }
     }
 }

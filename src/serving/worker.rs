@@ -183,7 +183,9 @@ impl Worker {
             // has also closed the channel, and the usage should say why.
             let failure = if r.job.deadline.is_some_and(|d| d <= now) {
                 Some(Failure::DeadlineExceeded)
-            } else if r.job.events.is_closed() {
+            } else if r.job.events.is_closed() || self.shared.abandoning() {
+                // The client left, or the grace period of a shutdown ran
+                // out: the sequence ends here, its usage recorded.
                 Some(Failure::Cancelled)
             } else {
                 None

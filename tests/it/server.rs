@@ -396,3 +396,57 @@ async fn a_failing_component_still_drains_in_flight_requests_and_flushes_usage()
     .expect("count");
     assert_eq!(count, 1);
 }
+
+/// A shutdown whose grace period runs out ends the generations still
+/// running (their usage recorded as cancelled) instead of waiting for them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_past_its_grace_ends_long_generations_and_meters_them() {
+    use ascend_gateway::api::pb::v1::GenerateRequest;
+    use ascend_gateway::api::pb::v1::inference_client::InferenceClient;
+
+    // The database outlives the gateway (which removes the directory it is
+    // given when it stops).
+    let kept = tempfile::tempdir().expect("temp dir");
+    let mut settings = crate::common::test_settings(&kept);
+    settings.shutdown_grace = std::time::Duration::from_millis(200);
+    settings.models.push(crate::generate::slow_model());
+    let db_path = kept.path().join("ascend-gateway.db");
+    let gateway = TestGateway::start_with(settings, tempfile::tempdir().expect("temp dir")).await;
+    let key = crate::generate::tenant_key(&gateway, "lingering").await;
+    let mut inference = InferenceClient::new(gateway.channel.clone());
+    let mut stream = inference
+        .generate_stream(authed(
+            GenerateRequest {
+                model: "slow".to_owned(),
+                prompt: "a long answer".to_owned(),
+                max_tokens: Some(64),
+                ignore_eos: true,
+                request_id: "past-the-grace".to_owned(),
+                ..Default::default()
+            },
+            &key,
+        ))
+        .await
+        .expect("stream")
+        .into_inner();
+    stream.message().await.expect("first").expect("a message");
+    gateway.stop().await.expect("stop");
+    // Whatever the client saw, the generation was cut and metered.
+    while let Ok(Some(_)) = stream.message().await {}
+    let db = sqlx::sqlite::SqlitePoolOptions::new()
+        .connect(&format!("sqlite://{}", db_path.display()))
+        .await
+        .expect("open the database");
+    let (reason, completion): (String, i64) = sqlx::query_as(
+        "SELECT finish_reason, completion_tokens FROM usage_events \
+         WHERE request_id LIKE 'past-the-grace%'",
+    )
+    .fetch_one(&db)
+    .await
+    .expect("its usage is recorded");
+    assert_eq!(reason, "cancelled");
+    assert!(
+        completion < 64,
+        "{completion} tokens: the generation ran to its end"
+    );
+}
