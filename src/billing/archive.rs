@@ -639,11 +639,7 @@ fn sha256_of(path: &Path) -> Result<String, BillingError> {
     let mut hasher = Sha256::new();
     std::io::copy(&mut file, &mut hasher)
         .map_err(|e| internal(format!("{}: {e}", path.display())))?;
-    Ok(hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
+    Ok(crate::hex::encode(&hasher.finalize()))
 }
 
 fn write_manifest(path: &Path, manifest: &Manifest) -> Result<(), BillingError> {

@@ -233,6 +233,17 @@ pub(crate) struct Shared {
     stats: stats::ServingStats,
 }
 
+/// The queued jobs whose client left or whose deadline passed, each with
+/// why ([`Job::gone`]), out of `queue`.
+fn take_gone(queue: &mut queue::FairQueue<Job>, now: Instant) -> Vec<(Job, Failure)> {
+    queue
+        .take_where(|e| e.item.gone(e.deadline, now).is_some())
+        .into_iter()
+        // Still gone: a closed channel stays closed, a passed deadline passed.
+        .filter_map(|e| e.item.gone(e.deadline, now).map(|why| (e.item, why)))
+        .collect()
+}
+
 /// What one worker last reported of itself.
 #[derive(Default)]
 struct WorkerGauges {
@@ -323,13 +334,10 @@ impl Shared {
             // Full: the places of requests whose client left (or whose
             // deadline passed) are freed now, not when a worker gets to them.
             Err((_, job)) => {
-                let gone = queue.take_where(|e| e.item.gone(e.deadline, now).is_some());
+                let gone = take_gone(&mut queue, now);
                 if !gone.is_empty() {
                     let mut swept = self.swept.lock().unwrap_or_else(|e| e.into_inner());
-                    swept.extend(
-                        gone.into_iter()
-                            .filter_map(|e| e.item.gone(e.deadline, now).map(|why| (e.item, why))),
-                    );
+                    swept.extend(gone);
                 }
                 queue.push(&tenant, weight, priority, cost, deadline, now, job)
             }
@@ -367,12 +375,7 @@ impl Shared {
         // Jobs whose client left go too, so they stop holding places.
         let mut expired: Vec<(Job, Failure)> =
             std::mem::take(&mut *self.swept.lock().unwrap_or_else(|e| e.into_inner()));
-        expired.extend(
-            queue
-                .take_where(|e| e.item.gone(e.deadline, now).is_some())
-                .into_iter()
-                .filter_map(|e| e.item.gone(e.deadline, now).map(|why| (e.item, why))),
-        );
+        expired.extend(take_gone(&mut queue, now));
         let job = if self.affinity.is_some() {
             let loads = self.loads(&queue);
             queue.pop_where(now, |e| self.may_take(worker, &e.item, &loads, now))

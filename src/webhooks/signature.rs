@@ -11,7 +11,10 @@ pub const HEADER: &str = "ascend-signature";
 
 /// The header value for `body` sent at `unix_secs`.
 pub fn sign(secret: &str, unix_secs: i64, body: &[u8]) -> String {
-    format!("t={unix_secs},v1={}", hex(&mac(secret, unix_secs, body)))
+    format!(
+        "t={unix_secs},v1={}",
+        crate::hex::encode(&mac(secret, unix_secs, body))
+    )
 }
 
 fn mac(secret: &str, unix_secs: i64, body: &[u8]) -> Vec<u8> {
@@ -26,15 +29,11 @@ fn mac(secret: &str, unix_secs: i64, body: &[u8]) -> Vec<u8> {
     mac.finalize().into_bytes().to_vec()
 }
 
-fn hex(bytes: &[u8]) -> String {
-    crate::hex::encode(bytes)
-}
-
 /// A new signing secret: `whsec_` and 256 random bits in hex.
 pub fn new_secret() -> Result<String, getrandom::Error> {
     let mut bytes = [0u8; 32];
     getrandom::fill(&mut bytes)?;
-    Ok(format!("whsec_{}", hex(&bytes)))
+    Ok(format!("whsec_{}", crate::hex::encode(&bytes)))
 }
 
 #[cfg(test)]
@@ -47,7 +46,7 @@ mod tests {
         let mut mac = Hmac::<Sha256>::new_from_slice(b"Jefe").expect("key");
         mac.update(b"what do ya want for nothing?");
         assert_eq!(
-            hex(&mac.finalize().into_bytes()),
+            crate::hex::encode(&mac.finalize().into_bytes()),
             "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
         );
         let header = sign("whsec_k", 1_700_000_000, b"{}");
@@ -55,7 +54,10 @@ mod tests {
         expected.update(b"1700000000.{}");
         assert_eq!(
             header,
-            format!("t=1700000000,v1={}", hex(&expected.finalize().into_bytes()))
+            format!(
+                "t=1700000000,v1={}",
+                crate::hex::encode(&expected.finalize().into_bytes())
+            )
         );
     }
 

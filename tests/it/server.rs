@@ -306,9 +306,7 @@ async fn idle_sockets_are_closed_and_connections_are_capped() {
 /// the database before `run_until` returns the failure.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_component_still_drains_in_flight_requests_and_flushes_usage() {
-    use ascend_gateway::api::pb::v1::GenerateRequest;
     use ascend_gateway::api::pb::v1::generate_stream_response::Event;
-    use ascend_gateway::api::pb::v1::inference_client::InferenceClient;
 
     let data_dir = tempfile::tempdir().expect("temp dir");
     let mut settings = crate::common::test_settings(&data_dir);
@@ -325,23 +323,7 @@ async fn a_failing_component_still_drains_in_flight_requests_and_flushes_usage()
         .await
         .expect("connect");
     let (_, key) = crate::common::tenant_with_limits(&channel, "failing", Default::default()).await;
-    let mut inference = InferenceClient::new(channel.clone());
-    let mut stream = inference
-        .generate_stream(authed(
-            GenerateRequest {
-                model: "slow".to_owned(),
-                prompt: "keep going".to_owned(),
-                max_tokens: Some(24),
-                ignore_eos: true,
-                request_id: "in-flight-at-failure".to_owned(),
-                ..Default::default()
-            },
-            &key,
-        ))
-        .await
-        .expect("stream")
-        .into_inner();
-    stream.message().await.expect("first").expect("a message");
+    let mut stream = slow_stream(&channel, &key, "in-flight-at-failure", 24).await;
 
     failures.report("a test component", "injected failure");
     let mut health = HealthClient::new(channel.clone());
@@ -381,29 +363,62 @@ async fn a_failing_component_still_drains_in_flight_requests_and_flushes_usage()
     assert!(error.to_string().contains("injected failure"), "{error}");
 
     // Its usage reached the database before run_until returned.
+    let rows = usage_rows(
+        &data_dir.path().join("ascend-gateway.db"),
+        "in-flight-at-failure",
+    )
+    .await;
+    assert_eq!(rows.len(), 1);
+}
+
+/// A streamed generation of `max_tokens` on the slow model (device pace),
+/// past its first message.
+async fn slow_stream(
+    channel: &tonic::transport::Channel,
+    key: &str,
+    request_id: &str,
+    max_tokens: u32,
+) -> tonic::Streaming<ascend_gateway::api::pb::v1::GenerateStreamResponse> {
+    let mut stream =
+        ascend_gateway::api::pb::v1::inference_client::InferenceClient::new(channel.clone())
+            .generate_stream(authed(
+                ascend_gateway::api::pb::v1::GenerateRequest {
+                    model: "slow".to_owned(),
+                    prompt: "keep going".to_owned(),
+                    max_tokens: Some(max_tokens),
+                    ignore_eos: true,
+                    request_id: request_id.to_owned(),
+                    ..Default::default()
+                },
+                key,
+            ))
+            .await
+            .expect("stream")
+            .into_inner();
+    stream.message().await.expect("first").expect("a message");
+    stream
+}
+
+/// (finish reason, completion tokens) of every usage row of `request_id`
+/// (any attempt) in the SQLite database at `path`, after its gateway stopped.
+async fn usage_rows(path: &std::path::Path, request_id: &str) -> Vec<(String, i64)> {
     let db = sqlx::sqlite::SqlitePoolOptions::new()
-        .connect(&format!(
-            "sqlite://{}",
-            data_dir.path().join("ascend-gateway.db").display()
-        ))
+        .connect(&format!("sqlite://{}", path.display()))
         .await
         .expect("open the database");
-    let (count,): (i64,) = sqlx::query_as(
-        "SELECT count(*) FROM usage_events WHERE request_id LIKE 'in-flight-at-failure%'",
+    sqlx::query_as(
+        "SELECT finish_reason, completion_tokens FROM usage_events WHERE request_id LIKE $1",
     )
-    .fetch_one(&db)
+    .bind(format!("{request_id}%"))
+    .fetch_all(&db)
     .await
-    .expect("count");
-    assert_eq!(count, 1);
+    .expect("usage rows")
 }
 
 /// A shutdown whose grace period runs out ends the generations still
 /// running (their usage recorded as cancelled) instead of waiting for them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shutdown_past_its_grace_ends_long_generations_and_meters_them() {
-    use ascend_gateway::api::pb::v1::GenerateRequest;
-    use ascend_gateway::api::pb::v1::inference_client::InferenceClient;
-
     // The database outlives the gateway (which removes the directory it is
     // given when it stops).
     let kept = tempfile::tempdir().expect("temp dir");
@@ -413,40 +428,17 @@ async fn a_shutdown_past_its_grace_ends_long_generations_and_meters_them() {
     let db_path = kept.path().join("ascend-gateway.db");
     let gateway = TestGateway::start_with(settings, tempfile::tempdir().expect("temp dir")).await;
     let key = crate::generate::tenant_key(&gateway, "lingering").await;
-    let mut inference = InferenceClient::new(gateway.channel.clone());
-    let mut stream = inference
-        .generate_stream(authed(
-            GenerateRequest {
-                model: "slow".to_owned(),
-                prompt: "a long answer".to_owned(),
-                max_tokens: Some(64),
-                ignore_eos: true,
-                request_id: "past-the-grace".to_owned(),
-                ..Default::default()
-            },
-            &key,
-        ))
-        .await
-        .expect("stream")
-        .into_inner();
-    stream.message().await.expect("first").expect("a message");
+    let mut stream = slow_stream(&gateway.channel, &key, "past-the-grace", 64).await;
     gateway.stop().await.expect("stop");
     // Whatever the client saw, the generation was cut and metered.
     while let Ok(Some(_)) = stream.message().await {}
-    let db = sqlx::sqlite::SqlitePoolOptions::new()
-        .connect(&format!("sqlite://{}", db_path.display()))
-        .await
-        .expect("open the database");
-    let (reason, completion): (String, i64) = sqlx::query_as(
-        "SELECT finish_reason, completion_tokens FROM usage_events \
-         WHERE request_id LIKE 'past-the-grace%'",
-    )
-    .fetch_one(&db)
-    .await
-    .expect("its usage is recorded");
+    let rows = usage_rows(&db_path, "past-the-grace").await;
+    let [(reason, completion)] = rows.as_slice() else {
+        panic!("one usage row, not {rows:?}");
+    };
     assert_eq!(reason, "cancelled");
     assert!(
-        completion < 64,
+        *completion < 64,
         "{completion} tokens: the generation ran to its end"
     );
 }
