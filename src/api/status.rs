@@ -29,9 +29,28 @@ pub fn to_status<E: Classified>(error: &E) -> Status {
         return resource_exhausted(error);
     }
     if kind.is_client_visible() {
-        return Status::new(code, error.to_string());
+        return Status::new(code, bounded(error.to_string()));
     }
     Status::new(code, crate::error::hidden_message(error))
+}
+
+/// Longest message a status carries. It travels as the `grpc-message`
+/// header; a message that quotes a huge field of the request would make the
+/// answer's headers too large for the client, which then drops the whole
+/// connection instead of reading the status.
+const MAX_MESSAGE_BYTES: usize = 1024;
+
+/// `message` cut to [`MAX_MESSAGE_BYTES`] on a character boundary.
+fn bounded(mut message: String) -> String {
+    if message.len() > MAX_MESSAGE_BYTES {
+        let mut end = MAX_MESSAGE_BYTES - "…".len();
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+        message.push('…');
+    }
+    message
 }
 
 /// RESOURCE_EXHAUSTED with `google.rpc.RetryInfo` and `google.rpc.QuotaFailure`
@@ -46,7 +65,7 @@ fn resource_exhausted<E: Classified>(error: &E) -> Status {
         details.add_quota_failure_violation(subject, description);
     }
     let mut status =
-        Status::with_error_details(Code::ResourceExhausted, error.to_string(), details);
+        Status::with_error_details(Code::ResourceExhausted, bounded(error.to_string()), details);
     if let Some(wait) = error.retry_after() {
         let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
         if let Ok(value) = secs.to_string().parse() {
@@ -113,5 +132,21 @@ mod tests {
         let status = to_status(&Sample::Down(cause));
         assert_eq!(status.code(), Code::Unavailable);
         assert!(!status.message().contains("db.internal"));
+    }
+}
+
+#[cfg(test)]
+mod bounded_tests {
+    use super::*;
+
+    #[test]
+    fn a_message_quoting_a_huge_field_is_cut_on_a_character_boundary() {
+        assert_eq!(bounded("short".to_owned()), "short");
+        for filler in ["9", "é", "漢"] {
+            let cut = bounded(format!("invalid `period`: {}", filler.repeat(100_000)));
+            assert!(cut.len() <= MAX_MESSAGE_BYTES, "{}", cut.len());
+            assert!(cut.starts_with("invalid `period`: "));
+            assert!(cut.ends_with('…'));
+        }
     }
 }

@@ -1817,3 +1817,62 @@ async fn the_retention_job_archives_finalized_months_past_the_retention_only() {
     assert_eq!(month_rows(&gateway.db, p3).await, p3_rows);
     assert_eq!(month_rows(&gateway.db, p1).await.len(), 1);
 }
+
+#[tokio::test]
+async fn archive_and_restore_refuse_a_bad_period_naming_the_field() {
+    let gateway = sqlite_gateway().await;
+    let mut billing = BillingClient::new(gateway.channel.clone());
+    let long = "9".repeat(100_000);
+    for bad in [
+        "",
+        "2026-13",
+        "2026-1",
+        "26-01",
+        "../../etc",
+        "2026-01\0",
+        long.as_str(),
+    ] {
+        let archived = billing
+            .archive_usage(admin(ascend_gateway::api::pb::v1::ArchiveUsageRequest {
+                period: bad.to_owned(),
+            }))
+            .await
+            .expect_err("refused");
+        assert_eq!(
+            archived.code(),
+            Code::InvalidArgument,
+            "{bad:.20}: {archived:?}"
+        );
+        assert!(archived.message().contains("period"), "{archived:?}");
+        let restored = billing
+            .restore_usage(admin(ascend_gateway::api::pb::v1::RestoreUsageRequest {
+                period: bad.to_owned(),
+            }))
+            .await
+            .expect_err("refused");
+        assert_eq!(
+            restored.code(),
+            Code::InvalidArgument,
+            "{bad:.20}: {restored:?}"
+        );
+        assert!(restored.message().contains("period"), "{restored:?}");
+    }
+    // A month never archived has nothing to restore; the current month
+    // cannot be archived.
+    let current = Period::of_us(ascend_gateway::store::now_us()).to_string();
+    let missing = billing
+        .restore_usage(admin(ascend_gateway::api::pb::v1::RestoreUsageRequest {
+            period: months_ago(3).to_string(),
+        }))
+        .await
+        .expect_err("nothing archived");
+    assert_eq!(missing.code(), Code::NotFound);
+    let open = billing
+        .archive_usage(admin(ascend_gateway::api::pb::v1::ArchiveUsageRequest {
+            period: current,
+        }))
+        .await
+        .expect_err("not over");
+    assert_eq!(open.code(), Code::FailedPrecondition);
+    assert!(open.message().contains("not over"), "{open:?}");
+}
