@@ -81,6 +81,8 @@ pub struct ServedModel {
     usage: Arc<dyn UsageSink>,
 }
 
+type WorkerThread = std::thread::JoinHandle<()>;
+
 /// Starts one worker of model `id` on its own named OS thread.
 fn spawn_worker(
     id: &str,
@@ -107,6 +109,172 @@ fn profile(settings: &ModelSettings) -> Result<DeviceProfile, ServingError> {
         })
 }
 
+/// The model's directory, created from its `init_preset` when it has no
+/// config.json yet.
+fn model_dir(settings: &ModelSettings, data_dir: &Path) -> Result<PathBuf, ServingError> {
+    let id = &settings.id;
+    let dir = settings
+        .dir
+        .clone()
+        .unwrap_or_else(|| data_dir.join("models").join(id));
+    if !dir.join("config.json").exists() {
+        let Some(preset) = settings.init_preset else {
+            return Err(ServingError::MissingDir {
+                id: id.clone(),
+                dir,
+            });
+        };
+        tracing::info!(model = %id, dir = %dir.display(), ?preset, "creating the model directory");
+        crate::model::init::init_model_dir(preset, settings.init_seed, &dir).map_err(|source| {
+            ServingError::Model {
+                id: id.clone(),
+                source,
+            }
+        })?;
+    }
+    Ok(dir)
+}
+
+/// The queue and the workers' reports, shared by the model's workers.
+fn shared_state(settings: &ModelSettings, workers: usize, caching: bool) -> Shared {
+    Shared::new(
+        QueueLimits {
+            max_requests: settings.max_queue_requests,
+            max_tokens: settings.max_queue_tokens,
+            aging_step: settings.aging_step,
+        },
+        workers,
+        PrefixHasher::new(&settings.id),
+        KvPoolOptions::default().block_size,
+        (caching && workers > 1).then(|| Affinity::new(workers, settings.cache_affinity_margin)),
+    )
+}
+
+/// What a model needs to start its workers.
+struct Start<'a> {
+    settings: &'a ModelSettings,
+    tokenizer: &'a Arc<Tokenizer>,
+    shared: &'a Arc<Shared>,
+    usage: &'a Arc<dyn UsageSink>,
+    workers: usize,
+}
+
+impl Start<'_> {
+    fn model_error(&self, source: ModelError) -> ServingError {
+        ServingError::Model {
+            id: self.settings.id.clone(),
+            source,
+        }
+    }
+
+    fn device_error(&self, source: crate::npu::NpuError) -> ServingError {
+        ServingError::Device {
+            id: self.settings.id.clone(),
+            profile: self.settings.device_profile.to_string(),
+            source,
+        }
+    }
+
+    fn echo_workers(&self) -> Result<Vec<WorkerThread>, ServingError> {
+        let id = &self.settings.id;
+        (0..self.workers)
+            .map(|n| {
+                let worker = EchoWorker {
+                    tokenizer: self.tokenizer.clone(),
+                    shared: self.shared.clone(),
+                    usage: self.usage.clone(),
+                };
+                spawn_worker(id, format!("echo-{id}-{n}"), move || worker.run())
+            })
+            .collect()
+    }
+
+    /// Loads the model once and starts one emulated device per worker.
+    fn npu_workers(
+        &self,
+        dir: &Path,
+    ) -> Result<(Arc<Model>, DeviceProfile, Vec<WorkerThread>), ServingError> {
+        let settings = self.settings;
+        let model =
+            Arc::new(Model::load(dir, &LoadOptions::default()).map_err(|e| self.model_error(e))?);
+        if let Some(served_as) = &settings.served_as {
+            served_as.validate().map_err(|e| self.model_error(e))?;
+        }
+        let profile = profile(settings)?;
+        let threads = (0..self.workers)
+            .map(|n| {
+                let worker = self.npu_worker(n, &model, &profile)?;
+                spawn_worker(
+                    &settings.id,
+                    format!("npu-{}-{n}", settings.id),
+                    move || worker.run(),
+                )
+            })
+            .collect::<Result<_, _>>()?;
+        Ok((model, profile, threads))
+    }
+
+    /// Worker `n`: its device, its KV pool sized to the device's memory.
+    fn npu_worker(
+        &self,
+        n: usize,
+        model: &Arc<Model>,
+        profile: &DeviceProfile,
+    ) -> Result<Worker, ServingError> {
+        let settings = self.settings;
+        let device = Device::new(profile.clone()).map_err(|e| self.device_error(e))?;
+        let caching = settings.prefix_cache;
+        let kv_options = KvPoolOptions {
+            max_blocks: settings.kv_max_blocks,
+            prefix_cache_share: if caching {
+                settings.prefix_cache_max_share
+            } else {
+                0.0
+            },
+            ..KvPoolOptions::default()
+        };
+        let mut kv = KvPool::for_device(
+            model.config(),
+            device.profile(),
+            model.weights().device_bytes(),
+            &kv_options,
+        )
+        .map_err(|e| self.model_error(e))?;
+        if self.shared.affinity.is_some() {
+            kv.track_cache_changes();
+        }
+        self.shared.report(
+            n,
+            super::WorkerReport {
+                kv_free: kv.free_blocks(),
+                ..Default::default()
+            },
+        );
+        Ok(Worker {
+            model: model.clone(),
+            tokenizer: self.tokenizer.clone(),
+            device,
+            kv,
+            config: WorkerConfig {
+                index: n,
+                max_batch_size: settings.max_batch_size.max(1),
+                max_batch_tokens: settings.max_batch_tokens.max(1),
+                pace: settings.pace,
+                batching: settings.batching,
+                served_as: settings.served_as.clone(),
+            },
+            shared: self.shared.clone(),
+            usage: self.usage.clone(),
+            stalled: false,
+            evictions_counted: 0,
+            steps: 0,
+            deferred: std::collections::VecDeque::new(),
+            pacing: Default::default(),
+            model_id: settings.id.clone(),
+        })
+    }
+}
+
 impl ServedModel {
     /// Loads the model (creating its directory first if configured to) and
     /// starts its workers.
@@ -115,23 +283,11 @@ impl ServedModel {
         data_dir: &Path,
         usage: Arc<dyn UsageSink>,
     ) -> Result<ServedModel, ServingError> {
-        let id = settings.id.clone();
         let model_error = |source| ServingError::Model {
-            id: id.clone(),
+            id: settings.id.clone(),
             source,
         };
-        let dir = settings
-            .dir
-            .clone()
-            .unwrap_or_else(|| data_dir.join("models").join(&settings.id));
-        if !dir.join("config.json").exists() {
-            let Some(preset) = settings.init_preset else {
-                return Err(ServingError::MissingDir { id, dir });
-            };
-            tracing::info!(model = %id, dir = %dir.display(), ?preset, "creating the model directory");
-            crate::model::init::init_model_dir(preset, settings.init_seed, &dir)
-                .map_err(model_error)?;
-        }
+        let dir = model_dir(&settings, data_dir)?;
         let tokenizer = Arc::new(Tokenizer::from_dir(&dir).map_err(model_error)?);
         let config = ModelConfig::from_file(&dir.join("config.json")).map_err(model_error)?;
         tokenizer
@@ -139,112 +295,32 @@ impl ServedModel {
             .map_err(model_error)?;
         let workers = settings.workers.max(1);
         let caching = settings.prefix_cache && settings.engine == Engine::Npu;
-        let block_size = KvPoolOptions::default().block_size;
-        let shared = Arc::new(Shared::new(
-            QueueLimits {
-                max_requests: settings.max_queue_requests,
-                max_tokens: settings.max_queue_tokens,
-                aging_step: settings.aging_step,
-            },
+        let shared = Arc::new(shared_state(&settings, workers, caching));
+        let start = Start {
+            settings: &settings,
+            tokenizer: &tokenizer,
+            shared: &shared,
+            usage: &usage,
             workers,
-            PrefixHasher::new(&settings.id),
-            block_size,
-            (caching && workers > 1)
-                .then(|| Affinity::new(workers, settings.cache_affinity_margin)),
-        ));
-        if settings.engine == Engine::Echo {
-            let mut threads = Vec::new();
-            for n in 0..workers {
-                let worker = EchoWorker {
-                    tokenizer: tokenizer.clone(),
-                    shared: shared.clone(),
-                    usage: usage.clone(),
-                };
-                threads.push(spawn_worker(&id, format!("echo-{id}-{n}"), move || {
-                    worker.run()
-                })?);
+        };
+        let (model, device_profile, context_length, threads) = match settings.engine {
+            Engine::Echo => (
+                None,
+                ECHO_DEVICE.to_owned(),
+                config.max_position_embeddings,
+                start.echo_workers()?,
+            ),
+            Engine::Npu => {
+                let (model, profile, threads) = start.npu_workers(&dir)?;
+                let context_length = model.config().max_position_embeddings;
+                (Some(model), profile.name, context_length, threads)
             }
-            return Ok(ServedModel {
-                device_profile: ECHO_DEVICE.to_owned(),
-                context_length: config.max_position_embeddings,
-                settings,
-                model: None,
-                tokenizer,
-                shared,
-                threads: std::sync::Mutex::new(threads),
-                usage,
-            });
-        }
-        let model = Arc::new(Model::load(&dir, &LoadOptions::default()).map_err(model_error)?);
-        if let Some(served_as) = &settings.served_as {
-            served_as.validate().map_err(model_error)?;
-        }
-        let profile = profile(&settings)?;
-        let mut threads = Vec::new();
-        for n in 0..workers {
-            let device = Device::new(profile.clone()).map_err(|e| ServingError::Device {
-                id: id.clone(),
-                profile: settings.device_profile.to_string(),
-                source: e,
-            })?;
-            let kv_options = KvPoolOptions {
-                max_blocks: settings.kv_max_blocks,
-                block_size,
-                prefix_cache_share: if caching {
-                    settings.prefix_cache_max_share
-                } else {
-                    0.0
-                },
-                ..KvPoolOptions::default()
-            };
-            let mut kv = KvPool::for_device(
-                model.config(),
-                device.profile(),
-                model.weights().device_bytes(),
-                &kv_options,
-            )
-            .map_err(model_error)?;
-            if shared.affinity.is_some() {
-                kv.track_cache_changes();
-            }
-            shared.report(
-                n,
-                super::WorkerReport {
-                    kv_free: kv.free_blocks(),
-                    ..Default::default()
-                },
-            );
-            let worker = Worker {
-                model: model.clone(),
-                tokenizer: tokenizer.clone(),
-                device,
-                kv,
-                config: WorkerConfig {
-                    index: n,
-                    max_batch_size: settings.max_batch_size.max(1),
-                    max_batch_tokens: settings.max_batch_tokens.max(1),
-                    pace: settings.pace,
-                    batching: settings.batching,
-                    served_as: settings.served_as.clone(),
-                },
-                shared: shared.clone(),
-                usage: usage.clone(),
-                stalled: false,
-                evictions_counted: 0,
-                steps: 0,
-                deferred: std::collections::VecDeque::new(),
-                pacing: Default::default(),
-                model_id: id.clone(),
-            };
-            threads.push(spawn_worker(&id, format!("npu-{id}-{n}"), move || {
-                worker.run()
-            })?);
-        }
+        };
         Ok(ServedModel {
-            device_profile: profile.name.clone(),
-            context_length: model.config().max_position_embeddings,
+            device_profile,
+            context_length,
             settings,
-            model: Some(model),
+            model,
             tokenizer,
             shared,
             threads: std::sync::Mutex::new(threads),

@@ -28,7 +28,7 @@ use crate::model::generation::Generation;
 use crate::model::kv_cache::{KvPool, SeqId};
 use crate::model::served_as::StepShape;
 use crate::model::tokenizer::Tokenizer;
-use crate::model::transformer::{Model, SeqChunk};
+use crate::model::transformer::{Model, SeqChunk, StepOutput};
 use crate::model::{FinishReason, ModelError};
 use crate::npu::Device;
 
@@ -358,20 +358,10 @@ impl Worker {
         });
     }
 
+    /// One batch step: choose the chunks, run the model, account the step,
+    /// advance each sequence, end the finished ones.
     fn step(&mut self, running: &mut Vec<Running>, preempted: &mut VecDeque<Running>) {
-        // Decodes first (one token each), then prefill chunks in the budget.
-        let mut order: Vec<usize> = (0..running.len()).collect();
-        order.sort_by_key(|&i| (running[i].pending.len() > 1, running[i].admitted_at));
-        let mut budget = self.config.max_batch_tokens;
-        let mut chosen: Vec<(usize, usize)> = Vec::new();
-        for i in order {
-            if budget == 0 {
-                break;
-            }
-            let take = running[i].pending.len().min(budget);
-            budget -= take;
-            chosen.push((i, take));
-        }
+        let chosen = self.choose_chunks(running);
         let batch: Vec<SeqChunk<'_>> = chosen
             .iter()
             .map(|&(i, take)| SeqChunk {
@@ -380,7 +370,9 @@ impl Worker {
             })
             .collect();
         let started = Instant::now();
-        let mut output = match self.model.step(&mut self.device, &mut self.kv, &batch) {
+        let result = self.model.step(&mut self.device, &mut self.kv, &batch);
+        drop(batch);
+        let mut output = match result {
             Ok(output) => output,
             Err(ModelError::OutOfBlocks { needed, free, .. }) => {
                 tracing::debug!(
@@ -389,24 +381,12 @@ impl Worker {
                     running = running.len(),
                     "KV pool short: preempting"
                 );
-                drop(batch);
                 self.stalled = true;
                 self.preempt(running, preempted);
                 return;
             }
             Err(e) => {
-                drop(batch);
-                tracing::error!(error = %e, "model step failed; failing its batch");
-                // One cause, shared by every sequence of the batch.
-                let failure = Failure::from(e);
-                let mut failed: Vec<usize> = chosen.iter().map(|&(i, _)| i).collect();
-                // Highest index first, so each swap_remove leaves the rest in place.
-                failed.sort_unstable_by(|a, b| b.cmp(a));
-                for i in failed {
-                    let r = running.swap_remove(i);
-                    self.kv.free(r.seq);
-                    self.end(r, Err(failure.clone()));
-                }
+                self.fail_batch(running, &chosen, e);
                 return;
             }
         };
@@ -415,6 +395,58 @@ impl Worker {
         for &(i, _) in &chosen {
             self.publish_full_blocks(&running[i]);
         }
+        self.account_step(running, &chosen, &mut output, started);
+        let mut finished = self.advance(running, &chosen, &output);
+        finished.sort_by_key(|(i, _)| std::cmp::Reverse(*i));
+        for (i, outcome) in finished {
+            let r = running.swap_remove(i);
+            self.kv.free(r.seq);
+            self.end(r, outcome);
+        }
+    }
+
+    /// (index in `running`, tokens to feed) of this step: decodes first (one
+    /// token each), then prefill chunks, within `max_batch_tokens`.
+    fn choose_chunks(&self, running: &[Running]) -> Vec<(usize, usize)> {
+        let mut order: Vec<usize> = (0..running.len()).collect();
+        order.sort_by_key(|&i| (running[i].pending.len() > 1, running[i].admitted_at));
+        let mut budget = self.config.max_batch_tokens;
+        let mut chosen = Vec::new();
+        for i in order {
+            if budget == 0 {
+                break;
+            }
+            let take = running[i].pending.len().min(budget);
+            budget -= take;
+            chosen.push((i, take));
+        }
+        chosen
+    }
+
+    /// Ends every sequence of a batch whose step failed, with one shared
+    /// cause.
+    fn fail_batch(&mut self, running: &mut Vec<Running>, chosen: &[(usize, usize)], e: ModelError) {
+        tracing::error!(error = %e, "model step failed; failing its batch");
+        let failure = Failure::from(e);
+        let mut failed: Vec<usize> = chosen.iter().map(|&(i, _)| i).collect();
+        // Highest index first, so each swap_remove leaves the rest in place.
+        failed.sort_unstable_by(|a, b| b.cmp(a));
+        for i in failed {
+            let r = running.swap_remove(i);
+            self.kv.free(r.seq);
+            self.end(r, Err(failure.clone()));
+        }
+    }
+
+    /// The step's device time at the served-as shape, the device pace, and
+    /// the step metrics.
+    fn account_step(
+        &mut self,
+        running: &[Running],
+        chosen: &[(usize, usize)],
+        output: &mut StepOutput,
+        started: Instant,
+    ) {
         if let Some(served_as) = &self.config.served_as {
             let shape = StepShape {
                 tokens: chosen.iter().map(|&(_, take)| take).sum(),
@@ -429,7 +461,7 @@ impl Worker {
                     })
                     .collect(),
             };
-            served_as.scale_step(self.model.config(), &self.device, &shape, &mut output);
+            served_as.scale_step(self.model.config(), &self.device, &shape, output);
         }
         if self.config.pace == Pace::Device {
             let device = Duration::from_secs_f64(output.device_us / 1e6);
@@ -447,6 +479,18 @@ impl Worker {
         stats
             .step_tokens
             .observe(chosen.iter().map(|&(_, take)| take as u64).sum());
+    }
+
+    /// Charges each chosen sequence its share of the step and, where its
+    /// chunk was its last pending token, samples the next token and streams
+    /// it. Returns the sequences that finished, with their outcome.
+    fn advance(
+        &self,
+        running: &mut [Running],
+        chosen: &[(usize, usize)],
+        output: &StepOutput,
+    ) -> Vec<(usize, Result<FinishReason, Failure>)> {
+        let stats = &self.shared.stats;
         let mut finished = Vec::new();
         let batch_tokens = chosen.iter().map(|&(_, take)| take).sum();
         for ((&(i, take), logits), share) in chosen.iter().zip(&output.logits).zip(&output.per_seq)
@@ -493,12 +537,7 @@ impl Worker {
                 Err(e) => finished.push((i, Err(Failure::from(e)))),
             }
         }
-        finished.sort_by_key(|(i, _)| std::cmp::Reverse(*i));
-        for (i, outcome) in finished {
-            let r = running.swap_remove(i);
-            self.kv.free(r.seq);
-            self.end(r, outcome);
-        }
+        finished
     }
 
     /// Frees the newest sequence of the lowest priority and parks it to be

@@ -19,7 +19,7 @@ use crate::api::pb::v1::inference_server::InferenceServer;
 use crate::api::pb::v1::tenant_admin_server::TenantAdminServer;
 use crate::api::pb::v1::webhooks_server::WebhooksServer;
 use crate::api::{self, BillingApi, InferenceApi, TenantAdminApi, WebhooksApi};
-use crate::auth::{AdminCredential, Authenticator, KeyCache, LastUsedRecorder};
+use crate::auth::{Authenticator, KeyCache, LastUsedRecorder};
 use crate::billing::BillingService;
 use crate::billing::quote::PriceCache;
 use crate::config::{Settings, redact_url};
@@ -32,6 +32,8 @@ use crate::store::{Db, StoreError};
 use crate::tenancy::TenancyService;
 use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
+
+mod startup;
 use tokio_util::task::TaskTracker;
 
 /// Largest header block a client may send. Keys are short; anything bigger
@@ -280,74 +282,9 @@ async fn connect_redis(
 impl App {
     /// Opens and migrates the database, then binds the listen address.
     pub async fn build(mut settings: Settings) -> Result<App, StartupError> {
-        // The admin token is hashed now and the plaintext dropped: from here
-        // on the process holds only its SHA-256.
-        let admin = match (
-            settings.auth.admin_token.take(),
-            &settings.auth.admin_token_sha256,
-        ) {
-            (Some(token), _) => Some(AdminCredential::from_token(&token)),
-            (None, Some(hex)) => AdminCredential::from_sha256_hex(hex),
-            (None, None) => None,
-        };
-        if admin.is_none() {
-            tracing::warn!(
-                "no admin token configured (auth.admin_token / ASCEND_ADMIN_TOKEN): TenantAdmin RPCs will be refused"
-            );
-        }
-        // The data directory holds usage and the embedded database: the
-        // gateway's user only.
-        crate::private_fs::private_dir(&settings.data_dir).map_err(|source| {
-            StoreError::DataDir {
-                path: settings.data_dir.clone(),
-                source,
-            }
-        })?;
-        let db = Db::connect(&settings).await?;
-        let report = db.migrate().await?;
-        tracing::info!(
-            database = db.display_url(),
-            applied = report.applied_now,
-            total = report.total,
-            "database ready"
-        );
-        let listener = TcpListener::bind(settings.listen)
-            .await
-            .map_err(|source| StartupError::Bind {
-                addr: settings.listen,
-                hint: match source.kind() {
-                    std::io::ErrorKind::AddrInUse => {
-                        "another process holds this port; stop it or choose another with --listen / ASCEND_LISTEN (port 0 picks a free one)"
-                    }
-                    std::io::ErrorKind::PermissionDenied => {
-                        "ports below 1024 need privileges; choose a higher port with --listen"
-                    }
-                    _ => "check that the address belongs to this machine",
-                },
-                source,
-            })?;
-        let local_addr = listener.local_addr().map_err(|source| StartupError::Bind {
-            addr: settings.listen,
-            hint: "the socket has no local address",
-            source,
-        })?;
-        let metrics_error = |source| StartupError::MetricsBind {
-            addr: settings.metrics_listen,
-            source,
-        };
-        let metrics_listener = TcpListener::bind(settings.metrics_listen)
-            .await
-            .map_err(metrics_error)?;
-        let metrics_addr = metrics_listener.local_addr().map_err(metrics_error)?;
-        let (http_listener, http_addr) = match settings.http_listen {
-            Some(addr) => {
-                let http_error = |source| StartupError::HttpBind { addr, source };
-                let listener = TcpListener::bind(addr).await.map_err(http_error)?;
-                let bound = listener.local_addr().map_err(http_error)?;
-                (Some(listener), Some(bound))
-            }
-            None => (None, None),
-        };
+        let admin = startup::admin_credential(&mut settings);
+        let db = startup::open_database(&settings).await?;
+        let listeners = startup::Listeners::bind(&settings).await?;
         let cache = Arc::new(
             KeyCache::new(settings.auth.cache_ttl, settings.auth.cache_capacity)
                 .with_stale_window(settings.auth.stale_if_unavailable),
@@ -359,62 +296,9 @@ impl App {
             None => None,
         };
         let (limiter, settlements) = Limiter::new(redis, settings.limits.clone());
-        let usage_db = db.clone();
-        let drafts = BillingService::new(db.clone(), &settings.billing);
-        limiter.set_quota_seed(Arc::new(
-            move |tenant_id: String, since_us: i64, with_spend: bool| {
-                let db = usage_db.clone();
-                let drafts = drafts.clone();
-                Box::pin(async move {
-                    // An API key's own counters: no token quota per key, its
-                    // budget from its own usage.
-                    if let Some((tenant, key)) = crate::generation::parse_key_subject(&tenant_id) {
-                        let spend_nanos = match with_spend {
-                            true => Some(
-                                drafts
-                                    .key_month_spend(tenant, key)
-                                    .await
-                                    .map_err(crate::limits::SeedError::from)?
-                                    .max(0)
-                                    .unsigned_abs(),
-                            ),
-                            false => None,
-                        };
-                        return Ok(crate::limits::MonthToDate {
-                            tokens: 0,
-                            spend_nanos,
-                        });
-                    }
-                    let (_, total) = crate::metering::query::usage(
-                        &db,
-                        &tenant_id,
-                        since_us,
-                        i64::MAX,
-                        None,
-                        crate::metering::Grouping::Total,
-                    )
-                    .await
-                    .map_err(crate::limits::SeedError::from)?;
-                    // The budget counts each request at its exact cost: the
-                    // month's draft lines before their rounding.
-                    let spend_nanos = match with_spend {
-                        true => Some(
-                            drafts
-                                .month_spend(&tenant_id)
-                                .await
-                                .map_err(crate::limits::SeedError::from)?
-                                .exact_nanos
-                                .max(0)
-                                .unsigned_abs(),
-                        ),
-                        false => None,
-                    };
-                    Ok(crate::limits::MonthToDate {
-                        tokens: total.prompt_tokens + total.completion_tokens,
-                        spend_nanos,
-                    })
-                })
-            },
+        limiter.set_quota_seed(startup::quota_seed(
+            db.clone(),
+            BillingService::new(db.clone(), &settings.billing),
         ));
         let spool_dir = settings
             .metering
@@ -429,15 +313,7 @@ impl App {
             metering: metering.clone(),
             tenant_tokens: tenant_tokens.clone(),
         });
-        let (models, data_dir) = (settings.models.clone(), settings.data_dir.clone());
-        // Loading (or first creating) models is heavy compute: off the runtime.
-        let registry =
-            tokio::task::spawn_blocking(move || ModelRegistry::start(&models, &data_dir, sink))
-                .await
-                .map_err(|e| crate::serving::ServingError::Thread {
-                    id: "registry".to_owned(),
-                    source: std::io::Error::other(e.to_string()),
-                })??;
+        let registry = startup::start_models(&settings, sink).await?;
         let (claims, pending_claims) = Idempotency::new(db.clone(), settings.idempotency.clone());
         let last_used = Arc::new(LastUsedRecorder::default());
         let authenticator = Arc::new(Authenticator::new(
@@ -450,6 +326,14 @@ impl App {
                 settings.auth.failed_auth_per_minute,
             ),
         ));
+        let startup::Listeners {
+            grpc: listener,
+            grpc_addr: local_addr,
+            metrics: metrics_listener,
+            metrics_addr,
+            http: http_listener,
+            http_addr,
+        } = listeners;
         Ok(App {
             settings: Arc::new(settings),
             listener,
