@@ -404,6 +404,30 @@ pub async fn tenant_with_limits(
     .await
 }
 
+/// A tenant with default limits and an `inference` key: the key's secret.
+pub async fn tenant_key(gateway: &TestGateway, slug: &str) -> String {
+    let request = ascend_gateway::api::pb::v1::CreateTenantRequest {
+        slug: slug.to_owned(),
+        ..Default::default()
+    };
+    tenant_with(&gateway.channel, request).await.1
+}
+
+/// The tenant `request` creates, without a key: its id. Every test makes
+/// its tenants through here or [`tenant_with`].
+pub async fn create_tenant(
+    channel: &Channel,
+    request: ascend_gateway::api::pb::v1::CreateTenantRequest,
+) -> String {
+    use ascend_gateway::api::pb::v1::tenant_admin_client::TenantAdminClient;
+    TenantAdminClient::new(channel.clone())
+        .create_tenant(admin(request))
+        .await
+        .expect("create tenant")
+        .into_inner()
+        .id
+}
+
 /// The tenant `request` creates, with an `inference` key: (tenant id, key).
 pub async fn tenant_with(
     channel: &Channel,
@@ -411,15 +435,9 @@ pub async fn tenant_with(
 ) -> (String, String) {
     use ascend_gateway::api::pb::v1::CreateApiKeyRequest;
     use ascend_gateway::api::pb::v1::tenant_admin_client::TenantAdminClient;
-    let mut client = TenantAdminClient::new(channel.clone());
     let slug = request.slug.clone();
-    let id = client
-        .create_tenant(admin(request))
-        .await
-        .expect("tenant")
-        .into_inner()
-        .id;
-    let key = client
+    let id = create_tenant(channel, request).await;
+    let key = TenantAdminClient::new(channel.clone())
         .create_api_key(admin(CreateApiKeyRequest {
             tenant: slug,
             ..Default::default()

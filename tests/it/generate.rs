@@ -4,35 +4,15 @@
 use std::time::Duration;
 
 use ascend_gateway::api::pb::v1::inference_client::InferenceClient;
-use ascend_gateway::api::pb::v1::tenant_admin_client::TenantAdminClient;
 use ascend_gateway::api::pb::v1::{
-    ChatMessage, CountTokensRequest, CreateApiKeyRequest, CreateTenantRequest, GenerateRequest,
-    ListModelsRequest, generate_stream_response,
+    ChatMessage, CountTokensRequest, GenerateRequest, ListModelsRequest, generate_stream_response,
 };
 use tokio_stream::StreamExt;
 use tonic::Code;
 
-use crate::common::{TestGateway, admin, authed};
+use crate::common::{TestGateway, authed};
 
-pub async fn tenant_key(gateway: &TestGateway, slug: &str) -> String {
-    let mut client = TenantAdminClient::new(gateway.channel.clone());
-    client
-        .create_tenant(admin(CreateTenantRequest {
-            slug: slug.to_owned(),
-            ..Default::default()
-        }))
-        .await
-        .expect("tenant");
-    client
-        .create_api_key(admin(CreateApiKeyRequest {
-            tenant: slug.to_owned(),
-            ..Default::default()
-        }))
-        .await
-        .expect("key")
-        .into_inner()
-        .secret
-}
+pub use crate::common::tenant_key;
 
 fn request(prompt: &str, seed: u64) -> GenerateRequest {
     GenerateRequest {

@@ -17,10 +17,6 @@ use tonic::Code;
 
 use crate::common::{PgTestDb, TestGateway, authed, tenant_with_limits, test_settings};
 
-async fn tenant(gateway: &TestGateway, slug: &str, limits: TenantLimits) -> (String, String) {
-    tenant_with_limits(&gateway.channel, slug, limits).await
-}
-
 fn request(request_id: &str, max_tokens: u32) -> GenerateRequest {
     GenerateRequest {
         model: "tiny".to_owned(),
@@ -61,7 +57,8 @@ async fn metered(gateway: &TestGateway, tenant_id: &str, expected: i64) -> (i64,
 }
 
 async fn thirty_racers_are_served_once(gateway: &TestGateway) {
-    let (tenant_id, key) = tenant(gateway, "free-rider", TenantLimits::default()).await;
+    let (tenant_id, key) =
+        tenant_with_limits(&gateway.channel, "free-rider", TenantLimits::default()).await;
     let mut racers = Vec::new();
     for n in 0..30 {
         let (channel, key) = (gateway.channel.clone(), key.clone());
@@ -205,8 +202,8 @@ async fn a_quota_cannot_be_exceeded_through_ids() {
     let settings = test_settings(&data_dir);
     let first =
         TestGateway::start_with(settings.clone(), tempfile::tempdir().expect("spare")).await;
-    let (tenant_id, key) = tenant(
-        &first,
+    let (tenant_id, key) = tenant_with_limits(
+        &first.channel,
         "quota-rider",
         TenantLimits {
             monthly_token_quota: Some(300),
@@ -247,8 +244,8 @@ async fn refusals_release_ids_and_retention_ends_replays() {
     let mut settings = test_settings(&dir);
     settings.idempotency.retention = Duration::from_secs(1);
     let gateway = TestGateway::start_with(settings, dir).await;
-    let (tenant_id, key) = tenant(
-        &gateway,
+    let (tenant_id, key) = tenant_with_limits(
+        &gateway.channel,
         "retrier",
         TenantLimits {
             // Above one 8-token request of this prompt, twice, and below

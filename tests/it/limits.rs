@@ -16,10 +16,11 @@ use ascend_gateway::limits::{
 use ascend_gateway::tenancy::Limits;
 use secrecy::SecretString;
 use tonic::Code;
-use tonic::transport::Channel;
 use tonic_types::StatusExt;
 
-use crate::common::{PgTestDb, PrivateRedis, TestGateway, admin, authed, test_settings};
+use crate::common::{
+    PgTestDb, PrivateRedis, TestGateway, admin, authed, tenant_with_limits, test_settings,
+};
 
 fn redis_url() -> String {
     std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
@@ -49,12 +50,6 @@ fn settings(prefix: String, policy: FailurePolicy, lease_ttl: Duration) -> Limit
     }
 }
 
-async fn tenant_with_key(channel: &Channel, slug: &str, limits: TenantLimits) -> String {
-    crate::common::tenant_with_limits(channel, slug, limits)
-        .await
-        .1
-}
-
 #[tokio::test]
 async fn rate_limit_refusals_carry_retry_info_and_quota_failure() {
     let gateway = TestGateway::start().await;
@@ -63,7 +58,9 @@ async fn rate_limit_refusals_carry_retry_info_and_quota_failure() {
         burst: Some(3),
         ..Default::default()
     };
-    let key = tenant_with_key(&gateway.channel, "limited", limits).await;
+    let key = tenant_with_limits(&gateway.channel, "limited", limits)
+        .await
+        .1;
     let mut client = InferenceClient::new(gateway.channel.clone());
     for expected_remaining in [2, 1, 0] {
         let response = client
@@ -118,7 +115,7 @@ async fn two_gateways_sharing_redis_enforce_one_combined_limit() {
         settings.limits.redis_prefix = prefix.clone();
         gateways.push(TestGateway::start_with(settings, data_dir).await);
     }
-    let key = tenant_with_key(
+    let key = tenant_with_limits(
         &gateways[0].channel,
         "shared",
         TenantLimits {
@@ -127,7 +124,8 @@ async fn two_gateways_sharing_redis_enforce_one_combined_limit() {
             ..Default::default()
         },
     )
-    .await;
+    .await
+    .1;
     let admitted = Arc::new(AtomicU64::new(0));
     let refused = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
@@ -427,7 +425,9 @@ async fn a_limit_changed_by_an_operator_applies_at_once() {
         burst: Some(1),
         ..Default::default()
     };
-    let key = tenant_with_key(&gateway.channel, "growing", strict).await;
+    let key = tenant_with_limits(&gateway.channel, "growing", strict)
+        .await
+        .1;
     let mut client = InferenceClient::new(gateway.channel.clone());
     client
         .list_models(authed(ListModelsRequest {}, &key))
@@ -461,7 +461,7 @@ async fn a_limit_changed_by_an_operator_applies_at_once() {
 #[tokio::test]
 async fn rejections_are_counted_in_the_metrics() {
     let gateway = TestGateway::start().await;
-    let key = tenant_with_key(
+    let key = tenant_with_limits(
         &gateway.channel,
         "counted",
         TenantLimits {
@@ -470,7 +470,8 @@ async fn rejections_are_counted_in_the_metrics() {
             ..Default::default()
         },
     )
-    .await;
+    .await
+    .1;
     let mut client = InferenceClient::new(gateway.channel.clone());
     for _ in 0..3 {
         let _ = client.list_models(authed(ListModelsRequest {}, &key)).await;
@@ -507,7 +508,7 @@ async fn a_restarted_gateway_keeps_counting_the_months_quota() {
     let quota = 100u64;
     let first =
         TestGateway::start_with(settings.clone(), tempfile::tempdir().expect("spare")).await;
-    let key = tenant_with_key(
+    let key = tenant_with_limits(
         &first.channel,
         "quota-restart",
         TenantLimits {
@@ -515,7 +516,8 @@ async fn a_restarted_gateway_keeps_counting_the_months_quota() {
             ..Default::default()
         },
     )
-    .await;
+    .await
+    .1;
     let request = |max_tokens: u32| GenerateRequest {
         model: "tiny".to_owned(),
         prompt: "hi".to_owned(),
@@ -678,7 +680,9 @@ async fn extreme_rates_are_refused_or_served_never_panic() {
         requests_per_second: Some(1.0 / 86_400.0),
         ..Default::default()
     };
-    let key = tenant_with_key(&gateway.channel, "one-a-day", slowest).await;
+    let key = tenant_with_limits(&gateway.channel, "one-a-day", slowest)
+        .await
+        .1;
     let mut client = InferenceClient::new(gateway.channel.clone());
     client
         .list_models(authed(ListModelsRequest {}, &key))

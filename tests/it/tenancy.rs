@@ -15,16 +15,12 @@ use tonic::transport::Channel;
 use crate::common::{PgTestDb, TestGateway, admin, authed, test_settings};
 
 async fn create_tenant(channel: &Channel, slug: &str) -> String {
-    TenantAdminClient::new(channel.clone())
-        .create_tenant(admin(CreateTenantRequest {
-            slug: slug.to_owned(),
-            display_name: format!("{slug} Inc."),
-            ..Default::default()
-        }))
-        .await
-        .expect("create tenant")
-        .into_inner()
-        .id
+    let request = CreateTenantRequest {
+        slug: slug.to_owned(),
+        display_name: format!("{slug} Inc."),
+        ..Default::default()
+    };
+    crate::common::create_tenant(channel, request).await
 }
 
 async fn create_key(channel: &Channel, tenant: &str, scopes: &[&str]) -> (String, String) {
