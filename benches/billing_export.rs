@@ -19,9 +19,9 @@ use ascend_gateway::api::event_from_pb;
 use ascend_gateway::api::pb::v1::ExportRequest;
 use ascend_gateway::api::pb::v1::billing_client::BillingClient;
 use ascend_gateway::app::App;
-use ascend_gateway::billing::Period;
 use ascend_gateway::billing::export::{CHUNK_ROWS, EventPager, Pager};
 use ascend_gateway::billing::file::{EventRecord, ExportFile, FileFormat};
+use ascend_gateway::calendar::Month;
 use ascend_gateway::config::Settings;
 use ascend_gateway::metering::{UsageEvent, insert_batch};
 use ascend_gateway::store::Db;
@@ -40,7 +40,7 @@ fn peak_rss_mib() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-fn seed_event(period: Period) -> UsageEvent {
+fn seed_event(period: Month) -> UsageEvent {
     UsageEvent {
         request_id: "seed".to_owned(),
         tenant_id: "tenant-000".to_owned(),
@@ -97,7 +97,7 @@ fn main() {
 
         // Last month, filled with `total` events of 100 tenants by one
         // server-side statement (the insert path has its own benchmark).
-        let period = Period::of_us(Period::of_us(ascend_gateway::store::now_us()).start_us() - 1);
+        let period = Month::of_us(Month::of_us(ascend_gateway::store::now_us()).start_us() - 1);
         insert_batch(&db, &[seed_event(period)]).await.expect("partition");
         let start = Instant::now();
         let span = period.end_us() - period.start_us();

@@ -22,7 +22,8 @@ use super::pb::v1::{UsageBucket, UsageGrouping};
 use crate::auth::Principal;
 use crate::billing::BillingSettings;
 use crate::billing::export::{CHUNK_ROWS, EventPager, LinePager, Pager};
-use crate::billing::{self, BillingService, MoneyInput, Period, PriceInput, PutPrices};
+use crate::billing::{self, BillingService, MoneyInput, PriceInput, PutPrices};
+use crate::calendar::Month;
 use crate::limits::{Cost, Limiter};
 use crate::metering::{self, Grouping, HOUR_US, UsageTotals};
 use crate::store::Db;
@@ -99,7 +100,7 @@ impl BillingApi {
     async fn export_scope(
         &self,
         request: Request<ExportRequest>,
-    ) -> Result<(Option<String>, Period), Status> {
+    ) -> Result<(Option<String>, Month), Status> {
         let caller = self.caller(&request).await?;
         let r = request.into_inner();
         let period = BillingService::parse_period("period", &r.period).or_status()?;

@@ -27,7 +27,7 @@ use sqlx::FromRow;
 
 use super::BillingError;
 use super::file::{ExportFile, FileFormat, Record, Value};
-use super::period::Period;
+use crate::calendar::Month;
 use crate::store::{Backend, Db, now_us};
 
 /// Events read and written per page.
@@ -159,7 +159,7 @@ impl Archiver {
     /// The archive files of `period` written by the run `claim`: (Parquet,
     /// manifest). Each run writes files of its own, so a run that fails (or
     /// races another) never overwrites an archive that holds a month.
-    fn paths(&self, period: Period, claim: &str) -> (PathBuf, PathBuf) {
+    fn paths(&self, period: Month, claim: &str) -> (PathBuf, PathBuf) {
         (
             self.dir
                 .join(format!("usage-events-{period}-{claim}.parquet")),
@@ -182,7 +182,7 @@ impl Archiver {
     /// Why `period` cannot be archived now, if it cannot.
     async fn refusal(
         conn: &mut sqlx::AnyConnection,
-        period: Period,
+        period: Month,
     ) -> Result<Option<String>, BillingError> {
         if period.end_us() > now_us() {
             return Ok(Some(format!("{period} is not over yet")));
@@ -224,7 +224,7 @@ impl Archiver {
     }
 
     /// The month's row in `usage_archives`: its state.
-    async fn state(&self, period: Period) -> Result<Option<String>, BillingError> {
+    async fn state(&self, period: Month) -> Result<Option<String>, BillingError> {
         let row: Option<(String,)> =
             sqlx::query_as("SELECT state FROM usage_archives WHERE month_start_us = $1")
                 .bind(period.start_us())
@@ -236,7 +236,7 @@ impl Archiver {
     /// Claims `period` for the run `claim`: a month never archived, a
     /// restored one, or one whose claim went stale. Two runs never hold one
     /// month.
-    async fn claim(&self, period: Period, claim: &str) -> Result<(), BillingError> {
+    async fn claim(&self, period: Month, claim: &str) -> Result<(), BillingError> {
         let now = now_us();
         let won: Option<(String,)> = sqlx::query_as(
             "INSERT INTO usage_archives (month_start_us, period, state, claim, claimed_at_us, \
@@ -270,7 +270,7 @@ impl Archiver {
 
     /// Gives up a claim that did not end in an archive: the month is as it
     /// was (never archived, or restored).
-    async fn release(&self, period: Period, claim: &str) {
+    async fn release(&self, period: Month, claim: &str) {
         let released = sqlx::query(
             "DELETE FROM usage_archives WHERE month_start_us = $1 AND claim = $2 \
              AND state = 'archiving' AND restored_at_us IS NULL",
@@ -294,7 +294,7 @@ impl Archiver {
 
     /// Writes `period`'s events to files of their own and a manifest, checks
     /// the file against the database, and removes the events from it.
-    pub async fn archive(&self, period: Period) -> Result<Manifest, BillingError> {
+    pub async fn archive(&self, period: Month) -> Result<Manifest, BillingError> {
         {
             let mut conn = self.db.pool().acquire().await?;
             if let Some(why) = Self::refusal(&mut conn, period).await? {
@@ -312,7 +312,7 @@ impl Archiver {
         archived
     }
 
-    async fn archive_claimed(&self, period: Period, claim: &str) -> Result<Manifest, BillingError> {
+    async fn archive_claimed(&self, period: Month, claim: &str) -> Result<Manifest, BillingError> {
         crate::private_fs::private_dir(&self.dir)
             .map_err(|e| internal(format!("archive directory {}: {e}", self.dir.display())))?;
         let (parquet, manifest_path) = self.paths(period, claim);
@@ -352,7 +352,7 @@ impl Archiver {
     }
 
     /// Reads the month in key order into the file; returns what it wrote.
-    async fn write_file(&self, period: Period, path: &Path) -> Result<Totals, BillingError> {
+    async fn write_file(&self, period: Month, path: &Path) -> Result<Totals, BillingError> {
         let mut file =
             ExportFile::<ArchivedEvent>::create(path, FileFormat::Parquet).map_err(internal)?;
         let mut totals = Totals::default();
@@ -398,7 +398,7 @@ impl Archiver {
     /// exactly what the file holds.
     async fn remove_month(
         &self,
-        period: Period,
+        period: Month,
         manifest: &Manifest,
         claim: &str,
     ) -> Result<(), BillingError> {
@@ -469,7 +469,7 @@ impl Archiver {
         if self.db.backend() == Backend::Postgres {
             // The whole partition goes at once; what sits in the default
             // partition (none, normally) is deleted row by row below.
-            let (_, _, suffix) = crate::calendar::month_bounds_us(start);
+            let suffix = Month::of_us(start).table_suffix();
             let partition = format!("usage_events_{suffix}");
             let exists: Option<(String,)> =
                 sqlx::query_as("SELECT to_regclass($1)::text WHERE to_regclass($1) IS NOT NULL")
@@ -501,7 +501,7 @@ impl Archiver {
     /// the file against its manifest and the database's record of it. While
     /// the month is archived the metering writer inserts nothing into it, so
     /// no lock is needed; the events go in batches, in one transaction.
-    pub async fn restore(&self, period: Period) -> Result<Manifest, BillingError> {
+    pub async fn restore(&self, period: Month) -> Result<Manifest, BillingError> {
         let row: Option<(String, String, String)> = sqlx::query_as(
             "SELECT state, file, sha256 FROM usage_archives WHERE month_start_us = $1",
         )
@@ -530,13 +530,7 @@ impl Archiver {
             )));
         }
         if let Some(pg) = self.db.postgres() {
-            let (start, end, suffix) = crate::calendar::month_bounds_us(period.start_us());
-            sqlx::query(&format!(
-                "CREATE TABLE IF NOT EXISTS usage_events_{suffix} PARTITION OF usage_events \
-                 FOR VALUES FROM ({start}) TO ({end})"
-            ))
-            .execute(pg)
-            .await?;
+            crate::metering::create_partition(pg, period).await?;
         }
         let mut restored = 0u64;
         let mut tx = self.db.begin_write().await?;
@@ -763,12 +757,12 @@ impl Archiver {
 
     /// One round of the retention job.
     pub async fn archive_due(&self, months: u32) {
-        let mut period = Period::of_us(now_us());
+        let mut period = Month::of_us(now_us());
         for _ in 0..months {
-            period = Period::of_us(period.start_us() - 1);
+            period = Month::of_us(period.start_us() - 1);
         }
         for _ in 0..36 {
-            period = Period::of_us(period.start_us() - 1);
+            period = Month::of_us(period.start_us() - 1);
             match self.state(period).await {
                 Ok(Some(_)) => continue,
                 Ok(None) => {}

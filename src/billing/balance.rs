@@ -7,8 +7,8 @@
 
 use std::sync::Arc;
 
-use super::period::Period;
 use super::{BillingError, BillingService};
+use crate::calendar::Month;
 use crate::error::{Classified, ErrorKind};
 use crate::limits::{BudgetCounters, LimitError, Limiter};
 
@@ -69,7 +69,7 @@ impl Balances {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Balance {
     pub tenant_id: String,
-    pub period: Period,
+    pub period: Month,
     pub currency_code: String,
     /// The invoice draft's total (each line rounded to the minor unit).
     pub spent_nanos: i64,
@@ -90,7 +90,7 @@ pub struct Balance {
 /// the reservations of requests in flight.
 pub fn balance(
     tenant_id: &str,
-    period: Period,
+    period: Month,
     currency_code: &str,
     draft_total_nanos: i64,
     budget_nanos: Option<u64>,
@@ -123,8 +123,8 @@ pub fn balance(
 mod tests {
     use super::*;
 
-    fn may() -> Period {
-        Period::parse("2026-05").expect("a period")
+    fn may() -> Month {
+        Month::parse("2026-05").expect("a period")
     }
 
     fn counters(spent: u64, reserved: u64) -> BudgetCounters {

@@ -12,9 +12,9 @@ use sqlx::FromRow;
 
 use super::BillingError;
 use super::invoice::{InvoiceLine, InvoiceStatus};
-use super::period::Period;
 use super::repo;
 use super::service::BillingService;
+use crate::calendar::Month;
 use crate::metering::UsageEvent;
 use crate::store::Db;
 
@@ -53,14 +53,14 @@ impl LinePager {
     pub async fn open(
         service: &BillingService,
         tenant_id: Option<&str>,
-        period: Period,
+        period: Month,
         chunk_rows: usize,
     ) -> Result<LinePager, BillingError> {
         let mut sources = VecDeque::new();
         let mut total_rows = 0;
         let mut conn = service.db().pool().acquire().await?;
         for row in service.invoices_of_period(tenant_id, period).await? {
-            if row.status == InvoiceStatus::Finalized.as_str() {
+            if row.status == InvoiceStatus::Finalized {
                 total_rows += repo::count_stored_lines(&mut conn, &row.id).await?;
                 sources.push_back(LineSource::Stored {
                     invoice_id: row.id,
@@ -262,7 +262,7 @@ impl EventPager {
     pub async fn open(
         db: &Db,
         tenant_id: Option<&str>,
-        period: Period,
+        period: Month,
         chunk_rows: usize,
     ) -> Result<EventPager, BillingError> {
         let (count,): (i64,) = sqlx::query_as(

@@ -11,8 +11,8 @@ use std::collections::BTreeMap;
 
 use super::BillingError;
 use super::money::{Currency, div_round_half_even, line_amount};
-use super::period::Period;
 use super::prices::PriceBook;
+use crate::calendar::Month;
 
 /// Millijoules in a watt-hour: energy lines bill whole Wh.
 pub(crate) const MJ_PER_WH: i64 = 3_600_000;
@@ -77,6 +77,20 @@ impl InvoiceStatus {
     }
 }
 
+/// A stored invoice status that is neither `draft` nor `finalized`.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown invoice status {0:?}")]
+pub struct UnknownStatus(String);
+
+/// For the `status` column: parsed when the row is read.
+impl TryFrom<String> for InvoiceStatus {
+    type Error = UnknownStatus;
+
+    fn try_from(text: String) -> Result<InvoiceStatus, UnknownStatus> {
+        InvoiceStatus::parse(&text).ok_or(UnknownStatus(text))
+    }
+}
+
 /// One line of an invoice, with the invoice fields an export row needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InvoiceLine {
@@ -106,7 +120,7 @@ pub struct Invoice {
     pub id: String,
     pub tenant_id: String,
     pub tenant_slug: String,
-    pub period: Period,
+    pub period: Month,
     pub status: InvoiceStatus,
     pub currency_code: String,
     pub total_nanos: i64,
@@ -165,7 +179,7 @@ pub fn price_lines(
                 ))
             })?;
         let adjusts_period = if adjustment {
-            Period::of_us(group.bucket_start_us).to_string()
+            Month::of_us(group.bucket_start_us).to_string()
         } else {
             String::new()
         };
@@ -423,7 +437,7 @@ mod tests {
     fn adjustments_name_the_period_they_adjust() {
         let usd = Currency::find("USD").expect("USD");
         let book = PriceBook::new("p", vec![price("m", 0, 1_000_000_000, None)]);
-        let october = Period::parse("2026-10").expect("period");
+        let october = Month::parse("2026-10").expect("period");
         let lines = price_lines(
             &[group("m", october.start_us(), 1_000_000, 0, 0)],
             true,

@@ -2,7 +2,6 @@
 //!
 //! - `money`: exact amounts in nanos, ISO 4217 currencies, the one rounding
 //!   rule (half to even, once per invoice line).
-//! - `period`: billing months "YYYY-MM" in UTC.
 //! - `prices`: plans and insert-only prices; which price is in effect.
 //! - `invoice`: invoices, lines, and the pure pricing of usage into lines.
 //! - `service`: the operations (plans, drafts computed on read, ordered
@@ -26,7 +25,6 @@ pub mod export;
 pub mod file;
 pub mod invoice;
 pub mod money;
-pub mod period;
 pub mod prices;
 pub mod quote;
 mod repo;
@@ -38,7 +36,6 @@ use serde::{Deserialize, Serialize};
 
 pub use error::BillingError;
 pub use invoice::{Invoice, InvoiceLine, InvoiceStatus, LineKind};
-pub use period::Period;
 pub use prices::{MoneyInput, Price, PriceInput, PricePlan, PutPrices};
 pub use repo::now_sql;
 pub use service::{BillingService, MonthSpend, invoice_id};

@@ -2,13 +2,20 @@
 //! written once for both backends (see `store` for the conventions).
 //! Functions take a connection so the service can group them in one
 //! transaction. Knows rows and statements, not the rules that pick them.
+//!
+//! A tenant itself is read through tenancy's repository. The statements
+//! here join `tenants` only where a listing needs its slug or its plan in
+//! the same statement (invoice headers, stored lines, a plan's latest
+//! finalized period): one join rather than a query per row. They read the
+//! columns `id`, `slug` and `price_plan`, which tenancy keeps.
 
 use sqlx::{AnyConnection, FromRow};
 
 use super::BillingError;
-use super::invoice::{InvoiceLine, LineKind, UsageGroup};
+use super::invoice::{InvoiceLine, InvoiceStatus, LineKind, UsageGroup};
 use super::money::Currency;
 use super::prices::{self, Price, PriceBook, PricePlan};
+use crate::calendar::Month;
 use crate::store::Backend;
 
 /// The database's clock in microseconds since the epoch; the same expression
@@ -25,6 +32,20 @@ pub async fn db_now_us(conn: &mut AnyConnection, backend: Backend) -> Result<i64
         .fetch_one(&mut *conn)
         .await?;
     Ok(now)
+}
+
+/// Until the transaction ends, usage inserts wait (PostgreSQL; SQLite's one
+/// writer is this transaction already).
+pub async fn hold_usage_inserts(
+    conn: &mut AnyConnection,
+    backend: Backend,
+) -> Result<(), BillingError> {
+    if backend == Backend::Postgres {
+        sqlx::query("LOCK TABLE usage_events IN SHARE MODE")
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
 }
 
 fn corrupt(what: &str) -> BillingError {
@@ -198,39 +219,6 @@ pub async fn latest_finalized_period_of_plan(
     Ok(row.and_then(|(p,)| p))
 }
 
-/// What billing needs of a tenant.
-#[derive(Debug, Clone, FromRow)]
-pub struct TenantRef {
-    pub price_plan: String,
-}
-
-pub async fn fetch_tenant(
-    conn: &mut AnyConnection,
-    tenant_id: &str,
-) -> Result<Option<TenantRef>, BillingError> {
-    Ok(
-        sqlx::query_as("SELECT price_plan FROM tenants WHERE id = $1")
-            .bind(tenant_id)
-            .fetch_optional(&mut *conn)
-            .await?,
-    )
-}
-
-/// The currency of the tenant's price plan; `None` for no such tenant.
-pub async fn tenant_currency(
-    conn: &mut AnyConnection,
-    tenant_id: &str,
-) -> Result<Option<String>, BillingError> {
-    let row: Option<(String,)> = sqlx::query_as(
-        "SELECT p.currency_code FROM tenants t JOIN price_plans p ON p.name = t.price_plan \
-         WHERE t.id = $1",
-    )
-    .bind(tenant_id)
-    .fetch_optional(&mut *conn)
-    .await?;
-    Ok(row.map(|(code,)| code))
-}
-
 /// Per tenant (all, or the one given): the hour of its first usage.
 pub async fn first_usage(
     conn: &mut AnyConnection,
@@ -281,14 +269,17 @@ pub async fn insert_draft(
     Ok(())
 }
 
-/// An invoice header as stored.
+/// An invoice header as stored, its period and status parsed on read (a
+/// row that holds neither is a decoding error, not a later surprise).
 #[derive(Debug, Clone, FromRow)]
 pub struct InvoiceRow {
     pub id: String,
     pub tenant_id: String,
     pub tenant_slug: String,
-    pub period: String,
-    pub status: String,
+    #[sqlx(try_from = "String")]
+    pub period: Month,
+    #[sqlx(try_from = "String")]
+    pub status: InvoiceStatus,
     pub currency_code: Option<String>,
     pub total_nanos: Option<i64>,
     pub created_at_us: i64,
@@ -302,8 +293,8 @@ const INVOICE_COLUMNS: &str = "i.id, i.tenant_id, t.slug AS tenant_slug, i.perio
 #[derive(Debug, Clone, Default)]
 pub struct InvoiceFilter {
     pub tenant_id: Option<String>,
-    pub period: Option<super::period::Period>,
-    pub status: Option<super::invoice::InvoiceStatus>,
+    pub period: Option<Month>,
+    pub status: Option<InvoiceStatus>,
     pub id: Option<String>,
 }
 
@@ -336,14 +327,14 @@ pub async fn list_invoices(
 pub async fn previous_finalized(
     conn: &mut AnyConnection,
     tenant_id: &str,
-    period: &str,
+    period: Month,
 ) -> Result<Option<(String, i64)>, BillingError> {
     Ok(sqlx::query_as(
         "SELECT period, finalized_at_us FROM invoices WHERE tenant_id = $1 AND period < $2 \
          AND status = 'finalized' ORDER BY period DESC LIMIT 1",
     )
     .bind(tenant_id)
-    .bind(period)
+    .bind(period.to_string())
     .fetch_optional(&mut *conn)
     .await?)
 }
@@ -352,7 +343,7 @@ pub async fn previous_finalized(
 pub async fn earliest_draft(
     conn: &mut AnyConnection,
     tenant_id: &str,
-) -> Result<Option<String>, BillingError> {
+) -> Result<Option<Month>, BillingError> {
     let row: Option<(String,)> = sqlx::query_as(
         "SELECT period FROM invoices WHERE tenant_id = $1 AND status = 'draft' \
          ORDER BY period LIMIT 1",
@@ -360,7 +351,9 @@ pub async fn earliest_draft(
     .bind(tenant_id)
     .fetch_optional(&mut *conn)
     .await?;
-    Ok(row.map(|(p,)| p))
+    row.map(|(p,)| Month::try_from(p).map_err(|e| sqlx::Error::Decode(e.into())))
+        .transpose()
+        .map_err(BillingError::from)
 }
 
 /// Which usage events of one tenant to total: finished in

@@ -26,11 +26,12 @@ use sqlx::AnyConnection;
 
 use super::invoice::{self, Invoice, InvoiceLine, InvoiceStatus, UsageGroup};
 use super::money::Currency;
-use super::period::Period;
 use super::prices::{self, PriceBook, PricePlan, PutPrices};
-use super::repo::{self, InvoiceFilter, InvoiceRow, TenantRef, UsageWindow};
+use super::repo::{self, InvoiceFilter, InvoiceRow, UsageWindow};
 use super::{BillingError, BillingSettings};
-use crate::store::{Backend, Db, now_us};
+use crate::calendar::Month;
+use crate::store::{Db, now_us};
+use crate::tenancy::Tenant;
 use crate::tenancy::{Page, PageRequest};
 
 /// Billing over one database. Cheap to clone.
@@ -42,22 +43,14 @@ pub struct BillingService {
 
 /// The id of a tenant's invoice for a period: stable, so opening a draft
 /// twice opens one.
-pub fn invoice_id(tenant_id: &str, period: Period) -> String {
+pub fn invoice_id(tenant_id: &str, period: Month) -> String {
     format!("inv-{period}-{tenant_id}")
-}
-
-fn period_of(row: &InvoiceRow) -> Result<Period, BillingError> {
-    Period::parse(&row.period).ok_or_else(|| {
-        BillingError::from(sqlx::Error::Decode(
-            format!("invoice {} has period {:?}", row.id, row.period).into(),
-        ))
-    })
 }
 
 /// A tenant's invoice draft for the current month, in sums.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MonthSpend {
-    pub period: Period,
+    pub period: Month,
     pub currency_code: String,
     /// The draft's total: each line rounded to the minor unit.
     pub total_nanos: i64,
@@ -82,11 +75,11 @@ impl BillingService {
     }
 
     /// `period` as given by the API: "YYYY-MM" and not after the current month.
-    pub fn parse_period(field: &str, text: &str) -> Result<Period, BillingError> {
-        let period = Period::parse(text).ok_or_else(|| {
+    pub fn parse_period(field: &str, text: &str) -> Result<Month, BillingError> {
+        let period = Month::parse(text).ok_or_else(|| {
             BillingError::invalid(field, format!("{text:?} is not a month written YYYY-MM"))
         })?;
-        if period > Period::of_us(now_us()) {
+        if period > Month::of_us(now_us()) {
             return Err(BillingError::invalid(
                 field,
                 format!("{period} is in the future"),
@@ -141,7 +134,7 @@ impl BillingService {
         };
         let new_prices = prices::validate_prices(&request.prices, currency, now)?;
         if let Some(last) = repo::latest_finalized_period_of_plan(&mut tx, &request.plan).await?
-            && let Some(last) = Period::parse(&last)
+            && let Some(last) = Month::parse(&last)
         {
             for (i, price) in new_prices.iter().enumerate() {
                 if price.effective_from_us < last.end_us() {
@@ -215,17 +208,17 @@ impl BillingService {
     pub async fn open_drafts(&self, tenant_id: Option<&str>) -> Result<(), BillingError> {
         let mut conn = self.db.pool().acquire().await?;
         let now = now_us();
-        let current = Period::of_us(now);
+        let current = Month::of_us(now);
         let firsts = repo::first_usage(&mut conn, tenant_id).await?;
         let spans = repo::invoice_spans(&mut conn, tenant_id).await?;
         for (tenant, first_hour) in firsts {
             let span = spans.iter().find(|(t, ..)| *t == tenant);
-            let first_needed = Period::of_us(first_hour);
+            let first_needed = Month::of_us(first_hour);
             let from = match span {
                 None => first_needed,
                 Some((_, min, max, finalized)) => {
-                    let min = Period::parse(min).unwrap_or(first_needed);
-                    let max = Period::parse(max).unwrap_or(current);
+                    let min = Month::parse(min).unwrap_or(first_needed);
+                    let max = Month::parse(max).unwrap_or(current);
                     if *finalized == 0 && first_needed < min {
                         first_needed
                     } else if max < current {
@@ -249,8 +242,8 @@ impl BillingService {
         Ok(())
     }
 
-    async fn tenant(conn: &mut AnyConnection, tenant_id: &str) -> Result<TenantRef, BillingError> {
-        repo::fetch_tenant(conn, tenant_id)
+    async fn tenant(conn: &mut AnyConnection, tenant_id: &str) -> Result<Tenant, BillingError> {
+        crate::tenancy::fetch_tenant_by_id(conn, tenant_id)
             .await?
             .ok_or_else(|| BillingError::NotFound(format!("tenant {tenant_id}")))
     }
@@ -268,7 +261,7 @@ impl BillingService {
     /// price change inside it.
     fn bucket_starts(from: i64, to: i64, book: &PriceBook) -> Vec<i64> {
         let mut starts = vec![from];
-        let mut month = Period::of_us(from).next();
+        let mut month = Month::of_us(from).next();
         while month.start_us() < to {
             starts.push(month.start_us());
             month = month.next();
@@ -292,7 +285,7 @@ impl BillingService {
         currency: Currency,
         recorded_before: Option<i64>,
     ) -> Result<Vec<InvoiceLine>, BillingError> {
-        let period = period_of(row)?;
+        let period = row.period;
         let recorded_to = recorded_before.unwrap_or(i64::MAX);
         let own = UsageWindow {
             tenant_id: &row.tenant_id,
@@ -307,8 +300,8 @@ impl BillingService {
         let mut lines = invoice::price_lines(&groups, false, book, currency, 1)?;
 
         let earliest_draft = repo::earliest_draft(conn, &row.tenant_id).await?;
-        if earliest_draft.as_deref() == Some(row.period.as_str()) {
-            let previous = repo::previous_finalized(conn, &row.tenant_id, &row.period).await?;
+        if earliest_draft == Some(row.period) {
+            let previous = repo::previous_finalized(conn, &row.tenant_id, row.period).await?;
             let late = UsageWindow {
                 tenant_id: &row.tenant_id,
                 key_id: "",
@@ -318,7 +311,7 @@ impl BillingService {
                 recorded_to,
             };
             if let Some(first) = repo::earliest_finished(conn, &late).await? {
-                let from = Period::of_us(first).start_us();
+                let from = Month::of_us(first).start_us();
                 let late = UsageWindow {
                     finished_from: from,
                     ..late
@@ -339,7 +332,7 @@ impl BillingService {
             line.invoice_id.clone_from(&row.id);
             line.tenant_id.clone_from(&row.tenant_id);
             line.tenant_slug.clone_from(&row.tenant_slug);
-            line.period.clone_from(&row.period);
+            line.period = row.period.to_string();
             line.currency_code = currency.code.to_owned();
         }
         Ok(lines)
@@ -353,9 +346,7 @@ impl BillingService {
         row: InvoiceRow,
         with_lines: bool,
     ) -> Result<Invoice, BillingError> {
-        let period = period_of(&row)?;
-        let status = InvoiceStatus::parse(&row.status)
-            .ok_or_else(|| BillingError::from(sqlx::Error::Decode("invoices.status".into())))?;
+        let (period, status) = (row.period, row.status);
         let (lines, total, currency_code) = match status {
             InvoiceStatus::Finalized => {
                 let lines = if with_lines {
@@ -428,7 +419,7 @@ impl BillingService {
     pub async fn get_invoice_of(
         &self,
         tenant_id: &str,
-        period: Period,
+        period: Month,
     ) -> Result<Invoice, BillingError> {
         self.open_drafts(Some(tenant_id)).await?;
         let id = invoice_id(tenant_id, period);
@@ -448,7 +439,7 @@ impl BillingService {
     /// its first usage of the month), in its plan's currency, and the same
     /// lines' exact amounts before rounding.
     pub async fn month_spend(&self, tenant_id: &str) -> Result<MonthSpend, BillingError> {
-        let period = Period::of_us(now_us());
+        let period = Month::of_us(now_us());
         match self.get_invoice_of(tenant_id, period).await {
             Ok(invoice) => Ok(MonthSpend {
                 period,
@@ -458,9 +449,12 @@ impl BillingService {
             }),
             Err(BillingError::NotFound(_)) => {
                 let mut conn = self.db.pool().acquire().await?;
-                let currency_code = repo::tenant_currency(&mut conn, tenant_id)
+                let tenant = Self::tenant(&mut conn, tenant_id).await?;
+                let currency_code = crate::tenancy::plan_currency(&mut conn, &tenant.price_plan)
                     .await?
-                    .ok_or_else(|| BillingError::NotFound(format!("tenant {tenant_id}")))?;
+                    .ok_or_else(|| {
+                        BillingError::NotFound(format!("price plan `{}`", tenant.price_plan))
+                    })?;
                 Ok(MonthSpend {
                     period,
                     currency_code,
@@ -483,7 +477,7 @@ impl BillingService {
         let mut conn = self.db.pool().acquire().await?;
         let tenant = Self::tenant(&mut conn, tenant_id).await?;
         let (book, currency) = Self::price_book(&mut conn, &tenant.price_plan).await?;
-        let period = Period::of_us(now_us());
+        let period = Month::of_us(now_us());
         let window = UsageWindow {
             tenant_id,
             key_id,
@@ -502,7 +496,7 @@ impl BillingService {
     pub async fn list_invoices(
         &self,
         tenant_id: Option<&str>,
-        period: Option<Period>,
+        period: Option<Month>,
         status: Option<InvoiceStatus>,
         page: &PageRequest,
     ) -> Result<Page<Invoice>, BillingError> {
@@ -538,19 +532,15 @@ impl BillingService {
         // is read.
         let locked = repo::lock_draft(&mut tx, id).await?;
         let row = Self::row_by_id(&mut tx, id).await?;
-        if locked == 0 || row.status == InvoiceStatus::Finalized.as_str() {
+        if locked == 0 || row.status == InvoiceStatus::Finalized {
             return Err(BillingError::Precondition(format!(
                 "invoice {id} is already finalized"
             )));
         }
-        let period = period_of(&row)?;
-        if self.db.backend() == Backend::Postgres {
-            // Waits for usage inserts in flight and holds new ones until
-            // commit; see the module comment.
-            sqlx::query("LOCK TABLE usage_events IN SHARE MODE")
-                .execute(&mut *tx)
-                .await?;
-        }
+        let period = row.period;
+        // Waits for usage inserts in flight and holds new ones until
+        // commit; see the module comment.
+        repo::hold_usage_inserts(&mut tx, self.db.backend()).await?;
         let finalized_at = repo::db_now_us(&mut tx, self.db.backend()).await?;
         let grace_ends = period.end_us().saturating_add(self.grace_us());
         if finalized_at < grace_ends {
@@ -583,7 +573,7 @@ impl BillingService {
         .await?;
         let summary = serde_json::json!({
             "invoice_id": id,
-            "period": row.period,
+            "period": period.to_string(),
             "currency_code": currency.code,
             "total_nanos": total,
             "lines": lines.len(),
@@ -608,7 +598,7 @@ impl BillingService {
                 dedupe_key: format!("invoice.finalized:{id}"),
                 data: serde_json::json!({
                     "invoice_id": id,
-                    "period": row.period,
+                    "period": period.to_string(),
                     "total": crate::outbox::MoneyField::new(currency.code, total),
                     "lines": lines.len(),
                 }),
@@ -626,7 +616,7 @@ impl BillingService {
     pub(crate) async fn invoices_of_period(
         &self,
         tenant_id: Option<&str>,
-        period: Period,
+        period: Month,
     ) -> Result<Vec<InvoiceRow>, BillingError> {
         self.open_drafts(tenant_id).await?;
         let mut conn = self.db.pool().acquire().await?;

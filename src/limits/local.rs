@@ -21,7 +21,7 @@ use governor::{Quota, RateLimiter};
 use super::error::{LimitError, LimitKind};
 use super::rate::Gcra;
 use super::{BudgetCounters, Cost, Headroom, MonthToDate, RateState, TokenState, Used};
-use crate::calendar;
+use crate::calendar::{self, Month};
 use crate::tenancy::Limits;
 
 type TenantRateLimiter = RateLimiter<
@@ -43,7 +43,8 @@ struct Bucket {
 
 #[derive(Default)]
 struct QuotaState {
-    month: String,
+    /// The month the counters hold; `None` before any monthly limit.
+    month: Option<Month>,
     used: u64,
     reserved: u64,
     /// Nanos settled and reserved against the monthly budget.
@@ -74,7 +75,8 @@ pub struct LocalGrant {
     pub quota_tokens: u64,
     /// Nanos reserved against the monthly budget.
     pub budget_nanos: u64,
-    pub month: String,
+    /// The month reserved against; `None` without a monthly limit.
+    pub month: Option<Month>,
     pub tokens_per_minute: u64,
 }
 
@@ -84,20 +86,235 @@ fn refill(bucket: &mut Bucket, capacity: f64, now: Instant) {
     bucket.at = now;
 }
 
+/// What `TenantState::check` found the request may reserve.
+struct Checked {
+    concurrency: bool,
+    tokens_per_minute: Option<u64>,
+    quota: bool,
+    budget: bool,
+    month: Option<Month>,
+    rate: Option<RateState>,
+}
+
+impl TenantState {
+    /// Whether the sweep must keep this tenant: it holds something, or was
+    /// seen lately.
+    fn is_live(&self, now: Instant) -> bool {
+        self.in_flight > 0
+            || self.quota.reserved > 0
+            || self.quota.used > 0
+            || self.quota.spent > 0
+            || self.quota.spend_reserved > 0
+            || self
+                .last_seen
+                .is_some_and(|at| now.duration_since(at) < IDLE_EVICTION)
+    }
+
+    /// Every limit in turn; the first refusal is the answer. Consumes
+    /// nothing except the rate limiter's cell, which is checked last
+    /// because it is the only check that consumes by itself.
+    fn check(
+        &mut self,
+        limits: &Limits,
+        cost: Cost,
+        now: Instant,
+        now_unix_secs: i64,
+    ) -> Result<Checked, LimitError> {
+        if let Some(max) = limits.max_concurrent_requests
+            && self.in_flight >= max
+        {
+            return Err(LimitError::Exceeded {
+                kind: LimitKind::Concurrency,
+                retry_after: Duration::from_secs(1),
+            });
+        }
+        let tokens_per_minute = limits.tokens_per_minute.filter(|_| cost.tokens > 0);
+        if let Some(tpm) = tokens_per_minute {
+            self.check_token_bucket(tpm, cost.tokens, now)?;
+        }
+        let quota = limits.monthly_token_quota.filter(|_| cost.tokens > 0);
+        let budget = limits
+            .monthly_budget
+            .as_ref()
+            .map(|b| b.amount_nanos)
+            .filter(|_| cost.tokens > 0);
+        let month = (quota.is_some() || budget.is_some()).then(|| {
+            let month = Month::of_unix_secs(now_unix_secs);
+            self.quota.roll_to(month);
+            month
+        });
+        self.check_monthly(quota, budget, cost, now_unix_secs)?;
+        let rate = self.check_rate(limits)?;
+        Ok(Checked {
+            concurrency: limits.max_concurrent_requests.is_some(),
+            tokens_per_minute,
+            quota: quota.is_some(),
+            budget: budget.is_some(),
+            month,
+            rate,
+        })
+    }
+
+    fn check_token_bucket(
+        &mut self,
+        tpm: u64,
+        tokens: u64,
+        now: Instant,
+    ) -> Result<(), LimitError> {
+        if tokens > tpm {
+            return Err(LimitError::TooLarge {
+                kind: LimitKind::TokensPerMinute,
+                needed: tokens,
+                limit: tpm,
+            });
+        }
+        let capacity = tpm as f64;
+        let bucket = self.bucket.get_or_insert(Bucket {
+            level: capacity,
+            at: now,
+        });
+        refill(bucket, capacity, now);
+        let needed = tokens as f64;
+        if bucket.level < needed {
+            let wait = (needed - bucket.level) * 60.0 / capacity;
+            return Err(LimitError::Exceeded {
+                kind: LimitKind::TokensPerMinute,
+                retry_after: Duration::from_secs_f64(wait),
+            });
+        }
+        Ok(())
+    }
+
+    /// The monthly quota and budget, against this month's counters.
+    fn check_monthly(
+        &self,
+        quota: Option<u64>,
+        budget: Option<u64>,
+        cost: Cost,
+        now_unix_secs: i64,
+    ) -> Result<(), LimitError> {
+        let until_reset = || {
+            Duration::from_secs(
+                u64::try_from(calendar::secs_until_month_end(now_unix_secs)).unwrap_or(1),
+            )
+        };
+        if let Some(quota) = quota {
+            let committed = self.quota.used + self.quota.reserved;
+            if committed.saturating_add(cost.tokens) > quota {
+                return Err(LimitError::Exceeded {
+                    kind: LimitKind::MonthlyQuota,
+                    retry_after: until_reset(),
+                });
+            }
+        }
+        if let Some(budget) = budget {
+            let committed = self.quota.spent.saturating_add(self.quota.spend_reserved);
+            if committed.saturating_add(cost.spend_nanos) > budget {
+                return Err(LimitError::Exceeded {
+                    kind: LimitKind::MonthlyBudget,
+                    retry_after: until_reset(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The request rate, on a GCRA limiter rebuilt when the tenant's rate
+    /// changed. Takes a cell when it admits.
+    fn check_rate(&mut self, limits: &Limits) -> Result<Option<RateState>, LimitError> {
+        let Some(gcra) = Gcra::of(limits) else {
+            return Ok(None);
+        };
+        let (interval, burst) = (gcra.interval, gcra.burst);
+        let wanted = (
+            u64::try_from(interval.as_nanos()).unwrap_or(u64::MAX),
+            burst,
+        );
+        let limiter = match &self.rate {
+            Some((have, limiter)) if *have == wanted => limiter,
+            _ => {
+                let burst_nz = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
+                // `Gcra` keeps the interval at least 1 ns, so a period exists.
+                let quota = Quota::with_period(interval)
+                    .unwrap_or_else(|| Quota::per_second(NonZeroU32::MAX))
+                    .allow_burst(burst_nz);
+                let limiter =
+                    RateLimiter::direct(quota).with_middleware::<StateInformationMiddleware>();
+                &self.rate.insert((wanted, limiter)).1
+            }
+        };
+        match limiter.check() {
+            Ok(snapshot) => Ok(Some(RateState {
+                limit: burst,
+                remaining: snapshot.remaining_burst_capacity(),
+                window: gcra.window(),
+            })),
+            Err(not_until) => Err(LimitError::Exceeded {
+                kind: LimitKind::Requests,
+                retry_after: not_until.wait_time_from(DefaultClock::default().now()),
+            }),
+        }
+    }
+
+    /// Reserves what `check` allowed: the concurrency slot, the bucket's
+    /// tokens, the quota's tokens and the budget's nanos.
+    fn commit(&mut self, checked: Checked, cost: Cost) -> (LocalGrant, Headroom) {
+        if checked.concurrency {
+            self.in_flight += 1;
+        }
+        let mut tokens = None;
+        if let (Some(tpm), Some(bucket)) = (checked.tokens_per_minute, self.bucket.as_mut()) {
+            bucket.level -= cost.tokens as f64;
+            tokens = Some(TokenState {
+                limit: tpm,
+                remaining: bucket.level.max(0.0) as u64,
+            });
+        }
+        if checked.quota {
+            self.quota.reserved += cost.tokens;
+        }
+        if checked.budget {
+            self.quota.spend_reserved += cost.spend_nanos;
+        }
+        let only_if = |reserved: bool, amount: u64| if reserved { amount } else { 0 };
+        (
+            LocalGrant {
+                concurrency: checked.concurrency,
+                bucket_tokens: only_if(checked.tokens_per_minute.is_some(), cost.tokens),
+                quota_tokens: only_if(checked.quota, cost.tokens),
+                budget_nanos: only_if(checked.budget, cost.spend_nanos),
+                month: checked.month,
+                tokens_per_minute: checked.tokens_per_minute.unwrap_or(0),
+            },
+            Headroom {
+                requests: checked.rate,
+                tokens,
+            },
+        )
+    }
+}
+
+impl QuotaState {
+    /// Starts `month`'s counters from zero when they hold another month's.
+    fn roll_to(&mut self, month: Month) {
+        if self.month != Some(month) {
+            *self = QuotaState {
+                month: Some(month),
+                ..QuotaState::default()
+            };
+        }
+    }
+}
+
 impl LocalLimits {
     /// Raises the tenant's `month` usage to at least `used` (tokens, and
     /// spend when given, that the metered usage already holds), so a
     /// restarted node does not hand out the month's quota or budget again.
     /// Idempotent.
-    pub fn seed_quota(&self, tenant_id: &str, month: &str, used: MonthToDate) {
+    pub fn seed_quota(&self, tenant_id: &str, month: Month, used: MonthToDate) {
         let mut tenants = self.tenants.lock().unwrap_or_else(|e| e.into_inner());
         let state = tenants.entry(tenant_id.to_owned()).or_default();
-        if state.quota.month != month {
-            state.quota = QuotaState {
-                month: month.to_owned(),
-                ..QuotaState::default()
-            };
-        }
+        state.quota.roll_to(month);
         state.quota.used = state.quota.used.max(used.tokens);
         if let Some(spend) = used.spend_nanos {
             state.quota.spent = state.quota.spent.max(spend);
@@ -105,10 +322,10 @@ impl LocalLimits {
     }
 
     /// The tenant's budget counters for `month` on this node.
-    pub fn budget_counters(&self, tenant_id: &str, month: &str) -> BudgetCounters {
+    pub fn budget_counters(&self, tenant_id: &str, month: Month) -> BudgetCounters {
         let tenants = self.tenants.lock().unwrap_or_else(|e| e.into_inner());
         match tenants.get(tenant_id) {
-            Some(state) if state.quota.month == month => BudgetCounters {
+            Some(state) if state.quota.month == Some(month) => BudgetCounters {
                 spent_nanos: state.quota.spent,
                 reserved_nanos: state.quota.spend_reserved,
             },
@@ -116,6 +333,9 @@ impl LocalLimits {
         }
     }
 
+    /// Checks the request against every limit of the tenant and, only when
+    /// all pass, reserves what it may use: one step under the lock, so a
+    /// refusal by one limit takes nothing from the others.
     pub fn admit(
         &self,
         tenant_id: &str,
@@ -129,15 +349,7 @@ impl LocalLimits {
             .admissions
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if count % SWEEP_EVERY == SWEEP_EVERY - 1 {
-            tenants.retain(|_, t| {
-                t.in_flight > 0
-                    || t.quota.reserved > 0
-                    || t.quota.used > 0
-                    || t.quota.spent > 0
-                    || t.quota.spend_reserved > 0
-                    || t.last_seen
-                        .is_some_and(|at| now.duration_since(at) < IDLE_EVICTION)
-            });
+            tenants.retain(|_, t| t.is_live(now));
         }
         // Look up before inserting: the hot path allocates no key.
         if !tenants.contains_key(tenant_id) {
@@ -147,154 +359,8 @@ impl LocalLimits {
             return Err(LimitError::Unavailable("limit state vanished".to_owned()));
         };
         state.last_seen = Some(now);
-
-        if let Some(max) = limits.max_concurrent_requests
-            && state.in_flight >= max
-        {
-            return Err(LimitError::Exceeded {
-                kind: LimitKind::Concurrency,
-                retry_after: Duration::from_secs(1),
-            });
-        }
-
-        let tpm = limits.tokens_per_minute.filter(|_| cost.tokens > 0);
-        if let Some(tpm) = tpm {
-            if cost.tokens > tpm {
-                return Err(LimitError::TooLarge {
-                    kind: LimitKind::TokensPerMinute,
-                    needed: cost.tokens,
-                    limit: tpm,
-                });
-            }
-            let capacity = tpm as f64;
-            let bucket = state.bucket.get_or_insert(Bucket {
-                level: capacity,
-                at: now,
-            });
-            refill(bucket, capacity, now);
-            let needed = cost.tokens as f64;
-            if bucket.level < needed {
-                let wait = (needed - bucket.level) * 60.0 / capacity;
-                return Err(LimitError::Exceeded {
-                    kind: LimitKind::TokensPerMinute,
-                    retry_after: Duration::from_secs_f64(wait),
-                });
-            }
-        }
-
-        let quota = limits.monthly_token_quota.filter(|_| cost.tokens > 0);
-        let budget = limits
-            .monthly_budget
-            .as_ref()
-            .map(|b| b.amount_nanos)
-            .filter(|_| cost.tokens > 0);
-        let month = if quota.is_some() || budget.is_some() {
-            calendar::month_key(now_unix_secs)
-        } else {
-            String::new()
-        };
-        if (quota.is_some() || budget.is_some()) && state.quota.month != month {
-            state.quota = QuotaState {
-                month: month.clone(),
-                ..QuotaState::default()
-            };
-        }
-        if let Some(quota) = quota {
-            let committed = state.quota.used + state.quota.reserved;
-            if committed.saturating_add(cost.tokens) > quota {
-                let until_reset = calendar::secs_until_month_end(now_unix_secs);
-                return Err(LimitError::Exceeded {
-                    kind: LimitKind::MonthlyQuota,
-                    retry_after: Duration::from_secs(u64::try_from(until_reset).unwrap_or(1)),
-                });
-            }
-        }
-        if let Some(budget) = budget {
-            let committed = state.quota.spent.saturating_add(state.quota.spend_reserved);
-            if committed.saturating_add(cost.spend_nanos) > budget {
-                let until_reset = calendar::secs_until_month_end(now_unix_secs);
-                return Err(LimitError::Exceeded {
-                    kind: LimitKind::MonthlyBudget,
-                    retry_after: Duration::from_secs(u64::try_from(until_reset).unwrap_or(1)),
-                });
-            }
-        }
-
-        // The rate check goes last: it is the only one that consumes by itself.
-        let mut rate_state = None;
-        if let Some(gcra) = Gcra::of(limits) {
-            let (interval, burst) = (gcra.interval, gcra.burst);
-            let wanted = (
-                u64::try_from(interval.as_nanos()).unwrap_or(u64::MAX),
-                burst,
-            );
-            let rebuild = state.rate.as_ref().is_none_or(|(have, _)| *have != wanted);
-            if rebuild {
-                let burst_nz = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
-                // `Gcra` keeps the interval at least 1 ns, so a period exists.
-                let quota = Quota::with_period(interval)
-                    .unwrap_or_else(|| Quota::per_second(NonZeroU32::MAX))
-                    .allow_burst(burst_nz);
-                let limiter =
-                    RateLimiter::direct(quota).with_middleware::<StateInformationMiddleware>();
-                state.rate = Some((wanted, limiter));
-            }
-            if let Some((_, limiter)) = &state.rate {
-                match limiter.check() {
-                    Ok(snapshot) => {
-                        rate_state = Some(RateState {
-                            limit: burst,
-                            remaining: snapshot.remaining_burst_capacity(),
-                            window: gcra.window(),
-                        });
-                    }
-                    Err(not_until) => {
-                        let wait = not_until.wait_time_from(DefaultClock::default().now());
-                        return Err(LimitError::Exceeded {
-                            kind: LimitKind::Requests,
-                            retry_after: wait,
-                        });
-                    }
-                }
-            }
-        }
-
-        let concurrency = limits.max_concurrent_requests.is_some();
-        if concurrency {
-            state.in_flight += 1;
-        }
-        let mut tokens = None;
-        if let (Some(tpm), Some(bucket)) = (tpm, state.bucket.as_mut()) {
-            bucket.level -= cost.tokens as f64;
-            tokens = Some(TokenState {
-                limit: tpm,
-                remaining: bucket.level.max(0.0) as u64,
-            });
-        }
-        if quota.is_some() {
-            state.quota.reserved += cost.tokens;
-        }
-        if budget.is_some() {
-            state.quota.spend_reserved += cost.spend_nanos;
-        }
-        Ok((
-            LocalGrant {
-                concurrency,
-                bucket_tokens: if tpm.is_some() { cost.tokens } else { 0 },
-                quota_tokens: if quota.is_some() { cost.tokens } else { 0 },
-                budget_nanos: if budget.is_some() {
-                    cost.spend_nanos
-                } else {
-                    0
-                },
-                month,
-                tokens_per_minute: tpm.unwrap_or(0),
-            },
-            Headroom {
-                requests: rate_state,
-                tokens,
-            },
-        ))
+        let checked = state.check(limits, cost, now, now_unix_secs)?;
+        Ok(state.commit(checked, cost))
     }
 
     /// Returns the concurrency slot, refunds unused bucket tokens, and turns

@@ -36,7 +36,7 @@ pub use error::{LimitError, LimitKind};
 use local::{LocalGrant, LocalLimits};
 use redis_store::{Admission, RedisGrant, RedisLimits};
 
-use crate::calendar;
+use crate::calendar::{self, Month};
 use crate::tenancy::Limits;
 
 /// What a request may consume: the tokens reserved against tokens-per-minute
@@ -259,7 +259,7 @@ async fn metered_this_month(
     now: i64,
     with_spend: bool,
 ) -> Result<MonthToDate, SeedError> {
-    let (month_start_us, _, _) = calendar::month_bounds_us(now.saturating_mul(1_000_000));
+    let month_start_us = Month::of_unix_secs(now).start_us();
     tokio::time::timeout(
         SEED_TIMEOUT,
         seed(tenant_id.to_owned(), month_start_us, with_spend),
@@ -290,7 +290,7 @@ pub struct Limiter {
     /// Where monthly quota counters start when this node has none.
     quota_seed: std::sync::OnceLock<QuotaSeed>,
     /// By tenant: the month last seeded (or tried) and how it went.
-    seeded: Mutex<HashMap<String, (String, Seeded)>>,
+    seeded: Mutex<HashMap<String, (Month, Seeded)>>,
     redis: Option<RedisLimits>,
     settings: LimitSettings,
     outage_logged_at: Mutex<Option<Instant>>,
@@ -374,7 +374,7 @@ impl Limiter {
     /// so the month's spend is seeded too (a counter seeded before the
     /// budget was set has none). Returns whether the counter is seeded.
     async fn seed_quota(&self, tenant_id: &str, now: i64, again: bool, with_spend: bool) -> bool {
-        let month = calendar::month_key(now);
+        let month = Month::of_unix_secs(now);
         let Some(seed) = self.quota_seed.get() else {
             // Nothing metered to start from: the counter starts at zero.
             let zero = MonthToDate {
@@ -383,7 +383,7 @@ impl Limiter {
             };
             return match &self.redis {
                 Some(redis) if again => redis
-                    .seed_quota(tenant_id, &month, zero, calendar::secs_until_month_end(now))
+                    .seed_quota(tenant_id, month, zero, calendar::secs_until_month_end(now))
                     .await
                     .is_ok(),
                 _ => true,
@@ -418,10 +418,10 @@ impl Limiter {
                     Some(_) => used.share(self.settings.replicas),
                     None => used,
                 };
-                self.local.seed_quota(tenant_id, &month, local_share);
+                self.local.seed_quota(tenant_id, month, local_share);
                 match &self.redis {
                     Some(redis) => redis
-                        .seed_quota(tenant_id, &month, used, calendar::secs_until_month_end(now))
+                        .seed_quota(tenant_id, month, used, calendar::secs_until_month_end(now))
                         .await
                         .map_err(SeedError::from),
                     None => Ok(()),
@@ -513,7 +513,7 @@ impl Limiter {
                 (Grant::Local(grant), rate)
             }
             Some(redis) => {
-                let month = calendar::month_key(now);
+                let month = Month::of_unix_secs(now);
                 let until_end = calendar::secs_until_month_end(now);
                 let mut reseeded = false;
                 if let Some(error) = self.recently_unreachable() {
@@ -524,10 +524,7 @@ impl Limiter {
                     return Ok(self.permit(tenant_id, grant, rate));
                 }
                 loop {
-                    match redis
-                        .admit(tenant_id, limits, cost, &month, until_end)
-                        .await
-                    {
+                    match redis.admit(tenant_id, limits, cost, month, until_end).await {
                         Ok(Admission::Granted(grant, rate)) => break (Grant::Redis(grant), rate),
                         Ok(Admission::Refused(refusal)) => return Err(refusal),
                         // Redis lost the month's counter: start it again from
@@ -619,7 +616,7 @@ impl Limiter {
             Ok(used) => {
                 self.local.seed_quota(
                     tenant_id,
-                    &calendar::month_key(now),
+                    Month::of_unix_secs(now),
                     used.share(self.settings.replicas),
                 );
             }
@@ -775,11 +772,7 @@ impl Limiter {
                         .settle(&settlement.tenant_id, &grant, settlement.used);
                 }
                 Grant::Redis(grant) => groups
-                    .entry((
-                        settlement.tenant_id,
-                        grant.month.clone(),
-                        grant.tokens_per_minute,
-                    ))
+                    .entry((settlement.tenant_id, grant.month, grant.tokens_per_minute))
                     .or_default()
                     .push((grant, settlement.used)),
             }
@@ -809,11 +802,11 @@ impl Limiter {
                 "the month's spend cannot be read".to_owned(),
             ));
         }
-        let month = calendar::month_key(now);
+        let month = Month::of_unix_secs(now);
         match &self.redis {
-            None => Ok(self.local.budget_counters(tenant_id, &month)),
+            None => Ok(self.local.budget_counters(tenant_id, month)),
             Some(redis) => redis
-                .budget_counters(tenant_id, &month)
+                .budget_counters(tenant_id, month)
                 .await
                 .map_err(|e| LimitError::Unavailable(e.to_string())),
         }

@@ -18,6 +18,7 @@ use redis::aio::ConnectionManager;
 use super::error::{LimitError, LimitKind};
 use super::rate::Gcra;
 use super::{BudgetCounters, Cost, Headroom, MonthToDate, RateState, TokenState, Used};
+use crate::calendar::Month;
 use crate::tenancy::Limits;
 
 const ADMIT: &str = r"
@@ -244,7 +245,7 @@ pub enum Admission {
 
 /// Grants that one settlement script can settle together: one tenant, one
 /// month, one tokens-per-minute limit.
-pub type SettleGroup = (String, String, u64);
+pub type SettleGroup = (String, Month, u64);
 
 /// What an admission reserved in Redis.
 #[derive(Debug, Clone)]
@@ -255,7 +256,7 @@ pub struct RedisGrant {
     pub quota_tokens: u64,
     /// Nanos reserved against the monthly budget.
     pub budget_nanos: u64,
-    pub month: String,
+    pub month: Month,
     pub tokens_per_minute: u64,
 }
 
@@ -356,7 +357,7 @@ impl RedisLimits {
         tenant_id: &str,
         limits: &Limits,
         cost: Cost,
-        month: &str,
+        month: Month,
         secs_until_month_end: i64,
     ) -> Result<Admission, redis::RedisError> {
         let gcra = Gcra::of(limits);
@@ -468,7 +469,7 @@ impl RedisLimits {
                 bucket_tokens: if tpm > 0 { cost.tokens } else { 0 },
                 quota_tokens: if quota > 0 { cost.tokens } else { 0 },
                 budget_nanos: if budget > 0 { cost.spend_nanos } else { 0 },
-                month: month.to_owned(),
+                month,
                 tokens_per_minute: tpm,
             },
             headroom,
@@ -481,7 +482,7 @@ impl RedisLimits {
     pub async fn seed_quota(
         &self,
         tenant_id: &str,
-        month: &str,
+        month: Month,
         used: MonthToDate,
         secs_until_month_end: i64,
     ) -> Result<(), redis::RedisError> {
@@ -503,7 +504,7 @@ impl RedisLimits {
     pub async fn budget_counters(
         &self,
         tenant_id: &str,
-        month: &str,
+        month: Month,
     ) -> Result<BudgetCounters, redis::RedisError> {
         let mut connection = self.connection.clone();
         let (spent, reserved): (Option<i64>, Option<i64>) = redis::cmd("HMGET")

@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 pub use error::MeteringError;
 pub use event::{FinishReason, HOUR_US, UsageEvent};
 pub use query::{Grouping, UsageTotals};
+pub(crate) use repo::create_partition;
 pub use repo::{ARCHIVE_LOCK_KEY, Inserted, insert_batch};
 pub use spool::{Spool, SpoolSettings, SpoolStats, WhenDurable};
 pub use writer::{ShipReport, UsageWriter};

@@ -27,7 +27,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use sqlx::PgPool;
 
 use super::{MeteringError, UsageEvent};
-use crate::calendar;
+use crate::calendar::Month;
 use crate::store::{Backend, Db};
 
 fn i64_of(v: u64) -> i64 {
@@ -94,32 +94,40 @@ fn split_archived<'a>(
     let archived: HashSet<i64> = archived.iter().map(|(m,)| *m).collect();
     let (refused, kept): (Vec<&UsageEvent>, Vec<&UsageEvent>) = events
         .iter()
-        .partition(|e| archived.contains(&calendar::month_bounds_us(e.finished_at_us).0));
+        .partition(|e| archived.contains(&Month::of_us(e.finished_at_us).start_us()));
     (kept, refused.into_iter().cloned().collect())
 }
 
 /// Creates the monthly partitions the batch needs.
 async fn ensure_partitions(pg: &PgPool, events: &[&UsageEvent]) -> Result<(), MeteringError> {
-    let months: BTreeSet<(i64, i64, String)> = events
+    let months: BTreeSet<Month> = events
         .iter()
-        .map(|e| calendar::month_bounds_us(e.finished_at_us))
+        .map(|e| Month::of_us(e.finished_at_us))
         .collect();
-    for (start, end, suffix) in months {
-        // Identifiers cannot be bound; `suffix` is digits and '_' only.
-        let sql = format!(
-            "CREATE TABLE IF NOT EXISTS usage_events_{suffix} PARTITION OF usage_events \
-             FOR VALUES FROM ({start}) TO ({end})"
-        );
-        if let Err(e) = sqlx::query(&sql).execute(pg).await {
-            // Two writers may race to create it; the loser sees it exists.
-            let exists: Option<(String,)> =
-                sqlx::query_as("SELECT to_regclass($1)::text WHERE to_regclass($1) IS NOT NULL")
-                    .bind(format!("usage_events_{suffix}"))
-                    .fetch_optional(pg)
-                    .await?;
-            if exists.is_none() {
-                return Err(e.into());
-            }
+    for month in months {
+        create_partition(pg, month).await?;
+    }
+    Ok(())
+}
+
+/// Creates `month`'s partition of `usage_events` unless it exists.
+pub(crate) async fn create_partition(pg: &PgPool, month: Month) -> Result<(), sqlx::Error> {
+    let suffix = month.table_suffix();
+    let (start, end) = (month.start_us(), month.end_us());
+    // Identifiers cannot be bound; `suffix` is digits and '_' only.
+    let sql = format!(
+        "CREATE TABLE IF NOT EXISTS usage_events_{suffix} PARTITION OF usage_events \
+         FOR VALUES FROM ({start}) TO ({end})"
+    );
+    if let Err(e) = sqlx::query(&sql).execute(pg).await {
+        // Two writers may race to create it; the loser sees it exists.
+        let exists: Option<(String,)> =
+            sqlx::query_as("SELECT to_regclass($1)::text WHERE to_regclass($1) IS NOT NULL")
+                .bind(format!("usage_events_{suffix}"))
+                .fetch_optional(pg)
+                .await?;
+        if exists.is_none() {
+            return Err(e);
         }
     }
     Ok(())

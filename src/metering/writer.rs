@@ -60,10 +60,7 @@ impl UsageWriter {
                     let periods: std::collections::BTreeSet<String> = batch
                         .refused
                         .iter()
-                        .map(|e| {
-                            let (year, month) = crate::calendar::year_month_of_us(e.finished_at_us);
-                            format!("{year:04}-{month:02}")
-                        })
+                        .map(|e| crate::calendar::Month::of_us(e.finished_at_us).to_string())
                         .collect();
                     tracing::error!(
                         events = batch.refused.len(),

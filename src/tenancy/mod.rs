@@ -22,6 +22,8 @@ pub use model::{
 };
 pub use page::{Page, PageRequest};
 pub use repo::KeyForAuth;
+/// For billing, which reads tenants inside its own transactions.
+pub(crate) use repo::{fetch_tenant_by_id, plan_currency};
 pub use service::{ChangeListener, TenancyService};
 
 pub(crate) use repo::parse_scopes;

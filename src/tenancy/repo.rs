@@ -162,6 +162,20 @@ pub async fn fetch_tenant(
     row.map(Tenant::try_from).transpose()
 }
 
+/// A tenant by id only: for callers holding an id from another table (an
+/// invoice's), which must never match a slug.
+pub async fn fetch_tenant_by_id(
+    conn: &mut AnyConnection,
+    id: &str,
+) -> Result<Option<Tenant>, TenancyError> {
+    let sql = format!("SELECT {TENANT_COLUMNS} FROM tenants WHERE id = $1");
+    let row: Option<TenantRow> = sqlx::query_as(&sql)
+        .bind(id)
+        .fetch_optional(&mut *conn)
+        .await?;
+    row.map(Tenant::try_from).transpose()
+}
+
 type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>;
 
 /// Binds the columns a tenant update may change, in the order both

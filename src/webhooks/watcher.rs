@@ -148,7 +148,7 @@ impl Watcher {
         currency: &str,
         mut thresholds: Vec<u32>,
     ) -> Result<(), WebhookError> {
-        let period = crate::billing::Period::of_us(now_us()).to_string();
+        let period = crate::calendar::Month::of_us(now_us()).to_string();
         thresholds.sort_unstable();
         let keys: Vec<String> = thresholds
             .iter()
@@ -188,7 +188,7 @@ impl Watcher {
 
     async fn quota(&self, tenant_id: &str, quota: i64) -> Result<(), WebhookError> {
         let now = now_us();
-        let period = crate::billing::Period::of_us(now);
+        let period = crate::calendar::Month::of_us(now);
         let key = format!("quota.exhausted:{tenant_id}:{period}");
         if self.recorded(std::slice::from_ref(&key)).await?[0] {
             return Ok(());

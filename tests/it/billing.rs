@@ -15,8 +15,8 @@ use ascend_gateway::api::pb::v1::{
     GetInvoiceRequest, Invoice, InvoiceLine, InvoiceStatus, LineKind, ListInvoicesRequest,
     ListPricePlansRequest, Money, Price, PutPricesRequest,
 };
-use ascend_gateway::billing::Period;
 use ascend_gateway::billing::file::{EventRecord, LineRecord};
+use ascend_gateway::calendar::Month;
 use ascend_gateway::metering::{UsageEvent, insert_batch};
 use ascend_gateway::store::Db;
 use prost_types::Timestamp;
@@ -28,10 +28,10 @@ use crate::common::{ADMIN_TOKEN, PgTestDb, TestGateway, admin, authed, test_sett
 const USD_CENT_NANOS: i128 = 10_000_000;
 
 /// The month `n` months before the current one.
-fn months_ago(n: u32) -> Period {
-    let mut period = Period::of_us(ascend_gateway::store::now_us());
+fn months_ago(n: u32) -> Month {
+    let mut period = Month::of_us(ascend_gateway::store::now_us());
     for _ in 0..n {
-        period = Period::of_us(period.start_us() - 1);
+        period = Month::of_us(period.start_us() - 1);
     }
     period
 }
@@ -56,16 +56,12 @@ async fn sqlite_gateway() -> TestGateway {
 }
 
 async fn create_tenant(channel: &Channel, slug: &str, plan: &str) -> String {
-    TenantAdminClient::new(channel.clone())
-        .create_tenant(admin(CreateTenantRequest {
-            slug: slug.to_owned(),
-            price_plan: plan.to_owned(),
-            ..Default::default()
-        }))
-        .await
-        .expect("create tenant")
-        .into_inner()
-        .id
+    let request = CreateTenantRequest {
+        slug: slug.to_owned(),
+        price_plan: plan.to_owned(),
+        ..Default::default()
+    };
+    crate::common::create_tenant(channel, request).await
 }
 
 async fn billing_key(channel: &Channel, slug: &str) -> String {
@@ -173,7 +169,7 @@ fn prices_request(plan: &str, prices: Vec<Price>) -> tonic::Request<PutPricesReq
     })
 }
 
-async fn get_invoice(channel: &Channel, tenant: &str, period: Period) -> Invoice {
+async fn get_invoice(channel: &Channel, tenant: &str, period: Month) -> Invoice {
     BillingClient::new(channel.clone())
         .get_invoice(admin(GetInvoiceRequest {
             tenant: tenant.to_owned(),
@@ -210,7 +206,7 @@ async fn export_lines(
     channel: &Channel,
     token: &str,
     tenant: &str,
-    period: Period,
+    period: Month,
 ) -> Vec<InvoiceLine> {
     let mut stream = BillingClient::new(channel.clone())
         .export_invoice_lines(authed(
@@ -1563,7 +1559,7 @@ async fn an_archived_month_leaves_the_database_and_restores_event_for_event_on_p
 /// Every column of a month's events, in key order.
 async fn month_rows(
     db: &Db,
-    period: Period,
+    period: Month,
 ) -> Vec<ascend_gateway::billing::archive::ArchivedEvent> {
     sqlx::query_as(
         "SELECT tenant_id, request_id, key_id, model, device_profile, prompt_tokens, \
@@ -1579,7 +1575,7 @@ async fn month_rows(
     .expect("rows")
 }
 
-async fn usage_of(channel: &Channel, tenant: &str, period: Period) -> Vec<(u64, u64)> {
+async fn usage_of(channel: &Channel, tenant: &str, period: Month) -> Vec<(u64, u64)> {
     BillingClient::new(channel.clone())
         .get_usage(admin(ascend_gateway::api::pb::v1::GetUsageRequest {
             tenant: tenant.to_owned(),
@@ -1799,7 +1795,7 @@ async fn the_retention_job_archives_finalized_months_past_the_retention_only() {
     archiver.archive_due(1).await;
     assert!(month_rows(&gateway.db, p2).await.is_empty());
     assert_eq!(month_rows(&gateway.db, p1).await.len(), 1);
-    let archives = |p: Period| {
+    let archives = |p: Month| {
         std::fs::read_dir(dir.path())
             .expect("archive dir")
             .filter_map(Result::ok)
@@ -1859,7 +1855,7 @@ async fn archive_and_restore_refuse_a_bad_period_naming_the_field() {
     }
     // A month never archived has nothing to restore; the current month
     // cannot be archived.
-    let current = Period::of_us(ascend_gateway::store::now_us()).to_string();
+    let current = Month::of_us(ascend_gateway::store::now_us()).to_string();
     let missing = billing
         .restore_usage(admin(ascend_gateway::api::pb::v1::RestoreUsageRequest {
             period: months_ago(3).to_string(),

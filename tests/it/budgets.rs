@@ -16,7 +16,7 @@ use ascend_gateway::api::pb::v1::{
     GetBalanceRequest, GetInvoiceRequest, Money, Price, PutPricesRequest, TenantLimits,
     UpdateTenantRequest,
 };
-use ascend_gateway::billing::Period;
+use ascend_gateway::calendar::Month;
 use ascend_gateway::limits::{
     BackgroundSettlements, Cost, FailurePolicy, LimitError, LimitKind, LimitSettings, Limiter,
     MonthToDate, Used,
@@ -76,25 +76,21 @@ pub(crate) async fn budget_tenant(
 ) -> (String, String) {
     let plan = format!("{slug}-plan");
     put_plan(channel, &plan).await;
-    let mut admin_client = TenantAdminClient::new(channel.clone());
-    let id = admin_client
-        .create_tenant(admin(CreateTenantRequest {
-            slug: slug.to_owned(),
-            price_plan: plan,
-            limits: Some(TenantLimits {
-                monthly_budget: budget_nanos.map(|nanos| Money {
-                    // Empty: the plan's currency.
-                    currency_code: String::new(),
-                    amount_nanos: nanos,
-                }),
-                ..Default::default()
+    let request = CreateTenantRequest {
+        slug: slug.to_owned(),
+        price_plan: plan,
+        limits: Some(TenantLimits {
+            monthly_budget: budget_nanos.map(|nanos| Money {
+                // Empty: the plan's currency.
+                currency_code: String::new(),
+                amount_nanos: nanos,
             }),
             ..Default::default()
-        }))
-        .await
-        .expect("tenant")
-        .into_inner()
-        .id;
+        }),
+        ..Default::default()
+    };
+    let id = crate::common::create_tenant(channel, request).await;
+    let mut admin_client = TenantAdminClient::new(channel.clone());
     let key = admin_client
         .create_api_key(admin(CreateApiKeyRequest {
             tenant: slug.to_owned(),
@@ -157,7 +153,7 @@ async fn wait_for_spend(channel: &Channel, tenant_id: &str, nanos: i64) -> Balan
         let draft = BillingClient::new(channel.clone())
             .get_invoice(admin(GetInvoiceRequest {
                 tenant: tenant_id.to_owned(),
-                period: Period::of_us(ascend_gateway::store::now_us()).to_string(),
+                period: Month::of_us(ascend_gateway::store::now_us()).to_string(),
                 ..Default::default()
             }))
             .await;
@@ -244,7 +240,7 @@ async fn race_for_the_budget(channels: &[Channel], slug: &str) {
     let draft = BillingClient::new(channels[0].clone())
         .get_invoice(authed(
             GetInvoiceRequest {
-                period: Period::of_us(ascend_gateway::store::now_us()).to_string(),
+                period: Month::of_us(ascend_gateway::store::now_us()).to_string(),
                 ..Default::default()
             },
             &key,

@@ -10,7 +10,7 @@ use ascend_gateway::api::pb::v1::{
     CountTokensRequest, CreateTenantRequest, GenerateRequest, GenerateResponse, GetInvoiceRequest,
     LineKind, Money, Price, PutPricesRequest,
 };
-use ascend_gateway::billing::Period;
+use ascend_gateway::calendar::Month;
 use ascend_gateway::serving::ModelSettings;
 use tonic::transport::Channel;
 
@@ -165,7 +165,7 @@ async fn a_repeated_prompt_reuses_its_prefix_gives_the_same_tokens_and_is_billed
     assert_eq!(http_usage["prompt_cache_miss_tokens"], prompt_tokens - hits);
 
     // Metered once each, with the hits; the invoice bills them on their own line.
-    let period = Period::of_us(ascend_gateway::store::now_us());
+    let period = Month::of_us(ascend_gateway::store::now_us());
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     let metered_hits: i64 = loop {
         let (n, hits): (i64, i64) = sqlx::query_as(

@@ -728,8 +728,8 @@ async fn per_tenant_thresholds_and_finalized_invoices() {
     assert_eq!(threshold(&posts[0]), 30);
 
     // Last month's usage, then its invoice finalized.
-    let last_month = ascend_gateway::billing::Period::of_us(
-        ascend_gateway::billing::Period::of_us(ascend_gateway::store::now_us()).start_us() - 1,
+    let last_month = ascend_gateway::calendar::Month::of_us(
+        ascend_gateway::calendar::Month::of_us(ascend_gateway::store::now_us()).start_us() - 1,
     );
     crate::billing::record(
         &gateway.db,

@@ -13,7 +13,7 @@ use ascend_gateway::api::pb::v1::{
 };
 use ascend_gateway::api::{event_from_pb, line_from_pb};
 use ascend_gateway::billing::file::{EventRecord, ExportFile, FileFormat, LineRecord, Record};
-use ascend_gateway::billing::{self, money};
+use ascend_gateway::billing::money;
 use clap::{Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tonic::transport::Channel;
@@ -319,7 +319,8 @@ fn this_month_so_far() -> (i64, i64) {
         .unwrap_or_default()
         .as_secs();
     let now = i64::try_from(now).unwrap_or(0);
-    let month_start = billing::Period::of_us(now * 1_000_000).start_us() / 1_000_000;
+    let month_start =
+        ascend_gateway::calendar::Month::of_us(now * 1_000_000).start_us() / 1_000_000;
     (month_start, (now / 3600 + 1) * 3600)
 }
 
