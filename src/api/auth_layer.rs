@@ -15,10 +15,10 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use super::deadline::{self, ClientDeadline};
-use super::refusals::Refusals;
 use super::status::to_status;
 use crate::auth::{Authenticator, Principal, Requirement};
 use crate::listener::ConnInfo;
+use crate::metrics::refusals::Refusals;
 use crate::tenancy::Scope;
 use crate::tenancy::operators::Role;
 
@@ -211,7 +211,7 @@ where
                 None => call.await,
             };
             if let Ok(response) = &answered {
-                refusals.observe(response);
+                super::refusals::observe(&refusals, response);
             }
             answered
         })

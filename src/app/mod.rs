@@ -437,7 +437,7 @@ impl App {
         let metering_handle = metering.clone();
         let usage_barrier = metering.clone();
         let connections = Arc::new(crate::listener::ConnectionStats::default());
-        let refusals = Arc::new(crate::api::refusals::Refusals::default());
+        let refusals = Arc::new(crate::metrics::refusals::Refusals::default());
         let requests = Arc::new(crate::metrics::requests::RequestCounts::default());
         // Checked by the settings' validation already; loaded for use here.
         let tls = crate::tls::TlsServer::load(&settings.tls)?;

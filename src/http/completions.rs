@@ -130,7 +130,7 @@ async fn read_body(
             || e.to_string().contains("length limit")
         {
             api.refusals()
-                .record(crate::api::refusals::RefusalCause::MessageTooLarge);
+                .record(crate::metrics::refusals::RefusalCause::MessageTooLarge);
             ApiError::new(
                 axum::http::StatusCode::PAYLOAD_TOO_LARGE,
                 "invalid_request_error",

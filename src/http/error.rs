@@ -14,8 +14,8 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use super::headers;
-use crate::api::refusals::{RefusalCause, Refusals};
 use crate::error::{Classified, ErrorKind};
+use crate::metrics::refusals::{RefusalCause, Refusals};
 use crate::tenancy::Limits;
 
 #[derive(Debug, Serialize)]

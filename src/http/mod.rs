@@ -34,10 +34,10 @@ pub use error::status_of;
 pub use server::serve;
 pub use sse::response as sse_response;
 
-use crate::api::refusals::Refusals;
 use crate::auth::{Authenticator, Principal, Requirement, TenantPrincipal};
 use crate::billing::balance::Balances;
 use crate::generation::Generation;
+use crate::metrics::refusals::Refusals;
 use crate::tenancy::Scope;
 use error::{ApiError, Context, to_api_error};
 

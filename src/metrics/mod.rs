@@ -9,6 +9,7 @@
 //! response by front end and status, fed by the request layer) and
 //! `tenants` (tokens per tenant, bounded series, fed by the metering sink).
 
+pub mod refusals;
 pub mod requests;
 pub mod tenants;
 
@@ -42,7 +43,7 @@ pub struct GatewayCollector {
     pub connections: Arc<crate::listener::ConnectionStats>,
     pub claims: Arc<crate::idempotency::Idempotency>,
     pub authenticator: Arc<crate::auth::Authenticator>,
-    pub refusals: Arc<crate::api::refusals::Refusals>,
+    pub refusals: Arc<crate::metrics::refusals::Refusals>,
     /// The listeners' TLS, when on: its certificate's expiry.
     pub tls: Option<Arc<crate::tls::TlsServer>>,
     pub requests: Arc<requests::RequestCounts>,
@@ -270,7 +271,7 @@ impl Collector for GatewayCollector {
             None,
             exhausted.metric_type(),
         )?;
-        for cause in crate::api::refusals::RefusalCause::ALL {
+        for cause in crate::metrics::refusals::RefusalCause::ALL {
             let labels = [("cause", cause.as_str())];
             ConstCounter::new(self.refusals.count(cause)).encode(family.encode_family(&labels)?)?;
         }
