@@ -23,6 +23,8 @@
 
 mod repo;
 
+pub use repo::claim_days;
+
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -33,7 +35,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Classified, ErrorKind};
-use crate::store::{Db, now_us};
+use crate::store::{Backend, Db, now_us};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -113,8 +115,6 @@ enum Decision {
         fingerprint: String,
         answer: Option<Vec<u8>>,
     },
-    /// Released or expired between the two statements: try again.
-    Retry,
 }
 
 enum Finish {
@@ -142,8 +142,21 @@ enum Attempt {
 /// After a claim found the database down, claims within this long go
 /// straight to the local fallback instead of each waiting for a connection.
 const OUTAGE_SHORTCUT: Duration = Duration::from_secs(1);
-/// How often answers past their retention are dropped.
+/// How often answers past their retention are dropped, days ahead created
+/// and days past the window dropped.
 const SWEEP_EVERY: Duration = Duration::from_secs(300);
+/// Claims partitions made ahead of today (PostgreSQL).
+const DAYS_AHEAD: i64 = 2;
+
+/// What one sweep did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SweepReport {
+    /// Stored answers dropped past their retention.
+    pub answers_dropped: u64,
+    /// Claims removed past the window: day partitions on PostgreSQL, rows
+    /// on SQLite.
+    pub removed: u64,
+}
 
 pub struct Idempotency {
     db: Db,
@@ -154,6 +167,8 @@ pub struct Idempotency {
     finishes: mpsc::UnboundedSender<Pending>,
     replays: std::sync::atomic::AtomicU64,
     conflicts: std::sync::atomic::AtomicU64,
+    /// The last day whose claims partition this process made sure of.
+    ready_through_day: std::sync::atomic::AtomicI64,
 }
 
 /// Receiver of claim completions and releases for [`Idempotency::run`].
@@ -253,8 +268,49 @@ impl Idempotency {
             finishes,
             replays: Default::default(),
             conflicts: Default::default(),
+            ready_through_day: std::sync::atomic::AtomicI64::new(i64::MIN),
         });
         (idempotency, PendingFinishes(receiver))
+    }
+
+    /// How long a claim is kept: a duplicate within it is refused or
+    /// replayed. The answers' retention, plus the longest a claim may stay
+    /// running, plus one day (claims go a whole day at a time).
+    pub fn window(&self) -> Duration {
+        self.settings.retention + self.settings.in_progress_ttl + Duration::from_secs(86_400)
+    }
+
+    /// Drops answers past their retention, makes sure of the days ahead,
+    /// and removes claims made before the window. Every replica may run it.
+    pub async fn sweep(&self, now: i64) -> Result<SweepReport, sqlx::Error> {
+        let answers_dropped = repo::drop_expired_answers(&self.db, now).await?;
+        self.ensure_today(now).await?;
+        // Day D's claims were all made before D + 1, so none matters after
+        // D + 1 + in_progress_ttl + retention: D goes once a day past that.
+        let horizon = now
+            .saturating_sub(micros(self.settings.retention))
+            .saturating_sub(micros(self.settings.in_progress_ttl));
+        let first_kept = horizon.div_euclid(repo::DAY_US) - 1;
+        let removed = repo::drop_days_before(&self.db, first_kept).await?;
+        Ok(SweepReport {
+            answers_dropped,
+            removed,
+        })
+    }
+
+    /// Today's claims partition and the next days' exist (PostgreSQL).
+    async fn ensure_today(&self, now: i64) -> Result<(), sqlx::Error> {
+        use std::sync::atomic::Ordering;
+        let today = now.div_euclid(repo::DAY_US);
+        if self.db.backend() != Backend::Postgres
+            || self.ready_through_day.load(Ordering::Relaxed) > today
+        {
+            return Ok(());
+        }
+        repo::ensure_days(&self.db, today, today + DAYS_AHEAD).await?;
+        self.ready_through_day
+            .fetch_max(today + DAYS_AHEAD, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Duplicates answered from a stored answer so far.
@@ -312,6 +368,9 @@ impl Idempotency {
         }
         for _ in 0..3 {
             let now = now_us();
+            if let Err(error) = self.ensure_today(now).await {
+                tracing::warn!(%error, "cannot create the day's idempotency claims partition");
+            }
             let decision = repo::claim(
                 &self.db,
                 key,
@@ -322,6 +381,13 @@ impl Idempotency {
             .await;
             let decision = match decision {
                 Ok(decision) => decision,
+                Err(error) if repo::is_missing_day(&error) => {
+                    // Another process dropped what this one thought ready,
+                    // or the clock moved on: make the day and try again.
+                    self.ready_through_day
+                        .store(i64::MIN, std::sync::atomic::Ordering::Relaxed);
+                    continue;
+                }
                 Err(error) => {
                     *self.last_outage.lock().unwrap_or_else(|e| e.into_inner()) =
                         Some(Instant::now());
@@ -350,7 +416,6 @@ impl Idempotency {
                         continue;
                     }
                 }
-                Decision::Retry => continue,
             }));
         }
         Ok(None)
@@ -416,8 +481,8 @@ impl Idempotency {
                     None => return,
                 },
                 _ = sweep.tick() => {
-                    if let Err(error) = repo::drop_expired_answers(&self.db, now_us()).await {
-                        tracing::warn!(%error, "cannot drop expired idempotency answers");
+                    if let Err(error) = self.sweep(now_us()).await {
+                        tracing::warn!(%error, "idempotency sweep failed; trying again later");
                     }
                 }
                 () = stop.cancelled() => break,

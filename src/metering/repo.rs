@@ -112,25 +112,14 @@ async fn ensure_partitions(pg: &PgPool, events: &[&UsageEvent]) -> Result<(), Me
 
 /// Creates `month`'s partition of `usage_events` unless it exists.
 pub(crate) async fn create_partition(pg: &PgPool, month: Month) -> Result<(), sqlx::Error> {
-    let suffix = month.table_suffix();
-    let (start, end) = (month.start_us(), month.end_us());
-    // Identifiers cannot be bound; `suffix` is digits and '_' only.
-    let sql = format!(
-        "CREATE TABLE IF NOT EXISTS usage_events_{suffix} PARTITION OF usage_events \
-         FOR VALUES FROM ({start}) TO ({end})"
-    );
-    if let Err(e) = sqlx::query(&sql).execute(pg).await {
-        // Two writers may race to create it; the loser sees it exists.
-        let exists: Option<(String,)> =
-            sqlx::query_as("SELECT to_regclass($1)::text WHERE to_regclass($1) IS NOT NULL")
-                .bind(format!("usage_events_{suffix}"))
-                .fetch_optional(pg)
-                .await?;
-        if exists.is_none() {
-            return Err(e);
-        }
-    }
-    Ok(())
+    crate::store::create_range_partition(
+        pg,
+        "usage_events",
+        &format!("usage_events_{}", month.table_suffix()),
+        month.start_us(),
+        month.end_us(),
+    )
+    .await
 }
 
 async fn insert_postgres(pg: &PgPool, events: &[&UsageEvent]) -> Result<Inserted, MeteringError> {

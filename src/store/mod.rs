@@ -17,9 +17,11 @@
 mod db;
 mod error;
 pub mod meta;
+mod partition;
 
 pub use db::{Backend, Db};
 pub use error::StoreError;
+pub use partition::create_range_partition;
 
 /// Current time as stored in the database: microseconds since the Unix epoch.
 pub fn now_us() -> i64 {

@@ -289,3 +289,182 @@ async fn refusals_release_ids_and_retention_ends_replays() {
     );
     gateway.stop().await.expect("clean stop");
 }
+
+const DAY_US: i64 = 86_400_000_000;
+
+/// Claims rows made on `day` (days since the epoch), as an older gateway
+/// would have left them: a completed claim whose answer expired, and a
+/// running one whose gateway died (its lease over).
+async fn old_claims(db: &ascend_gateway::store::Db, day: i64, n: usize) {
+    if let Some(pg) = db.postgres() {
+        sqlx::query(&format!(
+            "CREATE TABLE IF NOT EXISTS request_claims_d{day} PARTITION OF request_claims \
+             FOR VALUES FROM ({}) TO ({})",
+            day * DAY_US,
+            (day + 1) * DAY_US
+        ))
+        .execute(pg)
+        .await
+        .expect("old day");
+    }
+    for i in 0..n {
+        let at = day * DAY_US + i64::try_from(i).expect("small") * 1_000_000;
+        let state = if i % 2 == 0 { "completed" } else { "running" };
+        sqlx::query(
+            "INSERT INTO request_claims (tenant_id, request_id, attempt, state, fingerprint, \
+             claimed_at_us, lease_until_us, expires_at_us, answer) \
+             VALUES ('t', $1, 3, $2, 'f', $3, $4, $4, NULL)",
+        )
+        .bind(format!("day{day}-{i}"))
+        .bind(state)
+        .bind(at)
+        .bind(at + 1_000_000)
+        .execute(db.pool())
+        .await
+        .expect("old claim");
+    }
+}
+
+async fn claims_count(db: &ascend_gateway::store::Db) -> i64 {
+    sqlx::query_scalar("SELECT CAST(COUNT(*) AS BIGINT) FROM request_claims")
+        .fetch_one(db.pool())
+        .await
+        .expect("count")
+}
+
+/// The claims record is bounded by its window: days of claims before it go
+/// whole (PostgreSQL partitions, SQLite rows), whatever the history, while a
+/// claim inside it still refuses or replays its duplicates; at its edge an
+/// id is new again, as attempt 0, and a day dropped under a running gateway
+/// is made again on the next claim.
+async fn claims_are_kept_over_their_window_only(db: ascend_gateway::store::Db) {
+    use ascend_gateway::idempotency::{
+        Claimed, Fingerprint, Idempotency, IdempotencySettings, RequestKey,
+    };
+    let settings = IdempotencySettings {
+        retention: Duration::from_secs(3600),
+        in_progress_ttl: Duration::from_secs(600),
+    };
+    // Without its run loop: the sweeps below are this test's, at the times
+    // it chooses (claims finish on tasks of their own).
+    let (claims, _pending) = Idempotency::new(db.clone(), settings);
+    let now = ascend_gateway::store::now_us();
+    let today = now.div_euclid(DAY_US);
+    // Thirty days of history before the window, ten claims a day.
+    for day in today - 32..today - 2 {
+        old_claims(&db, day, 10).await;
+    }
+    let key = |id: &str| RequestKey {
+        tenant_id: "t".to_owned(),
+        request_id: id.to_owned(),
+    };
+    let fingerprint = Fingerprint::of(b"the request");
+    let Claimed::New(claim) = claims
+        .claim(key("fresh"), &fingerprint)
+        .await
+        .expect("claim")
+    else {
+        panic!("a new id is new");
+    };
+    assert_eq!(claim.metered_request_id(), "fresh");
+    claim.complete(b"the answer".to_vec()).await;
+    assert_eq!(claims_count(&db).await, 301);
+
+    let report = claims.sweep(now).await.expect("sweep");
+    assert_eq!(claims_count(&db).await, 1, "only the window's claim stays");
+    if db.postgres().is_some() {
+        assert_eq!(report.removed, 30, "thirty old days, dropped whole");
+        let days = ascend_gateway::idempotency::claim_days(&db)
+            .await
+            .expect("days");
+        assert_eq!(
+            days,
+            vec![today, today + 1, today + 2],
+            "today and two ahead"
+        );
+    } else {
+        assert_eq!(report.removed, 300, "SQLite deletes the old claims");
+    }
+    // Inside the window: replayed, and another request with the id refused.
+    match claims
+        .claim(key("fresh"), &fingerprint)
+        .await
+        .expect("replay")
+    {
+        Claimed::Replay(answer) => assert_eq!(answer, b"the answer"),
+        Claimed::New(_) => panic!("a duplicate within the retention is replayed"),
+    }
+    assert!(
+        claims
+            .claim(key("fresh"), &Fingerprint::of(b"another request"))
+            .await
+            .is_err()
+    );
+    // An old id whose day went is new again, as attempt 0.
+    let old_id = format!("day{}-0", today - 32);
+    let Claimed::New(old) = claims.claim(key(&old_id), &fingerprint).await.expect("old") else {
+        panic!("an id past the window is new");
+    };
+    assert_eq!(old.metered_request_id(), old_id, "attempt 0 again");
+    old.release().await;
+
+    // At the window's edge: a sweep as late as the window allows keeps
+    // today's claims; one a day later removes them.
+    let window = i64::try_from(claims.window().as_micros()).expect("window");
+    let day_end = (today + 1) * DAY_US;
+    claims
+        .sweep(day_end + window - DAY_US)
+        .await
+        .expect("sweep at the edge");
+    assert_eq!(claims_count(&db).await, 2, "still inside the window");
+    assert!(
+        claims
+            .claim(key("fresh"), &Fingerprint::of(b"another request"))
+            .await
+            .is_err(),
+        "known up to the window's edge"
+    );
+    claims
+        .sweep(day_end + window + DAY_US)
+        .await
+        .expect("sweep past");
+    assert_eq!(claims_count(&db).await, 0, "past the window nothing stays");
+    // The day's partition went under this running gateway: the next claim
+    // makes it again instead of failing or falling back to this node alone.
+    let Claimed::New(again) = claims
+        .claim(key("fresh"), &fingerprint)
+        .await
+        .expect("anew")
+    else {
+        panic!("past the window the id is new");
+    };
+    assert_eq!(again.metered_request_id(), "fresh");
+    again.release().await;
+    assert_eq!(claims_count(&db).await, 1, "claimed in the shared record");
+}
+
+#[tokio::test]
+async fn claims_are_kept_over_their_window_only_on_postgres() {
+    let test_db = PgTestDb::create().await;
+    let db = ascend_gateway::store::Db::connect_url(&test_db.url, 4, Duration::from_secs(5))
+        .await
+        .expect("db");
+    db.migrate().await.expect("migrate");
+    claims_are_kept_over_their_window_only(db.clone()).await;
+    db.close().await;
+}
+
+#[tokio::test]
+async fn claims_are_kept_over_their_window_only_on_sqlite() {
+    let dir = tempfile::tempdir().expect("dir");
+    let url = format!(
+        "sqlite://{}?mode=rwc",
+        dir.path().join("claims.db").display()
+    );
+    let db = ascend_gateway::store::Db::connect_url(&url, 4, Duration::from_secs(5))
+        .await
+        .expect("db");
+    db.migrate().await.expect("migrate");
+    claims_are_kept_over_their_window_only(db.clone()).await;
+    db.close().await;
+}
