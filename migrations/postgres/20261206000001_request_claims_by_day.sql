@@ -16,8 +16,14 @@
 -- row of its own (the newest decides). An id reused after its day was
 -- dropped starts again at attempt 0; its execution is metered as its own
 -- event (the usage key holds the finish time), so nothing is billed twice.
+--
+-- Upgrade every replica together: a gateway of the previous version finds no
+-- unique key to upsert on, takes that for an outage, and decides claims on
+-- its own node until it is upgraded.
 ALTER TABLE request_claims RENAME TO request_claims_unbounded;
 ALTER INDEX request_claims_answers RENAME TO request_claims_unbounded_answers;
+ALTER TABLE request_claims_unbounded
+    RENAME CONSTRAINT request_claims_pkey TO request_claims_unbounded_pkey;
 
 CREATE TABLE request_claims (
     tenant_id      TEXT NOT NULL,
@@ -42,7 +48,7 @@ BEGIN
         SELECT DISTINCT claimed_at_us / 86400000000 FROM request_claims_unbounded
         WHERE state = 'running' OR answer IS NOT NULL
         UNION
-        SELECT (extract(epoch FROM now())::bigint / 86400) + ahead
+        SELECT floor(extract(epoch FROM now()) / 86400)::bigint + ahead
         FROM generate_series(0, 2) AS ahead
     LOOP
         EXECUTE format(

@@ -418,6 +418,10 @@ impl Idempotency {
                 }
             }));
         }
+        tracing::warn!(
+            request_id = %key.request_id,
+            "no idempotency decision from the database after three tries: deciding on this node alone"
+        );
         Ok(None)
     }
 

@@ -413,7 +413,7 @@ async fn claims_are_kept_over_their_window_only(db: ascend_gateway::store::Db) {
     let window = i64::try_from(claims.window().as_micros()).expect("window");
     let day_end = (today + 1) * DAY_US;
     claims
-        .sweep(day_end + window - DAY_US)
+        .sweep(day_end + window - 1)
         .await
         .expect("sweep at the edge");
     assert_eq!(claims_count(&db).await, 2, "still inside the window");
@@ -424,10 +424,7 @@ async fn claims_are_kept_over_their_window_only(db: ascend_gateway::store::Db) {
             .is_err(),
         "known up to the window's edge"
     );
-    claims
-        .sweep(day_end + window + DAY_US)
-        .await
-        .expect("sweep past");
+    claims.sweep(day_end + window).await.expect("sweep past");
     assert_eq!(claims_count(&db).await, 0, "past the window nothing stays");
     // The day's partition went under this running gateway: the next claim
     // makes it again instead of failing or falling back to this node alone.
