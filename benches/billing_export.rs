@@ -24,9 +24,10 @@ use ascend_gateway::billing::file::{EventRecord, ExportFile, FileFormat};
 use ascend_gateway::calendar::Month;
 use ascend_gateway::config::Settings;
 use ascend_gateway::metering::{UsageEvent, insert_batch};
-use ascend_gateway::store::Db;
 use secrecy::SecretString;
-use sqlx::{AnyConnection, Connection, Executor};
+
+#[path = "support/scratch.rs"]
+mod scratch;
 
 const ADMIN_TOKEN: &str = "bench-admin-token-0123456789abcdef";
 
@@ -85,15 +86,9 @@ fn main() {
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(1_000_000);
-        let admin_url = std::env::var("TEST_DATABASE_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
-        let name = format!("agw_bench_{}", uuid::Uuid::new_v4().simple());
-        let mut admin = AnyConnection::connect(&admin_url).await.expect("PostgreSQL");
-        admin.execute(format!("CREATE DATABASE {name}").as_str()).await.expect("create");
-        let base = admin_url.rsplit_once('/').map(|(b, _)| b.to_owned()).unwrap();
-        let url = format!("{base}/{name}");
-        let db = Db::connect_url(&url, 4, Duration::from_secs(5)).await.expect("db");
-        db.migrate().await.expect("migrate");
+        let scratch = scratch::ScratchDb::create().await;
+        let url = scratch.url.clone();
+        let db = scratch.connect(Duration::from_secs(5)).await;
 
         // Last month, filled with `total` events of 100 tenants by one
         // server-side statement (the insert path has its own benchmark).
@@ -205,9 +200,6 @@ fn main() {
         let _ = stop.send(());
         let _ = server.await;
         db.close().await;
-        admin
-            .execute(format!("DROP DATABASE {name} WITH (FORCE)").as_str())
-            .await
-            .expect("drop");
+        scratch.drop_database().await;
     });
 }

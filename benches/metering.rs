@@ -13,12 +13,17 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ascend_gateway::metering::{
-    MeteringSettings, Spool, SpoolSettings, UsageEvent, UsageWriter, insert_batch,
-};
-use ascend_gateway::store::{Db, now_us};
-use sqlx::{AnyConnection, Connection, Executor};
-use tokio_util::sync::CancellationToken;
+use ascend_gateway::metering::{Spool, SpoolSettings, UsageEvent, insert_batch};
+use ascend_gateway::store::Db;
+
+#[path = "support/lag.rs"]
+mod lag;
+#[path = "support/scratch.rs"]
+mod scratch;
+
+/// Requests per second of the lag scenario, and for how long.
+const LAG_RATE: u64 = 5_000;
+const LAG_SECONDS: u64 = 20;
 
 fn event(i: u64) -> UsageEvent {
     let finished_at_us = 1_795_824_000_000_000 + i64::try_from(i).unwrap() * 1000;
@@ -50,17 +55,8 @@ fn main() {
         .build()
         .expect("runtime");
     runtime.block_on(async {
-        sqlx::any::install_default_drivers();
-        let admin_url = std::env::var("TEST_DATABASE_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
-        let name = format!("agw_bench_{}", uuid::Uuid::new_v4().simple());
-        let mut admin = AnyConnection::connect(&admin_url).await.expect("PostgreSQL");
-        admin.execute(format!("CREATE DATABASE {name}").as_str()).await.expect("create");
-        let base = admin_url.rsplit_once('/').map(|(b, _)| b.to_owned()).unwrap();
-        let db = Db::connect_url(&format!("{base}/{name}"), 4, Duration::from_secs(5))
-            .await
-            .expect("db");
-        db.migrate().await.expect("migrate");
+        let scratch = scratch::ScratchDb::create().await;
+        let db = scratch.connect(Duration::from_secs(5)).await;
 
         let total = 200_000u64;
         let batch = 5_000usize;
@@ -83,12 +79,14 @@ fn main() {
             total as f64 / start.elapsed().as_secs_f64()
         );
         sqlite(&events, batch).await;
-        lag(&db, total).await;
+        let lag = lag::lag(&db, "lag", LAG_RATE, LAG_SECONDS, |n| event(total + n)).await;
+        println!(
+            "lag at {:.0} requests/s for {LAG_SECONDS} s: {} of {} events in PostgreSQL; \
+             request end to row p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+            lag.offered_per_s, lag.landed, lag.sent, lag.p50_ms, lag.p99_ms, lag.max_ms
+        );
         db.close().await;
-        admin
-            .execute(format!("DROP DATABASE {name} WITH (FORCE)").as_str())
-            .await
-            .expect("drop");
+        scratch.drop_database().await;
 
         let dir = tempfile::tempdir().expect("dir");
         let spool = Spool::open(dir.path(), SpoolSettings::default()).expect("spool");
@@ -146,80 +144,4 @@ async fn sqlite(events: &[UsageEvent], batch: usize) {
         events.len()
     );
     db.close().await;
-}
-
-/// Requests per second of the lag scenario, and for how long.
-const LAG_RATE: u64 = 5_000;
-const LAG_SECONDS: u64 = 20;
-
-/// Metering lag: events appended to a spool at `LAG_RATE` per second, each
-/// stamped finished now, while the gateway's writer ships them with its
-/// default settings; the lag of each is `recorded_at - finished_at` in
-/// PostgreSQL (recorded_at is stamped when its batch is inserted).
-async fn lag(db: &Db, first_id: u64) {
-    let dir = tempfile::tempdir().expect("dir");
-    let spool = Spool::open(dir.path(), SpoolSettings::default()).expect("spool");
-    let settings = MeteringSettings::default();
-    let writer = UsageWriter::new(spool.clone(), db.clone(), settings.batch_size);
-    let stop = CancellationToken::new();
-    let shipping = tokio::spawn(writer.run(
-        settings.ship_interval,
-        Duration::from_secs(30),
-        stop.clone(),
-    ));
-    // Each tick appends the events due by then: 1 ms ticks, so at most a
-    // few events wait for their tick.
-    let total = LAG_RATE * LAG_SECONDS;
-    let start = Instant::now();
-    let mut sent = 0u64;
-    let mut appends = tokio::task::JoinSet::new();
-    let mut tick = tokio::time::interval(Duration::from_millis(1));
-    while sent < total {
-        tick.tick().await;
-        let due = (start.elapsed().as_secs_f64() * LAG_RATE as f64) as u64;
-        while sent < due.min(total) {
-            let mut e = event(first_id + sent);
-            e.request_id = format!("lag-{sent:010}");
-            e.finished_at_us = now_us();
-            e.started_at_us = e.finished_at_us - 5000;
-            let spool = spool.clone();
-            appends.spawn(async move { spool.append(&e).await.expect("append") });
-            sent += 1;
-        }
-    }
-    while appends.join_next().await.is_some() {}
-    let offered = total as f64 / start.elapsed().as_secs_f64();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let pg = db.postgres().expect("PostgreSQL");
-    loop {
-        let landed: i64 =
-            sqlx::query_scalar("SELECT COUNT(*) FROM usage_events WHERE request_id LIKE 'lag-%'")
-                .fetch_one(pg)
-                .await
-                .expect("count");
-        if landed as u64 == total || Instant::now() > deadline {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    stop.cancel();
-    shipping.await.expect("writer");
-    let (landed, p50, p99, max): (i64, f64, f64, i64) = sqlx::query_as(
-        "SELECT COUNT(*), \
-         percentile_disc(0.5) WITHIN GROUP (ORDER BY recorded_at_us - finished_at_us)::float8, \
-         percentile_disc(0.99) WITHIN GROUP (ORDER BY recorded_at_us - finished_at_us)::float8, \
-         MAX(recorded_at_us - finished_at_us) \
-         FROM usage_events WHERE request_id LIKE 'lag-%'",
-    )
-    .fetch_one(pg)
-    .await
-    .expect("lag percentiles");
-    println!(
-        "lag at {offered:.0} requests/s for {LAG_SECONDS} s: {landed} of {total} events in PostgreSQL; \
-         request end to row p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
-        p50 / 1000.0,
-        p99 / 1000.0,
-        max as f64 / 1000.0
-    );
-    spool.close();
 }
